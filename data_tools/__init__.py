@@ -1,0 +1,1 @@
+"""arc-data: raw text (jsonl, jsonl.zst, parquet) -> tokenized WebDataset shards + manifest.json."""

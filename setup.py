@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="arctrain",
+    version="0.1.0",
+    description="Train ARC-style context compressors: one encoder, several frozen Hugging Face decoders, DeepSpeed ZeRO-3.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["arctrain", "arctrain.*", "data_tools", "data_tools.*"]),
+    package_data={"arctrain": ["hf/*.py"]},
+    install_requires=[
+        # The CPU wheel of 2.13.0 is what this project is tested with; an unpinned torch pulls a CUDA build.
+        "torch==2.13.0",
+        "deepspeed>=0.19.8,<0.20",  # 0.19.2 crashed with activation checkpointing + frozen params
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22",
+        "safetensors>=0.5",
+        "webdataset>=1.0,<2",
+        "zstandard>=0.23",
+        "pyarrow>=18",
+        "wandb>=0.19",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+        "numpy>=1.26",
+    ],
+    extras_require={"dev": ["pytest>=8", "ruff>=0.8"]},
+    entry_points={
+        "console_scripts": [
+            "arctrain=arctrain.cli:main",
+            "arc-data=data_tools.cli:main",
+        ]
+    },
+)
