@@ -1,0 +1,480 @@
+"""One typed config tree: defaults in dataclasses, a YAML file overrides them, `a.b=c` overrides the file.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.steps=20", "decoders.1.path=/models/mistral"])
+    save_config(cfg, "runs/x/config.yaml")        # resolved; load_config of it gives an equal Config
+    ds = deepspeed_config(cfg, world_size=8)      # what deepspeed.initialize(config=...) gets
+
+Every user error is a `ConfigError` (a ValueError) whose one-line message names where the value came from
+(file and line, or the command line), the dotted key and the value.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+class ConfigError(ValueError):
+    """A bad config value; `key` is the dotted key, relative to the section that raised it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(key, f"{value!r} {why}")
+
+
+@dataclass
+class ModelConfig:
+    encoder_path: str
+    """Hugging Face directory of the encoder backbone (a decoder-only LM); its tokenizer tokenizes contexts."""
+    n_truncated_layers: int = 2
+    """Number of last backbone layers removed (the paper removes 2)."""
+    pooling: Literal["mean_pooled_queries", "mean"] = "mean_pooled_queries"
+    """Mean-pooled queries in the last kept layer (the paper), or plain mean of the final states (ablation)."""
+    pooling_factor: int = 4
+    """Compression factor x: about x tokens per memory vector."""
+    n_vectors: int = 0
+    """When > 0, every segment is compressed into exactly this many vectors instead of len/pooling_factor."""
+    attn_implementation: str = "sdpa"
+    """Passed to transformers' `from_pretrained` ("sdpa", "eager", "flash_attention_2")."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype the encoder and decoders are loaded in."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.encoder_path), "encoder_path", self.encoder_path, "must be a model directory")
+        _require(self.n_truncated_layers >= 0, "n_truncated_layers", self.n_truncated_layers, "must be >= 0")
+        _require(self.pooling_factor >= 1, "pooling_factor", self.pooling_factor, "must be >= 1")
+        _require(self.n_vectors >= 0, "n_vectors", self.n_vectors, "must be >= 0 (0: use pooling_factor)")
+
+
+@dataclass
+class DecoderConfig:
+    name: str
+    """Short name, [a-z0-9_]+; it keys the projector, the special vectors and the shard tokenizer."""
+    path: str
+    """Hugging Face directory of the frozen decoder (weights and tokenizer)."""
+    projector_hidden: int = 2048
+    """Hidden width of the two-layer, bias-free projector."""
+    weight: float = 1.0
+    """Relative frequency of this decoder's optimizer steps (train.decoder_schedule = "random")."""
+    prefix: str = ""
+    """Text put before the compressed vectors, e.g. "Document: "."""
+
+    def __post_init__(self) -> None:
+        ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS
+        _require(ok_name, "name", self.name, "must match [a-z0-9_]+")
+        _require(bool(self.path), "path", self.path, "must be a model directory")
+        _require(self.projector_hidden >= 1, "projector_hidden", self.projector_hidden, "must be >= 1")
+        _require(self.weight > 0, "weight", self.weight, "must be > 0")
+
+
+def parse_source(entry: str) -> tuple[str, float]:
+    """Parse "dir:weight" or "dir" (weight 1); a colon followed by a non-number stays in the path."""
+    head, sep, tail = entry.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return entry, 1.0
+
+
+@dataclass
+class DataConfig:
+    shards: list[str]
+    """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
+    val_shards: list[str] | None = None
+    """Directories whose val split is used for evaluation; default: the val split of `shards`."""
+    task_ratio: float = 0.2
+    """Fraction of batches that are reconstruction; the rest are continuation."""
+    micro_batch_size: int = 16
+    """Samples per rank per forward pass."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: load in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples are shuffled within consecutive blocks of this many (1: no shuffle within shards)."""
+    seed_offset: int = 0
+    """Added to train.seed for the data order, to change the order without changing the initialisation."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.shards) > 0, "shards", self.shards, "must name at least one shard directory")
+        for entry in self.shards:
+            path, weight = parse_source(entry)
+            _require(bool(path), "shards", entry, "has an empty directory")
+            _require(weight > 0, "shards", entry, "must have a weight > 0")
+        _require(0.0 <= self.task_ratio <= 1.0, "task_ratio", self.task_ratio, "must be in [0, 1]")
+        _require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        _require(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+
+    @property
+    def sources(self) -> list[tuple[str, float]]:
+        """The training sources as (directory, mixing weight)."""
+        return [parse_source(entry) for entry in self.shards]
+
+    @property
+    def val_dirs(self) -> list[str]:
+        return [parse_source(e)[0] for e in (self.val_shards if self.val_shards is not None else self.shards)]
+
+
+@dataclass
+class OptimConfig:
+    encoder_lr: float = 1e-5
+    """Peak learning rate of the encoder (embeddings and kept layers)."""
+    projector_lr: float = 5e-5
+    """Peak learning rate of the projectors and special vectors."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 1000
+    """Linear warm-up from 0 to the peak learning rates, in optimizer steps."""
+    decay: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay after warm-up, down to min_lr_ratio * peak at train.steps."""
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0
+    """Gradient norm clip (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        _require(self.encoder_lr >= 0, "encoder_lr", self.encoder_lr, "must be >= 0")
+        _require(self.projector_lr >= 0, "projector_lr", self.projector_lr, "must be >= 0")
+        ok_betas = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        _require(ok_betas, "betas", self.betas, "must be two numbers in [0, 1)")
+        _require(self.eps > 0, "eps", self.eps, "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.clip >= 0, "clip", self.clip, "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps of the whole run."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (all of one decoder)."""
+    seed: int = 0
+    activation_checkpointing: bool = False
+    precision: Literal["fp32", "bf16"] = "bf16"
+    decoder_schedule: Literal["random", "round_robin"] = "random"
+    """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
+        _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/arctrain"
+    """The run directory: checkpoints/, metrics.jsonl, logs/, config.yaml (resolved)."""
+    interval: int = 1000
+    """Save every this many optimizer steps (and at the end, and on preemption)."""
+    keep: int = 2
+    """Number of most recent checkpoints kept (0: keep all)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dir), "dir", self.dir, "must be a directory")
+        _require(self.interval >= 1, "interval", self.interval, "must be >= 1")
+        _require(self.keep >= 0, "keep", self.keep, "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 1000
+    """Evaluate every this many optimizer steps (0: never)."""
+    batches: int = 8
+    """Validation micro-batches per decoder and task (split across ranks)."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, "interval", self.interval, "must be >= 0")
+        _require(self.batches >= 1, "batches", self.batches, "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    """Log metrics every this many optimizer steps."""
+    wandb_project: str = "arctrain"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "interval", self.interval, "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    decoders: list[DecoderConfig]
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: str = "ds_configs/zero3_bf16.json"
+    """DeepSpeed JSON; batch sizes, clip and precision are filled in from this config (`deepspeed_config`)."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.decoders) > 0, "decoders", self.decoders, "must list at least one decoder")
+        names = [d.name for d in self.decoders]
+        for i, name in enumerate(names):
+            _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+
+
+# --- building a Config from plain data, with coercion of command-line strings ------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp`; strings (the command line, or YAML's unquoted 1e-5) are parsed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if isinstance(value, str):  # command line: "a,b,c" (brackets optional)
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"{value!r} is not a list")
+        return [_coerce(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    return _scalar(value, tp, key)
+
+
+def _scalar(value: Any, tp: type, key: str) -> Any:
+    bools = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if tp is bool and isinstance(value, str) and value.lower() in bools:
+        return bools[value.lower()]
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(key, f"{value!r} is not a number") from None
+        value = int(number) if tp is int and number.is_integer() and "." not in value else number
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not tp:
+        raise ConfigError(key, f"{value!r} is not of type {tp.__name__}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix, f"{raw!r} is not a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in names:
+            raise ConfigError(_join(prefix, str(name)), f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], _join(prefix, f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(prefix, f.name), "missing required key")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # the section knows its own keys; give them their full dotted name
+        raise ConfigError(_join(prefix, err.key), err.message) from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A Config from nested plain data (what a YAML file holds)."""
+    return _build(Config, raw, "")
+
+
+# --- files and overrides ----------------------------------------------------------------------------------
+
+
+def _yaml_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> dict[str, int]:
+    """Dotted key -> line number of every key in a composed YAML document (for error messages)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = _join(prefix, str(key_node.value))
+            out[key] = key_node.start_mark.line + 1
+            _yaml_lines(value_node, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[_join(prefix, str(i))] = item.start_mark.line + 1
+            _yaml_lines(item, _join(prefix, str(i)), out)
+    return out
+
+
+def _set(raw: dict, key: str, value: str) -> None:
+    """Set dotted `key` in nested data; integer parts index lists (`decoders.1.path`), one past the end appends."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(".".join(parts[: i + 1]), f"no such list item (the list has {len(node)})")
+            if int(part) == len(node):
+                node.append({})
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(".".join(parts[:i]), f"{node!r} has no key {part!r}")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = [] if part == "decoders" else {}
+            node = node[part]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults < the YAML file at `path` < `overrides` ("a.b=c"); checked, including the DeepSpeed file."""
+    raw, where = {}, {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"{str(path)!r} is not a file")
+        text = path.read_text()
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(str(path), f"invalid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), "the top level must be a mapping")
+        where = {k: f"{path}:{line}" for k, line in _yaml_lines(yaml.compose(text), "", {}).items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like key=value (e.g. train.steps=100)")
+        where[key] = f"command line {item!r}"
+        try:
+            _set(raw, key, value)
+        except ConfigError as err:
+            raise ConfigError(err.key, f"{err.message} ({where[key]})") from None
+    try:
+        cfg = config_from_dict(raw)
+        _check_deepspeed(cfg)
+    except ConfigError as err:
+        parts = err.key.split(".")
+        origin = next((where[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in where), None)
+        origin = origin or (str(path) if path is not None else "config")
+        raise ConfigError(err.key, f"{err.message} ({origin})") from None
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as YAML; `load_config(path)` gives back an equal Config."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------------------------
+
+
+def _ds_path(cfg: Config) -> Path:
+    """The DeepSpeed file: as given, or relative to the repository (where ds_configs/ ships)."""
+    path = Path(cfg.deepspeed)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path
+    return path
+
+
+def _read_ds(cfg: Config) -> dict:
+    path = _ds_path(cfg)
+    if not path.is_file():
+        raise ConfigError("deepspeed", f"{cfg.deepspeed!r} is not a file")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("deepspeed", f"{str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError("deepspeed", f"{str(path)!r} must hold a JSON object")
+    return ds
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """The DeepSpeed file must agree with the config wherever both say something ("auto" always agrees)."""
+    ds, name = _read_ds(cfg), cfg.deepspeed
+    agree = [
+        ("train_micro_batch_size_per_gpu", cfg.data.micro_batch_size, "data.micro_batch_size"),
+        ("gradient_accumulation_steps", cfg.train.grad_accum, "train.grad_accum"),
+        ("gradient_clipping", cfg.optim.clip, "optim.clip"),
+    ]
+    for ds_key, ours, key in agree:
+        theirs = ds.get(ds_key, "auto")
+        if theirs != "auto" and theirs != ours:
+            raise ConfigError(key, f"{ours!r} disagrees with {ds_key}={theirs!r} in {name}")
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    if cfg.train.precision == "bf16" and bf16 is False:
+        raise ConfigError("train.precision", f"'bf16' but {name} does not enable bf16")
+    if cfg.train.precision == "fp32" and bf16 is True:
+        raise ConfigError("train.precision", f"'fp32' but {name} enables bf16")
+    if ds.get("fp16", {}).get("enabled", False) not in (False, "auto"):
+        raise ConfigError("deepspeed", f"{name} enables fp16; arctrain supports fp32 and bf16 (train.precision)")
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError("deepspeed", f"{name} has an {section!r} section; arctrain builds it from optim.*")
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError("deepspeed", f"{name} must set zero_optimization.stage to 3")
+    from deepspeed.runtime.config import DeepSpeedConfig  # heavy import, only once a file has passed the above
+
+    try:  # DeepSpeed's own validation (unknown keys, bad values) before any process group exists
+        DeepSpeedConfig(_fill(ds, cfg, world_size=1))  # the world size is checked by deepspeed_config
+    except Exception as err:  # pydantic, assertion and value errors alike: report them in one line
+        raise ConfigError("deepspeed", f"{name} is rejected by DeepSpeed: {' '.join(str(err).split())}") from None
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip and precision."""
+    ds = _read_ds(cfg)
+    global_batch = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+        raise ConfigError(
+            "deepspeed",
+            f"train_batch_size={ds['train_batch_size']!r} in {cfg.deepspeed} is not "
+            f"micro_batch_size * grad_accum * world_size = {global_batch}",
+        )
+    return _fill(ds, cfg, world_size)
+
+
+def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.clip
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    return ds
+
+
+def check_paths(cfg: Config) -> None:
+    """The model and shard directories exist (call before starting process groups; configs may be templates)."""
+    dirs = [("model.encoder_path", cfg.model.encoder_path)]
+    dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
+    dirs += [("data.shards", path) for path, _ in cfg.data.sources]
+    dirs += [("data.val_shards", path) for path in cfg.data.val_dirs]
+    for key, path in dirs:
+        if not Path(path).is_dir():
+            raise ConfigError(key, f"{path!r} is not a directory")
