@@ -1,0 +1,203 @@
+"""Examples and batches: what the loader hands the model (see docs/ARCHITECTURE.md §4).
+
+An `Example` is a list of pieces: decoder text (`Text`) and compressed memory (`Memory`: encoder segments, each
+compressed on its own, then one special vector). `collate` lays the pieces of many examples out as tensors:
+
+    dec_ids   (B, T)  decoder token ids; memory positions hold the pad id
+    dec_slot  (B, T)  -1 for a text position, else an index into the flat vector list
+                      [vectors of segment 0, vectors of segment 1, ..., <Rec>, <Cont>]
+    labels    (B, T)  -100 except target tokens, aligned with dec_ids (the model shifts, as in Hugging Face)
+
+so the model only compresses `enc_ids`, projects the flat list and scatters it by `dec_slot`. `collate` runs in
+loader workers and never tokenizes.
+"""
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from arctrain.model.pooling import POOLING_MODES, n_pooled
+
+IGNORE = -100
+SPECIALS = ("rec", "cont")  # their order after the memory vectors in the flat list
+
+
+@dataclass
+class Text:
+    """Decoder tokens."""
+
+    ids: list[int]
+    loss: bool = False  # True: these tokens are targets
+
+
+@dataclass
+class Memory:
+    """Compressed segments, then one special vector."""
+
+    segments: list[list[int]]  # encoder token ids, one list per segment (each compressed on its own)
+    special: str | None = None  # "rec", "cont" or None
+
+
+@dataclass
+class Example:
+    pieces: list[Text | Memory]  # e.g. [Text(prefix), Memory([seg], "cont"), Text(target, loss=True)]
+
+
+@dataclass
+class ARCBatch:
+    enc_ids: torch.Tensor  # (S, L) encoder ids of every segment, right-padded
+    enc_mask: torch.Tensor  # (S, L) 1 for real tokens
+    n_vectors: torch.Tensor  # (S,) pooled vectors per segment
+    dec_ids: torch.Tensor  # (B, T)
+    dec_slot: torch.Tensor  # (B, T) -1 text, else index into [memory vectors..., <Rec>, <Cont>]
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) -100 except targets
+    task: str = ""
+    decoder: str = ""
+    keys: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "ARCBatch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return ARCBatch(**moved)
+
+    def n_target_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def pretraining_example(
+    task: str, enc_segments: list[list[int]], dec_segments: list[list[int]], i: int, prefix_ids: list[int] | None = None
+) -> Example:
+    """Segment i of a window as a pretraining example.
+
+    Reconstruction compresses segment i and targets its decoder tokens; continuation compresses segment i and
+    targets segment i + 1 (empty for the last segment: no target tokens, no loss).
+    """
+    if task not in ("reconstruction", "continuation"):
+        raise ValueError(f"unknown task {task!r}: expected 'reconstruction' or 'continuation'")
+    if task == "reconstruction":
+        memory, target = Memory([enc_segments[i]], "rec"), dec_segments[i]
+    else:
+        memory, target = Memory([enc_segments[i]], "cont"), dec_segments[i + 1] if i + 1 < len(dec_segments) else []
+    pieces = [Text(list(prefix_ids))] if prefix_ids else []
+    return Example(pieces + [memory, Text(list(target), loss=True)])
+
+
+def collate(
+    examples: list[Example],
+    *,
+    pooling: str,
+    factor: int,
+    n_vectors: int,
+    enc_pad_id: int,
+    dec_pad_id: int,
+    bos_id: int | None = None,
+    task: str = "",
+    decoder: str = "",
+    keys: list[str] | None = None,
+) -> ARCBatch:
+    """Lay examples out as right-padded tensors. `bos_id` (the decoder's BOS, if it has one) starts every row."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLING_MODES)}")
+    segments = [seg for ex in examples for piece in ex.pieces if isinstance(piece, Memory) for seg in piece.segments]
+    if any(len(seg) == 0 for seg in segments):
+        raise ValueError("a Memory segment is empty: every compressed segment needs at least one encoder token")
+    counts = [n_pooled(len(seg), factor, n_vectors) for seg in segments]
+    n_memory = sum(counts)
+    first_slot = iter([sum(counts[:j]) for j in range(len(counts))])
+    rows = []
+    for ex in examples:
+        row = _Row()
+        if bos_id is not None:
+            row.add([bos_id])
+        for piece in ex.pieces:
+            if isinstance(piece, Text):
+                row.add(piece.ids, loss=piece.loss)
+                continue
+            for seg in piece.segments:
+                start, m = next(first_slot), n_pooled(len(seg), factor, n_vectors)
+                row.add([dec_pad_id] * m, slots=list(range(start, start + m)))
+            if piece.special is not None:
+                if piece.special not in SPECIALS:
+                    raise ValueError(f"unknown special vector {piece.special!r}: expected one of {SPECIALS}")
+                row.add([dec_pad_id], slots=[n_memory + SPECIALS.index(piece.special)])
+        rows.append(row)
+    enc_ids, enc_mask = _pad(segments, enc_pad_id)
+    dec_ids, attention_mask = _pad([r.ids for r in rows], dec_pad_id)
+    dec_slot, _ = _pad([r.slots for r in rows], -1)
+    labels, _ = _pad([r.labels for r in rows], IGNORE)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # contiguous from 0; padding is masked anyway
+    return ARCBatch(
+        enc_ids,
+        enc_mask,
+        torch.tensor(counts, dtype=torch.long),
+        dec_ids,
+        dec_slot,
+        attention_mask,
+        position_ids,
+        labels,
+        task,
+        decoder,
+        list(keys or []),
+    )
+
+
+class _Row:
+    """One decoder sequence under construction."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.slots: list[int] = []
+        self.labels: list[int] = []
+
+    def add(self, ids: list[int], *, loss: bool = False, slots: list[int] | None = None) -> None:
+        self.ids += ids
+        self.slots += slots if slots is not None else [-1] * len(ids)
+        self.labels += ids if loss else [IGNORE] * len(ids)
+
+
+def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row (at least 1 column); returns (values, mask), both (N, max_len)."""
+    width = max([len(r) for r in rows] + [1])
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return out, mask
+
+
+def drop_memory(batch: ARCBatch) -> ARCBatch:
+    """The same batch without its memory and special positions (the no-context baseline).
+
+    Text positions keep their order and are packed to the left; targets stay the same tokens. A target that
+    followed memory directly is then predicted from the text before it (a BOS or a prefix), so the same targets
+    are scored as long as every row starts with some text.
+    """
+    keep = (batch.dec_slot == -1) & (batch.attention_mask == 1)  # (B, T)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept positions first, in order
+    width = max(int(keep.sum(1).max()), 1)
+    order = order[:, :width]
+    mask = torch.gather(keep, 1, order).long()  # (B, T')
+
+    def take(x: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.where(mask == 1, torch.gather(x, 1, order), fill)
+
+    return ARCBatch(
+        batch.enc_ids,
+        batch.enc_mask,
+        batch.n_vectors,
+        take(batch.dec_ids, 0),
+        torch.full_like(mask, -1),
+        mask,
+        (mask.cumsum(1) - 1).clamp(min=0),
+        take(batch.labels, IGNORE),
+        batch.task,
+        batch.decoder,
+        batch.keys,
+    )

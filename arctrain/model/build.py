@@ -1,0 +1,116 @@
+"""Build the ARC model from local Hugging Face directories, optionally partitioned with ZeRO-3 at construction.
+
+    model = build_model(cfg.model, cfg.decoders, torch.bfloat16, ds_config=ds_config)
+
+With a ZeRO-3 `ds_config` the Hugging Face models are created and loaded through transformers' DeepSpeed
+integration (`HfDeepSpeedConfig`: `from_pretrained` runs under `deepspeed.zero.Init` and loads each module's
+weights on rank 0 into the partitions), and the projectors and special vectors are created under
+`deepspeed.zero.Init` too. So no rank ever holds a whole decoder. Call it after the process group exists.
+"""
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from arctrain.model.arc import ARCModel, Projector, SpecialVectors
+from arctrain.model.encoder import ARCEncoder
+
+DECODER_NAME = re.compile(r"[a-z0-9_]+")
+
+
+def is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """A causal LM from a local Hugging Face directory (no hub access)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
+
+
+def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = False) -> ARCEncoder:
+    """The truncated bidirectional backbone with pooling (what an exporter needs besides the projectors)."""
+    backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation)
+    return ARCEncoder(
+        backbone,
+        n_truncated_layers=model_cfg.n_truncated_layers,
+        pooling=model_cfg.pooling,
+        factor=model_cfg.pooling_factor,
+        n_vectors=model_cfg.n_vectors,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def build_model(
+    model_cfg,
+    decoder_cfgs,
+    dtype: torch.dtype = torch.float32,
+    *,
+    ds_config: dict | None = None,
+    gradient_checkpointing: bool = False,
+) -> ARCModel:
+    """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
+
+    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation;
+    each decoder config needs name, path, projector_hidden. `gradient_checkpointing` applies to the encoder layers
+    (see `ARCModel.enable_decoder_checkpointing` for the decoders).
+    """
+    names = [d.name for d in decoder_cfgs]
+    if not names:
+        raise ValueError("decoders: at least one decoder is needed")
+    for name in names:
+        if not DECODER_NAME.fullmatch(name) or names.count(name) > 1:
+            raise ValueError(f"decoders: name {name!r} must be unique and match [a-z0-9_]+")
+    with _hf_zero3(ds_config) as hf_ds_config:
+        encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
+        decoders = nn.ModuleDict(
+            {d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation) for d in decoder_cfgs}
+        )
+        if hf_ds_config is None:
+            projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
+            projectors, specials = projectors.to(dtype), specials.to(dtype)
+        else:
+            with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
+                projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
+    model = ARCModel(encoder, projectors, specials, decoders)
+    # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
+    model.hf_ds_config = hf_ds_config
+    return model
+
+
+def _trainable_parts(decoder_cfgs, enc_dim: int) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    projectors = nn.ModuleDict(
+        {d.name: Projector(enc_dim, d.projector_hidden, _hidden_size(d.path)) for d in decoder_cfgs}
+    )
+    specials = nn.ModuleDict({d.name: SpecialVectors(enc_dim) for d in decoder_cfgs})
+    return projectors, specials
+
+
+def _hidden_size(path: str | Path) -> int:
+    """A decoder's embedding size from its config: never from a (possibly partitioned) weight."""
+    return AutoConfig.from_pretrained(path, local_files_only=True).hidden_size
+
+
+@contextlib.contextmanager
+def _hf_zero3(ds_config: dict | None):
+    """Keep an `HfDeepSpeedConfig` alive so that `from_pretrained` partitions and loads with ZeRO-3."""
+    if not is_zero3(ds_config):
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    yield HfDeepSpeedConfig(ds_config)
+
+
+def _zero_init(ds_config: dict):
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
