@@ -74,9 +74,9 @@ class ARCModel(nn.Module):
         return self
 
     def enable_decoder_checkpointing(self) -> None:
-        """Activation checkpointing in every decoder layer (non-reentrant, so frozen weights are fine)."""
+        """Activation checkpointing in every decoder layer (transformers' own, non-reentrant: frozen weights are fine)."""
         for decoder in self.decoders.values():
-            decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            decoder.activation_checkpointing_enable({"use_reentrant": False})
         self.decoder_checkpointing = True
         self.train(self.training)
 

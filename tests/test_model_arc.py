@@ -1,0 +1,223 @@
+"""The ARC model (arctrain/model/arc.py, build.py) on the tiny real models: insertion, losses, what trains.
+
+Helpers here (configs, corpus_texts, make_batch) are shared with the other test_model_* modules."""
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from arctrain.corpus import is_heldout, read_corpus
+from arctrain.model import ARCModel, build_model, collate, pretraining_example
+
+DECODERS = ("llama", "mistral")
+
+
+def configs(tiny: Path, decoders=DECODERS, projector_hidden: int = 64, **model):
+    """Plain objects with the fields of config.ModelConfig / config.DecoderConfig that build_model reads."""
+    model_cfg = SimpleNamespace(
+        encoder_path=str(tiny / "encoder"),
+        n_truncated_layers=2,
+        pooling="mean_pooled_queries",
+        pooling_factor=4,
+        n_vectors=0,
+        attn_implementation="sdpa",
+    )
+    vars(model_cfg).update(model)
+    decoder_cfgs = [
+        SimpleNamespace(name=d, path=str(tiny / d), projector_hidden=projector_hidden, prefix="") for d in decoders
+    ]
+    return model_cfg, decoder_cfgs
+
+
+@functools.lru_cache
+def tokenizer(path: str):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def corpus_texts(tiny: Path, *, heldout: bool, n_words: int = 20, limit: int = 64) -> list[str]:
+    """Consecutive chunks of `n_words` words from the embedded corpus (training or held-out documents)."""
+    texts = []
+    for record in read_corpus(tiny / "corpus.jsonl"):
+        if is_heldout(record["id"]) != heldout:
+            continue
+        words = record["text"].split()
+        texts += [" ".join(words[i : i + n_words]) for i in range(0, len(words) - n_words + 1, n_words)]
+        if len(texts) >= limit:
+            return texts[:limit]
+    return texts
+
+
+def make_batch(tiny: Path, model_cfg, decoder: str, task: str, texts: list[str]):
+    """Each text is compressed; reconstruction targets it, continuation targets the next text."""
+    enc_tok, dec_tok = tokenizer(str(tiny / "encoder")), tokenizer(str(tiny / decoder))
+    examples = []
+    for i in range(len(texts) - (task == "continuation")):
+        pair = texts[i : i + 2]
+        enc = [enc_tok(t, add_special_tokens=False).input_ids for t in pair]
+        dec = [dec_tok(t if j == 0 else " " + t, add_special_tokens=False).input_ids for j, t in enumerate(pair)]
+        examples.append(pretraining_example(task, enc, dec, 0))
+    return collate(
+        examples,
+        pooling=model_cfg.pooling,
+        factor=model_cfg.pooling_factor,
+        n_vectors=model_cfg.n_vectors,
+        enc_pad_id=enc_tok.pad_token_id,
+        dec_pad_id=dec_tok.pad_token_id,
+        bos_id=dec_tok.bos_token_id,
+        task=task,
+        decoder=decoder,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models):
+    model_cfg, decoder_cfgs = configs(tiny_models)
+    torch.manual_seed(0)
+    return model_cfg, build_model(model_cfg, decoder_cfgs)
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_models):
+    return corpus_texts(tiny_models, heldout=False, limit=4)
+
+
+def manual_embeds(model: ARCModel, batch, decoder: str) -> torch.Tensor:
+    """Decoder inputs built position by position from the token table, the pooled vectors and the projector."""
+    vectors = torch.cat(
+        model.compress(batch.enc_ids, batch.enc_mask)
+        + [model.specials[decoder].rec[None], model.specials[decoder].cont[None]]
+    )
+    first, second = model.projectors[decoder]
+    projected = vectors @ first.weight.T @ second.weight.T  # (N + 2, Dd)
+    table = model.decoders[decoder].get_input_embeddings().weight
+    rows = [
+        [projected[s] if s >= 0 else table[t] for t, s in zip(ids.tolist(), slots.tolist(), strict=True)]
+        for ids, slots in zip(batch.dec_ids, batch.dec_slot, strict=True)
+    ]
+    return torch.stack([torch.stack(r) for r in rows])
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize("task", ["reconstruction", "continuation"])
+def test_loss_equals_manual_computation_from_inputs_embeds(built, tiny_models, texts, decoder, task):
+    model_cfg, model = built
+    batch = make_batch(tiny_models, model_cfg, decoder, task, texts)
+    with torch.no_grad():
+        out = model(batch, decoder)
+        embeds = manual_embeds(model, batch, decoder)
+        torch.testing.assert_close(model.embed(batch, decoder), embeds)
+        logits = model.decoders[decoder](
+            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits  # (B, T, V) in full
+    targets = batch.labels[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert out.n_tokens == (targets != -100).sum() > 0
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_two_decoders_with_different_sizes_and_vocabularies(built, tiny_models, texts):
+    model_cfg, model = built
+    sizes = {name: (d.config.hidden_size, d.config.vocab_size) for name, d in model.decoders.items()}
+    assert sizes["llama"] != sizes["mistral"] and sizes["llama"][1] != sizes["mistral"][1]
+    for name, (hidden, _) in sizes.items():
+        assert model.projectors[name][1].out_features == hidden
+        assert model.projectors[name][0].in_features == model.encoder.hidden_size
+        assert model.projectors[name][0].bias is None and model.projectors[name][1].bias is None
+        torch.testing.assert_close(model.specials[name].rec.detach(), torch.ones(model.encoder.hidden_size))
+    with torch.no_grad():
+        losses = {d: model(make_batch(tiny_models, model_cfg, d, "continuation", texts), d).loss for d in sizes}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_use_context_false_is_the_plain_decoder_loss(built, tiny_models, texts):
+    model_cfg, model = built
+    batch = make_batch(tiny_models, model_cfg, "llama", "reconstruction", texts[:1])
+    dec_tok = tokenizer(str(tiny_models / "llama"))
+    ids = torch.tensor([[dec_tok.bos_token_id] + dec_tok(texts[0], add_special_tokens=False).input_ids])
+    labels = ids.clone()
+    labels[0, 0] = -100
+    with torch.no_grad():
+        plain = model.decoders["llama"](input_ids=ids, labels=labels).loss
+        out = model(batch, "llama", use_context=False)
+    assert out.n_tokens == ids.shape[1] - 1
+    torch.testing.assert_close(out.loss, plain)
+
+
+def _trainable_names(model: ARCModel) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.split(".")[0] in ("encoder", "projectors", "specials")}
+
+
+def test_optimizer_step_trains_encoder_projectors_specials_only(tiny_models, texts):
+    model_cfg, decoder_cfgs = configs(tiny_models)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, decoder_cfgs).train()
+    frozen = {k: v.clone() for k, v in model.decoders.state_dict().items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for decoder, task in [("llama", "reconstruction"), ("mistral", "continuation")]:
+        model(make_batch(tiny_models, model_cfg, decoder, task, texts), decoder).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == _trainable_names(model)
+    assert not any(p.requires_grad for p in model.decoders.parameters())
+    optimizer.step()
+    for k, v in model.decoders.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == _trainable_names(model)
+    assert model.encoder.training and not any(m.training for d in model.decoders.values() for m in d.modules())
+
+
+def test_every_task_touches_the_same_parameters(built, tiny_models, texts):
+    """ZeRO-3 needs the same modules on every rank: a reconstruction and a continuation batch use the same set."""
+    model_cfg, model = built
+    touched = []
+    for task in ("reconstruction", "continuation"):
+        model.zero_grad(set_to_none=True)
+        model(make_batch(tiny_models, model_cfg, "llama", task, texts), "llama").loss.backward()
+        touched.append({n for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert touched[0] == touched[1]
+    assert {"specials.llama.rec", "specials.llama.cont"} <= touched[0]
+
+
+def test_decoder_checkpointing_gives_the_same_gradients(tiny_models, texts):
+    model_cfg, decoder_cfgs = configs(tiny_models, decoders=("llama",))
+    torch.manual_seed(0)
+    model = build_model(model_cfg, decoder_cfgs).train()
+    batch = make_batch(tiny_models, model_cfg, "llama", "continuation", texts)
+    grads = []
+    for step in range(2):
+        if step == 1:
+            model.enable_decoder_checkpointing()
+            model.encoder.gradient_checkpointing = True
+        model.zero_grad(set_to_none=True)
+        model(batch, "llama").loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    layer = model.decoders["llama"].model.layers[0]
+    assert layer.gradient_checkpointing and layer.training and not layer.self_attn.training
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_model(tiny_models, texts):
+    model_cfg, decoder_cfgs = configs(tiny_models, decoders=("mistral",))
+    model = build_model(model_cfg, decoder_cfgs, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = model(make_batch(tiny_models, model_cfg, "mistral", "reconstruction", texts), "mistral")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projectors["mistral"][0].weight.grad.dtype == torch.bfloat16
+
+
+def test_build_model_rejects_bad_input(tiny_models, tmp_path):
+    model_cfg, decoder_cfgs = configs(tiny_models)
+    with pytest.raises(ValueError, match="must be unique"):
+        build_model(model_cfg, decoder_cfgs + decoder_cfgs[:1])
+    decoder_cfgs[0].path = str(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path}: not a Hugging Face model directory"):
+        build_model(model_cfg, decoder_cfgs)
