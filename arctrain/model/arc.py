@@ -74,7 +74,7 @@ class ARCModel(nn.Module):
         return self
 
     def enable_decoder_checkpointing(self) -> None:
-        """Activation checkpointing in every decoder layer (transformers' own, non-reentrant: frozen weights are fine)."""
+        """Activation checkpointing in every decoder layer (transformers' own, non-reentrant)."""
         for decoder in self.decoders.values():
             decoder.activation_checkpointing_enable({"use_reentrant": False})
         self.decoder_checkpointing = True
