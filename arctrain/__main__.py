@@ -1,0 +1,3 @@
+from arctrain.cli import main
+
+main()

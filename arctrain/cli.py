@@ -1,0 +1,70 @@
+"""The `arctrain` command.
+
+    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 300
+    torchrun --nproc_per_node 2 -m arctrain train --config configs/tiny_cpu.yaml train.steps=50
+    arctrain export --run runs/tiny --out exported/tiny
+    arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
+    arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
+
+User errors (bad config, missing files) print one line and exit with status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _make_tiny_models(args: argparse.Namespace) -> None:
+    from arctrain.tiny_models import make_tiny_models
+
+    make_tiny_models(Path(args.out), pretrain_steps=args.pretrain_steps, seed=args.seed)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arctrain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny real HF models + tokenizers + the embedded corpus")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="next-token training steps per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_models)
+
+    for name, module, help_ in COMMANDS:
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+def _delegate(module: str):
+    """Subcommands with their own argument parsing live in their modules (imported only when used)."""
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+COMMANDS = [
+    ("train", "arctrain.train", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
+    ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
+    ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
+    ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    if argv and argv[0] in {name for name, _, _ in COMMANDS}:
+        args = argparse.Namespace(func=_delegate({n: m for n, m, _ in COMMANDS}[argv[0]]), rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # User errors are one line; our own bugs keep their traceback.
+        print(f"arctrain: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

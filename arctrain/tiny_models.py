@@ -1,0 +1,147 @@
+"""Tiny real models for tests and the demo: the real Hugging Face classes at toy sizes.
+
+    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 300
+
+writes `encoder/` (Llama architecture, like Llama 3.2), `llama/` (LlamaForCausalLM, stands in for Llama 3.1 8B),
+`mistral/` (MistralForCausalLM with another hidden size, stands in for Mistral 7B) and `corpus.jsonl` (the
+embedded corpus). Each model has its own byte-level BPE tokenizer with its own vocabulary size and special
+tokens, so the decoders tokenize the same text differently. With `--pretrain-steps N` each model is trained as
+an ordinary next-token language model on the corpus (held-out documents excluded), so the decoders are small
+but real language models. Same seed, same files.
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+from arctrain.corpus import is_heldout, read_corpus, write_corpus
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    name: str
+    arch: str  # "llama" | "mistral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    bos: str
+    eos: str
+    pad: str
+
+
+SPECS = (
+    # The encoder keeps 4 layers after the usual truncation of 2.
+    TinySpec("encoder", "llama", 2048, 96, 256, 6, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"),
+    TinySpec("llama", "llama", 3072, 128, 352, 4, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"),
+    TinySpec("mistral", "mistral", 4096, 160, 416, 4, "<s>", "</s>", "<pad>"),
+)
+SEQ_LEN = 128
+BATCH = 16
+
+
+def train_tokenizer(texts: list[str], spec: TinySpec) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained with the `tokenizers` library, wrapped for `AutoTokenizer`."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=[spec.pad, spec.bos, spec.eos],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, model_max_length=1_000_000
+    )
+
+
+def build_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if spec.arch == "mistral":
+        return MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    return LlamaForCausalLM(LlamaConfig(**common))
+
+
+def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.Tensor:
+    """All training documents as one stream of ids, each as BOS + text + EOS."""
+    ids: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids += [tokenizer.bos_token_id, *enc, tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int) -> list[float]:
+    """Next-token training on random windows of the stream: warm-up then cosine, AdamW."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    )
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (BATCH,), generator=gen)
+        batch = torch.stack([stream[s : s + SEQ_LEN] for s in starts.tolist()])  # (B, T)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def make_tiny_models(out: Path, pretrain_steps: int = 0, seed: int = 0, log=print) -> dict[str, Path]:
+    """Write the corpus and the three tiny models under `out`; returns name -> model directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    corpus_path = out / "corpus.jsonl"
+    n_docs = write_corpus(corpus_path)
+    records = read_corpus(corpus_path)
+    train_texts = [r["text"] for r in records if not is_heldout(r["id"])]
+    log(f"corpus: {n_docs} documents ({len(train_texts)} for training) -> {corpus_path}")
+    torch.use_deterministic_algorithms(True)
+    paths = {}
+    for i, spec in enumerate(SPECS):
+        start = time.time()
+        tokenizer = train_tokenizer(train_texts, spec)
+        torch.manual_seed(seed * 1000 + i)
+        model = build_model(spec, tokenizer)
+        note = ""
+        if pretrain_steps > 0:
+            losses = pretrain(model, token_stream(train_texts, tokenizer), pretrain_steps, seed * 1000 + i)
+            note = f", LM loss {losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}"
+        path = out / spec.name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        (path / "tiny_model.json").write_text(json.dumps({"seed": seed, "pretrain_steps": pretrain_steps}) + "\n")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"{spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}{note} "
+            f"({time.time() - start:.0f}s) -> {path}"
+        )
+        paths[spec.name] = path
+    return paths

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny real models every tier of tests runs on."""
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_PRETRAIN_STEPS = 200
+
+
+def _source_digest() -> str:
+    """Rebuild the cached models whenever the code that makes them changes."""
+    digest = hashlib.sha256(str(TEST_PRETRAIN_STEPS).encode())
+    for name in ("tiny_models.py", "corpus.py"):
+        digest.update((REPO / "arctrain" / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """DIR with encoder/, llama/, mistral/ (briefly pretrained) and corpus.jsonl.
+
+    Built once and cached under $ARCTRAIN_TEST_CACHE (default /tmp/arctrain-test-cache), keyed by the source of
+    the builder, so parallel and repeated test sessions share one build; a file lock keeps builds single.
+    """
+    from arctrain.tiny_models import make_tiny_models
+
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    final = cache / f"tiny-{_source_digest()}"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (final / "mistral" / "config.json").exists():
+            partial = cache / f"{final.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            make_tiny_models(partial, pretrain_steps=TEST_PRETRAIN_STEPS, seed=0)
+            partial.rename(final)
+    return final
