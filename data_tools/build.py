@@ -1,0 +1,187 @@
+"""`arc-data build`: raw documents -> tokenized shards + manifest.json.
+
+The main process reads documents in input order, batches them, and writes samples in that same order; the
+tokenization runs in worker processes (`--workers N`, each single-threaded) whose results are taken in
+submission order, so the shards are byte-identical for every N. At most 2 batches per worker are in flight,
+which bounds memory however large the inputs.
+"""
+
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
+from data_tools.manifest import make_manifest, write_manifest
+from data_tools.samples import Sample, SampleEncoder
+from data_tools.shards import SPLITS, SplitWriter, prepare_out
+from data_tools.tokenizer_set import TokenizerInfo, load_tokenizers
+
+BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker
+BATCH_DOCS = 4096
+
+
+@dataclass
+class BuildConfig:
+    inputs: list[str]
+    out: Path
+    encoder_tokenizer: str
+    decoders: list[tuple[str, str]]  # (name, path)
+    text_field: str = "text"
+    id_field: str = "id"
+    segment_tokens: int = 256
+    window_segments: int = 4
+    val_fraction: float = 0.01
+    shard_size_mb: float = 256.0
+    workers: int = 1
+    strict: bool = False
+    overwrite: bool = False
+    start_shard: int = 0  # first shard number of both splits; partial builds use distinct ranges (see merge)
+    progress: bool = True
+    settings: dict = field(init=False)
+
+    def __post_init__(self):
+        for flag, value, low in (
+            ("--segment-tokens", self.segment_tokens, 1),
+            ("--window-segments", self.window_segments, 1),
+            ("--workers", self.workers, 1),
+            ("--start-shard", self.start_shard, 0),
+        ):
+            if value < low:
+                raise DataError(f"{flag} {value}: must be at least {low}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.shard_size_mb <= 0:
+            raise DataError(f"--shard-size-mb {self.shard_size_mb}: must be positive")
+        self.out = Path(self.out)
+        self.settings = {
+            "segment_tokens": self.segment_tokens,
+            "window_segments": self.window_segments,
+            "val_fraction": self.val_fraction,
+        }
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run a build; returns the manifest (also written to cfg.out/manifest.json)."""
+    start = time.time()
+    files = expand_inputs(cfg.inputs)
+    fields = Fields(cfg.text_field, cfg.id_field)
+    check_inputs(files, fields)
+    tokenizers = load_tokenizers(cfg.encoder_tokenizer, cfg.decoders)
+    prepare_out(cfg.out, cfg.overwrite)
+    # One worker is one core: encode_batch's own thread pool would oversubscribe the machine.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    tally = Tally(strict=cfg.strict)
+    names = [t.name for t in tokenizers]
+    max_bytes = int(cfg.shard_size_mb * (1 << 20))
+    writers = {split: SplitWriter(cfg.out, split, max_bytes, cfg.start_shard, names) for split in SPLITS}
+    batches = _batches(_unique(read_documents(files, fields, tally), tally))
+    written, enc_tokens = 0, 0
+    bar = tqdm(unit="doc", desc="arc-data build", disable=not cfg.progress, mininterval=1.0)
+    with bar:
+        for docs, results in _encode_in_order(batches, tokenizers, cfg):
+            for (doc_id, digest), samples in zip(docs, results):
+                if not samples:
+                    tally.skip("no_tokens", f"document {doc_id!r}")
+                    continue
+                writer = writers["val" if is_val(digest, cfg.val_fraction) else "train"]
+                for sample in samples:
+                    writer.write(sample)
+                    enc_tokens += sample.tokens[0]
+                written += 1
+            bar.update(len(docs))
+            bar.set_postfix_str(f"{enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
+
+    splits = {split: writer.close() for split, writer in writers.items()}
+    docs = {"read": tally.read, "written": written, "skipped": {k: v for k, v in sorted(tally.skipped.items()) if v}}
+    tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
+    manifest = make_manifest(cfg.settings, tok_entries, splits, source_entries(files), docs)
+    write_manifest(cfg.out, manifest)
+    print(_summary(manifest, enc_tokens, time.time() - start, cfg.out))
+    return manifest
+
+
+def is_val(digest: bytes, val_fraction: float) -> bool:
+    """The split depends only on the document id, so it is stable when more data is added."""
+    return int.from_bytes(digest[8:16], "big") < val_fraction * 2**64
+
+
+def _unique(docs: Iterable[Doc], tally: Tally) -> Iterator[Doc]:
+    """Sample keys come from the document id, so a repeated id (or, without ids, repeated text) is skipped."""
+    seen: set[bytes] = set()
+    for doc in docs:
+        if doc.digest[:8] in seen:
+            tally.skip("duplicate_id", f"document {doc.doc_id!r}")
+            continue
+        seen.add(doc.digest[:8])
+        yield doc
+
+
+def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
+    batch: list[Doc] = []
+    n_chars = 0
+    for doc in docs:
+        batch.append(doc)
+        n_chars += len(doc.text)
+        if n_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, n_chars = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInfo], cfg: BuildConfig):
+    """Yields ([(doc_id, digest)], samples per doc) per batch, in batch order. The texts are not kept here."""
+    if cfg.workers == 1:
+        encoder = SampleEncoder(tokenizers, cfg.segment_tokens, cfg.window_segments)
+        for batch in batches:
+            yield [(d.doc_id, d.digest) for d in batch], encoder.encode(batch)
+        return
+    # spawn: forking a process whose tokenizers have run is unsafe (the tokenizers library warns about it).
+    context = mp.get_context("spawn")
+    initargs = (tokenizers, cfg.segment_tokens, cfg.window_segments)
+    with context.Pool(cfg.workers, initializer=_init_worker, initargs=initargs) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(([(d.doc_id, d.digest) for d in batch], pool.apply_async(_encode_batch, (batch,))))
+            del batch
+            if len(pending) >= 2 * cfg.workers:
+                ids, result = pending.popleft()
+                yield ids, result.get()
+        while pending:
+            ids, result = pending.popleft()
+            yield ids, result.get()
+
+
+_WORKER_ENCODER: SampleEncoder | None = None
+
+
+def _init_worker(tokenizers: list[TokenizerInfo], segment_tokens: int, window_segments: int) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = SampleEncoder(tokenizers, segment_tokens, window_segments)
+
+
+def _encode_batch(batch: list[Doc]) -> list[list[Sample]]:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER.encode(batch)
+
+
+def _summary(manifest: dict, enc_tokens: int, seconds: float, out: Path) -> str:
+    docs = manifest["docs"]
+    skipped = ", ".join(f"{reason} {n}" for reason, n in docs["skipped"].items())
+    splits = manifest["splits"]
+    samples = " + ".join(f"{s['samples']} {name}" for name, s in splits.items())
+    n_shards = sum(len(s["shards"]) for s in splits.values())
+    return (
+        f"arc-data build: {docs['read']} docs read, {docs['written']} written, "
+        f"{sum(docs['skipped'].values())} skipped{f' ({skipped})' if skipped else ''}; "
+        f"{samples} samples in {n_shards} shards; {enc_tokens:,} encoder tokens in {seconds:.1f}s "
+        f"({enc_tokens / max(seconds, 1e-9):,.0f}/s) -> {out}"
+    )

@@ -1,0 +1,225 @@
+"""Raw documents from .jsonl, .jsonl.zst and .parquet files, with every unusable record counted by reason.
+
+Files are streamed: .zst through a zstd decompression object in small blocks (never decompressed whole, and a
+truncated stream is detected, which zstandard's stream_reader would hide as a clean EOF), parquet one row group
+at a time. Each bad record becomes a counted skip with a warning naming file:line, or, with `strict`, an error.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import zstandard
+
+SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
+ZST_BLOCK = 1 << 17  # compressed bytes per read: bounds the decompressed output of one step
+WARNINGS_PER_REASON = 10
+
+
+class DataError(ValueError):
+    """A user error in the inputs or options: the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class Doc:
+    doc_id: str  # the record's id, or "sha256:<hex>" of the text when it has none
+    digest: bytes  # sha256(doc_id): the sample key prefix and the validation split both come from it
+    source: str  # the record's "source" field when it is a string, else the input file's name
+    text: str
+
+
+@dataclass
+class Fields:
+    text: str = "text"
+    id: str = "id"
+
+
+@dataclass
+class Tally:
+    """Documents read and skipped by reason; `warn` prints the first few of each reason."""
+
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    strict: bool = False
+
+    def skip(self, reason: str, where: str, detail: str = "", count: bool = True) -> None:
+        """Count one unusable record (or, with count=False, only warn) unless --strict makes it an error."""
+        message = f"{where}: {reason}{': ' + detail if detail else ''}"
+        if self.strict:
+            raise DataError(f"{message} (--strict)")
+        self.skipped[reason] += count
+        n = self.skipped[reason]
+        if n <= WARNINGS_PER_REASON:
+            more = " (further ones not shown)" if n == WARNINGS_PER_REASON else ""
+            print(f"warning: skipped {message}{more}", file=sys.stderr)
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Paths and globs -> files, each glob in sorted order; missing files and unknown suffixes are errors."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise DataError(f"--input {pattern}: no file matches")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise DataError(f"--input {match}: no such file")
+            if not path.name.endswith(SUFFIXES):
+                raise DataError(f"--input {match}: unsupported file type (expected {', '.join(SUFFIXES)})")
+            files.append(path)
+    return files
+
+
+def check_inputs(files: list[Path], fields: Fields) -> None:
+    """Fail before any work on what can be known up front: a parquet file without the text column."""
+    for path in files:
+        if path.name.endswith(".parquet"):
+            names = pq.ParquetFile(path).schema_arrow.names
+            if fields.text not in names:
+                raise DataError(f"{path}: no column {fields.text!r} (columns: {', '.join(names)})")
+
+
+def read_documents(files: list[Path], fields: Fields, tally: Tally) -> Iterator[Doc]:
+    """All documents of all files in order; unusable records are counted in `tally` and not yielded."""
+    for path in files:
+        if path.name.endswith(".parquet"):
+            records = _parquet_records(path, fields)
+        else:
+            lines = _zst_lines(path, tally) if path.name.endswith(".zst") else _plain_lines(path)
+            records = _json_records(path, lines, tally)
+        for where, record in records:
+            tally.read += 1
+            doc = _to_doc(record, where, path.name, fields, tally)
+            if doc is not None:
+                yield doc
+
+
+def _plain_lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        yield from fh
+
+
+def _zst_lines(path: Path, tally: Tally) -> Iterator[bytes]:
+    """Lines of a (possibly multi-frame) zstd file; a stream cut short is reported, not mistaken for EOF."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    pending = bytearray()
+    n_lines = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(ZST_BLOCK):
+            try:
+                out = dobj.decompress(block)
+                while dobj.eof and dobj.unused_data:  # a new frame starts inside this block
+                    rest, dobj = dobj.unused_data, dctx.decompressobj()
+                    out += dobj.decompress(rest)
+            except zstandard.ZstdError as err:
+                raise DataError(f"{path}: corrupt zstd data after line {n_lines}: {err}") from err
+            start = 0
+            while (nl := out.find(b"\n", start)) >= 0:
+                pending += out[start : nl + 1]
+                yield bytes(pending)
+                pending.clear()
+                n_lines += 1
+                start = nl + 1
+            pending += out[start:]
+    if not dobj.eof:
+        # Records after the cut are lost without a trace; the cut-off one is read and counted.
+        partial = bool(pending.strip())
+        tally.read += partial
+        detail = f"zstd stream ends mid-frame, {n_lines} complete lines kept"
+        tally.skip("truncated_record", f"{path}:{n_lines + 1}", detail, count=partial)
+    elif pending:
+        yield bytes(pending)
+
+
+def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[tuple[str, object]]:
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue  # blank lines hold no document
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            tally.read += 1
+            tally.skip("invalid_utf8", where, f"byte {err.start}")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            tally.read += 1
+            tally.skip("malformed_json", where, err.msg)
+            continue
+        del line
+        yield where, record
+
+
+def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, object]]:
+    """One row group in memory at a time; rows become {text, id, source} dicts like JSON records."""
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    columns = [c for c in (fields.text, fields.id, "source") if c in names]
+    row = 0
+    for group in range(pf.num_row_groups):
+        table = pf.read_row_group(group, columns=columns)
+        values = {c: table.column(c).to_pylist() for c in columns}
+        del table
+        for i in range(len(values[fields.text])):
+            row += 1
+            yield f"{path}:row {row}", {c: values[c][i] for c in columns}
+
+
+def _to_doc(record: object, where: str, file_name: str, fields: Fields, tally: Tally) -> Doc | None:
+    if not isinstance(record, dict):
+        tally.skip("not_an_object", where, type(record).__name__)
+        return None
+    text = record.get(fields.text)
+    if text is None:
+        tally.skip("missing_text", where, f"no {fields.text!r}")
+        return None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            tally.skip("invalid_utf8", where, f"byte {err.start}")
+            return None
+    if not isinstance(text, str):
+        tally.skip("invalid_text", where, f"{fields.text!r} is {type(text).__name__}")
+        return None
+    if not text.isascii() and not _encodable(text):
+        tally.skip("invalid_utf8", where, "lone surrogate escape")
+        return None
+    if not text.strip():
+        tally.skip("empty_text", where)
+        return None
+    doc_id = record.get(fields.id)
+    if doc_id is None or doc_id == "":
+        doc_id = "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+    elif isinstance(doc_id, str) or (isinstance(doc_id, int) and not isinstance(doc_id, bool)):
+        doc_id = str(doc_id)
+    else:
+        tally.skip("invalid_id", where, f"{fields.id!r} is {type(doc_id).__name__}")
+        return None
+    source = record.get("source")
+    source = source if isinstance(source, str) else file_name
+    return Doc(doc_id, hashlib.sha256(doc_id.encode("utf-8")).digest(), source, text)
+
+
+def _encodable(text: str) -> bool:
+    """JSON escapes like \\ud800 decode to lone surrogates, which no tokenizer (Rust str) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def source_entries(files: list[Path]) -> list[dict]:
+    return [{"path": str(path), "bytes": os.path.getsize(path)} for path in files]

@@ -1,0 +1,120 @@
+"""manifest.json (docs/ARCHITECTURE.md §2): writing, reading, and merging the manifests of partial builds."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from data_tools.inputs import DataError
+from data_tools.shards import prepare_out
+
+FORMAT = "arc-shards"
+FORMAT_VERSION = 1
+# Settings that must agree for shards to belong to one dataset.
+SHARED = ("segment_tokens", "window_segments", "val_fraction")
+
+
+def make_manifest(
+    settings: dict, tokenizers: dict, splits: dict[str, list[dict]], sources: list[dict], docs: dict
+) -> dict:
+    from arctrain import __version__
+
+    assert docs["read"] == docs["written"] + sum(docs["skipped"].values()), docs
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        **{key: settings[key] for key in SHARED},
+        "tokenizers": tokenizers,
+        "splits": {
+            split: {"samples": sum(s["samples"] for s in shards), "shards": shards} for split, shards in splits.items()
+        },
+        "sources": sources,
+        "docs": docs,
+    }
+
+
+def write_manifest(out: Path, manifest: dict) -> Path:
+    """Written last and atomically: a directory with a manifest holds a finished build."""
+    path = out / "manifest.json"
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest (not a finished arc-data build)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
+    """Combine partial builds into `out`: shards are hard-linked (copied across file systems) under their own
+    names, then one manifest is written. Nothing is touched before every part has been checked."""
+    parts = [(d / "manifest.json", load_manifest(d)) for d in part_dirs]
+    if out.resolve() in {d.resolve() for d in part_dirs}:
+        raise DataError(f"--out {out}: is one of the parts; merge into a new directory")
+    merged = merge_manifests(parts)
+    shards = [
+        (d / s["name"], s) for d, (_, m) in zip(part_dirs, parts) for e in m["splits"].values() for s in e["shards"]
+    ]
+    for path, shard in shards:
+        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+            raise DataError(f"{path}: missing or not {shard['bytes']} bytes as its manifest says")
+    prepare_out(out, overwrite)
+    for path, shard in shards:
+        try:
+            os.link(path, out / shard["name"])
+        except OSError:
+            shutil.copyfile(path, out / shard["name"])
+    write_manifest(out, merged)
+    return merged
+
+
+def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
+    """One manifest for the shards of several partial builds; they must share tokenizers and segment settings,
+    and their shard names must not clash (partial builds number their shards from distinct --start-shard)."""
+    first_path, first = parts[0]
+    seen: dict[str, Path] = {}
+    for path, manifest in parts:
+        for key in SHARED:
+            if manifest[key] != first[key]:
+                raise DataError(f"{path}: {key} = {manifest[key]}, but {first_path} has {first[key]}")
+        if _identities(manifest) != _identities(first):
+            raise DataError(f"{path}: tokenizers {_identities(manifest)} differ from {first_path}'s")
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if shard["name"] in seen:
+                    raise DataError(f"shard name {shard['name']} is in both {seen[shard['name']]} and {path}")
+                seen[shard["name"]] = path
+    manifests = [m for _, m in parts]
+    splits = {
+        split: sorted((s for m in manifests for s in m["splits"].get(split, {}).get("shards", [])), key=_by_name)
+        for split in ("train", "val")
+    }
+    skipped: dict[str, int] = {}
+    for m in manifests:
+        for reason, n in m["docs"]["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    docs = {key: sum(m["docs"][key] for m in manifests) for key in ("read", "written")}
+    sources = [s for m in manifests for s in m["sources"]]
+    return make_manifest(first, first["tokenizers"], splits, sources, {**docs, "skipped": skipped})
+
+
+def _identities(manifest: dict) -> dict:
+    """What decides the ids: name, hash, dtype (paths may differ between machines)."""
+    return {name: (t["hash"], t["dtype"]) for name, t in manifest["tokenizers"].items()}
+
+
+def _by_name(shard: dict) -> str:
+    return shard["name"]

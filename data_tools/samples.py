@@ -1,0 +1,115 @@
+"""Documents -> WebDataset samples (docs/ARCHITECTURE.md §2): windows of segments, token ids per tokenizer.
+
+This is the work done in worker processes; it is a pure function of the documents and the tokenizers, so the
+shards are the same for any number of workers.
+"""
+
+import json
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from data_tools.inputs import Doc
+from data_tools.segment import Segment, Segmenter
+from data_tools.tokenizer_set import TokenizerInfo
+
+GROUP_CHARS = 1 << 18  # characters per decoder encode_batch call: bounds the memory of one call
+
+
+@dataclass(frozen=True)
+class Sample:
+    members: dict[str, bytes]  # "__key__" (str) and the member payloads
+    tokens: tuple[int, ...]  # token count per tokenizer, in tokenizer order
+
+
+class SampleEncoder:
+    def __init__(self, tokenizers: list[TokenizerInfo], segment_tokens: int, window_segments: int):
+        self.names = [t.name for t in tokenizers]
+        self.dtypes = [np.dtype(t.dtype) for t in tokenizers]
+        self.backends = [t.backend() for t in tokenizers]
+        self.segmenter = Segmenter(self.backends[0], segment_tokens, tokenizers[0].dtype)
+        self.window_segments = window_segments
+
+    def encode(self, docs: list[Doc]) -> list[list[Sample]]:
+        """The samples of each document, in order (an empty list when the document yields no encoder tokens)."""
+        segments = self.segmenter.segment([d.text for d in docs])
+        flat = [(d, s) for d, doc_segments in zip(docs, segments) for s in doc_segments]
+        # ids[t][k]: ids of flat segment k for tokenizer t
+        ids = [self._encoder_ids(flat)] + [
+            _encode_segments(backend, flat, dtype) for backend, dtype in zip(self.backends[1:], self.dtypes[1:])
+        ]
+        out, k = [], 0
+        for doc, doc_segments in zip(docs, segments):
+            n = len(doc_segments)
+            seg_ids = [per_tok[k : k + n] for per_tok in ids]
+            k += n
+            has_tokens = any(len(a) for a in seg_ids[0])
+            out.append(self._doc_samples(doc, doc_segments, seg_ids) if has_tokens else [])
+        return out
+
+    def _encoder_ids(self, flat: list[tuple[Doc, Segment]]) -> list[np.ndarray]:
+        """Slices from the segmenter where exact; the rest encoded on their own."""
+        alone = [(d, s) for d, s in flat if s.enc_ids is None]
+        encoded = iter(_encode_segments(self.backends[0], alone, self.dtypes[0]))
+        return [next(encoded) if s.enc_ids is None else s.enc_ids for _, s in flat]
+
+    def _doc_samples(self, doc: Doc, segments: list[Segment], seg_ids: list[list[np.ndarray]]) -> list[Sample]:
+        prefix = doc.digest[:8].hex()
+        samples = []
+        for w, (a, b) in enumerate(windows(len(segments), self.window_segments)):
+            meta = {
+                "doc_id": doc.doc_id,
+                "source": doc.source,
+                "window": w,
+                "n_segments": b - a,
+                "char_spans": [[s.start, s.end] for s in segments[a:b]],
+            }
+            members: dict = {"__key__": f"{prefix}-{w:05d}", "json": json.dumps(meta).encode()}
+            tokens = []
+            for name, dtype, per_seg in zip(self.names, self.dtypes, seg_ids):
+                parts = per_seg[a:b]
+                offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+                np.cumsum([len(p) for p in parts], out=offsets[1:])
+                members[f"{name}.ids.npy"] = npy_bytes(np.concatenate(parts).astype(dtype, copy=False))
+                members[f"{name}.offsets.npy"] = npy_bytes(offsets)
+                tokens.append(int(offsets[-1]))
+            samples.append(Sample(members, tuple(tokens)))
+        return samples
+
+
+def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:
+    """[start, end) segment ranges; a trailing single segment joins the previous window."""
+    starts = list(range(0, n_segments, window_segments))
+    if len(starts) > 1 and n_segments - starts[-1] == 1:
+        starts.pop()
+    return [(a, starts[i + 1] if i + 1 < len(starts) else n_segments) for i, a in enumerate(starts)]
+
+
+def _encode_segments(tokenizer: Tokenizer, flat: list[tuple[Doc, Segment]], dtype: np.dtype) -> list[np.ndarray]:
+    """Ids per segment, encoded in groups of bounded size; each group's ids live in one array (views per segment)."""
+    out: list[np.ndarray] = []
+    start = 0
+    while start < len(flat):
+        end, n_chars = start, 0
+        while end < len(flat) and (end == start or n_chars < GROUP_CHARS):
+            n_chars += flat[end][1].end - flat[end][1].start
+            end += 1
+        texts = [d.text[s.start : s.end] for d, s in flat[start:end]]
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        del texts
+        lengths = [len(e) for e in encodings]
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=sum(lengths))
+        bounds = np.cumsum([0, *lengths]).tolist()
+        out.extend(ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths)))
+        start = end
+    return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy (format 1.0) encoding of a 1-D array, as np.save writes it, without np.save's per-call overhead."""
+    header = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': ({len(array)},), }}"
+    pad = -(10 + len(header) + 1) % 64  # magic + length + header + newline end on a 64-byte boundary
+    header = (header + " " * pad + "\n").encode("latin1")
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + array.tobytes()

@@ -1,0 +1,156 @@
+"""`arc-data verify` and `arc-data inspect`: check shards against their manifest, and look inside them."""
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.manifest import load_manifest
+from data_tools.shards import file_digest
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member suffix: bytes}) per sample, grouped the way webdataset groups them (key = name up to the
+    first dot), in file order."""
+    key, members = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name.rsplit("/", 1)[-1]
+            this_key, _, suffix = name.partition(".")
+            if this_key != key and key is not None:
+                yield key, members
+                members = {}
+            key = this_key
+            members[suffix] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def check_sample(key: str, members: dict[str, bytes], tokenizers: dict) -> tuple[dict[str, int], list[str]]:
+    """(tokens per tokenizer, problems) of one sample: members present, arrays decodable with the manifest's dtype,
+    offsets consistent with the ids and with the number of segments."""
+    problems = []
+    expected = {"json"} | {f"{name}.{part}.npy" for name in tokenizers for part in ("ids", "offsets")}
+    if set(members) != expected:
+        missing, extra = sorted(expected - set(members)), sorted(set(members) - expected)
+        return {}, [f"sample {key}: members missing {missing}, unexpected {extra}"]
+    try:
+        meta = json.loads(members["json"])
+        n_segments = meta["n_segments"]
+        if len(meta["char_spans"]) != n_segments:
+            problems.append(f"sample {key}: {len(meta['char_spans'])} char_spans for {n_segments} segments")
+    except (ValueError, KeyError, TypeError) as err:
+        return {}, [f"sample {key}: bad json: {err}"]
+    tokens = {}
+    for name, info in tokenizers.items():
+        try:
+            ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]), allow_pickle=False)
+            offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as err:
+            problems.append(f"sample {key}: {name} arrays not decodable: {err}")
+            continue
+        if ids.dtype != np.dtype(info["dtype"]) or offsets.dtype != np.int64 or ids.ndim != 1 or offsets.ndim != 1:
+            problems.append(f"sample {key}: {name} arrays are {ids.dtype}/{offsets.dtype}, expected {info['dtype']}")
+        elif (
+            len(offsets) != n_segments + 1 or offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 0)
+        ):
+            problems.append(f"sample {key}: {name} offsets {offsets.tolist()[:8]} inconsistent with {len(ids)} ids")
+        elif len(ids) and int(ids.max()) >= info["vocab_size"]:
+            problems.append(f"sample {key}: {name} id {int(ids.max())} outside the vocabulary ({info['vocab_size']})")
+        tokens[name] = len(ids)
+    return tokens, problems
+
+
+def verify(directory: Path) -> list[str]:
+    """All mismatches between the shards in `directory` and its manifest, one line each naming the shard."""
+    manifest = load_manifest(directory)
+    problems = []
+    for split, entry in manifest["splits"].items():
+        if entry["samples"] != sum(s["samples"] for s in entry["shards"]):
+            problems.append(f"split {split}: {entry['samples']} samples, but its shards list a different total")
+        for shard in entry["shards"]:
+            problems += [f"{shard['name']}: {p}" for p in verify_shard(directory / shard["name"], shard, manifest)]
+    return problems
+
+
+def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
+    if not path.is_file():
+        return ["missing"]
+    size, sha = file_digest(path)
+    if size != shard["bytes"] or sha != shard["sha256"]:
+        return [f"size/sha256 {size}/{sha[:12]}… differ from the manifest's {shard['bytes']}/{shard['sha256'][:12]}…"]
+    problems, n_samples, keys = [], 0, set()
+    tokens = dict.fromkeys(manifest["tokenizers"], 0)
+    try:
+        for key, members in read_shard(path):
+            n_samples += 1
+            if key in keys:
+                problems.append(f"sample {key} appears twice")
+            keys.add(key)
+            sample_tokens, sample_problems = check_sample(key, members, manifest["tokenizers"])
+            problems += sample_problems
+            for name, n in sample_tokens.items():
+                tokens[name] += n
+    except tarfile.TarError as err:
+        return [f"not a readable tar: {err}"]
+    if n_samples != shard["samples"]:
+        problems.append(f"{n_samples} samples, manifest says {shard['samples']}")
+    if tokens != shard["tokens"]:
+        problems.append(f"token counts {tokens}, manifest says {shard['tokens']}")
+    return problems
+
+
+def inspect(directory: Path, max_samples: int = 1000) -> str:
+    """Counts, token statistics per tokenizer (from the first `max_samples` samples), one decoded sample each."""
+    manifest = load_manifest(directory)
+    docs = manifest["docs"]
+    lines = [
+        f"{directory}: {manifest['format']} v{manifest['format_version']}, tool {manifest['tool_version']}, "
+        f"segment_tokens {manifest['segment_tokens']}, window_segments {manifest['window_segments']}",
+        f"docs: {docs['read']} read, {docs['written']} written, skipped {docs['skipped'] or 'none'}",
+    ]
+    for split, entry in manifest["splits"].items():
+        totals = {name: sum(s["tokens"][name] for s in entry["shards"]) for name in manifest["tokenizers"]}
+        lines.append(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shards, tokens {totals}")
+    samples = list(_first_samples(directory, manifest, max_samples))
+    if not samples:
+        return "\n".join(lines + ["no samples"])
+    lines.append(f"per segment, over the first {len(samples)} samples:")
+    for name, info in manifest["tokenizers"].items():
+        lengths = np.concatenate([np.diff(np.load(io.BytesIO(m[f"{name}.offsets.npy"]))) for _, m in samples])
+        lines.append(
+            f"  {name:>10}: mean {lengths.mean():.1f} tokens, min {lengths.min()}, max {lengths.max()} "
+            f"(vocab {info['vocab_size']}, {info['dtype']}, hash {info['hash'][:12]}…)"
+        )
+    key, members = samples[0]
+    lines.append(f"sample {key}, first segment, decoded by each tokenizer:")
+    for name, info in manifest["tokenizers"].items():
+        ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]))
+        offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]))
+        lines.append(f"  {name}: {_decode(info['path'], ids[offsets[0] : offsets[1]].tolist())!r}")
+    return "\n".join(lines)
+
+
+def _first_samples(directory: Path, manifest: dict, limit: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+    n = 0
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            for sample in read_shard(directory / shard["name"]):
+                yield sample
+                n += 1
+                if n >= limit:
+                    return
+
+
+def _decode(path: str, ids: list[int]) -> str:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path).decode(ids)
+    except (OSError, ValueError) as err:
+        return f"<cannot load tokenizer at {path}: {err}>"
