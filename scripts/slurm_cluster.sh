@@ -175,6 +175,8 @@ cmd_start() {
     [[ $nodes == 1 || $nodes == 2 ]] || die "--nodes must be 1 or 2, got '$nodes'"
     [[ $(id -u) == 0 ]] || die "must run as root (daemons, namespaces, /etc/hosts)"
     if pid_alive "$STATE/slurmctld.pid"; then die "a cluster is already running ($CONF); stop it first"; fi
+    # Another slurmctld on the port would answer our sinfo/sbatch and make this start look fine.
+    if (exec 3<>/dev/tcp/127.0.0.1/6817) 2>/dev/null; then die "port 6817 is in use: another slurmctld runs"; fi
     cmd_install
     mkdir -p "$STATE"
     rm -rf "${STATE:?}/ctld"  # no job state from an earlier cluster

@@ -1,0 +1,186 @@
+"""slurm/*.sh on a live SLURM cluster on this machine: train, preempt (USR1) -> checkpoint -> requeue -> resume,
+bounded requeues, one-line config errors, export, and 2 nodes (network namespaces) matching 1 node step by step.
+
+Needs root (daemons, namespaces); scripts/slurm_cluster.sh installs slurm-wlm + munge when missing.
+    pytest -m slurm tests/test_slurm.py
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from slurm_cluster import REPO, Cluster, read_losses, wait_for_step
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="a local SLURM cluster needs root (daemons, network namespaces)"),
+]
+
+STEPS = 16  # the tiny config's optimizer steps in every run here
+CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=2", "--time=15:00")  # the templates default to 8 x H100 nodes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("slurm-state"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()  # daemons, namespaces, bridge, /etc/hosts lines: also when a test failed
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_models, tmp_path_factory) -> Path:
+    """A small shard set (the first 120 documents of the tiny corpus) built with the real `arc-data build`."""
+    work = tmp_path_factory.mktemp("slurm-shards")
+    corpus = work / "corpus.jsonl"
+    corpus.write_text("".join((tiny_models / "corpus.jsonl").read_text().splitlines(keepends=True)[:120]))
+    models = {name: tiny_models / name for name in ("encoder", "llama", "mistral")}
+    subprocess.run(
+        [sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(work / "shards"),
+         "--encoder-tokenizer", str(models["encoder"]), "--decoder", f"llama={models['llama']}",
+         "--decoder", f"mistral={models['mistral']}", "--segment-tokens", "64", "--val-fraction", "0.05",
+         "--no-progress"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return work / "shards"
+
+
+def train_env(tiny_models: Path, shards: Path, run_dir: Path, nproc: int, extra: str = "") -> dict[str, str]:
+    overrides = (
+        f"model.encoder_path={tiny_models / 'encoder'} decoders.0.path={tiny_models / 'llama'} "
+        f"decoders.1.path={tiny_models / 'mistral'} data.shards={shards} data.num_workers=0 "
+        f"train.steps={STEPS} checkpoint.interval=1000 eval.interval=0 logging.interval=1 {extra}"
+    )
+    return {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": str(run_dir), "OVERRIDES": overrides,
+            "NPROC_PER_NODE": str(nproc)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tiny_models, shards, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """An uninterrupted `sbatch slurm/pretrain.sh` of the tiny config: 1 node, 2 ranks. (run dir, log, job)."""
+    cluster.ensure(1)
+    work = tmp_path_factory.mktemp("slurm-reference")
+    log = work / "job.out"
+    env = train_env(tiny_models, shards, work / "run", nproc=2)
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
+    return work / "run", log, cluster.wait_finished(job_id, log)
+
+
+def test_pretrain_job_trains_and_checkpoints(reference):
+    run_dir, log, job = reference
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text[-4000:]
+    losses = read_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "config.yaml").is_file()
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / tag).is_dir()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    banner = [f"job {job['JobId']} ", "nodes 1:", "ranks per node 2", "config configs/tiny_cpu.yaml"]
+    banner += [f"git commit {commit.stdout.strip()}", "resume from: none (fresh start)", "training finished"]
+    for expected in banner:
+        assert expected in text, f"{expected!r} not in the job log:\n{text[-4000:]}"
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, reference, tiny_models, shards, tmp_path):
+    cluster.ensure(1)
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = train_env(tiny_models, shards, run_dir, nproc=2)
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
+    wait_for_step(run_dir, 3, cluster, job_id, log)
+    # What SLURM does 300 s before the time limit (--signal=B:USR1@300): USR1 to the batch shell only.
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    # A requeued job is held for a while (BeginTime, about 2 minutes): once it is back in the queue, release it.
+    cluster.wait(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", log, timeout=240)
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    job = cluster.wait_finished(job_id, log)
+
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-4000:]
+    assert "received SIGUSR1" in text and f"requeueing job {job_id} (restart 1)" in text
+    resumed = [int(line.split("resumed from step")[1].split()[0]) for line in text.splitlines()
+               if "resumed from step" in line]  # fmt: skip
+    assert resumed and 3 <= resumed[0] < STEPS, text[-4000:]
+    assert f"resume from: checkpoints/step_{resumed[0]:08d}" in text  # the banner of the requeued job
+    losses, expected = read_losses(run_dir), read_losses(reference[0])
+    assert max(losses) == STEPS
+    for step in range(resumed[0] + 1, STEPS + 1):  # every step after the resume, the last one included
+        assert losses[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_requeues_are_bounded_by_max_restarts(cluster, tiny_models, shards, tmp_path):
+    cluster.ensure(1)
+    log = tmp_path / "job.out"
+    env = {**train_env(tiny_models, shards, tmp_path / "run", nproc=1), "MAX_RESTARTS": "0"}
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
+    cluster.wait(job_id, lambda j: log.exists() and "resume from:" in log.read_text(), log, timeout=120)
+    cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = cluster.wait_finished(job_id, log)
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", log.read_text()[-4000:]
+    assert "reached MAX_RESTARTS=0: not requeueing" in log.read_text()
+
+
+def test_training_failure_is_not_requeued(cluster, tiny_models, shards, tmp_path):
+    cluster.ensure(1)
+    log = tmp_path / "job.out"
+    # A valid config whose shard directory does not exist: the trainer fails on every rank.
+    env = train_env(tiny_models, shards, tmp_path / "run", nproc=1, extra=f"data.shards={tmp_path / 'missing'}")
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
+    job = cluster.wait_finished(job_id, log)
+    text = log.read_text()
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", text[-4000:]
+    assert "not requeueing" in text and "requeueing job" not in text
+
+
+@pytest.mark.parametrize("script", ["pretrain.sh", "finetune.sh"])
+def test_bad_override_fails_in_one_line_before_launch(cluster, script, tmp_path):
+    cluster.ensure(1)
+    log = tmp_path / "job.out"
+    env = {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": str(tmp_path / "run"), "OVERRIDES": "train.steps=0"}
+    job_id = cluster.sbatch(script, "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
+    job = cluster.wait_finished(job_id, log, timeout=120)
+    text = log.read_text()
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", text
+    assert len(errors) == 1 and errors[0].startswith("arctrain-slurm: error: configs/tiny_cpu.yaml: "), text
+    assert "train.steps" in errors[0] and "must be >= 1" in errors[0] and "Traceback" not in text
+
+
+def test_export_job_writes_a_hugging_face_directory(cluster, reference, tmp_path):
+    cluster.ensure(1)
+    run_dir, log, out = reference[0], tmp_path / "job.out", tmp_path / "hf"
+    env = {"RUN_DIR": str(run_dir), "EXPORT_DIR": str(out)}
+    job_id = cluster.sbatch("export.sh", "--cpus-per-task=2", f"--output={log}", env=env)
+    job = cluster.wait_finished(job_id, log)
+    assert job["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors")), sorted(p.name for p in out.iterdir())
+
+
+def test_two_nodes_match_one_node_step_by_step(cluster, reference, tiny_models, shards, tmp_path):
+    cluster.ensure(2)
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    env = train_env(tiny_models, shards, run_dir, nproc=1)
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=2", *CPU_JOB, f"--output={log}", env=env)
+    job = cluster.wait_finished(job_id, log)
+    text = log.read_text()
+    assert job["JobState"] == "COMPLETED", text[-4000:]
+    assert "nodes 2: arcnode1 arcnode2; ranks per node 1" in text
+    losses, expected = read_losses(run_dir), read_losses(reference[0])
+    assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, abs=1e-5), step
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2")
+def test_two_node_cluster_is_torn_down(cluster):
+    cluster.ensure(2)
+    cluster.stop()
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "arcbr0" not in links and "arcv0" not in links
+    assert "arcnode" not in namespaces and "arctrain-slurm" not in Path("/etc/hosts").read_text()
+    assert not list(cluster.state.glob("*.pid"))
