@@ -85,16 +85,16 @@ def build(cfg: BuildConfig) -> dict:
     written, enc_tokens = 0, 0
     bar = tqdm(unit="doc", desc="arc-data build", disable=not cfg.progress, mininterval=1.0)
     with bar:
-        for docs, results in _encode_in_order(batches, tokenizers, cfg):
-            for (doc_id, digest), samples in zip(docs, results):
-                if not samples:
+        for docs, samples in _encode_in_order(batches, tokenizers, cfg):
+            has_samples = [False] * len(docs)
+            for i, sample in samples:
+                has_samples[i] = True
+                writers["val" if is_val(docs[i][1], cfg.val_fraction) else "train"].write(sample)
+                enc_tokens += sample.tokens[0]
+            for (doc_id, _), ok in zip(docs, has_samples):
+                written += ok
+                if not ok:
                     tally.skip("no_tokens", f"document {doc_id!r}")
-                    continue
-                writer = writers["val" if is_val(digest, cfg.val_fraction) else "train"]
-                for sample in samples:
-                    writer.write(sample)
-                    enc_tokens += sample.tokens[0]
-                written += 1
             bar.update(len(docs))
             bar.set_postfix_str(f"{enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
 
@@ -137,7 +137,8 @@ def _batches(docs: Iterable[Doc]) -> Iterator[list[Doc]]:
 
 
 def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInfo], cfg: BuildConfig):
-    """Yields ([(doc_id, digest)], samples per doc) per batch, in batch order. The texts are not kept here."""
+    """Yields ([(doc_id, digest)], (doc index, sample) pairs) per batch, in batch order; the texts are not kept.
+    In-process (one worker) the samples stream; from a worker they come as one list per batch."""
     if cfg.workers == 1:
         encoder = SampleEncoder(tokenizers, cfg.segment_tokens, cfg.window_segments)
         for batch in batches:
@@ -168,9 +169,9 @@ def _init_worker(tokenizers: list[TokenizerInfo], segment_tokens: int, window_se
     _WORKER_ENCODER = SampleEncoder(tokenizers, segment_tokens, window_segments)
 
 
-def _encode_batch(batch: list[Doc]) -> list[list[Sample]]:
+def _encode_batch(batch: list[Doc]) -> list[tuple[int, Sample]]:
     assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode(batch)
+    return list(_WORKER_ENCODER.encode(batch))
 
 
 def _summary(manifest: dict, enc_tokens: int, seconds: float, out: Path) -> str:

@@ -151,11 +151,12 @@ def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[
             tally.read += 1
             tally.skip("invalid_utf8", where, f"byte {err.start}")
             continue
+        del raw  # a multi-megabyte document should not linger in three forms
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             tally.read += 1
-            tally.skip("malformed_json", where, err.msg)
+            tally.skip("malformed_json", where, f"{err.msg} at column {err.colno}")
             continue
         del line
         yield where, record

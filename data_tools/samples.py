@@ -5,6 +5,7 @@ shards are the same for any number of workers.
 """
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 
@@ -15,7 +16,7 @@ from data_tools.inputs import Doc
 from data_tools.segment import Segment, Segmenter
 from data_tools.tokenizer_set import TokenizerInfo
 
-GROUP_CHARS = 1 << 18  # characters per decoder encode_batch call: bounds the memory of one call
+GROUP_CHARS = 1 << 16  # characters per decoder encode_batch call: bounds the memory of one call
 
 
 @dataclass(frozen=True)
@@ -32,22 +33,27 @@ class SampleEncoder:
         self.segmenter = Segmenter(self.backends[0], segment_tokens, tokenizers[0].dtype)
         self.window_segments = window_segments
 
-    def encode(self, docs: list[Doc]) -> list[list[Sample]]:
-        """The samples of each document, in order (an empty list when the document yields no encoder tokens)."""
+    def encode(self, docs: list[Doc]) -> Iterator[tuple[int, Sample]]:
+        """(document index, sample) for every window of every document, in order, produced a group of windows at a
+        time so a huge document's samples never all sit in memory. A document without encoder tokens (possible
+        only with a normalizer that deletes everything) yields nothing."""
         segments = self.segmenter.segment([d.text for d in docs])
-        flat = [(d, s) for d, doc_segments in zip(docs, segments) for s in doc_segments]
-        # ids[t][k]: ids of flat segment k for tokenizer t
-        ids = [self._encoder_ids(flat)] + [
-            _encode_segments(backend, flat, dtype) for backend, dtype in zip(self.backends[1:], self.dtypes[1:])
+        units = [
+            (i, w, a, b)
+            for i, doc_segments in enumerate(segments)
+            if not all(s.enc_ids is not None and len(s.enc_ids) == 0 for s in doc_segments)
+            for w, (a, b) in enumerate(windows(len(doc_segments), self.window_segments))
         ]
-        out, k = [], 0
-        for doc, doc_segments in zip(docs, segments):
-            n = len(doc_segments)
-            seg_ids = [per_tok[k : k + n] for per_tok in ids]
-            k += n
-            has_tokens = any(len(a) for a in seg_ids[0])
-            out.append(self._doc_samples(doc, doc_segments, seg_ids) if has_tokens else [])
-        return out
+        for group in _groups(units, lambda u: segments[u[0]][u[3] - 1].end - segments[u[0]][u[2]].start):
+            flat = [(docs[i], s) for i, _, a, b in group for s in segments[i][a:b]]
+            # ids[t][k]: ids of flat segment k for tokenizer t
+            ids = [self._encoder_ids(flat)] + [
+                _encode_segments(backend, flat, dtype) for backend, dtype in zip(self.backends[1:], self.dtypes[1:])
+            ]
+            k = 0
+            for i, w, a, b in group:
+                yield i, self._sample(docs[i], w, segments[i][a:b], [per_tok[k : k + b - a] for per_tok in ids])
+                k += b - a
 
     def _encoder_ids(self, flat: list[tuple[Doc, Segment]]) -> list[np.ndarray]:
         """Slices from the segmenter where exact; the rest encoded on their own."""
@@ -55,28 +61,36 @@ class SampleEncoder:
         encoded = iter(_encode_segments(self.backends[0], alone, self.dtypes[0]))
         return [next(encoded) if s.enc_ids is None else s.enc_ids for _, s in flat]
 
-    def _doc_samples(self, doc: Doc, segments: list[Segment], seg_ids: list[list[np.ndarray]]) -> list[Sample]:
-        prefix = doc.digest[:8].hex()
-        samples = []
-        for w, (a, b) in enumerate(windows(len(segments), self.window_segments)):
-            meta = {
-                "doc_id": doc.doc_id,
-                "source": doc.source,
-                "window": w,
-                "n_segments": b - a,
-                "char_spans": [[s.start, s.end] for s in segments[a:b]],
-            }
-            members: dict = {"__key__": f"{prefix}-{w:05d}", "json": json.dumps(meta).encode()}
-            tokens = []
-            for name, dtype, per_seg in zip(self.names, self.dtypes, seg_ids):
-                parts = per_seg[a:b]
-                offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-                np.cumsum([len(p) for p in parts], out=offsets[1:])
-                members[f"{name}.ids.npy"] = npy_bytes(np.concatenate(parts).astype(dtype, copy=False))
-                members[f"{name}.offsets.npy"] = npy_bytes(offsets)
-                tokens.append(int(offsets[-1]))
-            samples.append(Sample(members, tuple(tokens)))
-        return samples
+    def _sample(self, doc: Doc, w: int, segments: list[Segment], seg_ids: list[list[np.ndarray]]) -> Sample:
+        meta = {
+            "doc_id": doc.doc_id,
+            "source": doc.source,
+            "window": w,
+            "n_segments": len(segments),
+            "char_spans": [[s.start, s.end] for s in segments],
+        }
+        members: dict = {"__key__": f"{doc.digest[:8].hex()}-{w:05d}", "json": json.dumps(meta).encode()}
+        tokens = []
+        for name, dtype, parts in zip(self.names, self.dtypes, seg_ids):
+            offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            members[f"{name}.ids.npy"] = npy_bytes(np.concatenate(parts).astype(dtype, copy=False))
+            members[f"{name}.offsets.npy"] = npy_bytes(offsets)
+            tokens.append(int(offsets[-1]))
+        return Sample(members, tuple(tokens))
+
+
+def _groups(units: list, n_chars) -> Iterator[list]:
+    """Consecutive units in groups of about GROUP_CHARS characters (at least one unit each)."""
+    group, size = [], 0
+    for unit in units:
+        group.append(unit)
+        size += n_chars(unit)
+        if size >= GROUP_CHARS:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ PROBE = (
 )
 CHUNK_SEGMENTS = 64  # a chunk holds about this many segments (64K characters for 256-token segments)
 CHARS_PER_TOKEN = 4  # typical for text; a chunk that holds no whole segment is read again at twice the size
-ROUND_CHUNKS = 4  # characters per encode_batch call, in chunks: bounds the memory of one call
+ROUND_CHUNKS = 1  # characters per encode_batch call, in chunks: bounds the memory of one call
 
 
 @dataclass

@@ -1,0 +1,239 @@
+"""arc-data end to end on the tiny real tokenizers: build, the shard contract, verify, merge, inspect."""
+
+import hashlib
+import io
+import json
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import zstandard
+from tokenizers import Tokenizer
+
+from arctrain.tokenizer_id import tokenizer_hash
+from data_tools.cli import main
+from data_tools.verify import read_shard
+
+TOKENIZERS = ("encoder", "llama", "mistral")
+KEY = re.compile(r"[0-9a-f]{16}-\d{5}")
+
+
+def tok_args(models) -> list[str]:
+    return [
+        "--encoder-tokenizer", str(models / "encoder"),
+        "--decoder", f"llama={models / 'llama'}",
+        "--decoder", f"mistral={models / 'mistral'}",
+    ]  # fmt: skip
+
+
+def build(models, inputs, out, *extra) -> int:
+    args = ["build", *[a for i in inputs for a in ("--input", str(i))], "--out", str(out), *tok_args(models)]
+    return main([*args, "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_models) -> list[dict]:
+    return [json.loads(line) for line in (tiny_models / "corpus.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_jsonl(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("in") / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in corpus[:120]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, small_jsonl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built")
+    args = ("--segment-tokens", "48", "--val-fraction", "0.2", "--shard-size-mb", "0.2")
+    assert build(tiny_models, [small_jsonl], out, *args) == 0
+    return out
+
+
+def samples_of(out) -> list[tuple[str, dict]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [s for e in manifest["splits"].values() for shard in e["shards"] for s in read_shard(out / shard["name"])]
+
+
+def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
+    m = json.loads((built / "manifest.json").read_text())
+    assert list(m) == [
+        "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
+        "tokenizers", "splits", "sources", "docs",
+    ]  # fmt: skip
+    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 1, "0.1.0")
+    assert (m["segment_tokens"], m["window_segments"], m["val_fraction"]) == (48, 4, 0.2)
+    for name in TOKENIZERS:
+        entry = m["tokenizers"][name]
+        assert entry["hash"] == tokenizer_hash(tiny_models / name)
+        assert entry["dtype"] == "uint16" and entry["vocab_size"] == len(json.loads(
+            (tiny_models / name / "tokenizer.json").read_text())["model"]["vocab"])  # fmt: skip
+    assert m["docs"] == {"read": 120, "written": 120, "skipped": {}}
+    assert m["sources"] == [{"path": str(small_jsonl), "bytes": small_jsonl.stat().st_size}]
+    for split in ("train", "val"):
+        shards = m["splits"][split]["shards"]
+        assert shards and [s["name"] for s in shards] == [f"{split}-{i:06d}.tar" for i in range(len(shards))]
+        assert m["splits"][split]["samples"] == sum(s["samples"] for s in shards)
+        for shard in shards:
+            data = (built / shard["name"]).read_bytes()
+            assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+            assert len(data) < 0.2 * 2**20 + 64 * 1024  # --shard-size-mb, give or take one sample
+
+
+def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
+    texts = {r["id"]: r["text"] for r in corpus}
+    tokenizers = {name: Tokenizer.from_file(str(tiny_models / name / "tokenizer.json")) for name in TOKENIZERS}
+    spans_by_doc: dict[str, list] = {}
+    encoder_lengths = []
+    for key, members in samples_of(built):
+        meta = json.loads(members["json"])
+        assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(meta["doc_id"].encode()).hexdigest()[:16])
+        assert key.endswith(f"-{meta['window']:05d}") and 1 <= meta["n_segments"] <= 5
+        text = texts[meta["doc_id"]]
+        spans_by_doc.setdefault(meta["doc_id"], []).append((meta["window"], meta["char_spans"]))
+        for name, tok in tokenizers.items():
+            ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]))
+            offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]))
+            assert ids.dtype == np.uint16 and offsets.dtype == np.int64 and len(offsets) == meta["n_segments"] + 1
+            for j, (start, end) in enumerate(meta["char_spans"]):
+                # Each segment is that tokenizer's encoding of the segment's text alone, no special tokens.
+                expected = tok.encode(text[start:end], add_special_tokens=False).ids
+                assert ids[offsets[j] : offsets[j + 1]].tolist() == expected
+                if name == "encoder":
+                    encoder_lengths.append(len(expected))
+    assert set(spans_by_doc) == {r["id"] for r in corpus[:120]}
+    for doc_id, windows in spans_by_doc.items():
+        spans = [span for _, s in sorted(windows) for span in s]
+        # Segments tile the document, and cut at word boundaries (just before whitespace) where they cut.
+        assert spans[0][0] == 0 and spans[-1][1] == len(texts[doc_id])
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert [w for w, _ in sorted(windows)] == list(range(len(windows)))
+    lengths = np.array(encoder_lengths)
+    assert lengths.max() <= 48 + 2 and np.median(lengths) >= 40  # "about --segment-tokens"
+
+
+def test_shards_read_with_plain_webdataset(built):
+    manifest = json.loads((built / "manifest.json").read_text())
+    urls = [str(built / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == manifest["splits"]["train"]["samples"]
+    first = samples[0]
+    assert isinstance(first["llama.ids.npy"], np.ndarray) and first["json"]["n_segments"] >= 1
+
+
+def test_workers_give_byte_identical_shards(tiny_models, small_jsonl, tmp_path):
+    args = ("--segment-tokens", "48", "--val-fraction", "0.2", "--shard-size-mb", "0.2")
+    assert build(tiny_models, [small_jsonl], tmp_path / "w1", *args, "--workers", "1") == 0
+    assert build(tiny_models, [small_jsonl], tmp_path / "w2", *args, "--workers", "2") == 0
+    names = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "w2").iterdir()) and len(names) > 3
+    for name in names:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_jsonl_zst_and_parquet_give_identical_samples(tiny_models, corpus, tmp_path):
+    # 5,000 documents: the corpus's paragraphs, each with its own id.
+    docs = [
+        {"id": f"{r['id']}/{k}", "text": para, "source": r["source"]}
+        for r in corpus
+        for k, para in enumerate(r["text"].split("\n\n"))
+        if para.strip()
+    ][:5000]
+    assert len(docs) == 5000
+    lines = "".join(json.dumps(d) + "\n" for d in docs).encode()
+    half = len(lines) // 2
+    # Two zstd frames, to read across a frame boundary as concatenated .zst files have.
+    zst = tmp_path / "docs.jsonl.zst"
+    zst.write_bytes(zstandard.compress(lines[:half]) + zstandard.compress(lines[half:]))
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.Table.from_pylist(docs), parquet, row_group_size=1000)
+    assert pq.ParquetFile(parquet).num_row_groups == 5
+    assert build(tiny_models, [zst], tmp_path / "a", "--segment-tokens", "64") == 0
+    assert build(tiny_models, [parquet], tmp_path / "b", "--segment-tokens", "64") == 0
+    a, b = samples_of(tmp_path / "a"), samples_of(tmp_path / "b")
+    assert len(a) >= 5000 and a == b
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["docs"] == {"read": 5000, "written": 5000, "skipped": {}}
+
+
+def test_verify_passes_then_names_a_changed_shard(built, tmp_path, capsys):
+    assert main(["verify", str(built)]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    shard = copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "train-000001.tar" in err and "sha256" in err and "train-000000.tar" not in err
+
+
+def test_verify_checks_samples_behind_a_matching_checksum(built, tmp_path, capsys):
+    """A manifest whose counts disagree with the shard is caught even though the file's sha256 matches."""
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"][0]["samples"] += 1
+    manifest["splits"]["val"]["shards"][0]["tokens"]["mistral"] -= 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "val-000000.tar" in err and "samples, manifest says" in err and "token counts" in err
+
+
+def test_inspect_prints_counts_statistics_and_decoded_text(built, corpus, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(built)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert f"train: {manifest['splits']['train']['samples']} samples" in out
+    for name in TOKENIZERS:
+        assert re.search(rf"{name}: mean [\d.]+ tokens, min \d+, max \d+", out)
+    decoded = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(("  encoder: '", "  llama: '"))]
+    assert len(decoded) == 2 and decoded[0] == decoded[1]  # every tokenizer decodes back to the same text
+    assert any(eval(decoded[0]) in r["text"] for r in corpus)
+
+
+def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsys):
+    lines = small_jsonl.read_text().splitlines(keepends=True)
+    (tmp_path / "p0.jsonl").write_text("".join(lines[:60]))
+    (tmp_path / "p1.jsonl").write_text("".join(lines[60:]))
+    args = ("--segment-tokens", "48", "--val-fraction", "0.2")
+    assert build(tiny_models, [tmp_path / "p0.jsonl"], tmp_path / "parts/0", *args) == 0
+    assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/1", *args, "--start-shard", "1000") == 0
+    assert main(["merge", "--out", str(tmp_path / "all"), str(tmp_path / "parts/0"), str(tmp_path / "parts/1")]) == 0
+    merged = json.loads((tmp_path / "all" / "manifest.json").read_text())
+    names = [s["name"] for s in merged["splits"]["train"]["shards"]]
+    assert names == ["train-000000.tar", "train-001000.tar"]
+    assert merged["docs"] == {"read": 120, "written": 120, "skipped": {}}
+    assert [s["path"] for s in merged["sources"]] == [str(tmp_path / "p0.jsonl"), str(tmp_path / "p1.jsonl")]
+    assert main(["verify", str(tmp_path / "all")]) == 0
+
+    # Refusals: clashing shard names, other segment settings.
+    assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/2", *args) == 0
+    capsys.readouterr()
+    assert main(["merge", "--out", str(tmp_path / "x"), str(tmp_path / "parts/0"), str(tmp_path / "parts/2")]) == 2
+    assert "train-000000.tar is in both" in capsys.readouterr().err
+    assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/3", "--segment-tokens", "32") == 0
+    assert main(["merge", "--out", str(tmp_path / "y"), str(tmp_path / "parts/0"), str(tmp_path / "parts/3")]) == 2
+    assert "segment_tokens = 32" in capsys.readouterr().err
+
+
+def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, capsys):
+    assert build(tiny_models, [small_jsonl], tmp_path / "a") == 0
+    swapped = [
+        "build", "--input", str(small_jsonl), "--out", str(tmp_path / "b"), "--start-shard", "10", "--no-progress",
+        "--encoder-tokenizer", str(tiny_models / "encoder"),
+        "--decoder", f"llama={tiny_models / 'mistral'}", "--decoder", f"mistral={tiny_models / 'llama'}",
+    ]  # fmt: skip
+    assert main(swapped) == 0
+    capsys.readouterr()
+    assert main(["merge", "--out", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "tokenizers" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
