@@ -94,9 +94,10 @@ def _groups(units: list, n_chars) -> Iterator[list]:
 
 
 def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:
-    """[start, end) segment ranges; a trailing single segment joins the previous window."""
+    """[start, end) segment ranges; a trailing single segment joins the previous window (unless windows are
+    single segments anyway)."""
     starts = list(range(0, n_segments, window_segments))
-    if len(starts) > 1 and n_segments - starts[-1] == 1:
+    if len(starts) > 1 and n_segments - starts[-1] == 1 and window_segments > 1:
         starts.pop()
     return [(a, starts[i + 1] if i + 1 < len(starts) else n_segments) for i, a in enumerate(starts)]
 
