@@ -1,0 +1,204 @@
+"""Shards -> batches: a streaming IterableDataset for torch's DataLoader, exact resume, fixed validation batches.
+
+    loader = build_train_loader(cfg, rank, world_size)        # checks shards against the models' tokenizers
+    loader.load_state_dict({"next_batch": 1200})              # resume: the whole loader state is one index
+    for b, batch in loader:                                   # b = 1200, 1201, ...; batch: ARCBatch
+        ...
+    for batch in val_batches(cfg, "llama", "continuation", rank, world_size): ...
+
+Worker w of W produces the batches start + w, start + w + W, ...; the DataLoader takes them from its workers in
+turn, so a rank sees b = start, start + 1, ... whatever the number of workers (docs/ARCHITECTURE.md §3).
+"""
+
+import zlib
+from dataclasses import dataclass
+from math import ceil
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import AutoTokenizer
+
+from arctrain.config import Config
+from arctrain.data.sampling import SEGMENT, RankStream, Schedule, SourceMixer, rng
+from arctrain.data.shards import ShardReader, Source, open_source
+from arctrain.model.batch import ARCBatch, Example, collate, pretraining_example
+
+VAL_SEED = 0  # validation batches do not depend on train.seed: the same every run
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """What examples need from the tokenizers, computed once in the main process (workers never tokenize)."""
+
+    enc_pad_id: int
+    bos_id: dict[str, int | None]  # per decoder
+    pad_id: dict[str, int]
+    prefix_ids: dict[str, list[int]]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Vocab":
+        enc = AutoTokenizer.from_pretrained(cfg.model.encoder_path)
+        bos, pad, prefix = {}, {}, {}
+        for d in cfg.decoders:
+            tok = AutoTokenizer.from_pretrained(d.path)
+            bos[d.name] = tok.bos_token_id
+            pad[d.name] = _pad_id(tok)
+            prefix[d.name] = tok.encode(d.prefix, add_special_tokens=False) if d.prefix else []
+        return cls(_pad_id(enc), bos, pad, prefix)
+
+
+def _pad_id(tok) -> int:
+    # Padding is masked out everywhere; a tokenizer without a pad token can pad with EOS (or 0).
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+
+
+def tokenizer_paths(cfg: Config) -> dict[str, str]:
+    """The tokenizers shards must have been built with, by manifest name."""
+    return {"encoder": cfg.model.encoder_path, **{d.name: d.path for d in cfg.decoders}}
+
+
+def schedule(cfg: Config) -> Schedule:
+    return Schedule(
+        decoders=tuple(d.name for d in cfg.decoders),
+        weights=tuple(d.weight for d in cfg.decoders),
+        grad_accum=cfg.train.grad_accum,
+        round_robin=cfg.train.decoder_schedule == "round_robin",
+        task_ratio=cfg.data.task_ratio,
+    )
+
+
+class BatchMaker:
+    """Reads samples and turns them into one decoder's examples and a collated batch."""
+
+    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
+        self.model, self.vocab = cfg.model, vocab
+        self.reader = ShardReader({p: n for s in sources for p, n in zip(s.shards, s.sizes, strict=True)})
+
+    def example(self, path: str, i: int, decoder: str, task: str, seed: int, b: int) -> tuple[str, Example]:
+        suffixes = ["encoder.ids.npy", "encoder.offsets.npy", f"{decoder}.ids.npy", f"{decoder}.offsets.npy"]
+        key, arrays = self.reader.read(path, i, suffixes)
+        enc = _segments(arrays["encoder.ids.npy"], arrays["encoder.offsets.npy"])
+        dec = _segments(arrays[f"{decoder}.ids.npy"], arrays[f"{decoder}.offsets.npy"])
+        if len(enc) != len(dec) or not enc:
+            raise ValueError(f"{path}: sample {key} has {len(enc)} encoder but {len(dec)} {decoder} segments")
+        # Continuation needs a next segment when there is one; a one-segment sample gives an empty target.
+        choices = len(enc) if task == "reconstruction" else max(len(enc) - 1, 1)
+        seg = int(rng(seed, SEGMENT, b, zlib.crc32(key.encode())).integers(choices))
+        return key, pretraining_example(task, enc, dec, seg, self.vocab.prefix_ids[decoder])
+
+    def collate(self, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:
+        return collate(
+            examples,
+            pooling=self.model.pooling,
+            factor=self.model.pooling_factor,
+            n_vectors=self.model.n_vectors,
+            enc_pad_id=self.vocab.enc_pad_id,
+            dec_pad_id=self.vocab.pad_id[decoder],
+            bos_id=self.vocab.bos_id[decoder],
+            task=task,
+            decoder=decoder,
+            keys=keys,
+        )
+
+
+def _segments(ids, offsets) -> list[list[int]]:
+    ids = ids.tolist()
+    return [ids[offsets[j] : offsets[j + 1]] for j in range(len(offsets) - 1)]
+
+
+class TrainBatches(IterableDataset):
+    """Endless batches (b, ARCBatch) of one rank from index `start`, split across DataLoader workers."""
+
+    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source], weights: list[float], rank: int,
+                 world_size: int, start: int = 0):  # fmt: skip
+        super().__init__()
+        self.cfg, self.vocab, self.sources, self.weights = cfg, vocab, sources, tuple(weights)
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.seed = cfg.train.seed + cfg.data.seed_offset
+        self.schedule = schedule(cfg)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        maker = BatchMaker(self.cfg, self.vocab, self.sources)  # per worker: its own tar index and file handles
+        mixer = SourceMixer(self.seed, self.weights)
+        streams = [
+            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, self.cfg.data.shuffle_buffer)
+            for s, src in enumerate(self.sources)
+        ]
+        b = self.start + worker
+        while True:
+            yield b, self.batch(b, maker, mixer, streams)
+            b += n_workers
+
+    def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[RankStream]) -> ARCBatch:
+        decoder, task = self.schedule.plan(self.seed, b)
+        source, earlier = mixer.locate(b)
+        mbs = self.cfg.data.micro_batch_size
+        keys, examples = [], []
+        for j in range(earlier * mbs, (earlier + 1) * mbs):
+            shard, i = streams[source].locate(j)
+            key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, b)
+            keys.append(key)
+            examples.append(example)
+        return maker.collate(examples, keys, decoder, task)
+
+
+class TrainLoader:
+    """A rank's training batches with a resumable position: `state_dict()` is {"next_batch": index}."""
+
+    def __init__(self, dataset: TrainBatches, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+        self.next_batch = dataset.start
+
+    def __iter__(self):
+        self.dataset.start = self.next_batch
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for b, batch in loader:
+            assert b == self.next_batch, f"loader order broke: got batch {b}, expected {self.next_batch}"
+            self.next_batch = b + 1
+            yield b, batch
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_batch = int(state["next_batch"])
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
+    """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
+    paths = tokenizer_paths(cfg)
+    sources = [open_source(path, "train", paths) for path, _ in cfg.data.sources]
+    weights = [weight for _, weight in cfg.data.sources]
+    dataset = TrainBatches(cfg, vocab or Vocab.from_config(cfg), sources, weights, rank, world_size)
+    return TrainLoader(dataset, cfg.data.num_workers)
+
+
+def val_batches(cfg: Config, decoder: str, task: str, rank: int, world_size: int, vocab: Vocab | None = None):
+    """The fixed validation batches of `rank` for one decoder and task: the same samples and segments every run.
+
+    Global val batch v holds val samples v * mbs ... (v + 1) * mbs - 1 (all val shards in manifest order,
+    wrapping around); rank r takes v = r, r + world_size, ..., ceil(eval.batches / world_size) of them, so
+    every rank runs the same number of forward passes.
+    """
+    sources = [open_source(path, "val", tokenizer_paths(cfg)) for path in cfg.data.val_dirs]
+    shards = [(path, i) for s in sources for path, n in zip(s.shards, s.sizes, strict=True) for i in range(n)]
+    maker = BatchMaker(cfg, vocab or Vocab.from_config(cfg), sources)
+    mbs = cfg.data.micro_batch_size
+    try:
+        for k in range(ceil(cfg.eval.batches / world_size)):
+            v = k * world_size + rank
+            picked = [shards[g % len(shards)] for g in range(v * mbs, (v + 1) * mbs)]
+            keyed = [maker.example(path, i, decoder, task, VAL_SEED, v) for path, i in picked]
+            yield maker.collate([ex for _, ex in keyed], [key for key, _ in keyed], decoder, task)
+    finally:
+        maker.reader.close()

@@ -1,0 +1,113 @@
+"""What batch `b` holds, as a pure function of (seed, rank, world_size, b) (docs/ARCHITECTURE.md §3).
+
+Every random choice draws from its own numpy Generator seeded by (seed, purpose tag, indices...), so any
+batch can be recomputed from its index alone: this is what makes resume exact for any number of workers.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Purpose tags keep the random streams of different choices independent.
+DECODER, TASK, SOURCE, SHARDS, BLOCK, SEGMENT = range(6)
+RECONSTRUCTION, CONTINUATION = "reconstruction", "continuation"
+SOURCE_CHUNK = 4096  # batches whose source choices are drawn together
+
+
+def rng(*entropy: int) -> np.random.Generator:
+    return np.random.default_rng(list(entropy))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which decoder and task batch `b` uses: the same on every rank, so every rank runs the same modules."""
+
+    decoders: tuple[str, ...]
+    weights: tuple[float, ...]
+    grad_accum: int
+    round_robin: bool
+    task_ratio: float
+
+    def plan(self, seed: int, b: int) -> tuple[str, str]:
+        """(decoder name, task) of batch `b`; the decoder is fixed for the optimizer step b // grad_accum."""
+        step = b // self.grad_accum
+        if self.round_robin:
+            decoder = self.decoders[step % len(self.decoders)]
+        else:
+            p = np.asarray(self.weights) / sum(self.weights)
+            decoder = self.decoders[rng(seed, DECODER, step).choice(len(self.decoders), p=p)]
+        task = RECONSTRUCTION if rng(seed, TASK, b).random() < self.task_ratio else CONTINUATION
+        return decoder, task
+
+
+@dataclass
+class SourceMixer:
+    """Source of batch `b` (weighted, from (seed, b)) and how many batches before `b` drew the same source."""
+
+    seed: int
+    weights: tuple[float, ...]
+    _choices: dict[int, np.ndarray] = field(default_factory=dict)
+    _before: list[np.ndarray] = field(default_factory=list)  # _before[k][s]: batches < k * CHUNK with source s
+
+    def _chunk(self, k: int) -> np.ndarray:
+        if k not in self._choices:
+            p = np.asarray(self.weights) / sum(self.weights)
+            self._choices = {k: rng(self.seed, SOURCE, k).choice(len(p), size=SOURCE_CHUNK, p=p)}
+        return self._choices[k]
+
+    def locate(self, b: int) -> tuple[int, int]:
+        """(source index, number of earlier batches from that source)."""
+        if len(self.weights) == 1:
+            return 0, b
+        k, r = divmod(b, SOURCE_CHUNK)
+        if not self._before:
+            self._before.append(np.zeros(len(self.weights), dtype=np.int64))
+        while len(self._before) <= k:  # one pass over earlier chunks, cached: cheap even at b = 10^7
+            n = len(self._before) - 1
+            self._before.append(self._before[n] + np.bincount(self._chunk(n), minlength=len(self.weights)))
+        chunk = self._chunk(k)
+        source = int(chunk[r])
+        return source, int(self._before[k][source] + np.count_nonzero(chunk[:r] == source))
+
+
+@dataclass
+class RankStream:
+    """The per-rank stream of one source: position j -> (shard index, sample index within the shard).
+
+    Global position g = j * world_size + rank; epoch = g // N, i = g % N over the epoch's order, which is
+    the shards permuted by (seed, epoch) with samples permuted within blocks of `shuffle_buffer`.
+    """
+
+    seed: int
+    source: int
+    sizes: tuple[int, ...]
+    rank: int
+    world_size: int
+    shuffle_buffer: int
+    _epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, shard order, cumulative sizes)
+    _blocks: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = rng(self.seed, SHARDS, self.source, epoch).permutation(len(self.sizes))
+            self._epoch = (epoch, order, np.cumsum(np.asarray(self.sizes)[order]))
+            self._blocks.clear()
+        return self._epoch[1], self._epoch[2]
+
+    def _shuffle(self, epoch: int, i: int, n: int) -> int:
+        block, offset = divmod(i, self.shuffle_buffer)
+        if (epoch, block) not in self._blocks:
+            if len(self._blocks) >= 8:  # positions only move forward: a few recent blocks is all we reuse
+                self._blocks.clear()
+            length = min(self.shuffle_buffer, n - block * self.shuffle_buffer)
+            self._blocks[(epoch, block)] = rng(self.seed, BLOCK, self.source, epoch, block).permutation(length)
+        return block * self.shuffle_buffer + int(self._blocks[(epoch, block)][offset])
+
+    def locate(self, j: int) -> tuple[int, int]:
+        n = int(sum(self.sizes))
+        epoch, i = divmod(j * self.world_size + self.rank, n)
+        order, ends = self._order(epoch)
+        pos = self._shuffle(epoch, i, n)
+        slot = int(np.searchsorted(ends, pos, side="right"))
+        start = int(ends[slot - 1]) if slot else 0
+        return int(order[slot]), pos - start

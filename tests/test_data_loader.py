@@ -1,0 +1,276 @@
+"""arctrain.data: exact resume for any workers and world size, mixing, no hangs, tokenizer refusal, examples.
+
+Shards are written here exactly as docs/ARCHITECTURE.md §2 specifies (webdataset.ShardWriter, manifest.json),
+tokenized with the tiny models' real tokenizers.
+"""
+
+import hashlib
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from transformers import AutoTokenizer
+
+from arctrain.config import load_config
+from arctrain.data import Vocab, build_train_loader, schedule, val_batches
+from arctrain.data.sampling import RankStream, SourceMixer
+from arctrain.model.batch import IGNORE
+from arctrain.tokenizer_id import tokenizer_hash
+
+TOKENIZERS = ("encoder", "llama", "mistral")
+
+
+def write_shards(out: Path, models: Path, docs: list[dict], *, per_shard: int, val_docs: int = 2,
+                 words: int = 12, window: int = 3) -> dict[str, dict]:  # fmt: skip
+    """Shards of `docs` in `out` (segments of `words` words, windows of `window` segments); returns key -> meta."""
+    toks = {name: AutoTokenizer.from_pretrained(models / name) for name in TOKENIZERS}
+    splits = {"val": docs[:val_docs], "train": docs[val_docs:]}
+    manifest_splits, metas = {}, {}
+    out.mkdir(parents=True)
+    for split, split_docs in splits.items():
+        samples = [s for doc in split_docs for s in _windows(doc, toks, words, window)]
+        shards = []
+        with wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            for sample in samples:
+                sink.write(sample)
+                metas[sample["__key__"]] = {**sample["json"], "split": split}
+        for i, name in enumerate(sorted(p.name for p in out.glob(f"{split}-*.tar"))):
+            count = len(samples[i * per_shard : (i + 1) * per_shard])
+            data = (out / name).read_bytes()
+            shards.append(
+                {"name": name, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            )
+        manifest_splits[split] = {"samples": len(samples), "shards": shards}
+    tokenizers = {n: {"path": str(models / n), "hash": tokenizer_hash(models / n), "vocab_size": len(t),
+                      "dtype": "uint16"} for n, t in toks.items()}  # fmt: skip
+    manifest = {"format": "arc-shards", "format_version": 1, "tool_version": "test", "segment_tokens": words,
+                "window_segments": window, "tokenizers": tokenizers, "splits": manifest_splits}  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return metas
+
+
+def _windows(doc: dict, toks: dict, words: int, window: int) -> list[dict]:
+    text = doc["text"]
+    starts = [i for i in range(len(text)) if not text[i].isspace() and (i == 0 or text[i - 1].isspace())]
+    cuts = starts[::words][1:]
+    spans = list(zip([0, *cuts], [*cuts, len(text)]))
+    groups = [spans[i : i + window] for i in range(0, len(spans), window)]
+    if len(groups) > 1 and len(groups[-1]) == 1:  # a trailing single segment joins the previous window
+        groups[-2:] = [groups[-2] + groups[-1]]
+    samples = []
+    for w, group in enumerate(groups):
+        key = f"{hashlib.sha256(doc['id'].encode()).hexdigest()[:16]}-{w:05d}"
+        meta = {"doc_id": doc["id"], "source": "test", "window": w, "n_segments": len(group), "char_spans": group}
+        sample = {"__key__": key, "json": meta}
+        for name, tok in toks.items():
+            segs = [tok.encode(text[a:b], add_special_tokens=False) for a, b in group]
+            sample[f"{name}.ids.npy"] = np.asarray([t for s in segs for t in s], dtype=np.uint16)
+            sample[f"{name}.offsets.npy"] = np.cumsum([0] + [len(s) for s in segs]).astype(np.int64)
+        samples.append(sample)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_models) -> list[dict]:
+    docs = [json.loads(line) for line in (tiny_models / "corpus.jsonl").read_text().splitlines()]
+    return [d for d in docs if len(d["text"].split()) >= 30][:40]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_models, corpus) -> dict:
+    """Two shard directories (disjoint documents) and every sample's metadata, with the docs by id."""
+    root = tmp_path_factory.mktemp("shards")
+    metas = write_shards(root / "a", tiny_models, corpus[:20], per_shard=7)
+    metas |= write_shards(root / "b", tiny_models, corpus[20:], per_shard=5)
+    return {"root": root, "metas": metas, "docs": {d["id"]: d["text"] for d in corpus}}
+
+
+def make_config(models: Path, shard_dirs: str, *overrides: str):
+    return load_config(None, [
+        f"model.encoder_path={models / 'encoder'}",
+        "decoders.0.name=llama", f"decoders.0.path={models / 'llama'}",
+        "decoders.1.name=mistral", f"decoders.1.path={models / 'mistral'}",
+        f"data.shards={shard_dirs}", "data.micro_batch_size=3", "data.shuffle_buffer=8",
+        "train.precision=fp32", "deepspeed=ds_configs/zero3_cpu.json", *overrides,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_models, shards) -> Vocab:
+    return Vocab.from_config(make_config(tiny_models, str(shards["root"] / "a")))
+
+
+def take(loader, n: int) -> list[tuple[int, list[str], str, str, list]]:
+    out = []
+    for b, batch in loader:
+        out.append((b, batch.keys, batch.decoder, batch.task, batch.dec_ids.tolist()))
+        if len(out) == n:
+            return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_resume_is_exact_for_any_workers_and_world_size(tiny_models, shards, vocab, workers, world_size):
+    root = shards["root"]
+    cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", f"data.num_workers={workers}")
+    for rank in range(world_size):
+        full = take(build_train_loader(cfg, rank, world_size, vocab), 20)
+        first = build_train_loader(cfg, rank, world_size, vocab)
+        head = take(first, 10)
+        resumed = build_train_loader(cfg, rank, world_size, vocab)
+        resumed.load_state_dict(first.state_dict())
+        assert first.state_dict() == {"next_batch": 10}
+        assert [b for b, *_ in full] == list(range(20))
+        assert head + take(resumed, 10) == full
+        odd = build_train_loader(cfg, rank, world_size, vocab)  # a start that is not a multiple of the workers
+        odd.load_state_dict({"next_batch": 7})
+        assert take(odd, 13) == full[7:]
+        assert len({d for _, _, d, _, _ in full}) == 2  # both decoders, whole batches of one
+    if world_size == 2:  # the ranks read different samples
+        keys = [{k for _, ks, *_ in take(build_train_loader(cfg, r, 2, vocab), 3) for k in ks} for r in (0, 1)]
+        assert not keys[0] & keys[1]
+
+
+def test_an_epoch_visits_every_sample_once_across_ranks(tiny_models, shards, vocab):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), "data.micro_batch_size=1", "data.num_workers=0")
+    train_keys = _keys_of(shards, "a")
+    n = len(train_keys)  # rank 0 takes the extra sample when n is odd
+    per_rank = [take(build_train_loader(cfg, r, 2, vocab), (n + 1 - r) // 2) for r in (0, 1)]
+    first_epoch = [k for rank in per_rank for _, ks, *_ in rank for k in ks]
+    assert sorted(first_epoch) == sorted(train_keys)
+    # The next epoch is another order of the same samples.
+    two_epochs = [k for _, ks, *_ in take(build_train_loader(cfg, 0, 1, vocab), 2 * n) for k in ks]
+    assert sorted(two_epochs[n:]) == sorted(two_epochs[:n]) and two_epochs[n:] != two_epochs[:n]
+
+
+def _keys_of(shards: dict, name: str) -> set[str]:
+    manifest = json.loads((shards["root"] / name / "manifest.json").read_text())
+    keys = set()
+    for entry in manifest["splits"]["train"]["shards"]:
+        with tarfile.open(shards["root"] / name / entry["name"]) as tar:
+            keys |= {m.name.split(".")[0] for m in tar}
+    return keys
+
+
+def test_mixing_follows_the_weights(tiny_models, shards, vocab):
+    root = shards["root"]
+    cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:3", "data.micro_batch_size=1", "data.num_workers=0")
+    in_b = _keys_of(shards, "b")
+    keys = [ks[0] for _, ks, *_ in take(build_train_loader(cfg, 0, 1, vocab), 400)]
+    share_b = sum(k in in_b for k in keys) / len(keys)
+    assert 0.68 < share_b < 0.82, share_b
+    mixer = SourceMixer(seed=3, weights=(1.0, 3.0))
+    counts = Counter(mixer.locate(b)[0] for b in range(20000))
+    assert 0.73 < counts[1] / 20000 < 0.77
+    # Each source's batches take consecutive positions of that source's stream.
+    located = [mixer.locate(b) for b in range(10000)]
+    for source in (0, 1):
+        assert [j for s, j in located if s == source] == list(range(counts_in(located, source)))
+    assert SourceMixer(3, (1.0, 3.0)).locate(9999) == located[9999]  # a fresh mixer agrees: resume anywhere
+
+
+def counts_in(located: list[tuple[int, int]], source: int) -> int:
+    return sum(s == source for s, _ in located)
+
+
+def test_plan_fixes_the_decoder_per_step_and_follows_weights(tiny_models, shards):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), "train.grad_accum=4", "decoders.1.weight=3")
+    plan = schedule(cfg)
+    plans = [plan.plan(7, b) for b in range(16000)]
+    steps = [{d for d, _ in plans[s * 4 : s * 4 + 4]} for s in range(4000)]
+    assert all(len(s) == 1 for s in steps)
+    assert 0.72 < sum(s == {"mistral"} for s in steps) / 4000 < 0.78
+    assert 0.18 < sum(t == "reconstruction" for _, t in plans) / 16000 < 0.22
+    assert [plan.plan(7, b) for b in range(100)] == plans[:100] and plan.plan(8, 5) is not None
+    robin = schedule(make_config(tiny_models, str(shards["root"] / "a"), "train.decoder_schedule=round_robin"))
+    assert [robin.plan(0, b)[0] for b in range(4)] == ["llama", "mistral", "llama", "mistral"]
+
+
+def test_rank_stream_repeats_a_tiny_source_for_every_rank():
+    stream = [RankStream(0, 0, (3,), rank, 4, 2) for rank in range(4)]
+    seen = [[s.locate(j) for j in range(6)] for s in stream]
+    assert all(shard == 0 and 0 <= i < 3 for rank in seen for shard, i in rank)
+    assert sorted(x for rank in seen for x in rank[:3]) == sorted([(0, i) for i in range(3)] * 4)
+
+
+def test_fewer_shards_than_ranks_times_workers_does_not_hang(tmp_path, tiny_models, corpus, vocab):
+    write_shards(tmp_path / "one", tiny_models, corpus[:3], per_shard=100, val_docs=1)  # 1 train shard
+    cfg = make_config(tiny_models, str(tmp_path / "one"), "data.num_workers=2", "data.micro_batch_size=4")
+    for rank in (0, 1):
+        got = take(build_train_loader(cfg, rank, 2, vocab), 6)
+        assert [b for b, *_ in got] == list(range(6)) and all(len(keys) == 4 for _, keys, *_ in got)
+
+
+def test_examples_compress_segment_i_and_target_i_or_the_next(tiny_models, shards, vocab):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), "data.num_workers=0", "decoders.1.prefix=Document: ")
+    toks = {n: AutoTokenizer.from_pretrained(tiny_models / n) for n in TOKENIZERS}
+    vocab = Vocab.from_config(cfg)
+    seen = set()
+    for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 12):
+        seen.add(batch.task)
+        dec = toks[batch.decoder]
+        for row, key in enumerate(batch.keys):
+            meta = shards["metas"][key]
+            text, spans = shards["docs"][meta["doc_id"]], meta["char_spans"]
+            memory = toks["encoder"].decode(batch.enc_ids[row][batch.enc_mask[row] == 1].tolist())
+            i = next(j for j, (a, b) in enumerate(spans) if text[a:b] == memory)
+            ids = batch.dec_ids[row]
+            target = dec.decode(batch.labels[row][batch.labels[row] != IGNORE].tolist())
+            j = i if batch.task == "reconstruction" else i + 1
+            assert target == (text[spans[j][0] : spans[j][1]] if j < len(spans) else "")
+            assert ids[0] == dec.bos_token_id
+            text_ids = ids[(batch.dec_slot[row] == -1) & (batch.labels[row] == IGNORE)][1:].tolist()
+            prefix = dec.encode("Document: ", add_special_tokens=False) if batch.decoder == "mistral" else []
+            assert text_ids[: len(prefix)] == prefix
+    assert seen == {"reconstruction", "continuation"}
+
+
+def take_batches(loader, n: int):
+    for count, item in enumerate(loader, 1):
+        yield item
+        if count == n:
+            return
+
+
+def test_val_batches_are_fixed_and_split_across_ranks(tiny_models, shards, vocab):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), "eval.batches=3", "train.seed=5")
+    runs = [[b.keys for b in val_batches(cfg, "llama", "continuation", r, 2, vocab)] for r in (0, 1)]
+    assert [len(r) for r in runs] == [2, 2]  # ceil(3 / 2): every rank runs the same number of batches
+    again = [b.keys for b in val_batches(cfg, "llama", "continuation", 0, 2, vocab)]
+    assert again == runs[0]
+    val = {k for k, m in shards["metas"].items() if m["split"] == "val"}
+    assert {k for r in runs for ks in r for k in ks} <= val
+    other_seed = make_config(tiny_models, str(shards["root"] / "a"), "eval.batches=3", "train.seed=6")
+    batch = next(val_batches(other_seed, "mistral", "reconstruction", 0, 1, vocab))
+    assert batch.decoder == "mistral" and batch.task == "reconstruction" and batch.keys == runs[0][0]
+
+
+def test_tokenizer_mismatch_is_refused_in_one_line(tmp_path, tiny_models, corpus, vocab):
+    write_shards(tmp_path / "s", tiny_models, corpus[:3], per_shard=10, val_docs=1)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["tokenizers"]["mistral"]["hash"] = "0" * 64
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_config(tiny_models, str(tmp_path / "s"))
+    with pytest.raises(ValueError) as err:
+        build_train_loader(cfg, 0, 1, vocab)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "s") in message and "'mistral'" in message
+    assert "0" * 64 in message and tokenizer_hash(tiny_models / "mistral") in message
+    del manifest["tokenizers"]["mistral"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest.json has no tokenizer 'mistral'"):
+        build_train_loader(cfg, 0, 1, vocab)
+
+
+def test_manifest_and_tar_must_agree(tmp_path, tiny_models, corpus, vocab):
+    write_shards(tmp_path / "s", tiny_models, corpus[:4], per_shard=100, val_docs=1)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["samples"] += 1
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = make_config(tiny_models, str(tmp_path / "s"), "data.num_workers=0")
+    with pytest.raises(ValueError, match="train-000000.tar: holds \\d+ samples, manifest.json says"):
+        take(build_train_loader(cfg, 0, 1, vocab), 50)
