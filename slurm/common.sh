@@ -41,12 +41,12 @@ arc_setup() {
     RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
     read -r -a ARC_OVERRIDES <<<"${OVERRIDES:-}"
     ARC_OVERRIDES+=("checkpoint.dir=$RUN_DIR")
-    # Fail in seconds on the batch node, not after every rank has started: same loader as `arctrain train`.
+    # Fail in seconds on the batch node, not after every rank has started: the checks of `arctrain train`.
     python - "$CONFIG" "${ARC_OVERRIDES[@]}" <<'EOF' || exit 2
 import sys
-from arctrain.config import load_config
+from arctrain.config import check_paths, load_config
 try:
-    load_config(sys.argv[1], sys.argv[2:])
+    check_paths(load_config(sys.argv[1], sys.argv[2:]))
 except ValueError as err:
     sys.exit(f"arctrain-slurm: error: {sys.argv[1]}: {err}")
 EOF

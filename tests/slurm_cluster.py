@@ -80,12 +80,12 @@ class Cluster:
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss from RUN_DIR/metrics.jsonl (records with a step and a loss)."""
+    """step -> training loss (`train/loss`) from RUN_DIR/metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if "step" in r and "loss" in r}
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 def wait_for_step(run_dir: Path, step: int, cluster: Cluster, job_id: str, log: Path, timeout: float = 240) -> None:
