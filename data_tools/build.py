@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.manifest import make_manifest, write_manifest
-from data_tools.samples import Sample, SampleEncoder
+from data_tools.samples import SampleEncoder, encode_batch, init_worker
 from data_tools.shards import SPLITS, SplitWriter, prepare_out
 from data_tools.tokenizer_set import TokenizerInfo, load_tokenizers
 
@@ -147,10 +147,10 @@ def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInf
     # spawn: forking a process whose tokenizers have run is unsafe (the tokenizers library warns about it).
     context = mp.get_context("spawn")
     initargs = (tokenizers, cfg.segment_tokens, cfg.window_segments)
-    with context.Pool(cfg.workers, initializer=_init_worker, initargs=initargs) as pool:
+    with context.Pool(cfg.workers, initializer=init_worker, initargs=initargs) as pool:
         pending: deque = deque()
         for batch in batches:
-            pending.append(([(d.doc_id, d.digest) for d in batch], pool.apply_async(_encode_batch, (batch,))))
+            pending.append(([(d.doc_id, d.digest) for d in batch], pool.apply_async(encode_batch, (batch,))))
             del batch
             if len(pending) >= 2 * cfg.workers:
                 ids, result = pending.popleft()
@@ -158,20 +158,6 @@ def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInf
         while pending:
             ids, result = pending.popleft()
             yield ids, result.get()
-
-
-_WORKER_ENCODER: SampleEncoder | None = None
-
-
-def _init_worker(tokenizers: list[TokenizerInfo], segment_tokens: int, window_segments: int) -> None:
-    global _WORKER_ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = SampleEncoder(tokenizers, segment_tokens, window_segments)
-
-
-def _encode_batch(batch: list[Doc]) -> list[tuple[int, Sample]]:
-    assert _WORKER_ENCODER is not None
-    return list(_WORKER_ENCODER.encode(batch))
 
 
 def _summary(manifest: dict, enc_tokens: int, seconds: float, out: Path) -> str:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import zstandard
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
@@ -80,6 +79,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
 
 def check_inputs(files: list[Path], fields: Fields) -> None:
     """Fail before any work on what can be known up front: a parquet file without the text column."""
+    import pyarrow.parquet as pq  # here, not at the top: worker processes import this module too
+
     for path in files:
         if path.name.endswith(".parquet"):
             names = pq.ParquetFile(path).schema_arrow.names
@@ -164,6 +165,8 @@ def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[
 
 def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, object]]:
     """One row group in memory at a time; rows become {text, id, source} dicts like JSON records."""
+    import pyarrow.parquet as pq
+
     pf = pq.ParquetFile(path)
     names = set(pf.schema_arrow.names)
     columns = [c for c in (fields.text, fields.id, "source") if c in names]

@@ -5,6 +5,7 @@ shards are the same for any number of workers.
 """
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -91,6 +92,22 @@ def _groups(units: list, n_chars) -> Iterator[list]:
             group, size = [], 0
     if group:
         yield group
+
+
+# Worker processes (arc-data build --workers N): this module imports neither webdataset (which imports torch)
+# nor pyarrow nor transformers, so a worker starts in a fraction of a second.
+_WORKER_ENCODER: SampleEncoder | None = None
+
+
+def init_worker(tokenizers: list[TokenizerInfo], segment_tokens: int, window_segments: int) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core
+    _WORKER_ENCODER = SampleEncoder(tokenizers, segment_tokens, window_segments)
+
+
+def encode_batch(batch: list[Doc]) -> list[tuple[int, Sample]]:
+    assert _WORKER_ENCODER is not None
+    return list(_WORKER_ENCODER.encode(batch))
 
 
 def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:
