@@ -77,12 +77,14 @@ SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmdLogFile=$STATE/log/slurmd-%n.log
 SlurmdSpoolDir=$STATE/spool-%n
 EOF
+    # Memory a little under the machine's, so that --mem requests work and slurmd does not find less than declared.
+    local hw i
+    hw="CPUs=$(nproc) RealMemory=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
     if [[ $nodes == 1 ]]; then
-        echo "NodeName=$ctld_host NodeHostname=$ctld_host CPUs=$(nproc) State=UNKNOWN" >>"$CONF"
+        echo "NodeName=$ctld_host NodeHostname=$ctld_host $hw State=UNKNOWN" >>"$CONF"
     else
-        local i
         for i in "${!NS_NODES[@]}"; do
-            echo "NodeName=${NS_NODES[$i]} NodeAddr=$SUBNET.$((11 + i)) CPUs=$(nproc) State=UNKNOWN" >>"$CONF"
+            echo "NodeName=${NS_NODES[$i]} NodeAddr=$SUBNET.$((11 + i)) $hw State=UNKNOWN" >>"$CONF"
         done
     fi
     echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >>"$CONF"

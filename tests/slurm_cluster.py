@@ -58,10 +58,14 @@ class Cluster:
         ).stdout
         return out.strip().split(";")[0]
 
+    def jobs(self, job_id: str) -> list[dict[str, str]]:
+        """JobState, Restarts, ExitCode, ... of a job, or of each task of an array job (finished jobs stay
+        visible: MinJobAge=600)."""
+        lines = self.run("scontrol", "show", "job", "-o", job_id).splitlines()
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in lines if line.strip()]
+
     def job(self, job_id: str) -> dict[str, str]:
-        """JobState, Restarts, ExitCode, ... of a job (finished jobs stay visible: MinJobAge=600)."""
-        line = self.run("scontrol", "show", "job", "-o", job_id)
-        return dict(re.findall(r"(\w+)=(\S*)", line))
+        return self.jobs(job_id)[0]
 
     def wait(self, job_id: str, done: Callable[[dict[str, str]], bool], log: Path, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout

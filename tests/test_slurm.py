@@ -5,6 +5,7 @@ Needs root (daemons, namespaces); scripts/slurm_cluster.sh installs slurm-wlm + 
     pytest -m slurm tests/test_slurm.py
 """
 
+import json
 import os
 import re
 import shutil
@@ -176,6 +177,41 @@ def test_export_job_writes_a_hugging_face_directory(cluster, reference, tmp_path
     job = cluster.wait_finished(job_id, log)
     assert job["JobState"] == "COMPLETED", log.read_text()[-4000:]
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors")), sorted(p.name for p in out.iterdir())
+
+
+def test_build_shards_array_job_merges_verified_shards(cluster, tiny_models, tmp_path):
+    cluster.ensure(1)
+    lines = (tiny_models / "corpus.jsonl").read_text().splitlines(keepends=True)[:60]
+    for i in range(2):  # two input parts, one array task each
+        (tmp_path / f"part{i}.jsonl").write_text("".join(lines[i::2]))
+    (tmp_path / "parts.txt").write_text(f"{tmp_path / 'part0.jsonl'}\n{tmp_path / 'part1.jsonl'}\n")
+    out = tmp_path / "shards"
+    env = {
+        "PARTS": str(tmp_path / "parts.txt"),
+        "OUT": str(out),
+        "ENCODER_TOKENIZER": str(tiny_models / "encoder"),
+        "DECODERS": f"llama={tiny_models / 'llama'} mistral={tiny_models / 'mistral'}",
+        "BUILD_ARGS": "--segment-tokens 64 --val-fraction 0.05 --no-progress",
+    }
+    log = tmp_path / "task-%a.out"
+    options = ("--array=0-1", "--cpus-per-task=1", "--mem=1G", f"--output={log}")
+    job_id = cluster.sbatch("build_shards.sh", *options, env=env)
+    logs = [tmp_path / f"task-{i}.out" for i in range(2)]
+    finished = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
+    cluster.wait(job_id, lambda _: all(j["JobState"] in finished for j in cluster.jobs(job_id)), logs[0], timeout=300)
+    states = [j["JobState"] for j in cluster.jobs(job_id)]
+    assert states == ["COMPLETED", "COMPLETED"], "\n".join(p.read_text() for p in logs if p.exists())
+
+    arc_data = str(Path(sys.executable).parent / "arc-data")
+    verify = subprocess.run([arc_data, "verify", str(out)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    merged = json.loads((out / "manifest.json").read_text())
+    parts = [json.loads((out / "parts" / f"{i:05d}" / "manifest.json").read_text()) for i in range(2)]
+    for split in ("train", "val"):
+        assert merged["splits"][split]["samples"] == sum(p["splits"][split]["samples"] for p in parts) > 0
+    # Each part numbers its shards from its own start (task * SHARD_STRIDE): no name is shared.
+    names = sorted(s["name"] for s in merged["splits"]["train"]["shards"])
+    assert names[0] == "train-000000.tar" and names[-1].startswith("train-01") and len(set(names)) == len(names)
 
 
 def test_two_nodes_match_one_node_step_by_step(cluster, reference, tiny_models, shards, tmp_path):
