@@ -12,6 +12,7 @@ setup(
         "torch==2.13.0",
         "deepspeed>=0.19.8,<0.20",  # 0.19.2 crashed with activation checkpointing + frozen params
         "transformers>=5.0,<6",
+        "accelerate>=1.0",  # transformers needs it for HfDeepSpeedConfig: from_pretrained straight into ZeRO-3
         "tokenizers>=0.22",
         "safetensors>=0.5",
         "webdataset>=1.0,<2",

@@ -5,7 +5,7 @@ Every forward with context runs the same modules whatever the task: the encoder,
 ZeRO-3 every rank must run the same modules in the same order, and the decoder is chosen globally per step.
 """
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,7 @@ from arctrain.model.batch import IGNORE, ARCBatch, drop_memory
 from arctrain.model.encoder import ARCEncoder
 
 
-@dataclass
-class ARCOutput:
+class ARCOutput(NamedTuple):  # a NamedTuple: DeepSpeed's ZeRO-3 hooks find the tensors in it
     loss: torch.Tensor  # token-averaged cross-entropy over the batch's target tokens (0 if there are none)
     n_tokens: torch.Tensor  # number of target tokens
 
