@@ -8,6 +8,7 @@ which bounds memory however large the inputs.
 
 import multiprocessing as mp
 import os
+import resource
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -68,7 +69,7 @@ class BuildConfig:
 
 def build(cfg: BuildConfig) -> dict:
     """Run a build; returns the manifest (also written to cfg.out/manifest.json)."""
-    start = time.time()
+    start, cpu_start = time.time(), _cpu_seconds()
     files = expand_inputs(cfg.inputs)
     fields = Fields(cfg.text_field, cfg.id_field)
     check_inputs(files, fields)
@@ -103,7 +104,8 @@ def build(cfg: BuildConfig) -> dict:
     tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
     manifest = make_manifest(cfg.settings, tok_entries, splits, source_entries(files), docs)
     write_manifest(cfg.out, manifest)
-    print(_summary(manifest, enc_tokens, time.time() - start, cfg.out))
+    cpu = [end - begin for begin, end in zip(cpu_start, _cpu_seconds())]
+    print(_summary(manifest, enc_tokens, time.time() - start, cpu, cfg.out))
     return manifest
 
 
@@ -160,7 +162,13 @@ def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInf
             yield ids, result.get()
 
 
-def _summary(manifest: dict, enc_tokens: int, seconds: float, out: Path) -> str:
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its finished children (the worker processes, once the pool is closed)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _summary(manifest: dict, enc_tokens: int, seconds: float, cpu: list[float], out: Path) -> str:
     docs = manifest["docs"]
     skipped = ", ".join(f"{reason} {n}" for reason, n in docs["skipped"].items())
     splits = manifest["splits"]
@@ -170,5 +178,5 @@ def _summary(manifest: dict, enc_tokens: int, seconds: float, out: Path) -> str:
         f"arc-data build: {docs['read']} docs read, {docs['written']} written, "
         f"{sum(docs['skipped'].values())} skipped{f' ({skipped})' if skipped else ''}; "
         f"{samples} samples in {n_shards} shards; {enc_tokens:,} encoder tokens in {seconds:.1f}s "
-        f"({enc_tokens / max(seconds, 1e-9):,.0f}/s) -> {out}"
+        f"({enc_tokens / max(seconds, 1e-9):,.0f}/s; CPU {cpu[0]:.1f}s main + {cpu[1]:.1f}s workers) -> {out}"
     )
