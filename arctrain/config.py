@@ -10,24 +10,16 @@ Every user error is a `ConfigError` (a ValueError) whose one-line message names 
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from arctrain.config_tree import ConfigError, build, set_dotted, yaml_key_lines
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
-
-
-class ConfigError(ValueError):
-    """A bad config value; `key` is the dotted key, relative to the section that raised it."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key, self.message = key, message
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -214,6 +206,8 @@ class LoggingConfig:
     wandb_project: str = "arctrain"
     wandb_entity: str | None = None
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    sample_keys: bool = False
+    """Record the sample keys each rank consumes, per step, in RUN_DIR/logs/samples_rank{r}.jsonl (audits, resume)."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 1, "interval", self.interval, "must be >= 1")
@@ -239,114 +233,9 @@ class Config:
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
 
 
-# --- building a Config from plain data, with coercion of command-line strings ------------------------------
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` as type `tp`; strings (the command line, or YAML's unquoted 1e-5) are parsed."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is list:
-        if isinstance(value, str):  # command line: "a,b,c" (brackets optional)
-            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(key, f"{value!r} is not a list")
-        return [_coerce(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    return _scalar(value, tp, key)
-
-
-def _scalar(value: Any, tp: type, key: str) -> Any:
-    bools = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if tp is bool and isinstance(value, str) and value.lower() in bools:
-        return bools[value.lower()]
-    if tp in (int, float) and isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(key, f"{value!r} is not a number") from None
-        value = int(number) if tp is int and number.is_integer() and "." not in value else number
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not tp:
-        raise ConfigError(key, f"{value!r} is not of type {tp.__name__}")
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(prefix, f"{raw!r} is not a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for name in raw:
-        if name not in names:
-            raise ConfigError(_join(prefix, str(name)), f"unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], _join(prefix, f.name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(_join(prefix, f.name), "missing required key")
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # the section knows its own keys; give them their full dotted name
-        raise ConfigError(_join(prefix, err.key), err.message) from None
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
 def config_from_dict(raw: dict) -> Config:
     """A Config from nested plain data (what a YAML file holds)."""
-    return _build(Config, raw, "")
-
-
-# --- files and overrides ----------------------------------------------------------------------------------
-
-
-def _yaml_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> dict[str, int]:
-    """Dotted key -> line number of every key in a composed YAML document (for error messages)."""
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = _join(prefix, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
-            _yaml_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[_join(prefix, str(i))] = item.start_mark.line + 1
-            _yaml_lines(item, _join(prefix, str(i)), out)
-    return out
-
-
-def _set(raw: dict, key: str, value: str) -> None:
-    """Set dotted `key` in nested data; integer parts index lists (`decoders.1.path`), one past the end appends."""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) > len(node):
-                raise ConfigError(".".join(parts[: i + 1]), f"no such list item (the list has {len(node)})")
-            if int(part) == len(node):
-                node.append({})
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(".".join(parts[:i]), f"{node!r} has no key {part!r}")
-        if last:
-            node[part] = value
-        else:
-            if isinstance(node, dict) and part not in node:
-                node[part] = [] if part == "decoders" else {}
-            node = node[part]
+    return build(Config, raw, "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -363,14 +252,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(str(path), f"invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the top level must be a mapping")
-        where = {k: f"{path}:{line}" for k, line in _yaml_lines(yaml.compose(text), "", {}).items()}
+        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}).items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(item, "an override must look like key=value (e.g. train.steps=100)")
         where[key] = f"command line {item!r}"
         try:
-            _set(raw, key, value)
+            set_dotted(raw, key, value)
         except ConfigError as err:
             raise ConfigError(err.key, f"{err.message} ({where[key]})") from None
     try:
