@@ -52,7 +52,8 @@ def worker(tiny: Path, out: Path) -> None:
     rank = torch.distributed.get_rank()
     model_cfg, decoder_cfgs = configs(tiny)
     torch.manual_seed(0)
-    model = build_model(model_cfg, decoder_cfgs, ds_config=DS_CONFIG, gradient_checkpointing=True)
+    with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
+        model = build_model(model_cfg, decoder_cfgs, ds_config=DS_CONFIG, gradient_checkpointing=True)
     model.enable_decoder_checkpointing()
     weight = model.decoders["mistral"].lm_head.weight
     partitioned = weight.numel() == 0 and weight.ds_tensor.numel() < weight.ds_numel

@@ -5,11 +5,13 @@
 With a ZeRO-3 `ds_config` the Hugging Face models are created and loaded through transformers' DeepSpeed
 integration (`HfDeepSpeedConfig`: `from_pretrained` runs under `deepspeed.zero.Init` and loads each module's
 weights on rank 0 into the partitions), and the projectors and special vectors are created under
-`deepspeed.zero.Init` too. So no rank ever holds a whole decoder. Call it after the process group exists.
+`deepspeed.zero.Init` too. So no rank ever holds a whole decoder. Call it after the process group exists, inside
+a `deepspeed.zero.Init` context or not (nested contexts are fine), but always with the ZeRO-3 `ds_config`.
 """
 
 import contextlib
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -69,6 +71,11 @@ def build_model(
     for name in names:
         if not DECODER_NAME.fullmatch(name) or names.count(name) > 1:
             raise ValueError(f"decoders: name {name!r} must be unique and match [a-z0-9_]+")
+    if _inside_zero_init() and not is_zero3(ds_config):
+        raise ValueError(
+            "build_model: called inside deepspeed.zero.Init without a ZeRO-3 ds_config; pass ds_config "
+            "so that transformers loads the weights into the partitions"
+        )
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
@@ -108,6 +115,12 @@ def _hf_zero3(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     yield HfDeepSpeedConfig(ds_config)
+
+
+def _inside_zero_init() -> bool:
+    # Only look if DeepSpeed is already imported: otherwise no zero.Init can be active.
+    partition_parameters = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return partition_parameters is not None and partition_parameters.zero_init_context > 0
 
 
 def _zero_init(ds_config: dict):
