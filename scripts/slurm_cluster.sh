@@ -30,6 +30,10 @@ cmd_install() {
         && command -v munged >/dev/null; then
         return 0
     fi
+    if [[ $(id -u) != 0 ]]; then  # `make test` calls this: without root the slurm tests skip themselves
+        log "warning: not root, so slurm-wlm and munge are not installed (tests marked slurm will skip)"
+        return 0
+    fi
     log "installing slurm-wlm and munge (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >/dev/null
