@@ -21,6 +21,7 @@ BRIDGE=arcbr0
 SUBNET=10.77.0        # a private /24 used only inside the namespaces created here
 HOSTS_TAG="# arctrain-slurm"
 NS_NODES=(arcnode1 arcnode2)
+ACTIVE=/tmp/arctrain-slurm.active  # the state dir of the running cluster, for a stop after a killed test run
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -65,7 +66,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-# GPU requests are valid (as on a CPU partition of a GPU cluster): `sbatch --gpus-per-node=0` works.
+# GPU requests are valid (as on a CPU partition of a GPU cluster): sbatch --gpus-per-node=0 works.
 GresTypes=gpu
 ReturnToService=2
 JobRequeue=1
@@ -182,14 +183,22 @@ cmd_start() {
     [[ $(id -u) == 0 ]] || die "must run as root (daemons, namespaces, /etc/hosts)"
     if pid_alive "$STATE/slurmctld.pid"; then die "a cluster is already running ($CONF); stop it first"; fi
     # Another slurmctld on the port would answer our sinfo/sbatch and make this start look fine.
-    if (exec 3<>/dev/tcp/127.0.0.1/6817) 2>/dev/null; then die "port 6817 is in use: another slurmctld runs"; fi
+    if (exec 3<>/dev/tcp/127.0.0.1/6817) 2>/dev/null; then
+        local other
+        other=$(cat "$ACTIVE" 2>/dev/null || echo "?")
+        die "port 6817 is in use: another slurmctld runs (state $other; stop it: ARC_SLURM_STATE=$other $0 stop)"
+    fi
     cmd_install
     mkdir -p "$STATE"
     rm -rf "${STATE:?}/ctld"  # no job state from an earlier cluster
     write_conf "$nodes"
     echo "$nodes" >"$STATE/nodes"
     start_munge
-    if [[ $nodes == 2 ]]; then net_up; fi
+    echo "$STATE" >"$ACTIVE"
+    if [[ $nodes == 2 ]]; then
+        net_down  # what a killed earlier run may have left (our names only)
+        net_up
+    fi
     SLURM_CONF=$CONF slurmctld -i
     if [[ $nodes == 1 ]]; then
         SLURM_CONF=$CONF slurmd
@@ -216,6 +225,7 @@ cmd_stop() {
         rm -f "$STATE/munged.ours"
     fi
     rm -f "$STATE/nodes"
+    if [[ $(cat "$ACTIVE" 2>/dev/null) == "$STATE" ]]; then rm -f "$ACTIVE"; fi
     log "stopped"
 }
 
