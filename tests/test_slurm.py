@@ -23,6 +23,7 @@ pytestmark = [
 ]
 
 STEPS = 20  # the tiny config's optimizer steps in every run here
+RUNNING = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"}
 CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=2", "--time=15:00")  # the templates default to 8 x H100 nodes
 
 
@@ -112,8 +113,13 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, reference, tiny_models, 
     wait_for_step(run_dir, 4, cluster, job_id, log)
     # What SLURM does 300 s before the time limit (--signal=B:USR1@300): USR1 to the batch shell only.
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
     # A requeued job is held for a while (BeginTime, about 2 minutes): once it is back in the queue, release it.
-    cluster.wait(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", log, timeout=240)
+    def requeued_or_over(j: dict) -> bool:
+        return (j["Restarts"] == "1" and j["JobState"] == "PENDING") or j["JobState"] not in RUNNING
+
+    requeued = cluster.wait(job_id, requeued_or_over, log, timeout=240)
+    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", log.read_text()[-4000:]
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = cluster.wait_finished(job_id, log)
 
@@ -123,6 +129,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, reference, tiny_models, 
     resumed = [int(line.split("resumed from step")[1].split()[0]) for line in text.splitlines()
                if "resumed from step" in line]  # fmt: skip
     assert resumed and 4 <= resumed[0] < STEPS, text[-4000:]
+    assert f"preempted at step {resumed[0]}: saving a checkpoint" in text  # the trainer's line before exit 75
     assert f"resume from: checkpoints/step_{resumed[0]:08d}" in text  # the banner of the requeued job
     losses, expected = read_losses(run_dir), read_losses(reference[0])
     assert max(losses) == STEPS
