@@ -14,24 +14,39 @@ from arctrain.config import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters in four groups: {encoder, projector} x {decay, no decay}."""
+    """Trainable parameters by part and decay: the encoder, and each decoder's projector and special vectors.
+
+    Each decoder has its own groups ("decoder": its name) so that a step of one decoder can leave the others'
+    weights alone (`idle_decoders`).
+    """
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "encoder" if name.startswith("encoder.") else "projector"
+        part = "encoder" if name.startswith("encoder.") else name.split(".")[1]  # projectors.<d>. / specials.<d>.
         shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitions report their full shape here
         groups.setdefault((part, len(shape) >= 2), []).append(param)
-    lr = {"encoder": cfg.encoder_lr, "projector": cfg.projector_lr}
     return [
         {
             "params": params,
-            "name": f"{part}{'' if decay else '_no_decay'}",
-            "lr": lr[part],
+            "name": f"{'encoder' if part == 'encoder' else 'projector/' + part}{'' if decay else '_no_decay'}",
+            "decoder": None if part == "encoder" else part,
+            "lr": cfg.encoder_lr if part == "encoder" else cfg.projector_lr,
             "weight_decay": cfg.weight_decay if decay else 0.0,
         }
         for (part, decay), params in sorted(groups.items())
     ]
+
+
+def idle_decoders(optimizer: torch.optim.Optimizer, decoder: str) -> None:
+    """Learning rate 0 for the groups of decoders other than this step's (the scheduler restores them next step).
+
+    Under ZeRO-3 the optimizer steps every partition; with zero gradients and a zero learning rate an idle
+    projector keeps its weights (its Adam moments decay, as its gradient is zero).
+    """
+    for group in optimizer.param_groups:
+        if group.get("decoder") not in (None, decoder):
+            group["lr"] = 0.0
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ds_config: dict) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ rank: every rank saves a checkpoint and the process exits with EXIT_PREEMPTED (7
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -126,6 +127,7 @@ def train(cfg) -> int:
     from arctrain.config import save_config
     from arctrain.data import Vocab, build_train_loader
     from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, peak_memory_gb, peak_tflops
+    from arctrain.optim import idle_decoders
 
     rank, world_size, device = init_distributed()
     run_dir = Path(cfg.checkpoint.dir)
@@ -146,6 +148,7 @@ def train(cfg) -> int:
     loader.load_state_dict({"next_batch": state["next_batch"]})
     batches = iter(loader)
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=step)
+    keys_log = SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", step) if cfg.logging.sample_keys else None
     meter, flops, peak = LossMeter([d.name for d in cfg.decoders]), FlopCounter(model), peak_tflops()
     window = {"time": 0.0, "wait": 0.0, "samples": 0, "enc_tokens": 0, "dec_tokens": 0, "flops": 0.0}
     exit_code = 0
@@ -167,10 +170,13 @@ def train(cfg) -> int:
             batch = batch.to(device, non_blocking=True)
             out = engine(batch, decoder)
             engine.backward(out.loss)
+            idle_decoders(engine.optimizer, decoder)
             engine.step()
             loss = out.loss.item()
             step_loss += loss / cfg.train.grad_accum
             meter.add(decoder, batch.task, loss, int(out.n_tokens))
+            if keys_log is not None:
+                keys_log.write(step + 1, b, batch.keys)
             _count(window, batch, decoder, flops)
         step += 1
         window["time"] += time.perf_counter() - t0
@@ -182,6 +188,7 @@ def train(cfg) -> int:
             metrics = {"train/loss": _mean_over_ranks(step_loss), **meter.reduce("train")}
             metrics.update(_throughput(window, engine, world_size, peak, peak_memory_gb()))
             metrics["skipped_steps"] = state["skipped_steps"]
+            metrics["param_elements_per_rank"] = _max_over_ranks(_local_param_elements(engine.module))
             logger.log(step, metrics)
             meter.reset()
             window = dict.fromkeys(window, 0)
@@ -245,8 +252,35 @@ def _throughput(window: dict, engine, world_size: int, peak: float | None, memor
     if peak is not None:
         out["mfu"] = out["tflops_per_rank"] / peak
     for group in engine.optimizer.param_groups:
-        out[f"lr/{group['name']}"] = group["lr"]
+        if not group["name"].endswith("_no_decay"):  # same schedule as its decay twin
+            out[f"lr/{group['name']}"] = group["lr"]
     return out
+
+
+class SampleLog:
+    """One line per micro-batch: step, batch index and sample keys; lines past a resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if (
+            path.is_file()) else []  # fmt: skip
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, b: int, keys: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "batch": b, "keys": keys}) + "\n")
+
+
+def _local_param_elements(module: torch.nn.Module) -> int:
+    """Parameter elements this rank holds: its ZeRO-3 partitions (frozen decoders included)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -269,8 +303,6 @@ def _plain(cfg) -> dict:
 
 def _summary(run_dir: Path) -> None:
     """Where things are, and the final val losses with and without compressed context."""
-    import json
-
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     val = next((r for r in reversed(lines) if any(k.startswith("val/") for k in r)), None)
     print(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / 'checkpoints'} (latest: "

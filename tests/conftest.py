@@ -40,3 +40,20 @@ def tiny_models() -> Path:
             make_tiny_models(partial, pretrain_steps=TEST_PRETRAIN_STEPS, seed=0)
             partial.rename(final)
     return final
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_models, tmp_path_factory) -> Path:
+    """Shards of the embedded corpus for all three tokenizers, built by the real `arc-data build`."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_shards")
+    cmd = [
+        sys.executable, "-m", "data_tools.cli", "build", "--input", str(tiny_models / "corpus.jsonl"),
+        "--out", str(out), "--encoder-tokenizer", str(tiny_models / "encoder"),
+        "--decoder", f"llama={tiny_models / 'llama'}", "--decoder", f"mistral={tiny_models / 'mistral'}",
+        "--segment-tokens", "64", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out

@@ -92,7 +92,21 @@ class ARCModel(nn.Module):
             embeds = model.get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
         else:
             embeds = self.embed(batch, decoder)
-        return self.decoder_loss(model, embeds, batch)
+        out = self.decoder_loss(model, embeds, batch)
+        if self.training and torch.is_grad_enabled():
+            out = ARCOutput(out.loss + self._idle_anchor(decoder), out.n_tokens)
+        return out
+
+    def _idle_anchor(self, decoder: str) -> torch.Tensor:
+        """Zero, with a zero gradient for the other decoders' projectors and special vectors.
+
+        ZeRO-3 steps every parameter partition of the optimizer, used or not, and a partition whose parameters got
+        no gradient this step keeps the gradient of the step that last used it. A gradient of exactly zero makes
+        an idle decoder's step the same in a straight run and in a resumed one (the trainer also gives idle
+        decoders' groups a learning rate of 0, so their weights do not move).
+        """
+        terms = [self.projectors[name](self.specials[name]()).sum() for name in self.projectors if name != decoder]
+        return 0.0 * torch.stack(terms).sum() if terms else torch.zeros(())
 
     def embed(self, batch: ARCBatch, decoder: str) -> torch.Tensor:
         """Decoder input embeddings (B, T, Dd): token embeddings, memory and special slots replaced."""

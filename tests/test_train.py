@@ -1,0 +1,184 @@
+"""The DeepSpeed ZeRO-3 trainer on 2 CPU processes (gloo): learning, exact resume, preemption, checkpoints.
+
+Ranks are started the way torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), one
+subprocess each, so a test can signal or kill a single rank and read each rank's exit code.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from arctrain.train import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(models: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        f"model.encoder_path={models / 'encoder'}",
+        f"decoders.0.path={models / 'llama'}",
+        f"decoders.1.path={models / 'mistral'}",
+        f"data.shards={shards}",
+        f"checkpoint.dir={run_dir}",
+        "logging.interval=1",
+        "logging.wandb_mode=disabled",
+        "logging.sample_keys=true",
+        "eval.interval=0",
+        *extra,
+    ]
+
+
+def launch(args: list[str], nproc: int, log: Path) -> list[subprocess.Popen]:
+    port, procs = free_port(), []
+    for rank in range(nproc):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
+        out = open(f"{log}.rank{rank}", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+def run(args: list[str], nproc: int, log: Path) -> list[int]:
+    return wait(launch(args, nproc, log))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
+def sample_keys(run_dir: Path, rank: int) -> list[tuple[int, int, list[str]]]:
+    lines = (run_dir / "logs" / f"samples_rank{rank}.jsonl").read_text().splitlines()
+    return [(r["step"], r["batch"], r["keys"]) for r in map(json.loads, lines)]
+
+
+def wait_for(predicate, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def latest(run_dir: Path) -> str | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_models, tiny_shards, tmp_path_factory) -> Path:
+    """The reference: 20 steps without interruption."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=20", "checkpoint.interval=10")
+    assert run(args, 2, run_dir / "log") == [0, 0]
+    return run_dir
+
+
+def test_resume_after_sigkill_is_exact(straight, tiny_models, tiny_shards, tmp_path):
+    """20 steps straight == 10 steps, SIGKILL of a rank after the step-10 checkpoint, restart to 20: bitwise."""
+    run_dir = tmp_path / "killed"
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=20", "checkpoint.interval=10")
+    procs = launch(args, 2, tmp_path / "first")
+    wait_for(lambda: latest(run_dir) == "step_00000010" or any(p.poll() is not None for p in procs))
+    procs[1].send_signal(signal.SIGKILL)
+    codes = wait(procs)
+    assert codes[1] == -signal.SIGKILL
+    assert not (run_dir / "checkpoints" / "step_00000020").exists(), "the kill came too late to test anything"
+
+    assert run(args, 2, tmp_path / "second") == [0, 0]
+    assert "resumed from step 10" in (tmp_path / "second.rank0").read_text()
+    assert step_losses(run_dir) == step_losses(straight)  # bitwise: floats compared exactly
+    assert sorted(step_losses(run_dir)) == list(range(1, 21))
+    for rank in (0, 1):
+        assert sample_keys(run_dir, rank) == sample_keys(straight, rank)
+
+
+def test_sigusr1_checkpoints_and_exits_preempted(straight, tiny_models, tiny_shards, tmp_path):
+    run_dir = tmp_path / "preempted"
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=20", "checkpoint.interval=100")
+    procs = launch(args, 2, tmp_path / "first")
+    wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(step_losses(run_dir)) >= 3)
+    procs[1].send_signal(signal.SIGUSR1)  # one rank only: the others must agree and stop with it
+    assert wait(procs) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+    tag = latest(run_dir)
+    assert tag is not None and 3 <= int(tag.split("_")[1]) < 20
+    assert f"preempted at step {int(tag.split('_')[1])}" in (tmp_path / "first.rank0").read_text()
+
+    assert run(args, 2, tmp_path / "second") == [0, 0]
+    assert step_losses(run_dir) == step_losses(straight)
+
+
+def test_checkpoint_holds_no_frozen_weights(straight, tiny_models):
+    """The step-20 checkpoint is about trainable params + Adam state; the frozen decoders would add far more."""
+    from transformers import AutoConfig
+
+    from arctrain.config import load_config
+    from arctrain.model import build_model
+
+    cfg = load_config(REPO / "configs/tiny_cpu.yaml", overrides(tiny_models, Path("."), Path("."))[:3])
+    model = build_model(cfg.model, cfg.decoders)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert AutoConfig.from_pretrained(tiny_models / "llama").hidden_size  # the decoders are real
+    ckpt = straight / "checkpoints" / "step_00000020"
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    expected = trainable * 4 * 3  # fp32 weights + two Adam moments
+    assert 0.9 * expected < size < 1.2 * expected + 200_000, (size, expected)
+    assert frozen * 4 > 0.5 * expected  # so their presence would have shown
+    names = sorted(f.name for f in ckpt.iterdir())
+    assert names == sorted(
+        ["trainer_state.json", "rng_rank0.pt", "rng_rank1.pt"]
+        + [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
+    )
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 20 and state["next_batch"] == 20
+    # keep: 2 -> steps 10 and 20 remain
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
+
+
+def test_zero3_partitions_halve_per_rank_parameters(straight, tiny_models, tiny_shards, tmp_path):
+    run_dir = tmp_path / "one"
+    assert run(overrides(tiny_models, tiny_shards, run_dir, "train.steps=1"), 1, tmp_path / "log") == [0]
+    one = metrics(run_dir)[0]["param_elements_per_rank"]
+    two = metrics(straight)[0]["param_elements_per_rank"]
+    assert 0.45 * one <= two <= 0.55 * one, (one, two)
