@@ -184,9 +184,12 @@ def test_verify_checks_samples_behind_a_matching_checksum(built, tmp_path, capsy
     manifest["splits"]["val"]["shards"][0]["samples"] += 1
     manifest["splits"]["val"]["shards"][0]["tokens"]["mistral"] -= 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "train-000000.tar").unlink()
+    capsys.readouterr()
     assert main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "val-000000.tar" in err and "samples, manifest says" in err and "token counts" in err
+    assert "train-000000.tar: missing" in err and "train-000001.tar" not in err
 
 
 def test_inspect_prints_counts_statistics_and_decoded_text(built, corpus, capsys):
