@@ -83,21 +83,8 @@ def build(cfg: BuildConfig) -> dict:
     max_bytes = int(cfg.shard_size_mb * (1 << 20))
     writers = {split: SplitWriter(cfg.out, split, max_bytes, cfg.start_shard, names) for split in SPLITS}
     batches = _batches(_unique(read_documents(files, fields, tally), tally))
-    written, enc_tokens = 0, 0
-    bar = tqdm(unit="doc", desc="arc-data build", disable=not cfg.progress, mininterval=1.0)
-    with bar:
-        for docs, samples in _encode_in_order(batches, tokenizers, cfg):
-            has_samples = [False] * len(docs)
-            for i, sample in samples:
-                has_samples[i] = True
-                writers["val" if is_val(docs[i][1], cfg.val_fraction) else "train"].write(sample)
-                enc_tokens += sample.tokens[0]
-            for (doc_id, _), ok in zip(docs, has_samples):
-                written += ok
-                if not ok:
-                    tally.skip("no_tokens", f"document {doc_id!r}")
-            bar.update(len(docs))
-            bar.set_postfix_str(f"{enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
+    with tqdm(unit="doc", desc="arc-data build", disable=not cfg.progress, mininterval=1.0) as bar:
+        written, enc_tokens = _write(_encode_in_order(batches, tokenizers, cfg), writers, cfg.val_fraction, tally, bar)
 
     splits = {split: writer.close() for split, writer in writers.items()}
     docs = {"read": tally.read, "written": written, "skipped": {k: v for k, v in sorted(tally.skipped.items()) if v}}
@@ -107,6 +94,24 @@ def build(cfg: BuildConfig) -> dict:
     cpu = [end - begin for begin, end in zip(cpu_start, _cpu_seconds())]
     print(_summary(manifest, enc_tokens, time.time() - start, cpu, cfg.out))
     return manifest
+
+
+def _write(results, writers: dict[str, SplitWriter], val_fraction: float, tally: Tally, bar: tqdm) -> tuple[int, int]:
+    """Write every sample to its split in order; returns (documents written, encoder tokens)."""
+    written = enc_tokens = 0
+    for docs, samples in results:
+        has_samples = [False] * len(docs)
+        for i, sample in samples:
+            has_samples[i] = True
+            writers["val" if is_val(docs[i][1], val_fraction) else "train"].write(sample)
+            enc_tokens += sample.tokens[0]
+        for (doc_id, _), ok in zip(docs, has_samples):
+            written += ok
+            if not ok:
+                tally.skip("no_tokens", f"document {doc_id!r}")
+        bar.update(len(docs))
+        bar.set_postfix_str(f"{enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
+    return written, enc_tokens
 
 
 def is_val(digest: bytes, val_fraction: float) -> bool:
