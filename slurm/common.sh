@@ -119,7 +119,12 @@ arc_finish() {  # $1 = training exit status: exit, or requeue when preempted
         arc_log "training finished; latest checkpoint: $(arc_resume_point)"
         exit 0
     fi
-    if ((rc != EX_TEMPFAIL)) && [[ -z $ARC_SIGNALLED || $ARC_SIGNALLED == TERM ]]; then
+    if [[ $ARC_SIGNALLED == TERM ]]; then  # SLURM requeues a job it preempts itself; scancel means stop
+        arc_log "stopped by SIGTERM (exit status $rc; scancel, time limit or SLURM preemption): not requeueing;" \
+            "checkpoint: $(arc_resume_point)"
+        exit "$rc"
+    fi
+    if ((rc != EX_TEMPFAIL)) && [[ -z $ARC_SIGNALLED ]]; then
         arc_log "training failed with exit status $rc: not requeueing"
         exit "$rc"
     fi
