@@ -152,13 +152,8 @@ def test_requeues_are_bounded_by_max_restarts(cluster, tiny_models, shards, tmp_
 def test_cancelled_job_is_not_requeued(cluster, tiny_models, shards, tmp_path):
     cluster.ensure(1)
     log = tmp_path / "job.out"
-    job_id = cluster.sbatch(
-        "pretrain.sh",
-        "--nodes=1",
-        *CPU_JOB,
-        f"--output={log}",
-        env=train_env(tiny_models, shards, tmp_path / "run", nproc=1),
-    )
+    env = train_env(tiny_models, shards, tmp_path / "run", nproc=1)
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=1", *CPU_JOB, f"--output={log}", env=env)
     cluster.wait(job_id, lambda j: log.exists() and "resume from:" in log.read_text(), log, timeout=120)
     cluster.run("scancel", job_id)  # SIGTERM to every process of the job: stop, do not come back
     job = cluster.wait_finished(job_id, log)
