@@ -1,0 +1,293 @@
+"""ZeRO-3 checkpoint -> Hugging Face directory that loads without arctrain.
+
+    arctrain export --run runs/tiny_cpu --out exported/tiny            # the latest checkpoint
+    arctrain export --run runs/tiny_cpu --step 40 --out exported/tiny40
+
+CPU only. The trainable weights (encoder, projectors, special vectors) are consolidated from every rank's ZeRO-3
+partition with DeepSpeed's own reader; the frozen decoders are not part of the export (users bring them). The
+directory holds config.json (model_type "arc_encoder", auto_map), model.safetensors (sharded above 5GB),
+configuration_arc.py / modeling_arc.py, the encoder's tokenizer and a README.md model card. Load it with
+
+    AutoModel.from_pretrained(DIR, trust_remote_code=True)    # transformers only
+    load_export(DIR)                                          # arctrain's own ARCEncoder + projectors
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from arctrain.config import Config, load_config
+from arctrain.tokenizer_id import tokenizer_hash
+
+MAX_SHARD_SIZE = "5GB"
+DEFAULT_SEGMENT_TOKENS = 256
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="arctrain export", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="run directory (checkpoint.dir of the training)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    return parser.parse_args(argv)
+
+
+def checkpoint_dir(run: Path, step: int | None) -> Path:
+    """The checkpoint directory of `step` (or the latest), checked to be a complete arctrain checkpoint."""
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
+    ckpts = run / "checkpoints"
+    if step is None:
+        if not (ckpts / "latest").is_file():
+            raise FileNotFoundError(f"{ckpts}: no checkpoint (no 'latest' file); train first or pass --step")
+        tag = (ckpts / "latest").read_text().strip()
+    else:
+        tag = f"step_{step:08d}"
+    path = ckpts / tag
+    if not path.is_dir():
+        have = sorted(int(p.name.split("_")[1]) for p in ckpts.glob("step_*") if p.is_dir())
+        raise FileNotFoundError(f"{path}: no such checkpoint (steps available: {have or 'none'})")
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"{path}: checkpoint has no trainer_state.json; it is incomplete or not from arctrain")
+    if not list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raise FileNotFoundError(f"{path}: no DeepSpeed model files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+    return path
+
+
+def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 trainable weights, gathered from every rank's partition (frozen decoders excluded)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
+
+
+def segment_tokens(cfg: Config) -> int:
+    """The training segment length, from the first shard directory's manifest."""
+    manifest = Path(cfg.data.sources[0][0]) / "manifest.json"
+    if manifest.is_file():
+        return int(json.loads(manifest.read_text()).get("segment_tokens", DEFAULT_SEGMENT_TOKENS))
+    return DEFAULT_SEGMENT_TOKENS
+
+
+def export_config(cfg: Config):
+    """The ARCEncoderConfig of a run: truncated backbone config, pooling, and what each decoder needs."""
+    from transformers import AutoConfig
+
+    from arctrain.hf.configuration_arc import ARCEncoderConfig
+
+    backbone = _model_config(cfg.model.encoder_path, "model.encoder_path")
+    backbone.num_hidden_layers -= cfg.model.n_truncated_layers
+    decoders = []
+    for d in cfg.decoders:
+        dec = _model_config(d.path, f"decoder {d.name!r} path")
+        decoders.append(
+            {
+                "name": d.name,
+                "architecture": (dec.architectures or [type(dec).__name__])[0],
+                "hidden_size": dec.hidden_size,
+                "projector_hidden": d.projector_hidden,
+                "tokenizer_hash": tokenizer_hash(d.path),
+                "prefix": d.prefix,
+            }
+        )
+    backbone_dict = backbone.to_dict()
+    backbone_dict["model_type"] = backbone.model_type
+    backbone_dict.pop("architectures", None)  # the backbone is used as a bare model, never as a causal LM
+    assert isinstance(AutoConfig.for_model(backbone.model_type), type(backbone))
+    return ARCEncoderConfig(
+        backbone=backbone_dict,
+        n_truncated_layers=cfg.model.n_truncated_layers,
+        pooling=cfg.model.pooling,
+        pooling_factor=cfg.model.pooling_factor,
+        n_vectors=cfg.model.n_vectors,
+        segment_tokens=segment_tokens(cfg),
+        decoders=decoders,
+        encoder_tokenizer_hash=tokenizer_hash(cfg.model.encoder_path),
+    )
+
+
+def _model_config(path: str, what: str):
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: {path} is not a Hugging Face model directory (no config.json)")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def export(run: Path, out: Path, step: int | None = None) -> Path:
+    """Write the Hugging Face directory for a run's checkpoint; returns `out`."""
+    from transformers import AutoTokenizer
+
+    from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.hf.modeling_arc import ARCEncoderModel
+
+    ckpt = checkpoint_dir(run, step)
+    cfg = load_config(run / "config.yaml")
+    config = export_config(cfg)
+    state = consolidate(ckpt)
+    model = ARCEncoderModel(config)
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{ckpt}: weights do not match the run's config (missing {missing[:3]}, extra {extra[:3]})")
+    model.load_state_dict(state, strict=True)
+    # Registration makes save_pretrained copy the two standalone files and write config.json's auto_map.
+    ARCEncoderConfig.register_for_auto_class()
+    ARCEncoderModel.register_for_auto_class("AutoModel")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
+    AutoTokenizer.from_pretrained(cfg.model.encoder_path).save_pretrained(out)
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    (out / "README.md").write_text(model_card(cfg, config, trainer_state, _last_metrics(run), ckpt))
+    return out
+
+
+def _last_metrics(run: Path) -> dict:
+    """The latest value of every metric in metrics.jsonl (train and eval lines are written at different steps)."""
+    latest: dict = {}
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip():
+            latest.update(json.loads(line))
+    return latest
+
+
+def model_card(cfg: Config, config, trainer_state: dict, metrics: dict, ckpt: Path) -> str:
+    """README.md: what the model is, what it was trained on, how far, and how to load it."""
+    decoders = "\n".join(
+        f"| {d['name']} | {d['architecture']} | {d['hidden_size']} | {d['projector_hidden']} "
+        f"| `{d['tokenizer_hash'][:16]}` |"
+        for d in config.decoders
+    )
+    paths = {d.name: d.path for d in cfg.decoders}
+    bases = "\n".join([f"- encoder backbone: `{cfg.model.encoder_path}`"] + [f"- {n}: `{p}`" for n, p in paths.items()])
+    shown = {k: v for k, v in sorted(metrics.items()) if "loss" in k or k in ("step", "grad_norm")}
+    metric_rows = "\n".join(
+        f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in shown.items()
+    )
+    return f"""---
+library_name: transformers
+tags: [arc-encoder, context-compression]
+---
+# ARC encoder ({config.pooling}, x{config.pooling_factor})
+
+A context compressor: the encoder turns each segment of up to {config.segment_tokens} tokens into about
+1/{config.pooling_factor} as many vectors ({_pooling_words(config)}); a per-decoder projector maps them into a
+frozen decoder's embedding space, where they replace the context's tokens. Trained with arctrain.
+
+## Base models
+{bases}
+
+Encoder backbone: `{config.backbone["model_type"]}`, {config.backbone["num_hidden_layers"]} layers kept
+({config.n_truncated_layers} removed), bidirectional attention, no final norm. Decoders (not included):
+
+| name | architecture | hidden size | projector hidden | tokenizer sha256 |
+|---|---|---|---|---|
+{decoders}
+
+## Training
+- checkpoint: `{ckpt}` (step {trainer_state.get("step")}, world size {trainer_state.get("world_size")})
+- data: {_data_lines(cfg)}
+- steps: {cfg.train.steps} planned, {trainer_state.get("step")} done; micro-batch {cfg.data.micro_batch_size}, \
+grad accumulation {cfg.train.grad_accum}; LR encoder {cfg.optim.encoder_lr}, projector {cfg.optim.projector_lr}
+
+Final metrics (latest value of each in metrics.jsonl):
+
+| metric | value |
+|---|---|
+{metric_rows}
+
+## How to load
+```python
+from transformers import AutoModel, AutoTokenizer
+model = AutoModel.from_pretrained("THIS_DIR", trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained("THIS_DIR", trust_remote_code=True)
+enc = tok(["some text"], return_tensors="pt", padding=True, add_special_tokens=False)
+vectors = model.compress(enc.input_ids, enc.attention_mask)        # per segment (m, D)
+embeds = model.project(vectors[0], "{config.decoders[0]["name"]}")  # decoder embedding space
+```
+With arctrain: `arctrain generate --model THIS_DIR --decoder DECODER_DIR --context-file doc.txt --prompt "..."`
+and `arctrain eval --model THIS_DIR --decoder DECODER_DIR --data qa.jsonl`.
+"""
+
+
+def _pooling_words(config) -> str:
+    if config.n_vectors > 0:
+        return f"{config.n_vectors} vectors per segment"
+    return "mean-pooled queries in the last layer" if config.pooling == "mean_pooled_queries" else "mean pooling"
+
+
+def _data_lines(cfg: Config) -> str:
+    parts = []
+    for directory, weight in cfg.data.sources:
+        manifest = Path(directory) / "manifest.json"
+        if manifest.is_file():
+            m = json.loads(manifest.read_text())
+            train = m.get("splits", {}).get("train", {})
+            tokens = sum(s.get("tokens", {}).get("encoder", 0) for s in train.get("shards", []))
+            parts.append(f"`{directory}` (weight {weight}: {train.get('samples')} samples, {tokens} encoder tokens)")
+        else:
+            parts.append(f"`{directory}` (weight {weight}, manifest not found at export time)")
+    return "; ".join(parts)
+
+
+def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """arctrain's own classes from an export: (ARCEncoder, projectors, specials, config).
+
+    The same weights as `AutoModel.from_pretrained(..., trust_remote_code=True)`, in the modules the trainer uses
+    (`arctrain.model.ARCEncoder`, `Projector`, `SpecialVectors`), so `ARCModel` can be rebuilt around a decoder.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.model import ARCEncoder, Projector, SpecialVectors
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not an exported model (no config.json)")
+    config = ARCEncoderConfig.from_pretrained(model_dir)
+    if config.model_type != "arc_encoder" or not config.backbone:
+        raise ValueError(f"{model_dir}/config.json: not an arctrain export (model_type {config.model_type!r})")
+    backbone = dict(config.backbone)
+    bb_config = AutoConfig.for_model(backbone.pop("model_type"), **backbone)
+    bb_config._attn_implementation = "sdpa"
+    encoder = ARCEncoder(
+        AutoModel.from_config(bb_config),
+        n_truncated_layers=0,
+        pooling=config.pooling,
+        factor=config.pooling_factor,
+        n_vectors=config.n_vectors,
+    )
+    dim = encoder.hidden_size
+    projectors = nn.ModuleDict(
+        {d["name"]: Projector(dim, d["projector_hidden"], d["hidden_size"]) for d in config.decoders}
+    )
+    specials = nn.ModuleDict({d["name"]: SpecialVectors(dim) for d in config.decoders})
+    holder = nn.Module()
+    holder.encoder, holder.projectors, holder.specials = encoder, projectors, specials
+    holder.load_state_dict(_read_weights(model_dir, load_file), strict=True)
+    holder.to(dtype).eval()
+    return encoder, projectors, specials, config
+
+
+def _read_weights(model_dir: Path, load_file) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for name in files:
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir / name}: weight file missing from the export")
+        state.update(load_file(model_dir / name))
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv or [])
+    out = export(args.run, args.out, args.step)
+    print(f"arctrain export: {args.run} -> {out}")

@@ -1,0 +1,241 @@
+"""Compress contexts with an exported encoder and generate with a frozen decoder.
+
+    arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt \
+        --prompt "Question: what does it return?" --max-new-tokens 32
+    arctrain generate ... --sample --temperature 0.8 --top-p 0.9 --seed 1
+
+In Python:
+
+    arc = ARCGenerator("exported/tiny", "artifacts/tiny/llama")
+    out = arc.complete(["a long document ..."], ["\\nSummary:"], max_new_tokens=32)
+    out.texts[0]
+
+A context longer than the training segment length (`segment_tokens` in the export's config) is cut into segments at
+word boundaries by encoder tokens, exactly as `arc-data build` cut the training data; each segment is compressed on
+its own and their vectors follow one another, then the decoder's <Cont> vector. Batched prompts are left-padded.
+"""
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from arctrain.export import load_export
+from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
+from arctrain.tokenizer_id import tokenizer_hash
+
+
+@dataclass
+class Generation:
+    texts: list[str]  # the new text of each prompt (special tokens dropped)
+    prompt_tokens: list[int]  # decoder positions of each prompt (text tokens + memory and special vectors)
+    encoder_tokens: int  # encoder tokens compressed for the whole batch
+    memory_vectors: int  # vectors they became (projected, with the special vectors, into the decoder)
+    seconds_to_first_token: float  # compression + decoder prefill of the batch, up to the first token's logits
+    seconds: float  # the whole call
+
+
+class _FirstLogits(LogitsProcessor):
+    """Records when the first logits arrive: the end of the prefill."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            self.at = time.perf_counter()
+        return scores
+
+
+class _LineDone(StoppingCriteria):
+    """A row is done once its new text holds a newline after some non-blank text (one answer line)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)  # only new tokens (inputs_embeds)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+
+
+def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
+    """The export's decoder entry for `decoder_dir`: by `name`, else by tokenizer hash; checked against the hash."""
+    by_name = {d["name"]: d for d in config.decoders}
+    found = tokenizer_hash(decoder_dir)
+    if name is None:
+        matches = [d["name"] for d in config.decoders if d["tokenizer_hash"] == found]
+        if len(matches) != 1:
+            raise ValueError(
+                f"--decoder {decoder_dir}: its tokenizer matches {len(matches)} of this model's decoders "
+                f"({', '.join(by_name)}); pass --decoder-name"
+            )
+        return matches[0]
+    if name not in by_name:
+        raise ValueError(f"--decoder-name {name!r}: this model has decoders {', '.join(by_name)}")
+    if by_name[name]["tokenizer_hash"] != found:
+        raise ValueError(f"--decoder {decoder_dir}: its tokenizer is not the one decoder {name!r} was trained with")
+    return name
+
+
+class ARCGenerator:
+    """An exported encoder + its projector for one decoder + that decoder, ready to compress and generate."""
+
+    def __init__(
+        self, model_dir: str | Path, decoder_dir: str | Path, decoder_name: str | None = None, dtype=torch.float32
+    ):
+        from data_tools.segment import Segmenter
+
+        encoder, projectors, specials, config = load_export(model_dir, dtype)
+        self.name = pick_decoder(config, decoder_dir, decoder_name)
+        self.config = config
+        decoder = load_causal_lm(decoder_dir, dtype)
+        one = nn.ModuleDict
+        self.model = ARCModel(
+            encoder,
+            one({self.name: projectors[self.name]}),
+            one({self.name: specials[self.name]}),
+            one({self.name: decoder}),
+        )
+        self.decoder = decoder
+        self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+        self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
+        self.segmenter = Segmenter(self.enc_tok.backend_tokenizer, config.segment_tokens, "uint32")
+        self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
+
+    # --- pieces ---------------------------------------------------------------------------------------------
+
+    def segments(self, text: str) -> list[list[int]]:
+        """Encoder ids of each segment of `text`, cut at word boundaries after about `segment_tokens` tokens."""
+        out = []
+        for seg in self.segmenter.segment([text])[0]:
+            if seg.enc_ids is not None:
+                ids = seg.enc_ids.tolist()
+            else:
+                ids = self.enc_tok.encode(text[seg.start : seg.end], add_special_tokens=False)
+            if ids:
+                out.append(ids)
+        return out
+
+    def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
+        """One or more passages compressed together: their segments in order, then one special vector."""
+        texts = [texts] if isinstance(texts, str) else texts
+        segments = [seg for text in texts for seg in self.segments(text)]
+        if not segments:
+            raise ValueError("a context has no text to compress")
+        return Memory(segments, special)
+
+    def text(self, text: str) -> Text:
+        return Text(self.dec_tok.encode(text, add_special_tokens=False))
+
+    def context_example(self, context: str | list[str], prompt: str) -> Example:
+        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it."""
+        pieces = [self.text(self.prefix)] if self.prefix else []
+        return Example(pieces + [self.memory(context), self.text(prompt)])
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    def batch(self, examples: list[Example]) -> ARCBatch:
+        """The examples collated for this decoder (BOS first, right-padded), as in training."""
+        tok = self.dec_tok
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        enc_pad = self.enc_tok.pad_token_id if self.enc_tok.pad_token_id is not None else 0
+        cfg = self.config
+        return collate(
+            examples, pooling=cfg.pooling, factor=cfg.pooling_factor, n_vectors=cfg.n_vectors, enc_pad_id=enc_pad,
+            dec_pad_id=pad, bos_id=tok.bos_token_id, decoder=self.name,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def embed(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, ARCBatch]:
+        """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch."""
+        batch = self.batch(examples)
+        if batch.enc_mask.sum() > 0:
+            embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
+        else:  # no compressed piece anywhere (closed book): plain token embeddings
+            embeds = self.decoder.get_input_embeddings()(batch.dec_ids)
+        return *left_pad(embeds, batch.attention_mask), batch
+
+    @torch.no_grad()
+    def generate(
+        self,
+        examples: list[Example],
+        *,
+        max_new_tokens: int = 64,
+        sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_at_newline: bool = False,
+    ) -> Generation:
+        """Generate after each example (greedy unless `sample`) with the decoder's own `generate` and KV cache.
+
+        `stop_at_newline`: a row stops after its first non-blank line (QA answers).
+        """
+        start = time.perf_counter()
+        first = _FirstLogits()
+        embeds, mask, batch = self.embed(examples)
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
+        if sample:
+            torch.manual_seed(seed)
+        tok = self.dec_tok
+        stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        criteria = StoppingCriteriaList([_LineDone(tok)] if stop_at_newline else [])
+        out = self.decoder.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
+            eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+            top_k=None, **options,
+        )  # fmt: skip
+        texts = tok.batch_decode(out, skip_special_tokens=True)  # with inputs_embeds only new tokens come back
+        end = time.perf_counter()
+        n_enc, n_vec = int(batch.enc_mask.sum()), int(batch.n_vectors.sum())
+        return Generation(texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start)
+
+    def complete(self, contexts: list[str | list[str]], prompts: list[str], **options) -> Generation:
+        """Compress each context and generate after its prompt."""
+        return self.generate([self.context_example(c, p) for c, p in zip(contexts, prompts, strict=True)], **options)
+
+
+def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T, D) + mask (B, T) -> left-padded: generation appends after each row's last token."""
+    out, out_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
+    width = mask.shape[1]
+    for i, n in enumerate(mask.sum(1).tolist()):
+        out[i, width - n :] = embeds[i, :n]
+        out_mask[i, width - n :] = 1
+    return out, out_mask
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="arctrain generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
+    parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
+    parser.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")
+    parser.add_argument("--context-file", required=True, type=Path, help="UTF-8 text to compress")
+    parser.add_argument("--prompt", required=True, help="decoder text after the compressed context")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--max-new-tokens must be >= 1, --temperature > 0 and --top-p in (0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv or [])
+    if not args.context_file.is_file():
+        raise FileNotFoundError(f"--context-file {args.context_file}: no such file")
+    context = args.context_file.read_text(encoding="utf-8")
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name)
+    out = arc.complete(
+        [context], [args.prompt], max_new_tokens=args.max_new_tokens, sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    print(out.texts[0])
