@@ -40,7 +40,7 @@ def check_shards(cfg) -> None:
 
     for path, _ in cfg.data.sources:
         open_source(path, "train", tokenizer_paths(cfg))
-    for path in cfg.data.val_dirs:
+    for path in cfg.data.val_dirs if cfg.eval.interval else []:
         open_source(path, "val", tokenizer_paths(cfg))
 
 

@@ -182,3 +182,60 @@ def test_zero3_partitions_halve_per_rank_parameters(straight, tiny_models, tiny_
     one = metrics(run_dir)[0]["param_elements_per_rank"]
     two = metrics(straight)[0]["param_elements_per_rank"]
     assert 0.45 * one <= two <= 0.55 * one, (one, two)
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("train.stepz=3", "train.stepz: unknown key"),
+        ("train.steps=many", "train.steps: 'many' is not a number"),
+        ("deepspeed=ds_configs/zero3_bf16.json", "train.precision: 'fp32' but ds_configs/zero3_bf16.json enables"),
+        ("decoders.0.path=/nonexistent/llama", "decoders.0.path: '/nonexistent/llama' is not a directory"),
+    ],
+)
+def test_config_errors_are_one_line(tiny_models, tiny_shards, tmp_path, bad, expected):
+    result = train_cli(*overrides(tiny_models, tiny_shards, tmp_path / "run"), bad)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("arctrain train: error:"), result.stderr[-2000:]
+    assert expected in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_shards_of_other_tokenizers_are_refused(tiny_models, tiny_shards, tmp_path):
+    """Decoders swapped: the shards' manifest says llama's tokenizer is another one than the configured model's."""
+    result = train_cli(
+        *overrides(tiny_models, tiny_shards, tmp_path / "run"),
+        f"decoders.0.path={tiny_models / 'mistral'}",
+        f"decoders.1.path={tiny_models / 'llama'}",
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "llama" in lines[0] and str(tiny_shards) in lines[0], result.stderr[-2000:]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, tiny_shards, tmp_path):
+    """An encoder with a NaN weight: every step is skipped and counted; after max_bad_steps a checkpoint, exit 3."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from arctrain.train import EXIT_DIVERGED
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_models / "encoder", encoder)
+    weights = load_file(encoder / "model.safetensors")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, encoder / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=10", "train.max_bad_steps=3")
+    args[0] = f"model.encoder_path={encoder}"
+    assert run(args, 1, tmp_path / "log") == [EXIT_DIVERGED]
+    assert latest(run_dir) == "step_00000003"
+    assert [m["skipped_steps"] for m in metrics(run_dir)] == [1, 2, 3]
+    assert "3 steps in a row had a non-finite loss or gradient norm" in (tmp_path / "log.rank0").read_text()
