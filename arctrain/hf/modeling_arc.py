@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as init
 
 from .configuration_arc import ARCEncoderConfig
 
@@ -114,12 +115,12 @@ class ARCEncoderModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only reached for weights missing from a checkpoint: every exported weight is loaded.
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, ARCSpecials):
-            nn.init.ones_(module.rec)
-            nn.init.ones_(module.cont)
+        # The base class covers linears, embeddings, norms and the rotary embedding's inv_freq, which is not saved
+        # (a non-persistent buffer) and must be recomputed from the config after loading.
+        super()._init_weights(module)
+        if isinstance(module, ARCSpecials):
+            init.ones_(module.rec)  # transformers' init functions skip weights that were loaded
+            init.ones_(module.cont)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled vectors (S, M, D) and their count per segment (S,); rows past a segment's count are zero.

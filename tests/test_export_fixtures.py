@@ -1,0 +1,51 @@
+"""Session fixtures shared by the export, inference and evaluation tests (imported by those modules).
+
+A real run: `arctrain train` on 2 gloo processes (ZeRO-3 partitions the trainable weights across both ranks, so
+the export has to consolidate them), 4 steps, then `arctrain export`. Costs about 50 s of 2 CPU cores, once.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from arctrain.cli import main as arctrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_models, tiny_shards, tmp_path_factory) -> Path:
+    """RUN_DIR of 4 training steps on 2 ranks, checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("export_run")
+    args = [
+        f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}", f"checkpoint.dir={run_dir}",
+        "train.steps=4", "checkpoint.interval=2", "logging.interval=1", "logging.wandb_mode=disabled",
+        "eval.interval=0",
+    ]  # fmt: skip
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
+        log = open(run_dir / f"train.rank{rank}.log", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], (run_dir / "train.rank0.log").read_text()[-2000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "model"
+    arctrain(["export", "--run", str(trained_run), "--out", str(out)])
+    return out
