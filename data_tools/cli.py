@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-tokens", type=int, default=256, help="about this many encoder tokens per segment")
     p.add_argument("--window-segments", type=int, default=4, help="segments per sample")
     p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--shard-size-mb", type=float, default=256.0)
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="shard file size (MiB) to start a new shard at")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (one core each)")
     p.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
