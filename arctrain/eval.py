@@ -12,8 +12,9 @@ Each record is asked in three modes, greedy, the answer being the first non-blan
 
 preceded by `--shots` examples from the same file (the records after it, cyclically, never itself). Exact match
 and F1 use SQuAD's normalisation (lower case, no punctuation, no articles, single spaces), best over the answers.
-Prefill cost per mode: decoder positions, FLOPs (2N per token for the decoder, plus the encoder and projector for
-compressed contexts; N excludes embedding tables and the LM head) and measured time to the first token.
+Prefill cost per mode, per question: decoder positions, FLOPs (2N per token for the decoder, plus the encoder and
+projector for compressed contexts; N excludes embedding tables and the LM head) and measured time to the first
+token (compression included) of each batch, divided by the batch's questions.
 """
 
 import argparse

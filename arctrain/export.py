@@ -31,6 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--run", required=True, type=Path, help="run directory (checkpoint.dir of the training)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
     return parser.parse_args(argv)
 
 
@@ -116,7 +117,7 @@ def _model_config(path: str, what: str):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def export(run: Path, out: Path, step: int | None = None) -> Path:
+def export(run: Path, out: Path, step: int | None = None, overwrite: bool = False) -> Path:
     """Write the Hugging Face directory for a run's checkpoint; returns `out`."""
     from transformers import AutoTokenizer
 
@@ -124,6 +125,11 @@ def export(run: Path, out: Path, step: int | None = None) -> Path:
     from arctrain.hf.modeling_arc import ARCEncoderModel
 
     ckpt = checkpoint_dir(run, step)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out}: directory is not empty (pass --overwrite to replace an export)")
+        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)  # a smaller model may be written in fewer shards
     cfg = load_config(run / "config.yaml")
     config = export_config(cfg)
     state = consolidate(ckpt)
@@ -289,5 +295,5 @@ def _read_weights(model_dir: Path, load_file) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
-    out = export(args.run, args.out, args.step)
+    out = export(args.run, args.out, args.step, args.overwrite)
     print(f"arctrain export: {args.run} -> {out}")

@@ -1,6 +1,6 @@
 """`arctrain export`: a 2-rank ZeRO-3 run -> Hugging Face directory; round trip through both loaders; bad input.
 
-Fixtures (`trained_run`, `exported`) are in test_export_fixtures.py: about 50 s once per session, shared with the
+Fixtures (`trained_run`, `exported`) are in test_export_fixtures.py: about 40 s once per session, shared with the
 inference and evaluation tests. The tests here add about 15 s.
 """
 
@@ -177,6 +177,7 @@ def test_bad_input_is_one_line(trained_run, exported, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert "no such checkpoint" in _fails(["export", "--run", str(trained_run), "--step", "3", "--out", out], capsys)
     assert "not a run directory" in _fails(["export", "--run", str(tmp_path), "--out", out], capsys)
+    assert "not empty" in _fails(["export", "--run", str(trained_run), "--out", str(exported)], capsys)
 
     bare = tmp_path / "bare"
     bare.mkdir()

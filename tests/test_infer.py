@@ -1,0 +1,87 @@
+"""Compress + generate from an exported tiny model (arctrain.infer and `arctrain generate`); about 20 s."""
+
+import pytest
+import torch
+from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
+
+from arctrain.cli import main as arctrain
+from arctrain.corpus import read_corpus
+from arctrain.infer import ARCGenerator, left_pad
+
+
+@pytest.fixture(scope="module")
+def arc(exported, tiny_models) -> ARCGenerator:
+    return ARCGenerator(exported, tiny_models / "llama")
+
+
+@pytest.fixture(scope="module")
+def documents(tiny_models) -> list[str]:
+    docs = [r["text"] for r in read_corpus(tiny_models / "corpus.jsonl")]
+    return [d for d in docs if len(d) > 1500][:3]
+
+
+def test_long_context_is_cut_into_segments_at_word_boundaries(arc, documents):
+    text = documents[0][:1500]
+    segments = arc.segments(text)
+    assert arc.config.segment_tokens == 64 and len(segments) > 2  # 1500 characters are far more than 64 tokens
+    assert all(0 < len(s) <= arc.config.segment_tokens for s in segments)
+    decoded = [arc.enc_tok.decode(s) for s in segments]
+    assert "".join(decoded) == text  # nothing lost, nothing repeated
+    assert all(d[-1].isspace() or d2[0].isspace() for d, d2 in zip(decoded, decoded[1:]))  # cuts at word breaks
+    memory = arc.memory([text, documents[1][:200]])
+    assert memory.segments == segments + arc.segments(documents[1][:200]) and memory.special == "cont"
+
+
+def test_greedy_generation_is_text_and_deterministic(arc, documents):
+    contexts, prompts = [documents[0][:1200], documents[1][:300]], ["\nIn short, the", "\nThe"]
+    first = arc.complete(contexts, prompts, max_new_tokens=12)
+    second = arc.complete(contexts, prompts, max_new_tokens=12)
+    assert first.texts == second.texts
+    assert all(t.strip() for t in first.texts), first.texts
+    # Left padding: each prompt generates the same alone as in the batch.
+    for context, prompt, text in zip(contexts, prompts, first.texts, strict=True):
+        assert arc.complete([context], [prompt], max_new_tokens=12).texts == [text]
+    assert first.encoder_tokens > 0 and 0 < first.memory_vectors < first.encoder_tokens
+
+
+def test_sampling_follows_the_seed(arc, documents):
+    options = dict(max_new_tokens=12, sample=True, temperature=1.5, top_p=0.95)
+    a = arc.complete([documents[0][:500]], [" The"], seed=1, **options).texts
+    assert arc.complete([documents[0][:500]], [" The"], seed=1, **options).texts == a
+    others = {arc.complete([documents[0][:500]], [" The"], seed=s, **options).texts[0] for s in (2, 3, 4)}
+    assert others != {a[0]}
+
+
+def test_left_pad_moves_each_row_to_the_end():
+    embeds = torch.arange(12.0).view(2, 3, 2)  # (B, T, D)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out, out_mask = left_pad(embeds, mask)
+    assert out_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert out[0].tolist() == [[0.0, 0.0], [0.0, 1.0], [2.0, 3.0]] and torch.equal(out[1], embeds[1])
+
+
+def test_generate_command_prints_what_the_api_generates(arc, exported, tiny_models, documents, tmp_path, capsys):
+    context = tmp_path / "doc.txt"
+    context.write_text(documents[0][:800])
+    argv = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--context-file"]
+    arctrain([*argv, str(context), "--prompt", "\nThe", "--max-new-tokens", "10"])
+    printed = capsys.readouterr().out
+    assert printed == arc.complete([documents[0][:800]], ["\nThe"], max_new_tokens=10).texts[0] + "\n"
+
+
+def test_generate_bad_input_is_one_line(exported, tiny_models, tmp_path, capsys):
+    context = tmp_path / "doc.txt"
+    context.write_text("Some text.")
+    cases = [
+        (["--decoder", str(tiny_models / "llama"), "--context-file", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--decoder", str(tiny_models / "encoder"), "--context-file", str(context)], "--decoder-name"),
+        (["--decoder", str(tiny_models / "llama"), "--decoder-name", "mistral", "--context-file", str(context)],
+         "not the one decoder 'mistral' was trained with"),
+        (["--decoder", str(tiny_models / "llama"), "--decoder-name", "gpt", "--context-file", str(context)],
+         "this model has decoders llama, mistral"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            arctrain(["generate", "--model", str(exported), *args, "--prompt", "x"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
