@@ -1,6 +1,6 @@
 """Tiny real models for tests and the demo: the real Hugging Face classes at toy sizes.
 
-    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 300
+    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 600
 
 writes `encoder/` (Llama architecture, like Llama 3.2), `llama/` (LlamaForCausalLM, stands in for Llama 3.1 8B),
 `mistral/` (MistralForCausalLM with another hidden size, stands in for Mistral 7B) and `corpus.jsonl` (the
@@ -91,8 +91,22 @@ def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.
     return torch.tensor(ids, dtype=torch.long)
 
 
+def training_batch(stream: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random windows of the stream; every other row repeats its first half.
+
+    Repeated passages make a small model learn to copy from its context (induction heads) within a few hundred
+    steps; large LMs learn this from the repetition in web text. Without it the tiny decoders ignore their
+    context, and compressed context could not help them.
+    """
+    starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (BATCH,), generator=gen).tolist()
+    rows = [stream[s : s + SEQ_LEN] for s in starts]
+    half = SEQ_LEN // 2
+    rows = [row if i % 2 == 0 else torch.cat([row[:half], row[:half]]) for i, row in enumerate(rows)]
+    return torch.stack(rows)  # (B, T)
+
+
 def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int) -> list[float]:
-    """Next-token training on random windows of the stream: warm-up then cosine, AdamW."""
+    """Next-token training on windows of the stream: warm-up then cosine, AdamW."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -102,8 +116,7 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int
     model.train()
     losses = []
     for _ in range(steps):
-        starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (BATCH,), generator=gen)
-        batch = torch.stack([stream[s : s + SEQ_LEN] for s in starts.tolist()])  # (B, T)
+        batch = training_batch(stream, gen)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

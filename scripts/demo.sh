@@ -13,14 +13,14 @@ start=$(date +%s)
 
 if [ ! -f "$ART/tiny/mistral/config.json" ]; then
     echo "== 1/3 tiny models and the embedded corpus -> $ART/tiny"
-    arctrain make-tiny-models --out "$ART/tiny" --pretrain-steps "${PRETRAIN_STEPS:-300}"
+    arctrain make-tiny-models --out "$ART/tiny" --pretrain-steps "${PRETRAIN_STEPS:-600}"
 fi
 if [ ! -f "$ART/shards/manifest.json" ]; then
     echo "== 2/3 shards -> $ART/shards"
     arc-data build --input "$ART/tiny/corpus.jsonl" --out "$ART/shards" --overwrite \
         --encoder-tokenizer "$ART/tiny/encoder" \
         --decoder llama="$ART/tiny/llama" --decoder mistral="$ART/tiny/mistral" \
-        --segment-tokens 64 --val-fraction 0.05 --shard-size-mb 1 --workers 2
+        --segment-tokens 16 --val-fraction 0.05 --shard-size-mb 1 --workers 2
     arc-data verify "$ART/shards"
 fi
 echo "== 3/3 ZeRO-3 training on 2 CPU processes -> $RUN_DIR"

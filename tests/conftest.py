@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_PRETRAIN_STEPS = 200
+TEST_PRETRAIN_STEPS = 600
 
 
 def _source_digest() -> str:
@@ -53,7 +53,7 @@ def tiny_shards(tiny_models, tmp_path_factory) -> Path:
         sys.executable, "-m", "data_tools.cli", "build", "--input", str(tiny_models / "corpus.jsonl"),
         "--out", str(out), "--encoder-tokenizer", str(tiny_models / "encoder"),
         "--decoder", f"llama={tiny_models / 'llama'}", "--decoder", f"mistral={tiny_models / 'mistral'}",
-        "--segment-tokens", "64", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
+        "--segment-tokens", "16", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     return out

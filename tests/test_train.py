@@ -38,6 +38,7 @@ def overrides(models: Path, shards: Path, run_dir: Path, *extra: str) -> list[st
         "logging.wandb_mode=disabled",
         "logging.sample_keys=true",
         "eval.interval=0",
+        "data.micro_batch_size=4",
         *extra,
     ]
 
