@@ -77,7 +77,7 @@ def shards(tiny_models, work) -> Path:
 def train_env(tiny_models: Path, shards: Path, run_dir: Path, nproc: int, extra: str = "") -> dict[str, str]:
     overrides = (
         f"model.encoder_path={tiny_models / 'encoder'} decoders.0.path={tiny_models / 'llama'} "
-        f"decoders.1.path={tiny_models / 'mistral'} data.shards={shards} data.num_workers=0 "
+        f"decoders.1.path={tiny_models / 'mistral'} data.shards={shards} data.num_workers=0 data.micro_batch_size=4 "
         f"train.steps={STEPS} checkpoint.interval=1000 eval.interval=0 logging.interval=1 logging.wandb_mode=disabled "
         f"{extra}"
     )
