@@ -1,4 +1,4 @@
-"""QA evaluation: SQuAD metrics on hand-computed cases, prompt layout, `arctrain eval` end to end; about 25 s."""
+"""QA evaluation: SQuAD metrics on hand-computed cases, prompt layout, `arctrain eval` end to end; about 15 s."""
 
 import json
 
