@@ -30,7 +30,12 @@ def test_long_context_is_cut_into_segments_at_word_boundaries(arc, documents, ti
     assert all(0 < len(s) <= arc.config.segment_tokens for s in segments)
     decoded = [arc.enc_tok.decode(s) for s in segments]
     assert "".join(decoded) == text  # nothing lost, nothing repeated
-    assert all(d[-1].isspace() or d2[0].isspace() for d, d2 in zip(decoded, decoded[1:]))  # cuts at word breaks
+    # Cuts are at word breaks, except inside a word too long to fit (then the segment is full: arc-data's rule).
+    inside_words = [
+        i for i, (d, d2) in enumerate(zip(decoded, decoded[1:])) if not (d[-1].isspace() or d2[0].isspace())
+    ]
+    assert len(inside_words) < len(segments) / 4
+    assert all(len(segments[i]) == arc.config.segment_tokens for i in inside_words)
     memory = arc.memory([text, documents[1][:200]])
     assert memory.segments == segments + arc.segments(documents[1][:200]) and memory.special == "cont"
 
