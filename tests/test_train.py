@@ -240,3 +240,19 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, tiny_shards
     assert latest(run_dir) == "step_00000003"
     assert [m["skipped_steps"] for m in metrics(run_dir)] == [1, 2, 3]
     assert "3 steps in a row had a non-finite loss or gradient norm" in (tmp_path / "log.rank0").read_text()
+
+
+def test_training_makes_compressed_context_useful(tiny_models, tiny_shards, tmp_path):
+    """The demo config with both decoders: the loss falls and the compressed context helps on val."""
+    run_dir = tmp_path / "learn"
+    args = overrides(tiny_models, tiny_shards, run_dir, "eval.interval=150", "logging.interval=10")
+    args = [a for a in args if not a.startswith("data.micro_batch_size")]  # the demo's own batch size
+    assert run(args, 2, tmp_path / "log") == [0, 0]
+    lines = metrics(run_dir)
+    train = [m["train/loss"] for m in lines if "train/loss" in m]
+    assert sum(train[-3:]) / 3 < sum(train[:2]) / 2 - 0.2, train
+    val = next(m for m in reversed(lines) if "val/llama/reconstruction/loss" in m)
+    for decoder in ("llama", "mistral"):
+        recon, cont = f"val/{decoder}/reconstruction/", f"val/{decoder}/continuation/"
+        assert val[cont + "loss"] < val[cont + "loss_no_context"], val
+        assert val[recon + "loss"] < val[recon + "loss_no_context"] - 0.2, val
