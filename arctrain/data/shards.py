@@ -5,7 +5,6 @@ offsets once per shard per worker with `tarfile` and then read a sample's `.npy`
 """
 
 import io
-import json
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from arctrain.tokenizer_id import tokenizer_hash
+from data_tools.manifest import load_manifest
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,8 @@ class Source:
 
 
 def read_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise ValueError(f"{shard_dir}: no manifest.json (is this an `arc-data build` output directory?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err}") from None
-    if manifest.get("format") != "arc-shards" or manifest.get("format_version") != 1:
-        raise ValueError(f"{path}: not an arc-shards manifest of format_version 1")
-    return manifest
+    """The shard directory's manifest, checked by the tool that wrote it (a ValueError names the file)."""
+    return load_manifest(Path(shard_dir))
 
 
 def check_tokenizers(shard_dir: str | Path, manifest: dict, tokenizer_paths: dict[str, str]) -> None:
