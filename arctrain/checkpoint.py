@@ -60,7 +60,7 @@ class Checkpointer:
         dist.barrier()
         return self.dir / tag
 
-    def load(self, engine) -> dict | None:
+    def load(self, engine, world_size: int) -> dict | None:
         """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run."""
         tag = self.latest()
         if tag is None:
@@ -68,15 +68,22 @@ class Checkpointer:
         state_file = self.dir / tag / TRAINER_STATE
         if not state_file.is_file():
             raise ValueError(f"{self.dir / tag}: checkpoint has no {TRAINER_STATE}; it was not written by arctrain")
+        state = json.loads(state_file.read_text())
+        if state.get("world_size", world_size) != world_size:
+            # ZeRO-3 partitions and each rank's data stream depend on the number of ranks.
+            raise ValueError(
+                f"{self.dir / tag} was written by {state['world_size']} ranks; resume it with {state['world_size']} "
+                f"ranks (this run has {world_size}), or start a new run directory"
+            )
         path, _ = engine.load_checkpoint(
             str(self.dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise ValueError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():  # absent when resuming with another world size: the data order does not need it
+        if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads(state_file.read_text())
+        return state
 
     def _prune(self, keep_tag: str) -> None:
         if self.keep <= 0:

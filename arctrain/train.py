@@ -137,11 +137,11 @@ def train(cfg) -> int:
     preemption = Preemption()
     engine, model = build_engine(cfg, world_size)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank)
-    state = checkpointer.load(engine) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
+    state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
     step = state["step"]
     say = _logger(run_dir, rank)
     say(f"{'resumed from step ' + str(step) if step else 'starting at step 0'} in {run_dir} "
-        f"(world size {world_size}, {device.type})", flush=True)  # fmt: skip
+        f"(world size {world_size}, {device.type})")  # fmt: skip
 
     vocab = Vocab.from_config(cfg)
     loader = build_train_loader(cfg, rank, world_size, vocab)
@@ -202,11 +202,11 @@ def train(cfg) -> int:
             )
             exit_code = EXIT_DIVERGED
         elif preemption.agreed():
-            say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)", flush=True)
+            say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)")
             exit_code = EXIT_PREEMPTED
         if exit_code or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
             path = checkpointer.save(engine, step, trainer_state())
-            say(f"checkpoint: {path}", flush=True)
+            say(f"checkpoint: {path}")
         if exit_code:
             break
     logger.close()
@@ -218,9 +218,9 @@ def train(cfg) -> int:
 def _logger(run_dir: Path, rank: int):
     """Rank 0 prints and keeps the same lines in RUN_DIR/logs/train.log."""
 
-    def say(message: str, **_) -> None:
+    def say(message: str) -> None:
         if rank == 0:
-            print(message, flush=True)
+            print(message)
             with open(run_dir / "logs" / "train.log", "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
@@ -327,7 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # config and data errors: one line, before any process group
         print(f"arctrain train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    code = train(cfg)
+    try:
+        code = train(cfg)
+    except ValueError as err:  # e.g. a checkpoint this run cannot resume: every rank says it and stops
+        print(f"arctrain train: error: {err}", file=sys.stderr)
+        code = 2
     torch.distributed.destroy_process_group()
     raise SystemExit(code)
 

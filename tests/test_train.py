@@ -256,3 +256,14 @@ def test_training_makes_compressed_context_useful(tiny_models, tiny_shards, tmp_
         recon, cont = f"val/{decoder}/reconstruction/", f"val/{decoder}/continuation/"
         assert val[cont + "loss"] < val[cont + "loss_no_context"], val
         assert val[recon + "loss"] < val[recon + "loss_no_context"] - 0.2, val
+
+
+def test_resume_with_another_world_size_is_refused(straight, tiny_models, tiny_shards, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight, run_dir)
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=30")
+    assert run(args, 1, tmp_path / "log") == [2]
+    out = (tmp_path / "log.rank0").read_text()
+    assert "step_00000020 was written by 2 ranks; resume it with 2 ranks (this run has 1)" in out
