@@ -9,7 +9,9 @@ rank: every rank saves a checkpoint and the process exits with EXIT_PREEMPTED (7
 """
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -147,7 +149,7 @@ def train(cfg) -> int:
     loader = build_train_loader(cfg, rank, world_size, vocab)
     loader.load_state_dict({"next_batch": state["next_batch"]})
     batches = iter(loader)
-    logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=step)
+    logger = MetricsLogger(run_dir, cfg.logging, rank, dataclasses.asdict(cfg), resume_step=step)
     keys_log = SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", step) if cfg.logging.sample_keys else None
     meter, flops, peak = LossMeter([d.name for d in cfg.decoders]), FlopCounter(model), peak_tflops()
     window = {"time": 0.0, "wait": 0.0, "samples": 0, "enc_tokens": 0, "dec_tokens": 0, "flops": 0.0}
@@ -181,14 +183,17 @@ def train(cfg) -> int:
         step += 1
         window["time"] += time.perf_counter() - t0
 
-        bad = not engine.was_step_applied() or not _all_finite(step_loss)
+        loss_non_finite = _over_ranks(not math.isfinite(step_loss), torch.distributed.ReduceOp.MAX) > 0  # every rank
+        bad = loss_non_finite or not engine.was_step_applied()
         state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
         state["skipped_steps"] += int(bad)
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
-            metrics = {"train/loss": _mean_over_ranks(step_loss), **meter.reduce("train")}
+            metrics = {"train/loss": _over_ranks(step_loss) / world_size, **meter.reduce("train")}
             metrics.update(_throughput(window, engine, world_size, peak, peak_memory_gb()))
             metrics["skipped_steps"] = state["skipped_steps"]
-            metrics["param_elements_per_rank"] = _max_over_ranks(_local_param_elements(engine.module))
+            metrics["param_elements_per_rank"] = _over_ranks(
+                _local_param_elements(engine.module), torch.distributed.ReduceOp.MAX
+            )
             logger.log(step, metrics)
             meter.reset()
             window = dict.fromkeys(window, 0)
@@ -277,28 +282,11 @@ def _local_param_elements(module: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
-def _max_over_ranks(value: float) -> float:
+def _over_ranks(value: float, op=torch.distributed.ReduceOp.SUM) -> float:
+    """One number reduced over all ranks (a collective: every rank calls it)."""
     t = torch.tensor([float(value)], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=op)
     return t.item()
-
-
-def _mean_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size()
-
-
-def _all_finite(value: float) -> bool:
-    t = torch.tensor([0.0 if torch.isfinite(torch.tensor(value)) else 1.0])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item() == 0.0
-
-
-def _plain(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def _summary(run_dir: Path) -> None:
