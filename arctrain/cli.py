@@ -1,6 +1,6 @@
 """The `arctrain` command.
 
-    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 300
+    arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 600
     torchrun --nproc_per_node 2 -m arctrain train --config configs/tiny_cpu.yaml train.steps=50
     arctrain export --run runs/tiny --out exported/tiny
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
@@ -17,7 +17,13 @@ from pathlib import Path
 def _make_tiny_models(args: argparse.Namespace) -> None:
     from arctrain.tiny_models import make_tiny_models
 
-    make_tiny_models(Path(args.out), pretrain_steps=args.pretrain_steps, seed=args.seed)
+    make_tiny_models(
+        Path(args.out),
+        pretrain_steps=args.pretrain_steps,
+        seed=args.seed,
+        encoder_pretrain_steps=args.encoder_pretrain_steps,
+        workers=args.workers,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-tiny-models", help="write tiny real HF models + tokenizers + the embedded corpus")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--pretrain-steps", type=int, default=0, help="next-token training steps per model")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="next-token training steps per decoder")
+    p.add_argument("--encoder-pretrain-steps", type=int, help="encoder training steps (default: a third)")
+    p.add_argument("--workers", type=int, help="models built at once, one thread each (default: one per core, max 3)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_models)
 

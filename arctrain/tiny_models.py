@@ -5,13 +5,21 @@
 writes `encoder/` (Llama architecture, like Llama 3.2), `llama/` (LlamaForCausalLM, stands in for Llama 3.1 8B),
 `mistral/` (MistralForCausalLM with another hidden size, stands in for Mistral 7B) and `corpus.jsonl` (the
 embedded corpus). Each model has its own byte-level BPE tokenizer with its own vocabulary size and special
-tokens, so the decoders tokenize the same text differently. With `--pretrain-steps N` each model is trained as
-an ordinary next-token language model on the corpus (held-out documents excluded), so the decoders are small
-but real language models. Same seed, same files.
+tokens, so the decoders tokenize the same text differently. With `--pretrain-steps N` the decoders are trained as
+next-token language models on the corpus (held-out documents excluded) for N steps, the encoder for N // 3
+(`--encoder-pretrain-steps`), so they are small but real language models. The models build in parallel
+processes, one thread each (`--workers`, default one per core). Same seed, same files, for any worker count.
+
+What they cannot do: copy from their context. At this size and budget no induction heads form (a held-out passage
+is predicted no better after a verbatim copy of it than without), so compressed context helps them far less than
+it helps a real LLM; `benchmarks/context_use.py` measures how much any compressed context could help them.
 """
 
+import concurrent.futures
 import json
 import math
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +100,9 @@ def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast) -> torch.
 
 
 def training_batch(stream: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random windows of the stream; every other row repeats its first half.
-
-    Repeated passages make a small model learn to copy from its context (induction heads) within a few hundred
-    steps; large LMs learn this from the repetition in web text. Without it the tiny decoders ignore their
-    context, and compressed context could not help them.
-    """
+    """Random windows of the stream, (B, T)."""
     starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (BATCH,), generator=gen).tolist()
-    rows = [stream[s : s + SEQ_LEN] for s in starts]
-    half = SEQ_LEN // 2
-    rows = [row if i % 2 == 0 else torch.cat([row[:half], row[:half]]) for i, row in enumerate(rows)]
-    return torch.stack(rows)  # (B, T)
+    return torch.stack([stream[s : s + SEQ_LEN] for s in starts])
 
 
 def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int) -> list[float]:
@@ -128,33 +128,63 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int
     return losses
 
 
-def make_tiny_models(out: Path, pretrain_steps: int = 0, seed: int = 0, log=print) -> dict[str, Path]:
-    """Write the corpus and the three tiny models under `out`; returns name -> model directory."""
+def _build_one(spec: TinySpec, out: Path, train_texts: list[str], steps: int, seed: int) -> str:
+    """Tokenizer, model, pretraining and save for one spec; returns the log line.
+
+    Runs on one thread so the files do not depend on how many models are built at once or on the machine's
+    core count (multi-threaded reductions can change the last bits of a float sum)."""
+    start = time.time()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    tokenizer = train_tokenizer(train_texts, spec)
+    torch.manual_seed(seed * 1000 + SPECS.index(spec))
+    model = build_model(spec, tokenizer)
+    note = ""
+    if steps > 0:
+        losses = pretrain(model, token_stream(train_texts, tokenizer), steps, seed * 1000 + SPECS.index(spec))
+        note = f", {steps} steps, LM loss {losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}"
+    path = out / spec.name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "tiny_model.json").write_text(json.dumps({"seed": seed, "pretrain_steps": steps}) + "\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    return (
+        f"{spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}{note} "
+        f"({time.time() - start:.0f}s) -> {path}"
+    )
+
+
+def make_tiny_models(
+    out: Path,
+    pretrain_steps: int = 0,
+    seed: int = 0,
+    log=print,
+    encoder_pretrain_steps: int | None = None,
+    workers: int | None = None,
+) -> dict[str, Path]:
+    """Write the corpus and the three tiny models under `out`; returns name -> model directory.
+
+    The decoders get `pretrain_steps` steps, the encoder `encoder_pretrain_steps` (default a third: ARC training
+    goes on to train every encoder weight anyway). Models build in parallel processes, `workers` at a time
+    (default: one per core, at most 3); the files are the same for any number of workers.
+    """
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = out / "corpus.jsonl"
     n_docs = write_corpus(corpus_path)
     records = read_corpus(corpus_path)
     train_texts = [r["text"] for r in records if not is_heldout(r["id"])]
     log(f"corpus: {n_docs} documents ({len(train_texts)} for training) -> {corpus_path}")
-    torch.use_deterministic_algorithms(True)
-    paths = {}
-    for i, spec in enumerate(SPECS):
-        start = time.time()
-        tokenizer = train_tokenizer(train_texts, spec)
-        torch.manual_seed(seed * 1000 + i)
-        model = build_model(spec, tokenizer)
-        note = ""
-        if pretrain_steps > 0:
-            losses = pretrain(model, token_stream(train_texts, tokenizer), pretrain_steps, seed * 1000 + i)
-            note = f", LM loss {losses[0]:.2f} -> {sum(losses[-10:]) / len(losses[-10:]):.2f}"
-        path = out / spec.name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        (path / "tiny_model.json").write_text(json.dumps({"seed": seed, "pretrain_steps": pretrain_steps}) + "\n")
-        n_params = sum(p.numel() for p in model.parameters())
-        log(
-            f"{spec.name}: {type(model).__name__}, {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}{note} "
-            f"({time.time() - start:.0f}s) -> {path}"
-        )
-        paths[spec.name] = path
-    return paths
+    if encoder_pretrain_steps is None:
+        encoder_pretrain_steps = pretrain_steps // 3
+    steps = {spec.name: encoder_pretrain_steps if spec.name == "encoder" else pretrain_steps for spec in SPECS}
+    # Longest jobs first (the decoders, the wider Mistral first), so the encoder fills in behind them.
+    order = sorted(SPECS, key=lambda spec: (-steps[spec.name], -spec.hidden_size))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(SPECS)))
+    # Worker processes even for one worker: the caller's thread settings stay untouched. Spawned, not forked
+    # (forking a process whose torch threads are running can deadlock).
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        jobs = [pool.submit(_build_one, spec, out, train_texts, steps[spec.name], seed) for spec in order]
+        for job in concurrent.futures.as_completed(jobs):
+            log(job.result())
+    return {spec.name: out / spec.name for spec in SPECS}
