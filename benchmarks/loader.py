@@ -9,13 +9,20 @@ tar indexing excluded), through arctrain.data exactly as the trainer calls it: r
 example building and collate. The baseline is a plain sequential `webdataset.WebDataset` pass over the same
 shards that decodes every member of a sample (what a non-resumable streaming reader costs), so the ratio says
 what random access and collate cost on top of reading.
+
+Then the cost of taking one ready batch from a loader worker (the trainer's data wait when the worker is ahead):
+a real batch sent as an `ARCBatch` (CPU tensors travel as numpy bytes, see ARCBatch.__getstate__) vs the same
+tensors in a plain dict (torch's default: a shared-memory segment per tensor), rounds interleaved.
 """
 
 import argparse
+import dataclasses
+import statistics
 import time
 from pathlib import Path
 
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
 
 from arctrain.config import load_config
 from arctrain.data import Vocab, build_train_loader
@@ -41,6 +48,29 @@ def webdataset_rate(shards: Path, samples: int) -> float:
             if n == samples:
                 break
     return samples / (time.perf_counter() - start)
+
+
+class _Repeat(IterableDataset):
+    def __init__(self, item):
+        self.item = item
+
+    def __iter__(self):
+        while True:
+            yield self.item
+
+
+def receive_ms(item, gets: int, gap_s: float = 0.005) -> float:
+    """Mean time of `next()` on a 1-worker DataLoader that is ahead (the main process pauses `gap_s` between gets)."""
+    it = iter(DataLoader(_Repeat(item), batch_size=None, num_workers=1, prefetch_factor=4))
+    for _ in range(20):
+        next(it)
+    total = 0.0
+    for _ in range(gets):
+        time.sleep(gap_s)
+        start = time.perf_counter()
+        next(it)
+        total += time.perf_counter() - start
+    return 1e3 * total / gets
 
 
 def main() -> None:
@@ -71,6 +101,20 @@ def main() -> None:
         rate = loader_rate(cfg, vocab, args.batches, warmup=max(workers, 1) * 2)
         first = first or rate
         print(f"{workers:>7} {rate:>10.0f} {rate / first:>12.2f}x {rate / base:>13.2f}x")
+
+    cfg.data.num_workers = 0
+    _, batch = next(iter(build_train_loader(cfg, rank=0, world_size=1, vocab=vocab)))
+    as_dict = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    rounds = {"ARCBatch (numpy bytes)": [], "dict of tensors (shared memory)": []}
+    for _ in range(3):
+        rounds["ARCBatch (numpy bytes)"].append(receive_ms(batch, 200))
+        rounds["dict of tensors (shared memory)"].append(receive_ms(as_dict, 200))
+    print(f"taking one ready batch of {args.micro_batch} samples from a worker, ms (median of 3 rounds of 200):")
+    medians = {name: statistics.median(ms) for name, ms in rounds.items()}
+    for name, ms in medians.items():
+        print(f"  {name:32} {ms:6.2f}  rounds {', '.join(f'{m:.2f}' for m in rounds[name])}")
+    ratio = medians["dict of tensors (shared memory)"] / medians["ARCBatch (numpy bytes)"]
+    print(f"  shared memory / numpy bytes: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

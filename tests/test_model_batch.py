@@ -99,3 +99,48 @@ def test_pretraining_examples():
 def test_collate_rejects_bad_input(examples, message):
     with pytest.raises(ValueError, match=message):
         _collate(examples)
+
+
+class _Repeat(torch.utils.data.IterableDataset):
+    def __init__(self, item):
+        self.item = item
+
+    def __iter__(self):
+        yield self.item
+
+
+def _example_batch():
+    examples = [
+        pretraining_example("continuation", [[5, 6, 7, 8, 9], [10, 11]], [[20, 21], [22, 23, 24]], 0),
+        pretraining_example("reconstruction", [[5, 6, 7]], [[20, 21, 25]], 0),
+    ]
+    batch = _collate(examples)
+    batch.task, batch.decoder, batch.keys = "mixed", "llama", ["a", "b"]
+    return batch
+
+
+def test_batch_crosses_a_worker_process_intact():
+    """From a DataLoader worker (where tensors travel as numpy bytes, not shared memory) the batch is unchanged."""
+    batch = _example_batch()
+    (received,) = list(torch.utils.data.DataLoader(_Repeat(batch), batch_size=None, num_workers=1))
+    assert type(received) is type(batch)
+    for name, value in vars(batch).items():
+        got = getattr(received, name)
+        if isinstance(value, torch.Tensor):
+            assert isinstance(got, torch.Tensor) and got.dtype == value.dtype and torch.equal(got, value), name
+            got.add_(0)  # writable, like any tensor
+        else:
+            assert got == value, name
+
+
+def test_data_loader_pins_every_tensor_of_the_batch(monkeypatch):
+    """DataLoader(pin_memory=True) calls ARCBatch.pin_memory (no CUDA here: pinning is replaced by a marker)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    batch = _example_batch()
+    out = pin_memory(batch)
+    tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    assert len(pinned) == len(tensors) == 8
+    assert type(out) is type(batch) and out.keys == batch.keys and torch.equal(out.dec_slot, batch.dec_slot)

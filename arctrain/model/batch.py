@@ -14,6 +14,7 @@ loader workers and never tokenizes.
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from arctrain.model.pooling import POOLING_MODES, n_pooled
@@ -66,8 +67,33 @@ class ARCBatch:
         }
         return ARCBatch(**moved)
 
+    def pin_memory(self) -> "ARCBatch":
+        """Called by DataLoader(pin_memory=True): pinned tensors make the `to(device, non_blocking=True)` async."""
+        return ARCBatch(**{name: _map_tensor(value, torch.Tensor.pin_memory) for name, value in vars(self).items()})
+
+    def __getstate__(self) -> dict:
+        """Across processes (loader worker -> trainer) CPU tensors travel as numpy arrays, i.e. as bytes in the pipe.
+
+        torch's default is a shared-memory segment per tensor, and receiving each one costs a socket connection to
+        the sending process: ~0.4 ms per tensor, ~3 ms per batch of 8 tensors, more than these small batches take
+        to copy (benchmarks/loader.py, docs/benchmarks.md "Data loader")."""
+        return {name: _map_tensor(value, _to_numpy) for name, value in vars(self).items()}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+
     def n_target_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def _map_tensor(value, fn):
+    return fn(value) if isinstance(value, torch.Tensor) else value
+
+
+def _to_numpy(tensor: torch.Tensor):
+    plain = tensor.device.type == "cpu" and not tensor.requires_grad and tensor.dtype != torch.bfloat16
+    return tensor.numpy() if plain else tensor
 
 
 def pretraining_example(
