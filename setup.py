@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="arctrain",
     version="0.1.0",
-    description="Train ARC-style context compressors: one encoder, several frozen Hugging Face decoders, DeepSpeed ZeRO-3.",
+    description="Train ARC-style context compressors: one encoder, several frozen HF decoders, DeepSpeed ZeRO-3.",
     python_requires=">=3.10",
     packages=find_packages(include=["arctrain", "arctrain.*", "data_tools", "data_tools.*"]),
     package_data={"arctrain": ["hf/*.py"]},

@@ -73,7 +73,8 @@ def main() -> None:
     def mean(world: int, key: str) -> float:
         return statistics.mean(m[key] for m in results[world])
 
-    print(f"tiny_cpu.yaml, micro-batch {cfg.data.micro_batch_size}, {args.steps} steps, data.num_workers={args.workers}")
+    micro = cfg.data.micro_batch_size
+    print(f"tiny_cpu.yaml, micro-batch {micro}, {args.steps} steps, data.num_workers={args.workers}")
     print("world  samples/s (all ranks)  per rank  data-wait  param elements/rank  peak RSS GiB/rank")
     for world in (1, 2):
         print(
@@ -82,7 +83,8 @@ def main() -> None:
             f"  {max(m['peak_memory_gb'] for m in results[world]):>17.2f}"
         )
     per_rank = mean(2, "samples_per_s") / 2
-    print(f"loader alone (1 process, 0 workers): {loader:.0f} samples/s = {loader / per_rank:.0f}x a rank's consumption")
+    ratio = loader / per_rank
+    print(f"loader alone (1 process, 0 workers): {loader:.0f} samples/s = {ratio:.0f}x a rank's consumption")
     print(
         f"world 2 / world 1 per rank: parameter elements "
         f"{results[2][-1]['param_elements_per_rank'] / results[1][-1]['param_elements_per_rank']:.2f}x, "
