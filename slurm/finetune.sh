@@ -3,8 +3,11 @@
 # Submit from the arctrain checkout (logs/ must exist: SLURM does not create it):
 #
 #   mkdir -p logs
-#   CONFIG=configs/llama_mistral_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch slurm/finetune.sh
-#   CONFIG=configs/llama_mistral_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch --nodes=8 slurm/finetune.sh
+#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch slurm/finetune.sh
+#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch --nodes=8 slurm/finetune.sh
+#
+# CONFIG is required: arctrain ships no fine-tuning config yet, because the trainer reads pretraining shards only
+# (QA / instruction data with compressed passages, the paper's fine-tuning stage, is not implemented yet).
 #   # Nodes without GPUs (the local test cluster): drop the GPU request, NPROC_PER_NODE ranks per node.
 #   CONFIG=configs/tiny_cpu.yaml RUN_DIR=runs/x OVERRIDES="train.steps=50" NPROC_PER_NODE=2 \
 #       sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/finetune.sh
@@ -35,6 +38,9 @@ if [[ ! -f $ARC_REPO/slurm/common.sh ]]; then
     echo "arctrain-slurm: error: $ARC_REPO/slurm/common.sh not found: submit from the checkout or set ARC_REPO" >&2
     exit 2
 fi
-CONFIG=${CONFIG:-configs/llama_mistral_finetune.yaml}
+if [[ -z ${CONFIG:-} ]]; then
+    echo "arctrain-slurm: error: CONFIG is required (no default fine-tuning config ships with arctrain)" >&2
+    exit 2
+fi
 source "$ARC_REPO/slurm/common.sh"
 arc_train_job
