@@ -252,10 +252,13 @@ def test_training_makes_compressed_context_useful(tiny_models, tiny_shards, tmp_
     train = [m["train/loss"] for m in lines if "train/loss" in m]
     assert sum(train[-3:]) / 3 < sum(train[:2]) / 2 - 0.2, train
     val = next(m for m in reversed(lines) if "val/llama/reconstruction/loss" in m)
+    # Measured (= make demo): llama reconstruction 4.510 vs 4.912, continuation 4.576 vs 4.933; mistral 4.891 vs
+    # 5.278 and 5.019 vs 5.419. These decoders cannot copy from context; the most any compressor could reach is in
+    # docs/benchmarks.md "Context use".
     for decoder in ("llama", "mistral"):
         recon, cont = f"val/{decoder}/reconstruction/", f"val/{decoder}/continuation/"
-        assert val[cont + "loss"] < val[cont + "loss_no_context"], val
-        assert val[recon + "loss"] < val[recon + "loss_no_context"] - 0.2, val
+        assert val[cont + "loss"] < val[cont + "loss_no_context"] - 0.2, val
+        assert val[recon + "loss"] < val[recon + "loss_no_context"] - 0.3, val
 
 
 def test_resume_with_another_world_size_is_refused(straight, tiny_models, tiny_shards, tmp_path):
