@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 from data_tools.inputs import DataError
@@ -71,6 +72,7 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     for path, shard in shards:
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             raise DataError(f"{path}: missing or not {shard['bytes']} bytes as its manifest says")
+    _check_no_shared_documents([path for path, _ in shards])
     prepare_out(out, overwrite)
     for path, shard in shards:
         try:
@@ -79,6 +81,23 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
             shutil.copyfile(path, out / shard["name"])
     write_manifest(out, merged)
     return merged
+
+
+def _check_no_shared_documents(shard_paths: list[Path]) -> None:
+    """A document in two parts would be trained on twice and give two samples one key. Keys are
+    `<document digest>-<window>`, and a build writes all windows of a document into its own part, so a digest seen
+    in shards of two parts is such a document. Reads the tar headers only."""
+    owner: dict[str, Path] = {}
+    for path in shard_paths:
+        with tarfile.open(path) as tar:
+            for name in tar.getnames():
+                doc = name.split("-", 1)[0]
+                first = owner.setdefault(doc, path)
+                if first.parent != path.parent:
+                    raise DataError(
+                        f"sample key {name.split('.', 1)[0]}: document {doc} is in both {first} and {path}; "
+                        "every document must be in exactly one part"
+                    )
 
 
 def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:

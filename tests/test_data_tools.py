@@ -228,6 +228,14 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
     assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/3", "--segment-tokens", "32") == 0
     assert main(["merge", "--out", str(tmp_path / "y"), str(tmp_path / "parts/0"), str(tmp_path / "parts/3")]) == 2
     assert "segment_tokens = 32" in capsys.readouterr().err
+    # Overlapping inputs: documents 50-59 are in both parts.
+    (tmp_path / "p4.jsonl").write_text("".join(lines[50:]))
+    assert build(tiny_models, [tmp_path / "p4.jsonl"], tmp_path / "parts/4", *args, "--start-shard", "2000") == 0
+    capsys.readouterr()
+    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0"), str(tmp_path / "parts/4")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is in both" in err and "parts/4/" in err and "exactly one part" in err
+    assert not (tmp_path / "z").exists()
 
 
 def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, capsys):
