@@ -179,7 +179,7 @@ def make_tiny_models(
     steps = {spec.name: encoder_pretrain_steps if spec.name == "encoder" else pretrain_steps for spec in SPECS}
     # Longest jobs first (the decoders, the wider Mistral first), so the encoder fills in behind them.
     order = sorted(SPECS, key=lambda spec: (-steps[spec.name], -spec.hidden_size))
-    workers = max(1, min(workers or os.cpu_count() or 1, len(SPECS)))
+    workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(SPECS)))  # cores this process may use
     # Worker processes even for one worker: the caller's thread settings stay untouched. Spawned, not forked
     # (forking a process whose torch threads are running can deadlock).
     context = multiprocessing.get_context("spawn")
