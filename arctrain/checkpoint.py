@@ -92,3 +92,97 @@ class Checkpointer:
         for tag in tags[: -self.keep]:
             if tag != keep_tag:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+
+def checkpoint_dir(run: Path, step: int | None) -> Path:
+    """The checkpoint directory of `step` (or the latest), checked to be a complete arctrain checkpoint."""
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
+    ckpts = run / "checkpoints"
+    if step is None:
+        if not (ckpts / "latest").is_file():
+            raise FileNotFoundError(f"{ckpts}: no checkpoint (no 'latest' file); train first or pass --step")
+        tag = (ckpts / "latest").read_text().strip()
+    else:
+        tag = f"step_{step:08d}"
+    path = ckpts / tag
+    if not path.is_dir():
+        have = sorted(int(p.name.split("_")[1]) for p in ckpts.glob("step_*") if p.is_dir())
+        raise FileNotFoundError(f"{path}: no such checkpoint (steps available: {have or 'none'})")
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"{path}: checkpoint has no trainer_state.json; it is incomplete or not from arctrain")
+    if not list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raise FileNotFoundError(f"{path}: no DeepSpeed model files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
+    return path
+
+
+def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 trainable weights, gathered from every rank's partition (frozen decoders excluded)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
+
+
+def source_checkpoint(path: Path) -> Path:
+    """`train.init_from`: a run directory (its latest checkpoint) or one checkpoint directory in it."""
+    if (path / TRAINER_STATE).is_file() and path.name.startswith("step_"):
+        return checkpoint_dir(path.parents[1], int(path.name.split("_")[1]))
+    return checkpoint_dir(path, None)
+
+
+def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, say) -> None:
+    """Copy another run's trainable weights into a model built under `deepspeed.zero.Init`, before the optimizer
+    exists (DeepSpeed's optimizer takes its fp32 master copy from the parameters at `initialize`).
+
+    Tensors are matched by name: this model's trainable tensors missing from the source (e.g. the projector of a
+    decoder added now) keep their initialisation, the source's tensors this model lacks are not used; both are
+    reported. A shape mismatch is an error on every rank. Rank 0 reads the consolidated fp32 weights (any world
+    size wrote them) and each tensor reaches the other ranks' partitions through GatheredParameters."""
+    import deepspeed
+
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    plan: list[dict] = [{}]
+    state: dict[str, torch.Tensor] = {}
+    if rank == 0:
+        try:
+            ckpt = source_checkpoint(source)
+            state = consolidate(ckpt)
+            plan = [_init_plan(ckpt, state, {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable})]
+        except (FileNotFoundError, ValueError) as err:  # every rank must hear of it, or they wait forever
+            plan = [{"error": f"train.init_from: {err}"}]
+    if dist.is_initialized():
+        dist.broadcast_object_list(plan, src=0)
+    plan = plan[0]
+    if plan["error"]:
+        raise ValueError(plan["error"])
+    load = set(plan["load"])
+    for name, param in trainable:
+        if name not in load:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(state[name])
+    n_loaded = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for n, p in trainable if n in load)
+    say(f"initialised {len(load)} tensors ({n_loaded:,} parameters) from {plan['ckpt']}")
+    if plan["new"]:
+        say(f"not in {plan['ckpt']}, kept their initialisation: {_names(plan['new'])}")
+    if plan["unused"]:
+        say(f"in {plan['ckpt']} but not in this model, not used: {_names(plan['unused'])}")
+
+
+def _init_plan(ckpt: Path, state: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> dict:
+    wrong = [f"{n} is {tuple(state[n].shape)} there, {s} here" for n, s in shapes.items() if n in state and
+             tuple(state[n].shape) != s]  # fmt: skip
+    return {
+        "ckpt": str(ckpt),
+        "error": f"train.init_from {ckpt}: other shapes than this model's: {'; '.join(wrong[:3])}" if wrong else "",
+        "load": [n for n in shapes if n in state],
+        "new": [n for n in shapes if n not in state],
+        "unused": [n for n in state if n not in shapes],
+    }
+
+
+def _names(names: list[str]) -> str:
+    """Tensor names shortened to their module prefixes (projectors.qwen.*), for a log line."""
+    prefixes = sorted({".".join(n.split(".")[:2]) for n in names})
+    return ", ".join(f"{p}.*" for p in prefixes)

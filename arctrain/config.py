@@ -164,6 +164,11 @@ class TrainConfig:
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    init_from: str = ""
+    """Start from another run's trainable weights: its run directory (latest checkpoint) or a checkpoint directory
+    (RUN/checkpoints/step_N), written at any world size. Optimizer, schedule and data start afresh. Tensors are
+    matched by name: a decoder added now gets a new projector (train only it with optim.encoder_lr=0). Used only
+    when this run has no checkpoint yet; a restarted run resumes from its own."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -367,3 +372,10 @@ def check_paths(cfg: Config) -> None:
     for key, path in dirs:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
+    if cfg.train.init_from:
+        from arctrain.checkpoint import source_checkpoint
+
+        try:
+            source_checkpoint(Path(cfg.train.init_from))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError("train.init_from", str(err)) from None

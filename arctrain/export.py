@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from arctrain.checkpoint import checkpoint_dir, consolidate
 from arctrain.config import Config, load_config
 from arctrain.tokenizer_id import tokenizer_hash
 
@@ -33,35 +34,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
     return parser.parse_args(argv)
-
-
-def checkpoint_dir(run: Path, step: int | None) -> Path:
-    """The checkpoint directory of `step` (or the latest), checked to be a complete arctrain checkpoint."""
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
-    ckpts = run / "checkpoints"
-    if step is None:
-        if not (ckpts / "latest").is_file():
-            raise FileNotFoundError(f"{ckpts}: no checkpoint (no 'latest' file); train first or pass --step")
-        tag = (ckpts / "latest").read_text().strip()
-    else:
-        tag = f"step_{step:08d}"
-    path = ckpts / tag
-    if not path.is_dir():
-        have = sorted(int(p.name.split("_")[1]) for p in ckpts.glob("step_*") if p.is_dir())
-        raise FileNotFoundError(f"{path}: no such checkpoint (steps available: {have or 'none'})")
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"{path}: checkpoint has no trainer_state.json; it is incomplete or not from arctrain")
-    if not list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
-        raise FileNotFoundError(f"{path}: no DeepSpeed model files (zero_pp_rank_*_mp_rank_00_model_states.pt)")
-    return path
-
-
-def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 trainable weights, gathered from every rank's partition (frozen decoders excluded)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)
 
 
 def segment_tokens(cfg: Config) -> int:

@@ -78,9 +78,12 @@ class Preemption:
         return bool(flag.item())
 
 
-def build_engine(cfg, world_size: int):
+def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print):
+    """The DeepSpeed engine around the ARC model; `init_from`: a run or checkpoint whose trainable weights the model
+    starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those)."""
     import deepspeed
 
+    from arctrain.checkpoint import load_initial_weights
     from arctrain.config import deepspeed_config
     from arctrain.model import build_model
     from arctrain.optim import build_optimizer, build_scheduler
@@ -97,6 +100,8 @@ def build_engine(cfg, world_size: int):
     )
     if cfg.train.activation_checkpointing:
         model.enable_decoder_checkpointing()
+    if init_from is not None:
+        load_initial_weights(model, init_from, rank, say)
     optimizer = build_optimizer(model, cfg.optim, ds_config)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -137,11 +142,12 @@ def train(cfg) -> int:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     preemption = Preemption()
-    engine, model = build_engine(cfg, world_size)
+    say = _logger(run_dir, rank)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
+    engine, model = build_engine(cfg, world_size, init_from, rank, say)
     state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
     step = state["step"]
-    say = _logger(run_dir, rank)
     say(f"{'resumed from step ' + str(step) if step else 'starting at step 0'} in {run_dir} "
         f"(world size {world_size}, {device.type})")  # fmt: skip
 

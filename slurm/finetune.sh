@@ -3,9 +3,9 @@
 # Submit from the arctrain checkout (logs/ must exist: SLURM does not create it):
 #
 #   mkdir -p logs
-#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch slurm/finetune.sh
-#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft sbatch --nodes=8 slurm/finetune.sh
+#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft OVERRIDES="train.init_from=/runs/arc4" sbatch slurm/finetune.sh
 #
+# Starts from the weights of a pretraining run (train.init_from; a requeued job resumes its own checkpoint).
 # CONFIG is required: arctrain ships no fine-tuning config yet, because the trainer reads pretraining shards only
 # (QA / instruction data with compressed passages, the paper's fine-tuning stage, is not implemented yet).
 #   # Nodes without GPUs (the local test cluster): drop the GPU request, NPROC_PER_NODE ranks per node.

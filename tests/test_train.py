@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from arctrain.train import EXIT_PREEMPTED
 
@@ -197,6 +198,7 @@ def train_cli(*args: str) -> subprocess.CompletedProcess:
         ("train.steps=many", "train.steps: 'many' is not a number"),
         ("deepspeed=ds_configs/zero3_bf16.json", "train.precision: 'fp32' but ds_configs/zero3_bf16.json enables"),
         ("decoders.0.path=/nonexistent/llama", "decoders.0.path: '/nonexistent/llama' is not a directory"),
+        ("train.init_from=/nonexistent/run", "train.init_from: /nonexistent/run: not a run directory (no config.yaml)"),
     ],
 )
 def test_config_errors_are_one_line(tiny_models, tiny_shards, tmp_path, bad, expected):
@@ -270,3 +272,49 @@ def test_resume_with_another_world_size_is_refused(straight, tiny_models, tiny_s
     assert run(args, 1, tmp_path / "log") == [2]
     out = (tmp_path / "log.rank0").read_text()
     assert "step_00000020 was written by 2 ranks; resume it with 2 ranks (this run has 1)" in out
+
+
+def test_init_from_another_run_at_another_world_size(straight, tiny_models, tiny_shards, tmp_path):
+    """A new run starts from the weights 2 ranks wrote, on 1 rank. With both learning rates 0 its checkpoint holds
+    exactly the source's weights; restarted, it resumes its own checkpoint and does not load the source again."""
+    from arctrain.checkpoint import checkpoint_dir, consolidate
+
+    run_dir = tmp_path / "init"
+    frozen_lr = ("optim.encoder_lr=0", "optim.projector_lr=0", "checkpoint.interval=2")
+    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=2", f"train.init_from={straight}", *frozen_lr)
+    assert run(args, 1, tmp_path / "first") == [0]
+    source, copy = consolidate(checkpoint_dir(straight, None)), consolidate(checkpoint_dir(run_dir, None))
+    log = (tmp_path / "first.rank0").read_text()
+    assert f"initialised {len(source)} tensors" in log and "step_00000020" in log, log[-3000:]
+    assert sorted(source) == sorted(copy)
+    assert all(torch.equal(source[name], copy[name]) for name in source)
+
+    args = [a.replace("train.steps=2", "train.steps=3") for a in args]
+    assert run(args, 1, tmp_path / "second") == [0]
+    log = (tmp_path / "second.rank0").read_text()
+    assert "resumed from step 2" in log and "initialised" not in log
+
+
+def test_init_from_a_run_with_other_shapes_is_refused(straight, tiny_models, tiny_shards, tmp_path):
+    args = overrides(tiny_models, tiny_shards, tmp_path / "run", f"train.init_from={straight}",
+                     "decoders.0.projector_hidden=64")  # fmt: skip
+    assert run(args, 1, tmp_path / "log") == [2]
+    out = (tmp_path / "log.rank0").read_text()
+    errors = [line for line in out.splitlines() if "error" in line.lower() and "arctrain" in line]
+    assert len(errors) == 1 and "other shapes than this model's: projectors.llama." in errors[0], out[-3000:]
+    assert "Traceback" not in out
+
+
+def test_init_plan_reports_new_and_unused_tensors():
+    """A decoder added (qwen) keeps its new projector; a decoder dropped (mistral) is reported as not used."""
+    from arctrain.checkpoint import _init_plan, _names
+
+    state = {n: torch.zeros(2, 3) for n in ("encoder.w", "projectors.llama.0.weight", "projectors.mistral.0.weight")}
+    shapes = {"encoder.w": (2, 3), "projectors.llama.0.weight": (2, 3), "projectors.qwen.0.weight": (4, 3)}
+    plan = _init_plan(Path("ck"), state, shapes)
+    assert plan["error"] == "" and plan["load"] == ["encoder.w", "projectors.llama.0.weight"]
+    assert _names(plan["new"]) == "projectors.qwen.*" and _names(plan["unused"]) == "projectors.mistral.*"
+    shapes["encoder.w"] = (3, 2)
+    assert _init_plan(Path("ck"), state, shapes)["error"] == (
+        "train.init_from ck: other shapes than this model's: encoder.w is (2, 3) there, (3, 2) here"
+    )
