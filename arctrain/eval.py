@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from arctrain.data.qa import qa_example, read_jsonl, read_qa, shot_indices  # noqa: F401 (the CLI's API)
 from arctrain.model import Example, Text
 
 MODES = ("compressed", "open_book", "closed_book")
@@ -60,67 +61,12 @@ def _f1(pred: list[str], gold: list[str]) -> float:
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, required: dict[str, tuple[type, ...]]) -> list[dict]:
-    """Records of a JSON-lines file; a bad line is a one-line error naming file:line and the key."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: a record must be a JSON object")
-        for key, types in required.items():
-            if key not in record:
-                raise ValueError(f"{path}:{n}: record has no {key!r}")
-            if not isinstance(record[key], types):
-                raise ValueError(f"{path}:{n}: {key!r} must be {' or '.join(t.__name__ for t in types)}")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
-
-def read_qa(path: Path) -> list[dict]:
-    records = read_jsonl(path, {"question": (str,), "answers": (list,), "passages": (list, str)})
-    for n, r in enumerate(records, 1):
-        if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
-            raise ValueError(f"{path}: record {n}: 'answers' must be a non-empty list of strings")
-        r["passages"] = [r["passages"]] if isinstance(r["passages"], str) else r["passages"]
-    return records
-
-
 def answer_line(generated: str) -> str:
     """The answer in a generation: its first non-blank line."""
     return generated.strip().split("\n")[0].strip()
 
 
-def shot_indices(i: int, n: int, shots: int) -> list[int]:
-    """The few-shot examples of record i: the next `shots` records, cyclically, never i itself."""
-    return [(i + 1 + j) % n for j in range(min(shots, n - 1))]
-
-
-# --- prompts ------------------------------------------------------------------------------------------------
-
-
-def qa_example(arc, records: list[dict], i: int, shots: int, mode: str) -> Example:
-    """The few-shot prompt of record i in one mode, as decoder text pieces and compressed memory."""
-    pieces = []
-    for j in [*shot_indices(i, len(records), shots), i]:
-        r = records[j]
-        answer = "" if j == i else f" {r['answers'][0]}\n\n"
-        qa = f"Question: {r['question']}\nAnswer:{answer}"
-        if mode == "compressed":
-            pieces += [arc.text("Document: "), arc.memory(r["passages"]), arc.text("\n" + qa)]
-        elif mode == "open_book":
-            pieces.append(arc.text("Document: " + "\n".join(r["passages"]) + "\n" + qa))
-        else:
-            pieces.append(arc.text(qa))
-    return Example(pieces)
+# Prompts (qa_example) and QA records (read_qa) live in arctrain/data/qa.py: QA fine-tuning builds the same ones.
 
 
 # --- cost ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from arctrain.data.qa import TextPieces
 from arctrain.export import load_export
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.tokenizer_id import tokenizer_hash
@@ -87,8 +88,6 @@ class ARCGenerator:
     def __init__(
         self, model_dir: str | Path, decoder_dir: str | Path, decoder_name: str | None = None, dtype=torch.float32
     ):
-        from data_tools.segment import Segmenter
-
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         self.config = config
@@ -103,33 +102,19 @@ class ARCGenerator:
         self.decoder = decoder
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
-        self.segmenter = Segmenter(self.enc_tok.backend_tokenizer, config.segment_tokens, "uint32")
+        self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens)  # the same as QA training
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
 
     # --- pieces ---------------------------------------------------------------------------------------------
 
     def segments(self, text: str) -> list[list[int]]:
-        """Encoder ids of each segment of `text`, cut at word boundaries after about `segment_tokens` tokens."""
-        out = []
-        for seg in self.segmenter.segment([text])[0]:
-            if seg.enc_ids is not None:
-                ids = seg.enc_ids.tolist()
-            else:
-                ids = self.enc_tok.encode(text[seg.start : seg.end], add_special_tokens=False)
-            if ids:
-                out.append(ids)
-        return out
+        return self.pieces.segments(text)
 
     def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
-        """One or more passages compressed together: their segments in order, then one special vector."""
-        texts = [texts] if isinstance(texts, str) else texts
-        segments = [seg for text in texts for seg in self.segments(text)]
-        if not segments:
-            raise ValueError("a context has no text to compress")
-        return Memory(segments, special)
+        return self.pieces.memory(texts, special)
 
     def text(self, text: str) -> Text:
-        return Text(self.dec_tok.encode(text, add_special_tokens=False))
+        return self.pieces.text(text)
 
     def context_example(self, context: str | list[str], prompt: str) -> Example:
         """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it."""

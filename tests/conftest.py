@@ -57,3 +57,30 @@ def tiny_shards(tiny_models, tmp_path_factory) -> Path:
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     return out
+
+
+def write_qa(corpus: Path, out: Path, heldout: bool, limit: int) -> Path:
+    """QA records made from the embedded corpus: a 48-word passage; which word follows two words of it."""
+    import json
+
+    from arctrain.corpus import is_heldout, read_corpus
+
+    lines = []
+    for record in read_corpus(corpus):
+        words = record["text"].split()
+        if is_heldout(record["id"]) != heldout or len(words) < 48:
+            continue
+        question = f"Which word follows {words[10]!r} {words[11]!r}?"
+        lines.append(json.dumps({"question": question, "answers": [words[12]], "passages": " ".join(words[:48])}))
+        if len(lines) == limit:
+            break
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """(train, val) QA JSON-lines files from the embedded corpus (training / held-out documents)."""
+    root = tmp_path_factory.mktemp("qa")
+    corpus = tiny_models / "corpus.jsonl"
+    return write_qa(corpus, root / "train.jsonl", False, 64), write_qa(corpus, root / "val.jsonl", True, 16)

@@ -1,0 +1,200 @@
+"""QA fine-tuning data: question / answers / passages records -> batches with the passages compressed.
+
+    {"question": "...", "answers": ["...", ...], "passages": ["...", ...] or "..."}      one JSON object per line
+
+The prompt is the one `arctrain eval` asks (`qa_example`): `--shots` earlier examples, each with its own passages
+compressed, then
+
+    Document: <compressed passages, <Cont>>\\nQuestion: q\\nAnswer: a\\n
+
+with the loss on " a\\n" only (the first answer; the newline teaches where an answer ends). Records are small next
+to pretraining shards, so the file is read whole in the main process and tokenized in the loader workers.
+Batch b of rank r holds positions (b * world + r) * mbs ... of an endless stream of epochs, each a permutation of
+the records seeded by (seed, epoch): a pure function of b, so a resumed run sees the same records in the same
+batches, for any number of workers, as the shard loader (arctrain/data/loader.py) does.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+from torch.utils.data import IterableDataset, get_worker_info
+from transformers import AutoTokenizer
+
+from arctrain.data.sampling import rng
+from arctrain.model.batch import ARCBatch, Example, Memory, Text, collate
+
+QA = "qa"
+QA_ORDER = 0x51A  # rng stream of the record order
+QA_VAL_SEED = 0
+
+
+def read_jsonl(path: Path, required: dict[str, tuple[type, ...]]) -> list[dict]:
+    """Records of a JSON-lines file; a bad line is a one-line error naming file:line and the key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: a record must be a JSON object")
+        for key, types in required.items():
+            if key not in record:
+                raise ValueError(f"{path}:{n}: record has no {key!r}")
+            if not isinstance(record[key], types):
+                raise ValueError(f"{path}:{n}: {key!r} must be {' or '.join(t.__name__ for t in types)}")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def read_qa(path: Path) -> list[dict]:
+    records = read_jsonl(path, {"question": (str,), "answers": (list,), "passages": (list, str)})
+    for n, r in enumerate(records, 1):
+        if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
+            raise ValueError(f"{path}: record {n}: 'answers' must be a non-empty list of strings")
+        r["passages"] = [r["passages"]] if isinstance(r["passages"], str) else r["passages"]
+        if not any(p.strip() for p in r["passages"]):
+            raise ValueError(f"{path}: record {n}: 'passages' has no text to compress")
+    return records
+
+
+def shot_indices(i: int, n: int, shots: int) -> list[int]:
+    """The few-shot examples of record i: the next `shots` records, cyclically, never i itself."""
+    return [(i + 1 + j) % n for j in range(min(shots, n - 1))]
+
+
+def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train: bool = False) -> Example:
+    """The few-shot prompt of record i in one mode; `pieces` makes decoder text (`.text`) and compressed memory
+    (`.memory`). `train`: the answer follows as the target (loss on it only)."""
+    out = []
+    for j in [*shot_indices(i, len(records), shots), i]:
+        r = records[j]
+        answer = "" if j == i else f" {r['answers'][0]}\n\n"
+        qa = f"Question: {r['question']}\nAnswer:{answer}"
+        if mode == "compressed":
+            out += [pieces.text("Document: "), pieces.memory(r["passages"]), pieces.text("\n" + qa)]
+        elif mode == "open_book":
+            out.append(pieces.text("Document: " + "\n".join(r["passages"]) + "\n" + qa))
+        else:
+            out.append(pieces.text(qa))
+    if train:
+        target = pieces.text(f" {records[i]['answers'][0]}\n")
+        out.append(Text(target.ids, loss=True))
+    return Example(out)
+
+
+class TextPieces:
+    """Decoder text and compressed memory from strings: the encoder's segments cut as `arc-data build` cuts them."""
+
+    def __init__(self, enc_tok, dec_tok, segment_tokens: int):
+        from data_tools.segment import Segmenter
+
+        self.enc_tok, self.dec_tok = enc_tok, dec_tok
+        self.segmenter = Segmenter(enc_tok.backend_tokenizer, segment_tokens, "uint32")
+
+    def segments(self, text: str) -> list[list[int]]:
+        """Encoder ids of each segment of `text`, cut at word boundaries after about `segment_tokens` tokens."""
+        out = []
+        for seg in self.segmenter.segment([text])[0]:
+            if seg.enc_ids is not None:
+                ids = seg.enc_ids.tolist()
+            else:
+                ids = self.enc_tok.encode(text[seg.start : seg.end], add_special_tokens=False)
+            if ids:
+                out.append(ids)
+        return out
+
+    def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
+        """One or more passages compressed together: their segments in order, then one special vector."""
+        texts = [texts] if isinstance(texts, str) else texts
+        segments = [seg for text in texts for seg in self.segments(text)]
+        if not segments:
+            raise ValueError("a context has no text to compress")
+        return Memory(segments, special)
+
+    def text(self, text: str) -> Text:
+        return Text(self.dec_tok.encode(text, add_special_tokens=False))
+
+
+class QAMaker:
+    """Per loader worker: tokenizers (loaded on first use) and collate settings for QA examples."""
+
+    def __init__(self, cfg, vocab):
+        self.cfg, self.vocab, self.pieces = cfg, vocab, {}
+
+    def _pieces(self, decoder: str) -> TextPieces:
+        if decoder not in self.pieces:
+            enc = AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
+            dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
+            self.pieces[decoder] = TextPieces(enc, dec, self.cfg.data.qa_segment_tokens)
+        return self.pieces[decoder]
+
+    def batch(self, records: list[dict], picks: list[int], decoder: str, keys: list[str]) -> ARCBatch:
+        pieces = self._pieces(decoder)
+        shots = self.cfg.data.qa_shots
+        examples = [qa_example(pieces, records, i, shots, "compressed", train=True) for i in picks]
+        return collate(
+            examples,
+            pooling=self.cfg.model.pooling,
+            factor=self.cfg.model.pooling_factor,
+            n_vectors=self.cfg.model.n_vectors,
+            enc_pad_id=self.vocab.enc_pad_id,
+            dec_pad_id=self.vocab.pad_id[decoder],
+            bos_id=self.vocab.bos_id[decoder],
+            task=QA,
+            decoder=decoder,
+            keys=keys,
+        )
+
+
+def record_order(seed: int, n: int, k: int) -> int:
+    """Record index at position k of the endless stream: epoch k // n is a permutation seeded by (seed, epoch)."""
+    return int(_permutation(seed, n, k // n)[k % n])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, n: int, epoch: int):
+    return rng(seed, QA_ORDER, epoch).permutation(n)
+
+
+class QABatches(IterableDataset):
+    """Endless QA batches (b, ARCBatch) of one rank from index `start`, split across DataLoader workers."""
+
+    def __init__(self, cfg, vocab, records: list[dict], schedule, rank: int, world_size: int, start: int = 0):
+        super().__init__()
+        self.cfg, self.vocab, self.records, self.schedule = cfg, vocab, records, schedule
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.seed = cfg.train.seed + cfg.data.seed_offset
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        maker = QAMaker(self.cfg, self.vocab)
+        b = self.start + worker
+        while True:
+            yield b, self.batch(b, maker)
+            b += n_workers
+
+    def batch(self, b: int, maker: QAMaker) -> ARCBatch:
+        decoder, _ = self.schedule.plan(self.seed, b)
+        mbs, n = self.cfg.data.micro_batch_size, len(self.records)
+        first = (b * self.world_size + self.rank) * mbs
+        picks = [record_order(self.seed, n, k) for k in range(first, first + mbs)]
+        return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
+
+
+def qa_val_batches(cfg, vocab, records: list[dict], decoder: str, rank: int, world_size: int):
+    """The fixed validation batches of `rank` for one decoder: val batch v holds records v * mbs ... (wrapping),
+    rank r takes v = r, r + world_size, ... (ceil(eval.batches / world_size) of them), as for the shards."""
+    maker, mbs = QAMaker(cfg, vocab), cfg.data.micro_batch_size
+    for k in range(-(-cfg.eval.batches // world_size)):
+        v = k * world_size + rank
+        picks = [g % len(records) for g in range(v * mbs, (v + 1) * mbs)]
+        yield maker.batch(records, picks, decoder, [f"qa-val-{i:08d}" for i in picks])
