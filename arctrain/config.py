@@ -85,8 +85,17 @@ def parse_source(entry: str) -> tuple[str, float]:
 
 @dataclass
 class DataConfig:
-    shards: list[str]
+    shards: list[str] = field(default_factory=list)
     """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
+    qa: str = ""
+    """QA fine-tuning instead of shards: a JSON-lines file of {"question", "answers", "passages"} records
+    (arctrain/data/qa.py); the passages are compressed, the loss is on the first answer."""
+    qa_val: str = ""
+    """QA records for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
+    qa_shots: int = 0
+    """Few-shot examples before each QA record, their passages compressed too."""
+    qa_segment_tokens: int = 256
+    """Passages are compressed in segments of about this many encoder tokens."""
     val_shards: list[str] | None = None
     """Directories whose val split is used for evaluation; default: the val split of `shards`."""
     task_ratio: float = 0.2
@@ -101,7 +110,10 @@ class DataConfig:
     """Added to train.seed for the data order, to change the order without changing the initialisation."""
 
     def __post_init__(self) -> None:
-        _require(len(self.shards) > 0, "shards", self.shards, "must name at least one shard directory")
+        _require(bool(self.shards or self.qa), "shards", self.shards, "must name a shard directory (or set data.qa)")
+        _require(not (self.shards and self.qa), "qa", self.qa, "and data.shards are both set: train on one of them")
+        _require(self.qa_shots >= 0, "qa_shots", self.qa_shots, "must be >= 0")
+        _require(self.qa_segment_tokens >= 1, "qa_segment_tokens", self.qa_segment_tokens, "must be >= 1")
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")
@@ -119,6 +131,10 @@ class DataConfig:
     @property
     def val_dirs(self) -> list[str]:
         return [parse_source(e)[0] for e in (self.val_shards if self.val_shards is not None else self.shards)]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("qa",) if self.qa else ("reconstruction", "continuation")
 
 
 @dataclass
@@ -372,6 +388,11 @@ def check_paths(cfg: Config) -> None:
     for key, path in dirs:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
+    for key, path in [("data.qa", cfg.data.qa), ("data.qa_val", cfg.data.qa_val)]:
+        if path and not Path(path).is_file():
+            raise ConfigError(key, f"{path!r} is not a file")
+    if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
+        raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
     if cfg.train.init_from:
         from arctrain.checkpoint import source_checkpoint
 

@@ -37,7 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def segment_tokens(cfg: Config) -> int:
-    """The training segment length, from the first shard directory's manifest."""
+    """The training segment length: QA fine-tuning's, or the first shard directory's manifest's."""
+    if cfg.data.qa:
+        return cfg.data.qa_segment_tokens
     manifest = Path(cfg.data.sources[0][0]) / "manifest.json"
     if manifest.is_file():
         return int(json.loads(manifest.read_text()).get("segment_tokens", DEFAULT_SEGMENT_TOKENS))
@@ -198,6 +200,8 @@ def _pooling_words(config) -> str:
 
 
 def _data_lines(cfg: Config) -> str:
+    if cfg.data.qa:
+        return f"QA fine-tuning on `{cfg.data.qa}` from `{cfg.train.init_from or 'its own initialisation'}`"
     parts = []
     for directory, weight in cfg.data.sources:
         manifest = Path(directory) / "manifest.json"

@@ -57,8 +57,8 @@ class FlopCounter:
 class LossMeter:
     """Token-weighted loss sums per (decoder, task) on this rank, reduced over ranks when read."""
 
-    def __init__(self, decoders: list[str]):
-        self.keys = [(d, t) for d in decoders for t in TASKS]
+    def __init__(self, decoders: list[str], tasks: tuple[str, ...] = TASKS):
+        self.keys = [(d, t) for d in decoders for t in tasks]
         self.reset()
 
     def reset(self) -> None:

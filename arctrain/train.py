@@ -44,6 +44,11 @@ def check_shards(cfg) -> None:
         open_source(path, "train", tokenizer_paths(cfg))
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
         open_source(path, "val", tokenizer_paths(cfg))
+    if cfg.data.qa:  # every record checked now: a bad line is one error here, not a crash in a loader worker
+        from arctrain.data.qa import read_qa
+
+        for path in filter(None, (cfg.data.qa, cfg.data.qa_val)):
+            read_qa(Path(path))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -110,16 +115,15 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
 
 def evaluate(engine, cfg, rank: int, world_size: int, device, vocab) -> dict[str, float]:
     """Val loss per decoder and task, with compressed context and without (the gain from compression)."""
-    from arctrain.data import CONTINUATION, RECONSTRUCTION, val_batches
     from arctrain.metrics import LossMeter
 
     names = [d.name for d in cfg.decoders]
-    with_ctx, no_ctx = LossMeter(names), LossMeter(names)
+    with_ctx, no_ctx = LossMeter(names, cfg.data.tasks), LossMeter(names, cfg.data.tasks)
     engine.eval()
     with torch.no_grad():
         for name in names:
-            for task in (RECONSTRUCTION, CONTINUATION):
-                for batch in val_batches(cfg, name, task, rank, world_size, vocab):
+            for task in cfg.data.tasks:
+                for batch in _val_batches(cfg, name, task, rank, world_size, vocab):
                     batch = batch.to(device)
                     out = engine.module(batch, name)
                     with_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
@@ -127,6 +131,15 @@ def evaluate(engine, cfg, rank: int, world_size: int, device, vocab) -> dict[str
                     no_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
     engine.train()
     return {**with_ctx.reduce("val"), **no_ctx.reduce("val", "loss_no_context")}
+
+
+def _val_batches(cfg, decoder: str, task: str, rank: int, world_size: int, vocab):
+    from arctrain.data import val_batches
+    from arctrain.data.qa import QA, qa_val_batches, read_qa
+
+    if task == QA:
+        return qa_val_batches(cfg, vocab, read_qa(Path(cfg.data.qa_val)), decoder, rank, world_size)
+    return val_batches(cfg, decoder, task, rank, world_size, vocab)
 
 
 def train(cfg) -> int:
@@ -157,7 +170,7 @@ def train(cfg) -> int:
     batches = iter(loader)
     logger = MetricsLogger(run_dir, cfg.logging, rank, dataclasses.asdict(cfg), resume_step=step)
     keys_log = SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", step) if cfg.logging.sample_keys else None
-    meter, flops, peak = LossMeter([d.name for d in cfg.decoders]), FlopCounter(model), peak_tflops()
+    meter, flops, peak = LossMeter([d.name for d in cfg.decoders], cfg.data.tasks), FlopCounter(model), peak_tflops()
     window = {"time": 0.0, "wait": 0.0, "samples": 0, "enc_tokens": 0, "dec_tokens": 0, "flops": 0.0}
     exit_code = 0
 

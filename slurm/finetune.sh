@@ -3,11 +3,11 @@
 # Submit from the arctrain checkout (logs/ must exist: SLURM does not create it):
 #
 #   mkdir -p logs
-#   CONFIG=my_finetune.yaml RUN_DIR=/runs/arc4_ft OVERRIDES="train.init_from=/runs/arc4" sbatch slurm/finetune.sh
+#   RUN_DIR=/runs/arc4_ft OVERRIDES="train.init_from=/runs/arc4 data.qa=/data/qa.jsonl data.qa_val=/data/qa_val.jsonl" \
+#       sbatch slurm/finetune.sh
 #
-# Starts from the weights of a pretraining run (train.init_from; a requeued job resumes its own checkpoint).
-# CONFIG is required: arctrain ships no fine-tuning config yet, because the trainer reads pretraining shards only
-# (QA / instruction data with compressed passages, the paper's fine-tuning stage, is not implemented yet).
+# QA fine-tuning (configs/llama_mistral_finetune.yaml): passages compressed, loss on the answers, starting from the
+# weights of a pretraining run (train.init_from; a requeued job resumes its own checkpoint instead).
 #   # Nodes without GPUs (the local test cluster): drop the GPU request, NPROC_PER_NODE ranks per node.
 #   CONFIG=configs/tiny_cpu.yaml RUN_DIR=runs/x OVERRIDES="train.steps=50" NPROC_PER_NODE=2 \
 #       sbatch --nodes=1 --gpus-per-node=0 --cpus-per-task=2 slurm/finetune.sh
@@ -38,9 +38,6 @@ if [[ ! -f $ARC_REPO/slurm/common.sh ]]; then
     echo "arctrain-slurm: error: $ARC_REPO/slurm/common.sh not found: submit from the checkout or set ARC_REPO" >&2
     exit 2
 fi
-if [[ -z ${CONFIG:-} ]]; then
-    echo "arctrain-slurm: error: CONFIG is required (no default fine-tuning config ships with arctrain)" >&2
-    exit 2
-fi
+CONFIG=${CONFIG:-configs/llama_mistral_finetune.yaml}
 source "$ARC_REPO/slurm/common.sh"
 arc_train_job

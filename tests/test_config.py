@@ -43,7 +43,12 @@ def write(tmp_path: Path, text: str = BASE, name: str = "c.yaml") -> Path:
 
 
 def test_shipped_files_exist():
-    assert {p.name for p in CONFIGS} >= {"tiny_cpu.yaml", "llama_mistral_1node.yaml", "llama_mistral_8node.yaml"}
+    assert {p.name for p in CONFIGS} >= {
+        "tiny_cpu.yaml",
+        "llama_mistral_1node.yaml",
+        "llama_mistral_8node.yaml",
+        "llama_mistral_finetune.yaml",
+    }
     assert {p.name for p in DS_FILES} == {"zero3_bf16.json", "zero3_offload.json", "zero3_cpu.json"}
 
 
@@ -67,6 +72,9 @@ def test_paper_configs_carry_the_paper_hyperparameters():
             "bf16",
         )
         assert cfg.model.pooling_factor == 4 and cfg.data.task_ratio == 0.2
+    cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_finetune.yaml")  # the paper's fine-tuning stage
+    assert (cfg.optim.encoder_lr, cfg.optim.projector_lr, cfg.optim.weight_decay) == (2e-6, 3e-5, 0.05)
+    assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
 
 
 @pytest.mark.parametrize("ds_file", DS_FILES, ids=lambda p: p.name)
@@ -158,7 +166,7 @@ def test_bad_overrides_fail_naming_the_key(tmp_path, overrides, message):
         ("    weight: 2\n", "    weight: 2\n    wieght: 3\n", "decoders.1.wieght: unknown key"),
         ("  precision: fp32\n", "  precision: fp32\n  steps: many\n", "train.steps: 'many' is not a number"),
         ("model:\n  encoder_path: /m/enc\n", "", "model: missing required key"),
-        ("  shards: /d/shards\n", "  shards: []\n", "data.shards: [] must name at least one shard directory"),
+        ("  shards: /d/shards\n", "  shards: []\n", "data.shards: [] must name a shard directory (or set data.qa)"),
     ],
 )
 def test_bad_yaml_fails_naming_file_line_and_key(tmp_path, old, new, message):

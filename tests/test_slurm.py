@@ -270,11 +270,3 @@ def test_two_node_cluster_is_torn_down(cluster):
     assert "arcbr0" not in links and "arcv0" not in links
     assert "arcnode" not in namespaces and "arctrain-slurm" not in Path("/etc/hosts").read_text()
     assert not list(cluster.state.glob("*.pid"))
-
-
-def test_finetune_requires_a_config(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "SLURM_SUBMIT_DIR")}
-    proc = subprocess.run(["bash", "slurm/finetune.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stdout == ""
-    expected = "arctrain-slurm: error: CONFIG is required (no default fine-tuning config ships with arctrain)"
-    assert proc.stderr.splitlines() == [expected]

@@ -318,3 +318,35 @@ def test_init_plan_reports_new_and_unused_tensors():
     assert _init_plan(Path("ck"), state, shapes)["error"] == (
         "train.init_from ck: other shapes than this model's: encoder.w is (2, 3) there, (3, 2) here"
     )
+
+
+def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_models, tiny_shards, tiny_qa, tmp_path):
+    """QA fine-tuning (train.init_from the pretraining run): 12 steps straight == 6 steps + restart to 12, bitwise;
+    the answer loss falls; val has the answer loss with and without the compressed passages."""
+    train, val = tiny_qa
+
+    def qa_args(run_dir, steps):
+        args = overrides(tiny_models, tiny_shards, run_dir, f"train.steps={steps}", f"train.init_from={straight}",
+                         "data.shards=[]", f"data.qa={train}", f"data.qa_val={val}", "eval.interval=6",
+                         "eval.batches=2", "checkpoint.interval=6")  # fmt: skip
+        return [a for a in args if not a.startswith("data.shards=/")]
+
+    assert run(qa_args(tmp_path / "straight", 12), 2, tmp_path / "a") == [0, 0]
+    assert "initialised" in (tmp_path / "a.rank0").read_text()
+    assert run(qa_args(tmp_path / "split", 6), 2, tmp_path / "b") == [0, 0]
+    assert run(qa_args(tmp_path / "split", 12), 2, tmp_path / "c") == [0, 0]
+    assert "resumed from step 6" in (tmp_path / "c.rank0").read_text()
+    assert step_losses(tmp_path / "split") == step_losses(tmp_path / "straight")
+    for rank in (0, 1):
+        assert sample_keys(tmp_path / "split", rank) == sample_keys(tmp_path / "straight", rank)
+    losses = step_losses(tmp_path / "straight")
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses
+    val_line = next(m for m in reversed(metrics(tmp_path / "straight")) if "val/llama/qa/loss" in m)
+    assert {"val/mistral/qa/loss", "val/llama/qa/loss_no_context", "val/mistral/qa/loss_no_context"} <= set(val_line)
+    assert any("train/llama/qa/loss" in m or "train/mistral/qa/loss" in m for m in metrics(tmp_path / "straight"))
+
+    from arctrain.export import export, load_export
+
+    _, _, _, config = load_export(export(tmp_path / "straight", tmp_path / "hf"))
+    assert config.segment_tokens == 256  # data.qa_segment_tokens
+    assert "QA fine-tuning on" in (tmp_path / "hf" / "README.md").read_text()

@@ -13,6 +13,7 @@ turn, so a rank sees b = start, start + 1, ... whatever the number of workers (d
 import zlib
 from dataclasses import dataclass
 from math import ceil
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -176,6 +177,12 @@ class TrainLoader:
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
     """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
+    if cfg.data.qa:
+        from arctrain.data.qa import QABatches, read_qa
+
+        records = read_qa(Path(cfg.data.qa))
+        dataset = QABatches(cfg, vocab or Vocab.from_config(cfg), records, schedule(cfg), rank, world_size)
+        return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)
     sources = [open_source(path, "train", paths) for path, _ in cfg.data.sources]
     weights = [weight for _, weight in cfg.data.sources]
