@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from arctrain.data.qa import qa_example, read_jsonl, read_qa, shot_indices  # noqa: F401 (the CLI's API)
+from arctrain.data.qa import qa_example, read_jsonl, read_qa
 from arctrain.model import Example, Text
 
 MODES = ("compressed", "open_book", "closed_book")

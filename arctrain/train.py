@@ -113,7 +113,7 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
     return engine, model
 
 
-def evaluate(engine, cfg, rank: int, world_size: int, device, vocab) -> dict[str, float]:
+def evaluate(engine, cfg, rank: int, world_size: int, device, vocab, qa_val=None) -> dict[str, float]:
     """Val loss per decoder and task, with compressed context and without (the gain from compression)."""
     from arctrain.metrics import LossMeter
 
@@ -123,7 +123,7 @@ def evaluate(engine, cfg, rank: int, world_size: int, device, vocab) -> dict[str
     with torch.no_grad():
         for name in names:
             for task in cfg.data.tasks:
-                for batch in _val_batches(cfg, name, task, rank, world_size, vocab):
+                for batch in _val_batches(cfg, name, task, rank, world_size, vocab, qa_val):
                     batch = batch.to(device)
                     out = engine.module(batch, name)
                     with_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
@@ -133,12 +133,12 @@ def evaluate(engine, cfg, rank: int, world_size: int, device, vocab) -> dict[str
     return {**with_ctx.reduce("val"), **no_ctx.reduce("val", "loss_no_context")}
 
 
-def _val_batches(cfg, decoder: str, task: str, rank: int, world_size: int, vocab):
+def _val_batches(cfg, decoder: str, task: str, rank: int, world_size: int, vocab, qa_val):
     from arctrain.data import val_batches
-    from arctrain.data.qa import QA, qa_val_batches, read_qa
+    from arctrain.data.qa import QA
 
     if task == QA:
-        return qa_val_batches(cfg, vocab, read_qa(Path(cfg.data.qa_val)), decoder, rank, world_size)
+        return qa_val.batches(decoder, rank, world_size)
     return val_batches(cfg, decoder, task, rank, world_size, vocab)
 
 
@@ -165,6 +165,11 @@ def train(cfg) -> int:
         f"(world size {world_size}, {device.type})")  # fmt: skip
 
     vocab = Vocab.from_config(cfg)
+    qa_val = None
+    if cfg.data.qa and cfg.eval.interval:
+        from arctrain.data.qa import QAValBatches
+
+        qa_val = QAValBatches(cfg, vocab)
     loader = build_train_loader(cfg, rank, world_size, vocab)
     loader.load_state_dict({"next_batch": state["next_batch"]})
     batches = iter(loader)
@@ -217,7 +222,7 @@ def train(cfg) -> int:
             meter.reset()
             window = dict.fromkeys(window, 0)
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab))
+            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, qa_val))
 
         if state["bad_steps"] >= cfg.train.max_bad_steps:
             say(

@@ -7,16 +7,8 @@ from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_
 
 from arctrain.cli import main as arctrain
 from arctrain.corpus import read_corpus
-from arctrain.eval import (
-    MODES,
-    answer_line,
-    exact_match,
-    f1_score,
-    normalize_answer,
-    qa_example,
-    read_qa,
-    shot_indices,
-)
+from arctrain.data.qa import qa_example, read_qa, shot_indices
+from arctrain.eval import MODES, answer_line, exact_match, f1_score, normalize_answer
 from arctrain.model import Memory, Text
 
 

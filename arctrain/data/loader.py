@@ -90,18 +90,23 @@ class BatchMaker:
         return key, pretraining_example(task, enc, dec, seg, self.vocab.prefix_ids[decoder])
 
     def collate(self, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:
-        return collate(
-            examples,
-            pooling=self.model.pooling,
-            factor=self.model.pooling_factor,
-            n_vectors=self.model.n_vectors,
-            enc_pad_id=self.vocab.enc_pad_id,
-            dec_pad_id=self.vocab.pad_id[decoder],
-            bos_id=self.vocab.bos_id[decoder],
-            task=task,
-            decoder=decoder,
-            keys=keys,
-        )
+        return collate_batch(self.model, self.vocab, examples, keys, decoder, task)
+
+
+def collate_batch(model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:
+    """`collate` with the run's pooling settings (config.ModelConfig) and `decoder`'s special token ids."""
+    return collate(
+        examples,
+        pooling=model.pooling,
+        factor=model.pooling_factor,
+        n_vectors=model.n_vectors,
+        enc_pad_id=vocab.enc_pad_id,
+        dec_pad_id=vocab.pad_id[decoder],
+        bos_id=vocab.bos_id[decoder],
+        task=task,
+        decoder=decoder,
+        keys=keys,
+    )
 
 
 def _segments(ids, offsets) -> list[list[int]]:

@@ -21,8 +21,9 @@ from pathlib import Path
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
+from arctrain.data.loader import collate_batch
 from arctrain.data.sampling import rng
-from arctrain.model.batch import ARCBatch, Example, Memory, Text, collate
+from arctrain.model.batch import ARCBatch, Example, Memory, Text
 
 QA = "qa"
 QA_ORDER = 0x51A  # rng stream of the record order
@@ -127,31 +128,20 @@ class QAMaker:
     """Per loader worker: tokenizers (loaded on first use) and collate settings for QA examples."""
 
     def __init__(self, cfg, vocab):
-        self.cfg, self.vocab, self.pieces = cfg, vocab, {}
+        self.cfg, self.vocab, self.pieces, self.enc_tok = cfg, vocab, {}, None
 
     def _pieces(self, decoder: str) -> TextPieces:
         if decoder not in self.pieces:
-            enc = AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
+            self.enc_tok = self.enc_tok or AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
             dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
-            self.pieces[decoder] = TextPieces(enc, dec, self.cfg.data.qa_segment_tokens)
+            self.pieces[decoder] = TextPieces(self.enc_tok, dec, self.cfg.data.qa_segment_tokens)
         return self.pieces[decoder]
 
     def batch(self, records: list[dict], picks: list[int], decoder: str, keys: list[str]) -> ARCBatch:
         pieces = self._pieces(decoder)
         shots = self.cfg.data.qa_shots
         examples = [qa_example(pieces, records, i, shots, "compressed", train=True) for i in picks]
-        return collate(
-            examples,
-            pooling=self.cfg.model.pooling,
-            factor=self.cfg.model.pooling_factor,
-            n_vectors=self.cfg.model.n_vectors,
-            enc_pad_id=self.vocab.enc_pad_id,
-            dec_pad_id=self.vocab.pad_id[decoder],
-            bos_id=self.vocab.bos_id[decoder],
-            task=QA,
-            decoder=decoder,
-            keys=keys,
-        )
+        return collate_batch(self.cfg.model, self.vocab, examples, keys, decoder, QA)
 
 
 def record_order(seed: int, n: int, k: int) -> int:
@@ -190,11 +180,17 @@ class QABatches(IterableDataset):
         return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
 
 
-def qa_val_batches(cfg, vocab, records: list[dict], decoder: str, rank: int, world_size: int):
-    """The fixed validation batches of `rank` for one decoder: val batch v holds records v * mbs ... (wrapping),
-    rank r takes v = r, r + world_size, ... (ceil(eval.batches / world_size) of them), as for the shards."""
-    maker, mbs = QAMaker(cfg, vocab), cfg.data.micro_batch_size
-    for k in range(-(-cfg.eval.batches // world_size)):
-        v = k * world_size + rank
-        picks = [g % len(records) for g in range(v * mbs, (v + 1) * mbs)]
-        yield maker.batch(records, picks, decoder, [f"qa-val-{i:08d}" for i in picks])
+class QAValBatches:
+    """The fixed QA validation batches (`data.qa_val`): the file is read and the tokenizers loaded once per run."""
+
+    def __init__(self, cfg, vocab):
+        self.cfg, self.records, self.maker = cfg, read_qa(Path(cfg.data.qa_val)), QAMaker(cfg, vocab)
+
+    def batches(self, decoder: str, rank: int, world_size: int):
+        """Val batch v holds records v * mbs ... (wrapping); rank r takes v = r, r + world_size, ...
+        (ceil(eval.batches / world_size) of them), as for the shards."""
+        mbs = self.cfg.data.micro_batch_size
+        for k in range(-(-self.cfg.eval.batches // world_size)):
+            v = k * world_size + rank
+            picks = [g % len(self.records) for g in range(v * mbs, (v + 1) * mbs)]
+            yield self.maker.batch(self.records, picks, decoder, [f"qa-val-{i:08d}" for i in picks])
