@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from arctrain.model.encoder import ARCEncoder
-from arctrain.model.pooling import group_sizes, n_pooled
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -99,23 +98,36 @@ def ref_layer(layer, config, x):
     return x + ref_mlp(layer.mlp, ref_rms(x, layer.post_attention_layernorm))
 
 
+def ref_groups(n: int, factor: int, n_vectors: int = 0) -> list[tuple[int, int]]:
+    """(start, end) of each group, the reference's rule (PoolingModule / split_integer, kyutai-labs/ARC-Encoder):
+    a factor x gives x-token groups when x divides n, else n // x + 1 near-equal groups, larger first, and one
+    group when n < x; a fixed count k gives k near-equal groups, or n groups of one when n < k."""
+    if n_vectors:
+        m = n if n < n_vectors else n_vectors
+    elif n < factor:
+        m = 1
+    else:
+        m = n // factor if n % factor == 0 else n // factor + 1
+    sizes = [n // m + (1 if g < n % m else 0) for g in range(m)]
+    starts = [sum(sizes[:g]) for g in range(m)]
+    return [(a, a + size) for a, size in zip(starts, sizes, strict=True)]
+
+
 def ref_encode(enc: ARCEncoder, ids: list[int]) -> torch.Tensor:
     config = enc.config
-    m = n_pooled(len(ids), enc.factor, enc.n_vectors)
-    bounds = torch.tensor([0] + group_sizes(len(ids), m)).cumsum(0).tolist()
-    groups = list(zip(bounds[:-1], bounds[1:], strict=True))
+    groups = ref_groups(len(ids), enc.factor, enc.n_vectors)
     x = enc.embed_tokens.weight[ids]  # (n, D)
     pooled_last = enc.pooling == "mean_pooled_queries"
     for layer in enc.layers[: len(enc.layers) - pooled_last]:
         x = ref_layer(layer, config, x)
     if not pooled_last:
         return torch.stack([x[a:b].mean(0) for a, b in groups])
+    # The reference calls its last layer with x = the group means and other_kv = the full stream; the block norms
+    # both with its attention norm: queries RMSNorm(mean(h)), keys/values RMSNorm(h), residual the means.
     last = enc.layers[-1]
-    normed = ref_rms(x, last.input_layernorm)
-    queries = torch.stack([normed[a:b].mean(0) for a, b in groups])
-    x = torch.stack([x[a:b].mean(0) for a, b in groups]) + ref_attention(
-        last.self_attn, config, queries, range(m), normed
-    )
+    means = torch.stack([x[a:b].mean(0) for a, b in groups])  # (m, D)
+    queries = ref_rms(means, last.input_layernorm)
+    x = means + ref_attention(last.self_attn, config, queries, range(len(groups)), ref_rms(x, last.input_layernorm))
     return x + ref_mlp(last.mlp, ref_rms(x, last.post_attention_layernorm))
 
 

@@ -11,9 +11,9 @@ Standalone (imports nothing from arctrain), loaded with only transformers instal
 `embeds` go into the decoder's `inputs_embeds` in place of token embeddings (the decoder is not part of the export).
 
 The backbone is a decoder-only LM cut short (no final norm, no LM head) with bidirectional attention. With
-"mean_pooled_queries" the last kept layer's queries are the means of consecutive groups of about `pooling_factor`
-normed hidden states (positions 0..m-1) while keys and values are the whole segment; its residual is the pooled
-input. With "mean" the final states are averaged per group. Groups: m = ceil(n / factor) (or min(n_vectors, n)),
+"mean_pooled_queries" the last kept layer's queries are its attention norm applied to the means of consecutive
+groups of about `pooling_factor` hidden states, RMSNorm(mean(h)), at positions 0..m-1, while keys and values are
+the normed whole segment; its residual is the group means. With "mean" the final states are averaged per group. Groups: m = ceil(n / factor) (or min(n_vectors, n)),
 the first n % m groups hold n // m + 1 tokens, the others n // m.
 """
 
@@ -56,9 +56,11 @@ def pooled_query_layer(layer: nn.Module, hidden, pool, bias, cos, sin) -> torch.
     attn = layer.self_attn
     n_segments, seq_len, _ = hidden.shape
     n_out = pool.shape[1]
-    normed = layer.input_layernorm(hidden)  # (S, L, D)
-    residual = pool @ hidden  # (S, M, D)
-    q = attn.q_proj(pool @ normed).view(n_segments, n_out, -1, attn.head_dim).transpose(1, 2)  # (S, H, M, hd)
+    means = pool @ hidden  # (S, M, D) group means of the residual stream: the residual of this layer
+    normed = layer.input_layernorm(hidden)  # (S, L, D) keys and values: the normed full segment
+    q = (
+        attn.q_proj(layer.input_layernorm(means)).view(n_segments, n_out, -1, attn.head_dim).transpose(1, 2)
+    )  # (S, H, M, hd)
     k = attn.k_proj(normed).view(n_segments, seq_len, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, L, hd)
     v = attn.v_proj(normed).view(n_segments, seq_len, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, L, hd)
     q = apply_rope(q, cos[:, :n_out], sin[:, :n_out])  # pooled queries sit at positions 0..M-1
@@ -66,7 +68,7 @@ def pooled_query_layer(layer: nn.Module, hidden, pool, bias, cos, sin) -> torch.
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
     )  # (S, H, M, hd)
-    hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(n_segments, n_out, -1))  # (S, M, D)
+    hidden = means + attn.o_proj(out.transpose(1, 2).reshape(n_segments, n_out, -1))  # (S, M, D)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 

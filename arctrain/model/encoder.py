@@ -2,8 +2,9 @@
 
 Only the backbone's own modules run (embed_tokens, rotary_emb, the kept decoder layers): no final norm, no LM
 head. Attention is bidirectional within a segment (padding masked). With `mean_pooled_queries` the last kept
-layer's queries are the mean-pooled normed hidden states (positions 0..m-1) while keys and values are the full
-segment (positions 0..L-1); the residual is the pooled input, then the layer's MLP. With `mean` every kept layer
+layer's queries are the layer's attention norm applied to the group means of its input, RMSNorm(mean(h)), at
+positions 0..m-1, while keys and values are the normed full segment (positions 0..L-1); the residual is the group
+means, then the layer's MLP (docs/ARCHITECTURE.md compares every step with the reference implementation). With `mean` every kept layer
 runs as usual and the final states are averaged per group. The group rule is in `arctrain/model/pooling.py`.
 
 Works for Llama, Mistral and Qwen2 backbones (any layer with input_layernorm, self_attn.{q,k,v,o}_proj,
@@ -114,9 +115,9 @@ def pooled_query_layer(
     attn = layer.self_attn
     n_segments, seq_len, _ = hidden.shape
     n_out = pool.shape[1]
-    normed = layer.input_layernorm(hidden)  # (S, L, D)
-    residual = pool @ hidden  # (S, M, D)
-    queries = pool @ normed  # (S, M, D)
+    means = pool @ hidden  # (S, M, D) group means of the residual stream: the residual of this layer
+    queries = layer.input_layernorm(means)  # (S, M, D) RMSNorm(mean(h)), as the reference (not mean(RMSNorm(h)))
+    normed = layer.input_layernorm(hidden)  # (S, L, D) keys and values: the normed full segment
     q = attn.q_proj(queries).view(n_segments, n_out, -1, attn.head_dim).transpose(1, 2)  # (S, H, M, hd)
     k = attn.k_proj(normed).view(n_segments, seq_len, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, L, hd)
     v = attn.v_proj(normed).view(n_segments, seq_len, -1, attn.head_dim).transpose(1, 2)  # (S, Hkv, L, hd)
@@ -126,7 +127,7 @@ def pooled_query_layer(
         q, k, v, attn_mask=bias, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
     )  # (S, H, M, hd)
     out = attn.o_proj(out.transpose(1, 2).reshape(n_segments, n_out, -1))  # (S, M, D)
-    hidden = residual + out
+    hidden = means + out
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
