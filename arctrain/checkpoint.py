@@ -124,15 +124,38 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def source_checkpoint(path: Path) -> Path:
-    """`train.init_from`: a run directory (its latest checkpoint) or one checkpoint directory in it."""
+    """`train.init_from`: a run directory (its latest checkpoint), one checkpoint directory in it, or an export
+    (`arctrain export` / `arctrain import-arc`: config.json of model_type arc_encoder), checked to be complete."""
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        from arctrain.export import export_weight_files
+
+        export_weight_files(path)  # raises unless it is an export with all its weight files
+        return path
     if (path / TRAINER_STATE).is_file() and path.name.startswith("step_"):
         return checkpoint_dir(path.parents[1], int(path.name.split("_")[1]))
     return checkpoint_dir(path, None)
 
 
+def initial_weights(source: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The checkpoint or export `train.init_from` names, and its full fp32 trainable weights by name (an export's
+    names are the trainer's: encoder.*, projectors.NAME.*, specials.NAME.*)."""
+    path = source_checkpoint(source)
+    if (path / "config.json").is_file():
+        from safetensors.torch import load_file
+
+        from arctrain.export import export_weight_files
+
+        state = {}
+        for file in export_weight_files(path):
+            state.update(load_file(file))
+        return path, {name: t.float() for name, t in state.items()}
+    return path, consolidate(path)
+
+
 def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, say) -> None:
-    """Copy another run's trainable weights into a model built under `deepspeed.zero.Init`, before the optimizer
-    exists (DeepSpeed's optimizer takes its fp32 master copy from the parameters at `initialize`).
+    """Copy another run's (or an export's) trainable weights into a model built under `deepspeed.zero.Init`,
+    before the optimizer exists (DeepSpeed's optimizer takes its fp32 master copy from the parameters at
+    `initialize`). The pooling settings may differ from the source's: they have no weights.
 
     Tensors are matched by name: this model's trainable tensors missing from the source (e.g. the projector of a
     decoder added now) keep their initialisation, the source's tensors this model lacks are not used; both are
@@ -145,8 +168,7 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, say) -
     state: dict[str, torch.Tensor] = {}
     if rank == 0:
         try:
-            ckpt = source_checkpoint(source)
-            state = consolidate(ckpt)
+            ckpt, state = initial_weights(source)
             plan = [_init_plan(ckpt, state, {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable})]
         except (FileNotFoundError, ValueError) as err:  # every rank must hear of it, or they wait forever
             plan = [{"error": f"train.init_from: {err}"}]

@@ -3,6 +3,7 @@
     arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 600
     torchrun --nproc_per_node 2 -m arctrain train --config configs/tiny_cpu.yaml train.steps=50
     arctrain export --run runs/tiny --out exported/tiny
+    arctrain import-arc ARC8_Encoder_Llama --out imported/arc8 --backbone models/Llama-3.2-3B --decoders llama
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
 
@@ -58,6 +59,7 @@ def _delegate(module: str):
 COMMANDS = [
     ("train", "arctrain.train", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
     ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
+    ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
 ]

@@ -43,6 +43,9 @@ class ModelConfig:
     """Passed to transformers' `from_pretrained` ("sdpa", "eager", "flash_attention_2")."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype the encoder and decoders are loaded in."""
+    rope: Literal["checkpoint", "plain"] = "checkpoint"
+    """The encoder's RoPE: "checkpoint" keeps the backbone config's scaling (e.g. Llama 3.x `rope_type: llama3`),
+    "plain" applies unscaled RoPE with its rope_theta, as the reference ARC-Encoder does (and imported checkpoints)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.encoder_path), "encoder_path", self.encoder_path, "must be a model directory")
@@ -63,6 +66,9 @@ class DecoderConfig:
     """Relative frequency of this decoder's optimizer steps (train.decoder_schedule = "random")."""
     prefix: str = ""
     """Text put before the compressed vectors, e.g. "Document: "."""
+    rope: Literal["checkpoint", "plain"] = "checkpoint"
+    """This decoder's RoPE: its config's scaling ("checkpoint") or unscaled with its rope_theta ("plain", the
+    reference's choice; use it with a projector trained by the reference)."""
 
     def __post_init__(self) -> None:
         ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS
@@ -181,8 +187,9 @@ class TrainConfig:
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     init_from: str = ""
-    """Start from another run's trainable weights: its run directory (latest checkpoint) or a checkpoint directory
-    (RUN/checkpoints/step_N), written at any world size. Optimizer, schedule and data start afresh. Tensors are
+    """Start from other trainable weights: a run directory (latest checkpoint), a checkpoint directory
+    (RUN/checkpoints/step_N, written at any world size), or an export (`arctrain export`, `arctrain import-arc`).
+    Optimizer, schedule and data start afresh; the pooling settings may differ (they have no weights). Tensors are
     matched by name: a decoder added now gets a new projector (train only it with optim.encoder_lr=0). Used only
     when this run has no checkpoint yet; a restarted run resumes from its own."""
 

@@ -51,9 +51,12 @@ def export_config(cfg: Config):
     from transformers import AutoConfig
 
     from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.model.build import plain_rope
 
     backbone = _model_config(cfg.model.encoder_path, "model.encoder_path")
     backbone.num_hidden_layers -= cfg.model.n_truncated_layers
+    if cfg.model.rope == "plain":
+        plain_rope(backbone)  # the export's backbone config says what its rotary embedding computes
     decoders = []
     for d in cfg.decoders:
         dec = _model_config(d.path, f"decoder {d.name!r} path")
@@ -65,6 +68,7 @@ def export_config(cfg: Config):
                 "projector_hidden": d.projector_hidden,
                 "tokenizer_hash": tokenizer_hash(d.path),
                 "prefix": d.prefix,
+                "rope": d.rope,
             }
         )
     backbone_dict = backbone.to_dict()
@@ -80,6 +84,7 @@ def export_config(cfg: Config):
         segment_tokens=segment_tokens(cfg),
         decoders=decoders,
         encoder_tokenizer_hash=tokenizer_hash(cfg.model.encoder_path),
+        rope=cfg.model.rope,
     )
 
 
@@ -93,34 +98,54 @@ def _model_config(path: str, what: str):
 
 def export(run: Path, out: Path, step: int | None = None, overwrite: bool = False) -> Path:
     """Write the Hugging Face directory for a run's checkpoint; returns `out`."""
+    ckpt = checkpoint_dir(run, step)
+    check_out(out, overwrite)
+    cfg = load_config(run / "config.yaml")
+    config = export_config(cfg)
+    config.source = str(ckpt)
+    state = consolidate(ckpt)
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    card = model_card(cfg, config, trainer_state, _last_metrics(run), ckpt)
+    return write_export(out, config, state, cfg.model.encoder_path, card, what=f"{ckpt}: weights")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A non-empty output directory is refused unless `overwrite` (checked before anything is read or written)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out}: directory is not empty (pass --overwrite to replace an export)")
+
+
+def write_export(out: Path, config, state: dict[str, torch.Tensor], tokenizer_dir, card: str, what: str) -> Path:
+    """The export directory from an ARCEncoderConfig and its full weights (fp32 as given): config.json with auto_map,
+    model.safetensors, the two standalone files, the encoder tokenizer of `tokenizer_dir`, README.md = `card`.
+    The weights are checked against the config before anything is written."""
     from transformers import AutoTokenizer
 
     from arctrain.hf.configuration_arc import ARCEncoderConfig
     from arctrain.hf.modeling_arc import ARCEncoderModel
 
-    ckpt = checkpoint_dir(run, step)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--out {out}: directory is not empty (pass --overwrite to replace an export)")
-        for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-            stale.unlink(missing_ok=True)  # a smaller model may be written in fewer shards
-    cfg = load_config(run / "config.yaml")
-    config = export_config(cfg)
-    state = consolidate(ckpt)
     model = ARCEncoderModel(config)
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{ckpt}: weights do not match the run's config (missing {missing[:3]}, extra {extra[:3]})")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{what} do not match the config (missing {missing[:3]}, extra {extra[:3]})")
+    wrong = [f"{n} is {tuple(t.shape)}, the config says {expected[n]}" for n, t in state.items()
+             if tuple(t.shape) != expected[n]]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{what}: shapes disagree with the config: {'; '.join(wrong[:3])}")
     model.load_state_dict(state, strict=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     # Registration makes save_pretrained copy the two standalone files and write config.json's auto_map.
     ARCEncoderConfig.register_for_auto_class()
     ARCEncoderModel.register_for_auto_class("AutoModel")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # a smaller model may be written in fewer shards
     model.save_pretrained(out, max_shard_size=MAX_SHARD_SIZE)
-    AutoTokenizer.from_pretrained(cfg.model.encoder_path).save_pretrained(out)
-    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
-    (out / "README.md").write_text(model_card(cfg, config, trainer_state, _last_metrics(run), ckpt))
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card)
     return out
 
 
@@ -233,9 +258,13 @@ def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     config = ARCEncoderConfig.from_pretrained(model_dir)
     if config.model_type != "arc_encoder" or not config.backbone:
         raise ValueError(f"{model_dir}/config.json: not an arctrain export (model_type {config.model_type!r})")
+    from arctrain.model.build import plain_rope
+
     backbone = dict(config.backbone)
     bb_config = AutoConfig.for_model(backbone.pop("model_type"), **backbone)
     bb_config._attn_implementation = "sdpa"
+    if getattr(config, "rope", "checkpoint") == "plain":
+        plain_rope(bb_config)
     encoder = ARCEncoder(
         AutoModel.from_config(bb_config),
         n_truncated_layers=0,
@@ -255,17 +284,30 @@ def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     return encoder, projectors, specials, config
 
 
-def _read_weights(model_dir: Path, load_file) -> dict[str, torch.Tensor]:
+def export_weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of an export (one, or the shards its index names), checked to exist."""
+    config = model_dir / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        model_type = None
+    if model_type != "arc_encoder":
+        raise ValueError(f"{config}: not an arctrain export (model_type {model_type!r}, expected 'arc_encoder')")
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = ["model.safetensors"]
-    state = {}
     for name in files:
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir / name}: weight file missing from the export")
-        state.update(load_file(model_dir / name))
+    return [model_dir / name for name in files]
+
+
+def _read_weights(model_dir: Path, load_file) -> dict[str, torch.Tensor]:
+    state = {}
+    for path in export_weight_files(model_dir):
+        state.update(load_file(path))
     return state
 
 

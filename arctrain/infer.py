@@ -77,7 +77,7 @@ def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
         return matches[0]
     if name not in by_name:
         raise ValueError(f"--decoder-name {name!r}: this model has decoders {', '.join(by_name)}")
-    if by_name[name]["tokenizer_hash"] != found:
+    if by_name[name]["tokenizer_hash"] not in ("", found):  # "" : not recorded (an imported reference checkpoint)
         raise ValueError(f"--decoder {decoder_dir}: its tokenizer is not the one decoder {name!r} was trained with")
     return name
 
@@ -91,7 +91,8 @@ class ARCGenerator:
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         self.config = config
-        decoder = load_causal_lm(decoder_dir, dtype)
+        entry = next(d for d in config.decoders if d["name"] == self.name)
+        decoder = load_causal_lm(decoder_dir, dtype, rope=entry.get("rope", "checkpoint"))  # as it was trained
         one = nn.ModuleDict
         self.model = ARCModel(
             encoder,

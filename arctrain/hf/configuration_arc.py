@@ -20,6 +20,8 @@ class ARCEncoderConfig(PretrainedConfig):
         segment_tokens: int = 256,
         decoders: list[dict] | None = None,
         encoder_tokenizer_hash: str = "",
+        rope: str = "checkpoint",
+        source: str = "",
         **kwargs,
     ):
         self.backbone = dict(backbone or {})
@@ -34,6 +36,11 @@ class ARCEncoderConfig(PretrainedConfig):
         self.segment_tokens = segment_tokens
         """Encoder tokens per segment in training: longer contexts are compressed segment by segment."""
         self.decoders = list(decoders or [])
-        """Per decoder: name, architecture, hidden_size, projector_hidden, tokenizer_hash, prefix."""
+        """Per decoder: name, architecture, hidden_size, projector_hidden, tokenizer_hash, prefix, rope."""
         self.encoder_tokenizer_hash = encoder_tokenizer_hash
+        self.rope = rope
+        """The encoder's RoPE: "checkpoint" (the scaling in `backbone`, e.g. Llama-3's) or "plain" (unscaled, with
+        rope_theta, as the reference ARC-Encoder). Each decoder entry has its own "rope" for whoever loads it."""
+        self.source = source
+        """Where the weights came from: an arctrain checkpoint, or a reference checkpoint (`arctrain import-arc`)."""
         super().__init__(**kwargs)

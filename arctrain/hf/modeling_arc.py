@@ -13,8 +13,9 @@ Standalone (imports nothing from arctrain), loaded with only transformers instal
 The backbone is a decoder-only LM cut short (no final norm, no LM head) with bidirectional attention. With
 "mean_pooled_queries" the last kept layer's queries are its attention norm applied to the means of consecutive
 groups of about `pooling_factor` hidden states, RMSNorm(mean(h)), at positions 0..m-1, while keys and values are
-the normed whole segment; its residual is the group means. With "mean" the final states are averaged per group. Groups: m = ceil(n / factor) (or min(n_vectors, n)),
-the first n % m groups hold n // m + 1 tokens, the others n // m.
+the normed whole segment; its residual is the group means. With "mean" the final states are averaged per group.
+Groups: m = ceil(n / factor) (or min(n_vectors, n)), the first n % m groups hold n // m + 1 tokens, the others
+n // m. `rope: "plain"` in the config means unscaled RoPE with the backbone's rope_theta (the reference's choice).
 """
 
 import torch
@@ -75,10 +76,14 @@ def pooled_query_layer(layer: nn.Module, hidden, pool, bias, cos, sin) -> torch.
 class ARCBackbone(nn.Module):
     """The kept parts of the backbone: token embeddings, rotary embedding, layers (no final norm, no LM head)."""
 
-    def __init__(self, backbone: dict):
+    def __init__(self, backbone: dict, rope: str = "checkpoint"):
         super().__init__()
         backbone = dict(backbone)
-        base = AutoModel.from_config(AutoConfig.for_model(backbone.pop("model_type"), **backbone))
+        config = AutoConfig.for_model(backbone.pop("model_type"), **backbone)
+        if rope == "plain":  # unscaled RoPE with the backbone's rope_theta, as the reference ARC-Encoder
+            params = dict(config.rope_parameters or {})
+            config.rope_parameters = {"rope_type": "default", "rope_theta": params.get("rope_theta")}
+        base = AutoModel.from_config(config)
         self.embed_tokens = base.embed_tokens
         self.rotary_emb = base.rotary_emb
         self.layers = base.layers
@@ -102,7 +107,7 @@ class ARCEncoderModel(PreTrainedModel):
 
     def __init__(self, config: ARCEncoderConfig):
         super().__init__(config)
-        self.encoder = ARCBackbone(config.backbone)
+        self.encoder = ARCBackbone(config.backbone, getattr(config, "rope", "checkpoint"))
         dim = config.backbone["hidden_size"]
         self.projectors = nn.ModuleDict(
             {

@@ -28,19 +28,39 @@ def is_zero3(ds_config: dict | None) -> bool:
     return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """A causal LM from a local Hugging Face directory (no hub access)."""
+ROPE_CHOICES = ("checkpoint", "plain")
+
+
+def plain_rope(config) -> None:
+    """RoPE without frequency scaling (e.g. no Llama-3 `rope_type: llama3`), with the config's own rope_theta:
+    what the reference ARC-Encoder applies to its encoder and decoders. Changes `config` in place."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    plain = {"rope_type": "default", "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", None))}
+    if "partial_rotary_factor" in params:
+        plain["partial_rotary_factor"] = params["partial_rotary_factor"]
+    config.rope_parameters = plain
+
+
+def load_causal_lm(
+    path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", rope: str = "checkpoint"
+) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face directory (no hub access); `rope="plain"` drops its RoPE scaling."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if rope not in ROPE_CHOICES:
+        raise ValueError(f"rope={rope!r} for {path}: expected one of {', '.join(ROPE_CHOICES)}")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if rope == "plain":
+        plain_rope(config)
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
     )
 
 
 def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = False) -> ARCEncoder:
     """The truncated bidirectional backbone with pooling (what an exporter needs besides the projectors)."""
-    backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation)
+    backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation, model_cfg.rope)
     return ARCEncoder(
         backbone,
         n_truncated_layers=model_cfg.n_truncated_layers,
@@ -61,9 +81,9 @@ def build_model(
 ) -> ARCModel:
     """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
 
-    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation;
-    each decoder config needs name, path, projector_hidden. `gradient_checkpointing` applies to the encoder layers
-    (see `ARCModel.enable_decoder_checkpointing` for the decoders).
+    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation,
+    rope; each decoder config needs name, path, projector_hidden, rope. `gradient_checkpointing` applies to the encoder
+    layers (see `ARCModel.enable_decoder_checkpointing` for the decoders).
     """
     names = [d.name for d in decoder_cfgs]
     if not names:
@@ -79,7 +99,7 @@ def build_model(
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
-            {d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation) for d in decoder_cfgs}
+            {d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation, d.rope) for d in decoder_cfgs}
         )
         if hf_ds_config is None:
             projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)

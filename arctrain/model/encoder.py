@@ -4,8 +4,9 @@ Only the backbone's own modules run (embed_tokens, rotary_emb, the kept decoder 
 head. Attention is bidirectional within a segment (padding masked). With `mean_pooled_queries` the last kept
 layer's queries are the layer's attention norm applied to the group means of its input, RMSNorm(mean(h)), at
 positions 0..m-1, while keys and values are the normed full segment (positions 0..L-1); the residual is the group
-means, then the layer's MLP (docs/ARCHITECTURE.md compares every step with the reference implementation). With `mean` every kept layer
-runs as usual and the final states are averaged per group. The group rule is in `arctrain/model/pooling.py`.
+means, then the layer's MLP (docs/ARCHITECTURE.md compares every step with the reference implementation). With
+`mean` every kept layer runs as usual and the final states are averaged per group. The group rule is in
+`arctrain/model/pooling.py`.
 
 Works for Llama, Mistral and Qwen2 backbones (any layer with input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp and rotary position embeddings). Sizes come from the config, never from weights, so
