@@ -379,3 +379,40 @@ def test_rope_choice_is_honoured_on_load(backbone):
     for rope, want_plain in (("plain", True), ("checkpoint", False)):
         model = ARCEncoderModel(ARCEncoderConfig(backbone=scaled, rope=rope, decoders=[]))
         assert torch.allclose(model.encoder.rotary_emb.inv_freq, plain) == want_plain, rope
+
+
+@pytest.mark.distributed
+def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_path):
+    """A reference checkpoint at x8 -> import-arc -> 2 ZeRO-3 ranks at x4 with train.init_from=the import and both
+    learning rates 0 -> export: the same weights bitwise, and vectors that are the reference's at x4."""
+    from safetensors.torch import load_file
+    from test_train import overrides, run
+
+    a = backbone_dims(tiny_models / "encoder")
+    n_kept = a["n_layers"] - 2
+    emb, bridge = reference_weights(a, n_kept, [128, 160], 256)  # the tiny decoders' sizes, tiny_cpu's projector
+    write_release(tmp_path / "src", a, emb, bridge, -8, 2, 256, 128)
+    imported, exported, run_dir = tmp_path / "imported", tmp_path / "exported", tmp_path / "run"
+    arctrain(["import-arc", str(tmp_path / "src"), "--out", str(imported), "--backbone", str(tiny_models / "encoder"),
+              "--decoders", "llama,mistral"])  # fmt: skip
+    args = overrides(
+        tiny_models, tiny_shards, run_dir, "train.steps=2", "checkpoint.interval=2", f"train.init_from={imported}",
+        "optim.encoder_lr=0", "optim.projector_lr=0", "model.pooling_factor=4", "model.rope=plain",
+        "decoders.0.rope=plain", "decoders.1.rope=plain", "logging.sample_keys=false",
+    )  # fmt: skip
+    assert run(args, 2, tmp_path / "log") == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
+    log = (tmp_path / "log.rank0").read_text()
+    before = load_file(imported / "model.safetensors")
+    assert f"initialised {len(before)} tensors" in log and str(imported) in log, log[-3000:]
+    arctrain(["export", "--run", str(run_dir), "--out", str(exported)])
+
+    after = load_file(exported / "model.safetensors")
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["pooling_factor"] == 4 and config["rope"] == "plain"
+    assert [d["rope"] for d in config["decoders"]] == ["plain", "plain"]
+    ids, mask, segments = inputs(exported)
+    model = AutoModel.from_pretrained(exported, trust_remote_code=True).eval()
+    with torch.no_grad():
+        for seg, got in zip(segments, model.compress(ids, mask), strict=True):
+            assert rel_err(got, reference_compress(emb, a, n_kept, seg, -4)) < 1e-5
