@@ -71,10 +71,11 @@ def test_paper_configs_carry_the_paper_hyperparameters():
             "cosine",
             "bf16",
         )
-        assert cfg.model.pooling_factor == 4 and cfg.data.task_ratio == 0.2
+        assert cfg.model.pooling_factor == 8 and cfg.data.task_ratio == 0.2  # the paper pretrains at x8
     cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_finetune.yaml")  # the paper's fine-tuning stage
     assert (cfg.optim.encoder_lr, cfg.optim.projector_lr, cfg.optim.weight_decay) == (2e-6, 3e-5, 0.05)
     assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
+    assert cfg.model.pooling_factor == 4 and cfg.data.qa_shots == 5  # x4 from the x8 encoder, 5-shot
 
 
 @pytest.mark.parametrize("ds_file", DS_FILES, ids=lambda p: p.name)
