@@ -416,3 +416,19 @@ def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_
     with torch.no_grad():
         for seg, got in zip(segments, model.compress(ids, mask), strict=True):
             assert rel_err(got, reference_compress(emb, a, n_kept, seg, -4)) < 1e-5
+
+
+def test_init_from_accepts_an_export_and_refuses_other_model_dirs(backbone, tmp_path):
+    from arctrain.checkpoint import initial_weights, source_checkpoint
+
+    a = backbone_dims(backbone)
+    emb, bridge = reference_weights(a, a["n_layers"] - 2, [128], 48)
+    write_release(tmp_path / "src", a, emb, bridge, -8, 1, 48, 128)
+    arctrain(["import-arc", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--backbone", str(backbone)])
+    path, state = initial_weights(tmp_path / "out")
+    assert path == tmp_path / "out" and "specials.decoder0.rec" in state and "encoder.embed_tokens.weight" in state
+    with pytest.raises(ValueError, match=r"config.json: not an arctrain export \(model_type 'llama'"):
+        source_checkpoint(backbone)  # a Hugging Face model directory is not an export
+    (tmp_path / "out" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: weight file missing from the export"):
+        source_checkpoint(tmp_path / "out")
