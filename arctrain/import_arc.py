@@ -145,6 +145,8 @@ def architecture(model_args: dict, backbone, where: Path) -> dict:
     }
     if not model_args:
         return bb
+    if model_args.get("non_parametric_norm"):
+        raise ValueError(f"{where}: model_args.non_parametric_norm is true (OLMo-style norms; arctrain needs RMSNorm)")
     arch = dict(bb)
     for key in bb:
         if key not in model_args or model_args[key] is None:

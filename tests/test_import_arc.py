@@ -316,6 +316,7 @@ BAD = {
     "bridge type": ({"config": ("bridge_args", "bridge_type", "rms")}, "bridge_type 'rms'"),
     "empty_init": ({"config": ("empty_init", None, 3)}, "empty_init=3 decoders but the weights hold 2"),
     "norm_eps": ({"config": ("model_args", "norm_eps", "tiny")}, "model_args.norm_eps='tiny' is not a number"),
+    "olmo norms": ({"config": ("model_args", "non_parametric_norm", True)}, "non_parametric_norm is true"),
 }  # fmt: skip
 
 
