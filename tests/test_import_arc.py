@@ -366,9 +366,10 @@ def test_rope_choice_is_honoured_on_load(backbone):
     `rope: checkpoint` keeps it."""
     from transformers import AutoConfig
 
+    from arctrain.config import ModelConfig
     from arctrain.hf.configuration_arc import ARCEncoderConfig
     from arctrain.hf.modeling_arc import ARCEncoderModel
-    from arctrain.model.build import load_causal_lm
+    from arctrain.model.build import build_encoder, load_causal_lm
 
     hd = backbone_dims(backbone)["head_dim"]
     plain = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
@@ -376,6 +377,9 @@ def test_rope_choice_is_honoured_on_load(backbone):
     dropped = load_causal_lm(backbone, torch.float32, rope="plain").model.rotary_emb.inv_freq
     torch.testing.assert_close(dropped, plain)
     assert not torch.allclose(kept, plain)  # the scaling changes the low frequencies
+    for rope, want_plain in (("plain", True), ("checkpoint", False)):  # model.rope reaches the trainer's encoder
+        cfg = ModelConfig(encoder_path=str(backbone), n_truncated_layers=2, rope=rope)
+        assert torch.allclose(build_encoder(cfg, torch.float32).rotary_emb.inv_freq, plain) == want_plain, rope
     scaled = AutoConfig.from_pretrained(backbone).to_dict()
     for rope, want_plain in (("plain", True), ("checkpoint", False)):
         model = ARCEncoderModel(ARCEncoderConfig(backbone=scaled, rope=rope, decoders=[]))
