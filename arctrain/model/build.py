@@ -60,7 +60,8 @@ def load_causal_lm(
 
 def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = False) -> ARCEncoder:
     """The truncated bidirectional backbone with pooling (what an exporter needs besides the projectors)."""
-    backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation, model_cfg.rope)
+    rope = getattr(model_cfg, "rope", "checkpoint")
+    backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation, rope)
     return ARCEncoder(
         backbone,
         n_truncated_layers=model_cfg.n_truncated_layers,
@@ -81,9 +82,10 @@ def build_model(
 ) -> ARCModel:
     """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
 
-    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation,
-    rope; each decoder config needs name, path, projector_hidden, rope. `gradient_checkpointing` applies to the encoder
-    layers (see `ARCModel.enable_decoder_checkpointing` for the decoders).
+    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation
+    (and may set rope); each decoder config needs name, path, projector_hidden (and may set rope).
+    `gradient_checkpointing` applies to the encoder layers (see `ARCModel.enable_decoder_checkpointing` for the
+    decoders).
     """
     names = [d.name for d in decoder_cfgs]
     if not names:
@@ -99,7 +101,10 @@ def build_model(
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
-            {d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation, d.rope) for d in decoder_cfgs}
+            {
+                d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation, getattr(d, "rope", "checkpoint"))
+                for d in decoder_cfgs
+            }
         )
         if hf_ds_config is None:
             projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
