@@ -41,8 +41,18 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 
+def on_device(values: list[float], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """Host numbers as a tensor on `device`, without the host waiting for the device: a blocking copy to a GPU
+    synchronizes its stream, a copy from pinned memory with non_blocking=True does not."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM) -> torch.Tensor:
-    """`tensor` reduced over all ranks, as a new tensor on `device` (a collective: every rank calls it)."""
+    """`tensor` reduced over all ranks, as a new tensor on `device` (a collective: every rank calls it). NCCL
+    reduces asynchronously on the GPU's stream: nothing waits until the result is read on the host."""
     out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out, op=op)
     return out
@@ -50,7 +60,7 @@ def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM) -> torch.Tens
 
 def reduce_floats(values: list[float], device: torch.device, op=SUM) -> list[float]:
     """Host numbers reduced over ranks in one collective (float64 on `device`), read back on the host."""
-    return all_reduce(torch.tensor(values, dtype=torch.float64), device, op).tolist()
+    return all_reduce(on_device(values, device), device, op).tolist()
 
 
 def barrier(device: torch.device) -> None:
@@ -75,7 +85,7 @@ class Preemption:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was signalled (a collective: every rank calls it each step)."""
-        return bool(all_reduce(torch.tensor([float(self.flag)]), device, MAX).item())
+        return bool(all_reduce(on_device([float(self.flag)], device, torch.float32), device, MAX).item())
 
 
 # --- stale JIT-build locks --------------------------------------------------------------------------------------

@@ -71,10 +71,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         warnings.simplefilter("ignore", UserWarning)
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    peaks = {
+        g["name"]: {"max_lr": g["lr"], "min_lr": g["lr"] * cfg.min_lr_ratio, "start_wd": g["weight_decay"],
+                    "end_wd": g["weight_decay"]}
+        for g in optimizer.param_groups
+    }  # fmt: skip
     for group in optimizer.param_groups:
-        group["max_lr"], group["min_lr"] = group["lr"], group["lr"] * cfg.min_lr_ratio
-        group["start_wd"] = group["end_wd"] = group["weight_decay"]
-    return OptimizerParamScheduler(
+        group.update(peaks[group["name"]])
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=max(g["max_lr"] for g in optimizer.param_groups),
@@ -91,12 +95,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         wsd_decay_steps=cfg.wsd_decay_steps or None,
         lr_wsd_decay_style="linear",
     )
+    scheduler.peaks = peaks  # re-applied by set_lr: a checkpoint's param groups bring back their own peaks
+    return scheduler
 
 
 def set_lr(scheduler, step: int, decoder: str | None = None) -> None:
     """Every group's LR for optimizer step `step` (0-based) from the step counter alone: the scheduler's
     step count becomes `step + 1` (warm-up reaches the peak at step warmup_steps - 1), then the groups of the
     decoders other than `decoder` get LR 0 (`idle_decoders`)."""
+    for group in scheduler.optimizer.param_groups:
+        group.update(scheduler.peaks[group["name"]])  # this run's config, also after loading a checkpoint
     scheduler.step(step + 1 - scheduler.num_steps)
     if decoder is not None:
         idle_decoders(scheduler.optimizer, decoder)

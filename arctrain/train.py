@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from arctrain.distributed import MAX, Preemption, all_reduce, init_distributed, reduce_floats
+from arctrain.distributed import MAX, Preemption, all_reduce, init_distributed, on_device, reduce_floats
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
@@ -101,7 +101,7 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
     mean * n * world_size / global_tokens. The token count comes from the batches' CPU-side counts, summed over
     ranks by one all-reduce of a device tensor that nothing on the host waits for."""
     decoder = batches[0].decoder
-    tokens = all_reduce(torch.tensor([float(sum(b.counts.targets for b in batches))], dtype=torch.float64), device)
+    tokens = all_reduce(on_device([float(sum(b.counts.targets for b in batches))], device), device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         assert batch.decoder == decoder, "one decoder per optimizer step"
@@ -116,51 +116,64 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
     return StepOutput(loss_sum, tokens)
 
 
-def train(cfg) -> int:
+def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
+    """The run directory's checkpointer; refuses a resume under changed settings, then keeps this launch's config."""
     from arctrain.checkpoint import Checkpointer, resume_fingerprint
+
+    run_dir = Path(cfg.checkpoint.dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
+    checkpointer.check_resumable(world_size, resume_fingerprint(cfg))
+    if rank == 0:
+        save_launch_config(cfg, run_dir)
+    return checkpointer
+
+
+def build_data(cfg, rank: int, world_size: int, next_batch: int):
+    """(vocab, the training loader at `next_batch`, the QA val batches or None)."""
     from arctrain.data import Vocab, build_train_loader
+
+    vocab = Vocab.from_config(cfg)
+    loader = build_train_loader(cfg, rank, world_size, vocab)
+    loader.load_state_dict({"next_batch": next_batch})
+    qa_val = None
+    if cfg.data.qa and cfg.eval.interval:
+        from arctrain.data.qa import QAValBatches
+
+        qa_val = QAValBatches(cfg, vocab)
+    return vocab, loader, qa_val
+
+
+def train(cfg) -> int:
+    from arctrain.checkpoint import resume_fingerprint
     from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, Window, peak_tflops
     from arctrain.optim import set_lr
     from arctrain.validate import evaluate
 
     rank, world_size, device = init_distributed()
-    run_dir = Path(cfg.checkpoint.dir)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
-    checkpointer.check_resumable(world_size, resume_fingerprint(cfg))  # before this launch's config is kept
-    if rank == 0:
-        save_launch_config(cfg, run_dir)
-    preemption, say = Preemption(), _logger(run_dir, rank)
+    run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
+    checkpointer = build_checkpointer(cfg, rank, world_size, device)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
     engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say)
     state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
-    step = state["step"]
-    say(f"{'resumed from step ' + str(step) if step else 'starting at step 0'} in {run_dir} "
+    say(f"{'resumed from step ' + str(state['step']) if state['step'] else 'starting at step 0'} in {run_dir} "
         f"(world size {world_size}, {device.type})")  # fmt: skip
-
-    vocab = Vocab.from_config(cfg)
-    qa_val = _qa_val(cfg, vocab)
-    loader = build_train_loader(cfg, rank, world_size, vocab)
-    loader.load_state_dict({"next_batch": state["next_batch"]})
-    batches = iter(loader)
-    logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=step)
-    keys_log = SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", step) if cfg.logging.sample_keys else None
+    vocab, loader, qa_val = build_data(cfg, rank, world_size, state["next_batch"])
+    logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
+    keys_log = (
+        SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", state["step"]) if cfg.logging.sample_keys else None
+    )
     meter, window, peak = (
         LossMeter([d.name for d in cfg.decoders], cfg.data.tasks, device),
         Window(FlopCounter(model)),
         peak_tflops(),
     )
-    exit_code = 0
-
-    def trainer_state() -> dict:
-        return {"step": step, "next_batch": loader.next_batch, "bad_steps": state["bad_steps"],
-                "skipped_steps": state["skipped_steps"], "world_size": world_size,
-                "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
+    preemption, batches, exit_code, step = Preemption(), iter(loader), 0, state["step"]
 
     engine.train()
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]  # all of the step first: its token count
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]  # the whole step first: its token count
         window.wait += time.perf_counter() - t0
         set_lr(scheduler, step, micro[0][1].decoder)
         out = train_step(engine, [batch for _, batch in micro], device, world_size, meter)
@@ -168,14 +181,12 @@ def train(cfg) -> int:
             window.count(batch.decoder, batch.counts)
             if keys_log is not None:
                 keys_log.write(step + 1, b, batch.keys)
-        step += 1
+        state["step"] = step = step + 1
         window.time += time.perf_counter() - t0
-
-        # DeepSpeed reduces the gradient norm over ranks and skips the step when it is not finite, on every
-        # rank alike; a non-finite loss gives a non-finite norm. Reading that is its own sync per step.
+        # DeepSpeed reduces the gradient norm over ranks and skips a step whose norm is not finite (a non-finite
+        # loss gives one), on every rank alike: the host reads that once per step, inside engine.step().
         bad = not engine.was_step_applied()
-        state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
-        state["skipped_steps"] += int(bad)
+        state["bad_steps"], state["skipped_steps"] = state["bad_steps"] + 1 if bad else 0, state["skipped_steps"] + bad
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
             logger.log(step, _train_metrics(engine, out, meter, window, world_size, peak, state))
             meter.reset()
@@ -185,17 +196,18 @@ def train(cfg) -> int:
 
         tag = None
         if state["bad_steps"] >= cfg.train.max_bad_steps:
-            tag = f"diverged_step_{step:08d}"
+            tag, exit_code = f"diverged_step_{step:08d}", EXIT_DIVERGED
             say(
                 f"stopping: {state['bad_steps']} steps in a row had a non-finite loss or gradient norm; lower "
-                f"optim.*_lr or check the data; checkpoint {tag} saved, `latest` stays on the last good step"
+                f"optim.*_lr or check the data; checkpoint {tag} saved, `latest` stays on the last good one"
             )
-            exit_code = EXIT_DIVERGED
         elif preemption.agreed(device):
             say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)")
             exit_code = EXIT_PREEMPTED
         if exit_code or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-            say(f"checkpoint: {checkpointer.save(engine, step, trainer_state(), tag)}")
+            trainer_state = {**state, "next_batch": loader.next_batch, "world_size": world_size,
+                             "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
+            say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
         if exit_code:
             break
     logger.close()
@@ -217,14 +229,6 @@ def _train_metrics(engine, out: StepOutput, meter, window, world_size: int, peak
     elements = reduce_floats([_local_param_elements(engine.module)], out.tokens.device, MAX)[0]
     metrics["param_elements_per_rank"] = elements
     return metrics
-
-
-def _qa_val(cfg, vocab):
-    if not (cfg.data.qa and cfg.eval.interval):
-        return None
-    from arctrain.data.qa import QAValBatches
-
-    return QAValBatches(cfg, vocab)
 
 
 def _plain(cfg) -> dict:

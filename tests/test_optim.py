@@ -74,3 +74,14 @@ def test_a_run_shorter_than_its_warm_up_only_warms_up():
     sched = build_scheduler(opt, OptimConfig(warmup_steps=10), total_steps=3)
     set_lr(sched, 2)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 10)
+
+
+def test_the_configured_peaks_win_over_a_loaded_checkpoints():
+    """Loading optimizer state brings back the param groups as saved (their max_lr too): a resume with another
+    optim.*_lr uses the new one from the next step on."""
+    opt = groups()
+    sched = build_scheduler(opt, OptimConfig(warmup_steps=0, decay="constant"), total_steps=10)
+    for group in opt.param_groups:
+        group["max_lr"] = group["min_lr"] = 7.0  # what an older run's checkpoint held
+    set_lr(sched, 3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 4e-3, 4e-3]
