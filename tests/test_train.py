@@ -243,6 +243,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, tiny_shards
     diverged = run_dir / "checkpoints" / "diverged_step_00000003"
     assert json.loads((diverged / "trainer_state.json").read_text())["skipped_steps"] == 3
     assert [m["skipped_steps"] for m in metrics(run_dir)] == [1, 2, 3]
+    # DeepSpeed skipped its scheduler on each of these steps; the LR still follows the step counter (warm-up).
+    assert [m["lr/encoder"] for m in metrics(run_dir)] == pytest.approx([1e-4, 2e-4, 3e-4], rel=1e-12)
     log = (tmp_path / "log.rank0").read_text()
     assert "3 steps in a row had a non-finite loss or gradient norm" in log and "diverged_step_00000003 saved" in log
 

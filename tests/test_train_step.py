@@ -108,7 +108,6 @@ def test_step_gradient_is_one_process_on_all_the_data(tiny_models, tmp_path):
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    print(result)
     assert result["counts"] == [3, 57, 0, 14]  # very unequal, one micro-batch without targets
     assert result["tokens"] == 74
     assert result["diff"] < 1e-6, result
