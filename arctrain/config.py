@@ -261,6 +261,9 @@ class Config:
         names = [d.name for d in self.decoders]
         for i, name in enumerate(names):
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+        room = self.train.steps - self.optim.warmup_steps
+        why = f"must be <= train.steps - optim.warmup_steps = {room} (the decay ends at train.steps)"
+        _require(self.optim.wsd_decay_steps <= max(room, 0), "optim.wsd_decay_steps", self.optim.wsd_decay_steps, why)
 
 
 def config_from_dict(raw: dict) -> Config:

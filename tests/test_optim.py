@@ -85,3 +85,16 @@ def test_the_configured_peaks_win_over_a_loaded_checkpoints():
         group["max_lr"] = group["min_lr"] = 7.0  # what an older run's checkpoint held
     set_lr(sched, 3)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 4e-3, 4e-3]
+
+
+def test_a_wsd_decay_longer_than_the_run_is_one_line():
+    from pathlib import Path
+
+    from arctrain.config import load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs/tiny_cpu.yaml"
+
+    with pytest.raises(ValueError, match=r"optim.wsd_decay_steps: 50 must be <= train.steps - optim.warmup_steps = 30"):
+        load_config(tiny, ["optim.decay=wsd", "optim.wsd_decay_steps=50", "train.steps=40"])
+    with pytest.raises(ValueError, match=r"optim.wsd_decay_steps: 0 must be > 0 with decay=wsd"):
+        load_config(tiny, ["optim.decay=wsd"])
