@@ -22,6 +22,9 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6",
         "numpy>=1.26",
+        # OptimizerParamScheduler (arctrain/optim.py): pure Python, imports on CPU without Apex or Transformer
+        # Engine; its own pins (torch, numpy, packaging) agree with ours. Exact: its APIs move between releases.
+        "megatron-core==0.16.1",
     ],
     extras_require={"dev": ["pytest>=8", "ruff>=0.8"]},
     entry_points={

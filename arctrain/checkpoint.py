@@ -4,6 +4,8 @@
                                          + trainer_state.json (step, data position, decoder schedule, counters)
                                          + rng_rank{r}.pt (each rank's RNG states)
     RUN_DIR/checkpoints/latest           the tag of the newest complete checkpoint
+    RUN_DIR/checkpoints/diverged_step_N/ where a run stopped on non-finite steps: for a human to look at; neither
+                                         `latest` nor pruning touch it, so a restart resumes the last good step
 
 A crash during a save leaves `latest` on the previous checkpoint: it is replaced atomically only after every
 rank has finished writing.
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from arctrain.distributed import barrier
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -38,43 +42,68 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, rank: int):
+    def __init__(self, run_dir: Path, keep: int, rank: int, device: torch.device | None = None):
         self.dir, self.keep, self.rank = run_dir / "checkpoints", keep, rank
+        self.device = device or torch.device("cpu")
 
     def latest(self) -> str | None:
         pointer = self.dir / "latest"
         return pointer.read_text().strip() if pointer.is_file() else None
 
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
-        tag = f"step_{step:08d}"
+    def save(self, engine, step: int, trainer_state: dict, tag: str | None = None) -> Path:
+        """A checkpoint under `tag` (default step_%08d, which becomes `latest`, older ones pruned); any other tag
+        (e.g. diverged_step_N) is written beside them and leaves `latest` and pruning alone."""
+        regular = tag is None
+        tag = tag or f"step_{step:08d}"
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
         torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
             (self.dir / tag / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
-        dist.barrier()  # every rank's partition is on disk before `latest` may point at it
-        if self.rank == 0:
+        barrier(self.device)  # every rank's partition is on disk before `latest` may point at it
+        if self.rank == 0 and regular:
             tmp = self.dir / "latest.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.dir / "latest")
             self._prune(keep_tag=tag)
-        dist.barrier()
+        barrier(self.device)
         return self.dir / tag
 
-    def load(self, engine, world_size: int) -> dict | None:
-        """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run."""
+    def trainer_state(self) -> dict | None:
+        """The trainer state of the newest checkpoint, or None for a fresh run."""
         tag = self.latest()
         if tag is None:
             return None
         state_file = self.dir / tag / TRAINER_STATE
         if not state_file.is_file():
             raise ValueError(f"{self.dir / tag}: checkpoint has no {TRAINER_STATE}; it was not written by arctrain")
-        state = json.loads(state_file.read_text())
+        return json.loads(state_file.read_text())
+
+    def check_resumable(self, world_size: int, fingerprint: dict) -> None:
+        """Refuse, in one line naming the key, to resume a checkpoint under settings that would reinterpret its
+        data position (batch index -> samples) or its ZeRO-3 partitions."""
+        state = self.trainer_state()
+        if state is None:
+            return
+        where = self.dir / self.latest()
         if state.get("world_size", world_size) != world_size:
-            # ZeRO-3 partitions and each rank's data stream depend on the number of ranks.
             raise ValueError(
-                f"{self.dir / tag} was written by {state['world_size']} ranks; resume it with {state['world_size']} "
+                f"{where} was written by {state['world_size']} ranks; resume it with {state['world_size']} "
                 f"ranks (this run has {world_size}), or start a new run directory"
             )
+        for key, value in state.get("fingerprint", {}).items():
+            if key in fingerprint and fingerprint[key] != value:
+                raise ValueError(
+                    f"{where} was written with {key}={value!r}, this run has {key}={fingerprint[key]!r}: resuming "
+                    f"would change which samples follow; keep {key} or start a new run directory"
+                )
+
+    def load(self, engine, world_size: int) -> dict | None:
+        """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run."""
+        state = self.trainer_state()
+        if state is None:
+            return None
+        self.check_resumable(world_size, {})
+        tag = self.latest()
         path, _ = engine.load_checkpoint(
             str(self.dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -92,6 +121,25 @@ class Checkpointer:
         for tag in tags[: -self.keep]:
             if tag != keep_tag:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
+
+
+def resume_fingerprint(cfg) -> dict:
+    """The settings a checkpoint's data position means something only under: batch b of a rank is a function
+    of these (arctrain/data/sampling.py), so a resume must not change them. LRs, steps, intervals may change."""
+    return {
+        "data.micro_batch_size": cfg.data.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.seed": cfg.train.seed,
+        "data.seed_offset": cfg.data.seed_offset,
+        "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],
+        "data.qa": cfg.data.qa,
+        "data.qa_shots": cfg.data.qa_shots,
+        "data.task_ratio": cfg.data.task_ratio,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "decoders": [f"{d.name}:{d.weight:g}" for d in cfg.decoders],
+        "train.decoder_schedule": cfg.train.decoder_schedule,
+        "train.decoder_hold": cfg.train.decoder_hold,
+    }
 
 
 def checkpoint_dir(run: Path, step: int | None) -> Path:

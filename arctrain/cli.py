@@ -65,8 +65,18 @@ COMMANDS = [
 ]
 
 
+def _launcher_args_last(argv: list[str]) -> list[str]:
+    """`deepspeed --module arctrain train ...` runs `python -m arctrain --local_rank=N train ...`: the launcher's
+    argument goes to the subcommand (`arctrain train` accepts it), so the subcommand stays first."""
+    lead = []
+    while argv and argv[0].startswith(("--local_rank", "--local-rank")):
+        n = 1 if "=" in argv[0] else 2
+        lead, argv = lead + argv[:n], argv[n:]
+    return argv[:1] + lead + argv[1:] if lead else argv
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _launcher_args_last(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if argv and argv[0] in {name for name, _, _ in COMMANDS}:
         args = argparse.Namespace(func=_delegate({n: m for n, m, _ in COMMANDS}[argv[0]]), rest=argv[1:])

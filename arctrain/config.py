@@ -155,9 +155,12 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 1000
     """Linear warm-up from 0 to the peak learning rates, in optimizer steps."""
-    decay: Literal["cosine", "constant", "linear"] = "cosine"
-    """Decay after warm-up, down to min_lr_ratio * peak at train.steps."""
+    decay: Literal["cosine", "constant", "linear", "wsd"] = "cosine"
+    """Decay after warm-up, down to min_lr_ratio * peak at train.steps (wsd: warm-up, stable, then a linear decay
+    over the last `wsd_decay_steps`)."""
     min_lr_ratio: float = 0.1
+    wsd_decay_steps: int = 0
+    """With decay = "wsd": the number of final steps the LR decays over."""
     clip: float = 1.0
     """Gradient norm clip (0: no clipping)."""
 
@@ -170,6 +173,8 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        ok_wsd = (self.wsd_decay_steps > 0) == (self.decay == "wsd")
+        _require(ok_wsd, "wsd_decay_steps", self.wsd_decay_steps, "must be > 0 with decay=wsd, and 0 otherwise")
         _require(self.clip >= 0, "clip", self.clip, "must be >= 0")
 
 
@@ -184,6 +189,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     decoder_schedule: Literal["random", "round_robin"] = "random"
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn."""
+    decoder_hold: int = 1
+    """Keep each chosen decoder for this many consecutive optimizer steps (a decoder switch invalidates ZeRO-3's
+    prefetch trace); the choice is made per block of steps, the same on every rank."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     init_from: str = ""
@@ -197,6 +205,7 @@ class TrainConfig:
         _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _require(self.decoder_hold >= 1, "decoder_hold", self.decoder_hold, "must be >= 1")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
 
 
@@ -259,6 +268,9 @@ class Config:
         names = [d.name for d in self.decoders]
         for i, name in enumerate(names):
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+        room = self.train.steps - self.optim.warmup_steps
+        why = f"must be <= train.steps - optim.warmup_steps = {room} (the decay ends at train.steps)"
+        _require(self.optim.wsd_decay_steps <= max(room, 0), "optim.wsd_decay_steps", self.optim.wsd_decay_steps, why)
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from arctrain.config import LoggingConfig
 from arctrain.data.sampling import CONTINUATION, RECONSTRUCTION
+from arctrain.distributed import all_reduce
 
 TASKS = (RECONSTRUCTION, CONTINUATION)
 # Dense bf16 peak of one accelerator, by a substring of its name; MFU is reported only where it is known.
@@ -55,25 +55,63 @@ class FlopCounter:
 
 
 class LossMeter:
-    """Token-weighted loss sums per (decoder, task) on this rank, reduced over ranks when read."""
+    """Token-weighted loss sums per (decoder, task) on this rank, kept on the training device and reduced over
+    ranks when read: adding one is a device op (no host sync), reading is one collective."""
 
-    def __init__(self, decoders: list[str], tasks: tuple[str, ...] = TASKS):
+    def __init__(self, decoders: list[str], tasks: tuple[str, ...] = TASKS, device: torch.device | None = None):
         self.keys = [(d, t) for d in decoders for t in tasks]
+        self.device = device or torch.device("cpu")
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.keys), 2, dtype=torch.float64)  # (K, [loss * tokens, tokens])
+        self.sums = torch.zeros(
+            len(self.keys), 2, dtype=torch.float64, device=self.device
+        )  # (K, [loss*tokens, tokens])
 
-    def add(self, decoder: str, task: str, loss: float, n_tokens: int) -> None:
+    def add(self, decoder: str, task: str, loss: torch.Tensor, n_tokens: int) -> None:
+        """`loss`: the mean cross-entropy (a device scalar) over `n_tokens` target tokens (a host count)."""
         i = self.keys.index((decoder, task))
-        self.sums[i, 0] += loss * n_tokens
+        self.sums[i, 0] += loss.detach().to(torch.float64) * n_tokens
         self.sums[i, 1] += n_tokens
 
     def reduce(self, prefix: str, suffix: str = "loss") -> dict[str, float]:
         """`{prefix}/{decoder}/{task}/{suffix}` averaged over all ranks' tokens (a collective: every rank calls)."""
-        sums = self.sums.clone()
-        dist.all_reduce(sums)
-        return {f"{prefix}/{d}/{t}/{suffix}": (s[0] / s[1]).item() for (d, t), s in zip(self.keys, sums) if s[1] > 0}
+        sums = all_reduce(self.sums, self.device).tolist()
+        return {f"{prefix}/{d}/{t}/{suffix}": s / n for (d, t), (s, n) in zip(self.keys, sums) if n > 0}
+
+
+class Window:
+    """Time, data wait and what was processed over one logging interval, from the batches' CPU-side counts."""
+
+    def __init__(self, flops: FlopCounter):
+        self.flops = flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.time = self.wait = self.flop = 0.0
+        self.samples = self.enc_tokens = self.dec_tokens = 0
+
+    def count(self, decoder: str, counts) -> None:
+        """`counts`: a batch's `BatchCounts` (arctrain/model/batch.py), computed in collate."""
+        self.samples += counts.samples
+        self.enc_tokens += counts.enc_tokens
+        self.dec_tokens += counts.dec_tokens
+        self.flop += self.flops(decoder, counts.enc_tokens, counts.vectors, counts.dec_tokens)
+
+    def rates(self, world_size: int, peak: float | None) -> dict[str, float]:
+        """Per-rank rates averaged over the window, and the fraction of step time spent waiting for data."""
+        seconds = max(self.time, 1e-9)
+        out = {
+            "samples_per_s": self.samples * world_size / seconds,
+            "enc_tokens_per_s": self.enc_tokens * world_size / seconds,
+            "dec_tokens_per_s": self.dec_tokens * world_size / seconds,
+            "tflops_per_rank": self.flop / seconds / 1e12,
+            "data_wait_fraction": self.wait / seconds,
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        if peak is not None:
+            out["mfu"] = out["tflops_per_rank"] / peak
+        return out
 
 
 class MetricsLogger:

@@ -2,10 +2,12 @@
 
 Two learning rates, as in ARC: the encoder's, and the projectors' (with the special vectors). Weight decay applies
 to matrices only, never to norms or the special vectors. The schedule is a `LambdaLR` factor on each group's
-own peak, so one function serves both rates and its state is a plain `state_dict`.
+own peak and floor (megatron-core's `OptimizerParamScheduler`, with `max_lr`/`min_lr` per group), set from the
+optimizer step counter before every step (`set_lr`), so a step DeepSpeed skips (non-finite gradients) neither
+leaves an idle decoder's group at LR 0 nor puts the schedule behind the step counter.
 """
 
-import math
+import warnings
 
 import torch
 from torch import nn
@@ -59,16 +61,50 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ds_config: dict) -> torc
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warm-up, then decay to min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.decay == "cosine" else 1 - progress
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
+    """Warm-up from 0 to each group's peak over `warmup_steps`, then `decay` down to min_lr_ratio * peak at
+    `total_steps` (WSD: constant until the last `wsd_decay_steps`, then linear). Weight decay stays constant."""
+    with warnings.catch_warnings():  # megatron-core says, on import, that it runs without Apex/TE: we use neither
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    peaks = {
+        g["name"]: {"max_lr": g["lr"], "min_lr": g["lr"] * cfg.min_lr_ratio, "start_wd": g["weight_decay"],
+                    "end_wd": g["weight_decay"]}
+        for g in optimizer.param_groups
+    }  # fmt: skip
+    for group in optimizer.param_groups:
+        group.update(peaks[group["name"]])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=max(g["max_lr"] for g in optimizer.param_groups),
+        min_lr=0.0,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=max(total_steps, cfg.warmup_steps + 1),  # a run inside its warm-up never decays
+        lr_decay_style=DECAY_STYLES[cfg.decay],
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,  # the config's schedule wins over a checkpoint's
+        wsd_decay_steps=cfg.wsd_decay_steps or None,
+        lr_wsd_decay_style="linear",
+    )
+    scheduler.peaks = peaks  # re-applied by set_lr: a checkpoint's param groups bring back their own peaks
+    return scheduler
+
+
+def set_lr(scheduler, step: int, decoder: str | None = None) -> None:
+    """Every group's LR for optimizer step `step` (0-based) from the step counter alone: the scheduler's
+    step count becomes `step + 1` (warm-up reaches the peak at step warmup_steps - 1), then the groups of the
+    decoders other than `decoder` get LR 0 (`idle_decoders`)."""
+    for group in scheduler.optimizer.param_groups:
+        group.update(scheduler.peaks[group["name"]])  # this run's config, also after loading a checkpoint
+    scheduler.step(step + 1 - scheduler.num_steps)
+    if decoder is not None:
+        idle_decoders(scheduler.optimizer, decoder)

@@ -9,16 +9,16 @@ rank: every rank saves a checkpoint and the process exits with EXIT_PREEMPTED (7
 """
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from arctrain.distributed import MAX, Preemption, all_reduce, init_distributed, on_device, reduce_floats
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
@@ -29,6 +29,9 @@ def parse_args(argv: list[str]):
 
     parser = argparse.ArgumentParser(prog="arctrain train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher (LOCAL_RANK wins)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 decoders.1.path=…")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -51,41 +54,10 @@ def check_shards(cfg) -> None:
             read_qa(Path(path))
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """The process group from torchrun's (or srun + torchrun's) environment; one process runs standalone."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `arctrain train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
-
-
-class Preemption:
-    """SIGUSR1/SIGTERM set a flag; ranks agree on it after each step with one tiny all-reduce."""
-
-    def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([float(self.flag)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print):
-    """The DeepSpeed engine around the ARC model; `init_from`: a run or checkpoint whose trainable weights the model
-    starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those)."""
+    """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
+    DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
+    the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those)."""
     import deepspeed
 
     from arctrain.checkpoint import load_initial_weights
@@ -109,139 +81,173 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
         load_initial_weights(model, init_from, rank, say)
     optimizer = build_optimizer(model, cfg.optim, ds_config)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, model
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
+    return engine, model, scheduler
 
 
-def evaluate(engine, cfg, rank: int, world_size: int, device, vocab, qa_val=None) -> dict[str, float]:
-    """Val loss per decoder and task, with compressed context and without (the gain from compression)."""
-    from arctrain.metrics import LossMeter
-
-    names = [d.name for d in cfg.decoders]
-    with_ctx, no_ctx = LossMeter(names, cfg.data.tasks), LossMeter(names, cfg.data.tasks)
-    engine.eval()
-    with torch.no_grad():
-        for name in names:
-            for task in cfg.data.tasks:
-                for batch in _val_batches(cfg, name, task, rank, world_size, vocab, qa_val):
-                    batch = batch.to(device)
-                    out = engine.module(batch, name)
-                    with_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
-                    out = engine.module(batch, name, use_context=False)
-                    no_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
-    engine.train()
-    return {**with_ctx.reduce("val"), **no_ctx.reduce("val", "loss_no_context")}
+class StepOutput(NamedTuple):
+    loss_sum: torch.Tensor  # () float64 on the device: this rank's summed cross-entropy over its target tokens
+    tokens: torch.Tensor  # (1,) float64 on the device: target tokens of the step over all ranks and micro-batches
 
 
-def _val_batches(cfg, decoder: str, task: str, rank: int, world_size: int, vocab, qa_val):
-    from arctrain.data import val_batches
-    from arctrain.data.qa import QA
+def train_step(engine, batches: list, device: torch.device, world_size: int, meter=None) -> StepOutput:
+    """One optimizer step over this rank's micro-batches (all of one decoder), as one process on all ranks' data
+    would take it: the loss is the summed cross-entropy over every target token of the step on every rank,
+    divided by their number (torchtitan's global valid tokens; transformers' 4.46 gradient-accumulation fix).
 
-    if task == QA:
-        return qa_val.batches(decoder, rank, world_size)
-    return val_batches(cfg, decoder, task, rank, world_size, vocab)
+    The model returns each micro-batch's mean over its own n targets. DeepSpeed averages gradients over the
+    world_size ranks and (not here: scale_wrt_gas=False) over micro-batches, so the loss handed to backward is
+    mean * n * world_size / global_tokens. The token count comes from the batches' CPU-side counts, summed over
+    ranks by one all-reduce of a device tensor that nothing on the host waits for."""
+    decoder = batches[0].decoder
+    tokens = all_reduce(on_device([float(sum(b.counts.targets for b in batches))], device), device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        assert batch.decoder == decoder, "one decoder per optimizer step"
+        n = batch.counts.targets
+        out = engine(batch.to(device, non_blocking=True), decoder)
+        scale = (n * world_size / tokens.clamp(min=1)).to(out.loss.dtype)  # exactly 1.0 when n is the mean
+        engine.backward(out.loss * scale, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed counts micro-steps; the optimizer steps at the last one
+        loss_sum += out.loss.detach().to(torch.float64) * n
+        if meter is not None:
+            meter.add(decoder, batch.task, out.loss, n)
+    return StepOutput(loss_sum, tokens)
 
 
-def train(cfg) -> int:
-    from arctrain.checkpoint import Checkpointer
-    from arctrain.config import save_config
-    from arctrain.data import Vocab, build_train_loader
-    from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, peak_memory_gb, peak_tflops
-    from arctrain.optim import idle_decoders
+def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
+    """The run directory's checkpointer; refuses a resume under changed settings, then keeps this launch's config."""
+    from arctrain.checkpoint import Checkpointer, resume_fingerprint
 
-    rank, world_size, device = init_distributed()
     run_dir = Path(cfg.checkpoint.dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
+    checkpointer.check_resumable(world_size, resume_fingerprint(cfg))
     if rank == 0:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    preemption = Preemption()
-    say = _logger(run_dir, rank)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank)
-    init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
-    engine, model = build_engine(cfg, world_size, init_from, rank, say)
-    state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
-    step = state["step"]
-    say(f"{'resumed from step ' + str(step) if step else 'starting at step 0'} in {run_dir} "
-        f"(world size {world_size}, {device.type})")  # fmt: skip
+        save_launch_config(cfg, run_dir)
+    return checkpointer
+
+
+def build_data(cfg, rank: int, world_size: int, next_batch: int):
+    """(vocab, the training loader at `next_batch`, the QA val batches or None)."""
+    from arctrain.data import Vocab, build_train_loader
 
     vocab = Vocab.from_config(cfg)
+    loader = build_train_loader(cfg, rank, world_size, vocab)
+    loader.load_state_dict({"next_batch": next_batch})
     qa_val = None
     if cfg.data.qa and cfg.eval.interval:
         from arctrain.data.qa import QAValBatches
 
         qa_val = QAValBatches(cfg, vocab)
-    loader = build_train_loader(cfg, rank, world_size, vocab)
-    loader.load_state_dict({"next_batch": state["next_batch"]})
-    batches = iter(loader)
-    logger = MetricsLogger(run_dir, cfg.logging, rank, dataclasses.asdict(cfg), resume_step=step)
-    keys_log = SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", step) if cfg.logging.sample_keys else None
-    meter, flops, peak = LossMeter([d.name for d in cfg.decoders], cfg.data.tasks), FlopCounter(model), peak_tflops()
-    window = {"time": 0.0, "wait": 0.0, "samples": 0, "enc_tokens": 0, "dec_tokens": 0, "flops": 0.0}
-    exit_code = 0
+    return vocab, loader, qa_val
 
-    def trainer_state() -> dict:
-        return {"step": step, "next_batch": loader.next_batch, "bad_steps": state["bad_steps"],
-                "skipped_steps": state["skipped_steps"], "world_size": world_size}  # fmt: skip
+
+def train(cfg) -> int:
+    from arctrain.checkpoint import resume_fingerprint
+    from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, Window, peak_tflops
+    from arctrain.optim import set_lr
+    from arctrain.validate import evaluate
+
+    rank, world_size, device = init_distributed()
+    run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
+    checkpointer = build_checkpointer(cfg, rank, world_size, device)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
+    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say)
+    state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
+    say(f"{'resumed from step ' + str(state['step']) if state['step'] else 'starting at step 0'} in {run_dir} "
+        f"(world size {world_size}, {device.type})")  # fmt: skip
+    vocab, loader, qa_val = build_data(cfg, rank, world_size, state["next_batch"])
+    logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
+    keys_log = (
+        SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", state["step"]) if cfg.logging.sample_keys else None
+    )
+    meter, window, peak = (
+        LossMeter([d.name for d in cfg.decoders], cfg.data.tasks, device),
+        Window(FlopCounter(model)),
+        peak_tflops(),
+    )
+    preemption, batches, exit_code, step = Preemption(), iter(loader), 0, state["step"]
 
     engine.train()
     while step < cfg.train.steps:
         t0 = time.perf_counter()
-        step_loss, decoder = 0.0, None
-        for _ in range(cfg.train.grad_accum):
-            t_wait = time.perf_counter()
-            b, batch = next(batches)
-            window["wait"] += time.perf_counter() - t_wait
-            assert decoder in (None, batch.decoder), "one decoder per optimizer step"
-            decoder = batch.decoder
-            batch = batch.to(device, non_blocking=True)
-            out = engine(batch, decoder)
-            engine.backward(out.loss)
-            idle_decoders(engine.optimizer, decoder)
-            engine.step()
-            loss = out.loss.item()
-            step_loss += loss / cfg.train.grad_accum
-            meter.add(decoder, batch.task, loss, int(out.n_tokens))
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]  # the whole step first: its token count
+        window.wait += time.perf_counter() - t0
+        set_lr(scheduler, step, micro[0][1].decoder)
+        out = train_step(engine, [batch for _, batch in micro], device, world_size, meter)
+        for b, batch in micro:
+            window.count(batch.decoder, batch.counts)
             if keys_log is not None:
                 keys_log.write(step + 1, b, batch.keys)
-            _count(window, batch, decoder, flops)
-        step += 1
-        window["time"] += time.perf_counter() - t0
-
-        loss_non_finite = _over_ranks(not math.isfinite(step_loss), torch.distributed.ReduceOp.MAX) > 0  # every rank
-        bad = loss_non_finite or not engine.was_step_applied()
-        state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
-        state["skipped_steps"] += int(bad)
+        state["step"] = step = step + 1
+        window.time += time.perf_counter() - t0
+        # DeepSpeed reduces the gradient norm over ranks and skips a step whose norm is not finite (a non-finite
+        # loss gives one), on every rank alike: the host reads that once per step, inside engine.step().
+        bad = not engine.was_step_applied()
+        state["bad_steps"], state["skipped_steps"] = state["bad_steps"] + 1 if bad else 0, state["skipped_steps"] + bad
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
-            metrics = {"train/loss": _over_ranks(step_loss) / world_size, **meter.reduce("train")}
-            metrics.update(_throughput(window, engine, world_size, peak, peak_memory_gb()))
-            metrics["skipped_steps"] = state["skipped_steps"]
-            metrics["param_elements_per_rank"] = _over_ranks(
-                _local_param_elements(engine.module), torch.distributed.ReduceOp.MAX
-            )
-            logger.log(step, metrics)
+            logger.log(step, _train_metrics(engine, out, meter, window, world_size, peak, state))
             meter.reset()
-            window = dict.fromkeys(window, 0)
+            window.reset()
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
             logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, qa_val))
 
+        tag = None
         if state["bad_steps"] >= cfg.train.max_bad_steps:
+            tag, exit_code = f"diverged_step_{step:08d}", EXIT_DIVERGED
             say(
-                f"stopping: {state['bad_steps']} steps in a row had a non-finite loss or gradient norm "
-                f"(last loss {step_loss}); lower optim.*_lr or check the data; checkpoint saved"
+                f"stopping: {state['bad_steps']} steps in a row had a non-finite loss or gradient norm; lower "
+                f"optim.*_lr or check the data; checkpoint {tag} saved, `latest` stays on the last good one"
             )
-            exit_code = EXIT_DIVERGED
-        elif preemption.agreed():
+        elif preemption.agreed(device):
             say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)")
             exit_code = EXIT_PREEMPTED
         if exit_code or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-            path = checkpointer.save(engine, step, trainer_state())
-            say(f"checkpoint: {path}")
+            trainer_state = {**state, "next_batch": loader.next_batch, "world_size": world_size,
+                             "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
+            say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
         if exit_code:
             break
     logger.close()
     if rank == 0 and not exit_code:
         _summary(run_dir)
     return exit_code
+
+
+def _train_metrics(engine, out: StepOutput, meter, window, world_size: int, peak, state: dict) -> dict:
+    """The logging interval's metrics; the loss is the last step's, token-weighted over all ranks (collectives)."""
+    loss_sum = all_reduce(out.loss_sum, out.tokens.device)
+    metrics = {"train/loss": (loss_sum / out.tokens.clamp(min=1)).item(), **meter.reduce("train")}
+    metrics["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+    metrics.update(window.rates(world_size, peak))
+    for group in engine.optimizer.param_groups:
+        if not group["name"].endswith("_no_decay"):  # same schedule as its decay twin
+            metrics[f"lr/{group['name']}"] = group["lr"]
+    metrics["skipped_steps"] = state["skipped_steps"]
+    elements = reduce_floats([_local_param_elements(engine.module)], out.tokens.device, MAX)[0]
+    metrics["param_elements_per_rank"] = elements
+    return metrics
+
+
+def _plain(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def save_launch_config(cfg, run_dir: Path) -> Path:
+    """RUN_DIR/config.yaml (what export and eval read: the newest launch's) and RUN_DIR/launches/config_<n>.yaml,
+    one per launch, so a resumed run keeps the settings of every segment it ran with."""
+    from arctrain.config import save_config
+
+    launches = run_dir / "launches"
+    launches.mkdir(parents=True, exist_ok=True)
+    path = launches / f"config_{len(list(launches.glob('config_*.yaml'))) + 1:03d}.yaml"
+    save_config(cfg, path)
+    save_config(cfg, run_dir / "config.yaml")
+    return path
 
 
 def _logger(run_dir: Path, rank: int):
@@ -254,36 +260,6 @@ def _logger(run_dir: Path, rank: int):
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     return say
-
-
-def _count(window: dict, batch, decoder: str, flops) -> None:
-    enc_tokens = int(batch.enc_mask.sum())
-    dec_tokens = int(batch.attention_mask.sum())
-    vectors = int(batch.n_vectors.sum()) + 2
-    window["samples"] += batch.dec_ids.shape[0]
-    window["enc_tokens"] += enc_tokens
-    window["dec_tokens"] += dec_tokens
-    window["flops"] += flops(decoder, enc_tokens, vectors, dec_tokens)
-
-
-def _throughput(window: dict, engine, world_size: int, peak: float | None, memory_gb: float) -> dict[str, float]:
-    """Per-rank rates averaged over the logging window, and the fraction of step time spent waiting for data."""
-    seconds = max(window["time"], 1e-9)
-    out = {
-        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-        "samples_per_s": window["samples"] * world_size / seconds,
-        "enc_tokens_per_s": window["enc_tokens"] * world_size / seconds,
-        "dec_tokens_per_s": window["dec_tokens"] * world_size / seconds,
-        "tflops_per_rank": window["flops"] / seconds / 1e12,
-        "data_wait_fraction": window["wait"] / seconds,
-        "peak_memory_gb": memory_gb,
-    }
-    if peak is not None:
-        out["mfu"] = out["tflops_per_rank"] / peak
-    for group in engine.optimizer.param_groups:
-        if not group["name"].endswith("_no_decay"):  # same schedule as its decay twin
-            out[f"lr/{group['name']}"] = group["lr"]
-    return out
 
 
 class SampleLog:
@@ -304,13 +280,6 @@ class SampleLog:
 def _local_param_elements(module: torch.nn.Module) -> int:
     """Parameter elements this rank holds: its ZeRO-3 partitions (frozen decoders included)."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
-
-
-def _over_ranks(value: float, op=torch.distributed.ReduceOp.SUM) -> float:
-    """One number reduced over all ranks (a collective: every rank calls it)."""
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=op)
-    return t.item()
 
 
 def _summary(run_dir: Path) -> None:
@@ -344,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # e.g. a checkpoint this run cannot resume: every rank says it and stops
         print(f"arctrain train: error: {err}", file=sys.stderr)
         code = 2
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     raise SystemExit(code)
 
 

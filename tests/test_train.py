@@ -239,9 +239,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, tiny_shards
     args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=10", "train.max_bad_steps=3")
     args[0] = f"model.encoder_path={encoder}"
     assert run(args, 1, tmp_path / "log") == [EXIT_DIVERGED]
-    assert latest(run_dir) == "step_00000003"
+    assert latest(run_dir) is None  # a restart resumes the last good checkpoint (here: none), never this one
+    diverged = run_dir / "checkpoints" / "diverged_step_00000003"
+    assert json.loads((diverged / "trainer_state.json").read_text())["skipped_steps"] == 3
     assert [m["skipped_steps"] for m in metrics(run_dir)] == [1, 2, 3]
-    assert "3 steps in a row had a non-finite loss or gradient norm" in (tmp_path / "log.rank0").read_text()
+    # DeepSpeed skipped its scheduler on each of these steps; the LR still follows the step counter (warm-up).
+    assert [m["lr/encoder"] for m in metrics(run_dir)] == pytest.approx([1e-4, 2e-4, 3e-4], rel=1e-12)
+    log = (tmp_path / "log.rank0").read_text()
+    assert "3 steps in a row had a non-finite loss or gradient norm" in log and "diverged_step_00000003 saved" in log
 
 
 def test_training_makes_compressed_context_useful(tiny_models, tiny_shards, tmp_path):
@@ -272,6 +277,26 @@ def test_resume_with_another_world_size_is_refused(straight, tiny_models, tiny_s
     assert run(args, 1, tmp_path / "log") == [2]
     out = (tmp_path / "log.rank0").read_text()
     assert "step_00000020 was written by 2 ranks; resume it with 2 ranks (this run has 1)" in out
+
+    assert run([*args, "data.micro_batch_size=2"], 2, tmp_path / "mbs") == [2, 2]
+    errors = [line for line in (tmp_path / "mbs.rank0").read_text().splitlines() if "error" in line]
+    assert errors == [
+        f"arctrain train: error: {run_dir / 'checkpoints' / 'step_00000020'} was written with "
+        "data.micro_batch_size=4, this run has data.micro_batch_size=2: resuming would change which samples "
+        "follow; keep data.micro_batch_size or start a new run directory"
+    ]
+    assert sorted(p.name for p in (run_dir / "launches").iterdir()) == ["config_001.yaml"]  # refused: not kept
+    assert "micro_batch_size: 4" in (run_dir / "config.yaml").read_text()
+
+
+def test_the_deepspeed_launchers_local_rank_is_accepted(tiny_models, tiny_shards, tmp_path):
+    """`deepspeed --module arctrain train ...` runs `python -m arctrain --local_rank=N train ...`."""
+    cmd = [sys.executable, "-m", "arctrain", "--local_rank=1", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+           *overrides(tiny_models, tiny_shards, tmp_path / "run"), "train.stepz=3"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("arctrain train: error: train.stepz: unknown key")  # parsed past --local_rank
 
 
 def test_init_from_another_run_at_another_world_size(straight, tiny_models, tiny_shards, tmp_path):

@@ -67,6 +67,7 @@ def schedule(cfg: Config) -> Schedule:
         grad_accum=cfg.train.grad_accum,
         round_robin=cfg.train.decoder_schedule == "round_robin",
         task_ratio=cfg.data.task_ratio,
+        hold=cfg.train.decoder_hold,
     )
 
 

@@ -27,15 +27,17 @@ class Schedule:
     grad_accum: int
     round_robin: bool
     task_ratio: float
+    hold: int = 1  # optimizer steps per decoder choice (train.decoder_hold)
 
     def plan(self, seed: int, b: int) -> tuple[str, str]:
-        """(decoder name, task) of batch `b`; the decoder is fixed for the optimizer step b // grad_accum."""
-        step = b // self.grad_accum
+        """(decoder name, task) of batch `b`; the decoder is fixed for the optimizer step b // grad_accum, and
+        for the block of `hold` consecutive steps that step belongs to."""
+        block = b // self.grad_accum // self.hold
         if self.round_robin:
-            decoder = self.decoders[step % len(self.decoders)]
+            decoder = self.decoders[block % len(self.decoders)]
         else:
             p = np.asarray(self.weights) / sum(self.weights)
-            decoder = self.decoders[rng(seed, DECODER, step).choice(len(self.decoders), p=p)]
+            decoder = self.decoders[rng(seed, DECODER, block).choice(len(self.decoders), p=p)]
         task = RECONSTRUCTION if rng(seed, TASK, b).random() < self.task_ratio else CONTINUATION
         return decoder, task
 

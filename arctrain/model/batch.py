@@ -13,6 +13,7 @@ loader workers and never tokenizes.
 """
 
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,16 @@ class Example:
     pieces: list[Text | Memory]  # e.g. [Text(prefix), Memory([seg], "cont"), Text(target, loss=True)]
 
 
+class BatchCounts(NamedTuple):
+    """What a batch holds, counted on the CPU in `collate` (read by the trainer without a device sync)."""
+
+    samples: int
+    enc_tokens: int
+    vectors: int  # memory vectors + the two special vectors
+    dec_tokens: int
+    targets: int  # target tokens, the ones the loss is averaged over
+
+
 @dataclass
 class ARCBatch:
     enc_ids: torch.Tensor  # (S, L) encoder ids of every segment, right-padded
@@ -57,6 +68,7 @@ class ARCBatch:
     task: str = ""
     decoder: str = ""
     keys: list[str] = field(default_factory=list)
+    counts: BatchCounts | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ARCBatch":
         moved = {
@@ -85,6 +97,16 @@ class ARCBatch:
 
     def n_target_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def count(self) -> BatchCounts:
+        """The counts of this batch (call on the CPU batch: on a device it syncs)."""
+        return BatchCounts(
+            samples=self.dec_ids.shape[0],
+            enc_tokens=int(self.enc_mask.sum()),
+            vectors=int(self.n_vectors.sum()) + 2,
+            dec_tokens=int(self.attention_mask.sum()),
+            targets=self.n_target_tokens(),
+        )
 
 
 def _map_tensor(value, fn):
@@ -158,7 +180,7 @@ def collate(
     dec_slot, _ = _pad([r.slots for r in rows], -1)
     labels, _ = _pad([r.labels for r in rows], IGNORE)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # contiguous from 0; padding is masked anyway
-    return ARCBatch(
+    batch = ARCBatch(
         enc_ids,
         enc_mask,
         torch.tensor(counts, dtype=torch.long),
@@ -171,6 +193,8 @@ def collate(
         decoder,
         list(keys or []),
     )
+    batch.counts = batch.count()
+    return batch
 
 
 class _Row:

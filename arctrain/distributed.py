@@ -1,0 +1,135 @@
+"""The process group and the few collectives the trainer calls itself.
+
+    rank, world_size, device = init_distributed()
+    total = all_reduce(torch.tensor([n_tokens]), device)       # a tensor on `device`, summed over ranks
+    if Preemption().agreed(device): ...
+
+Every tensor handed to torch.distributed here is on the training device: NCCL (GPU runs) takes only CUDA tensors
+and rejects CPU ones ("No backend type associated with device type cpu"); gloo (CPU runs) takes CPU tensors. The
+device is an argument, never guessed, so a CPU test can check that it is honoured. A result is read on the host
+(`.item()`, `.tolist()`) only by the caller, at a logging interval, not per micro-batch.
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """The process group from torchrun's, srun + torchrun's or the deepspeed launcher's environment (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_*); one process without them runs as a world of one. NCCL and the local GPU
+    when CUDA is there, gloo and the CPU otherwise."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `arctrain train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        wait_for_extension_locks()  # DeepSpeed JIT-builds its CPU comm op in init_distributed
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def on_device(values: list[float], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """Host numbers as a tensor on `device`, without the host waiting for the device: a blocking copy to a GPU
+    synchronizes its stream, a copy from pinned memory with non_blocking=True does not."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def all_reduce(tensor: torch.Tensor, device: torch.device, op=SUM) -> torch.Tensor:
+    """`tensor` reduced over all ranks, as a new tensor on `device` (a collective: every rank calls it). NCCL
+    reduces asynchronously on the GPU's stream: nothing waits until the result is read on the host."""
+    out = tensor.detach().to(device, copy=True)
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def reduce_floats(values: list[float], device: torch.device, op=SUM) -> list[float]:
+    """Host numbers reduced over ranks in one collective (float64 on `device`), read back on the host."""
+    return all_reduce(on_device(values, device), device, op).tolist()
+
+
+def barrier(device: torch.device) -> None:
+    """Every rank waits here. NCCL's barrier is pinned to this rank's GPU (device_ids) so that it does not guess
+    one; gloo has no device."""
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM set a flag; ranks agree on it after each step with one tiny all-reduce."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank was signalled (a collective: every rank calls it each step)."""
+        return bool(all_reduce(on_device([float(self.flag)], device, torch.float32), device, MAX).item())
+
+
+# --- stale JIT-build locks --------------------------------------------------------------------------------------
+
+
+def extension_locks() -> list[Path]:
+    """Lock files of torch JIT extension builds (DeepSpeed's ops): ROOT[/py311_cpu]/<op>/lock."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """Pids on this host that hold `lock` open: torch's FileBaton keeps the file open while it builds."""
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(lock) for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+        except OSError:  # gone, or another user's process
+            continue
+    return pids
+
+
+def wait_for_extension_locks(stale_after_s: float = 600.0, poll_s: float = 2.0) -> None:
+    """A build killed midway leaves its lock behind, and torch then waits on it forever without a word. Wait
+    while some process on this host builds (or, with no holder here, while the lock is younger than
+    `stale_after_s`: a node sharing this home may be building); then say in one line what to delete."""
+    for lock in extension_locks():
+        said = False
+        while lock.exists():
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            holders = lock_holders(lock)
+            if not holders and age > stale_after_s:
+                raise ValueError(
+                    f"{lock} is left over from a killed build of the DeepSpeed op {lock.parent.name} (no process "
+                    f"holds it, {age / 60:.0f} min old): delete it (rm {lock}) and start again"
+                )
+            if not said:
+                who = f"process {holders[0]}" if holders else "no process on this host; a build on another node?"
+                print(f"waiting for {lock} ({who}); if no build runs, delete it", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(poll_s)
