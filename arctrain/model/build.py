@@ -61,8 +61,9 @@ def build_model(
 ) -> ARCModel:
     """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
 
-    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation;
-    each decoder config needs name, path, projector_hidden. `gradient_checkpointing` applies to the encoder layers
+    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation (the
+    encoder's) and optionally loss_chunk_tokens; each decoder config needs name, path, projector_hidden and
+    optionally attn_implementation (default sdpa). `gradient_checkpointing` applies to the encoder layers
     (see `ARCModel.enable_decoder_checkpointing` for the decoders).
     """
     names = [d.name for d in decoder_cfgs]
@@ -79,7 +80,7 @@ def build_model(
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
-            {d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation) for d in decoder_cfgs}
+            {d.name: load_causal_lm(d.path, dtype, getattr(d, "attn_implementation", "sdpa")) for d in decoder_cfgs}
         )
         if hf_ds_config is None:
             projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
@@ -87,7 +88,7 @@ def build_model(
         else:
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
-    model = ARCModel(encoder, projectors, specials, decoders)
+    model = ARCModel(encoder, projectors, specials, decoders, getattr(model_cfg, "loss_chunk_tokens", 0))
     # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
     model.hf_ds_config = hf_ds_config
     return model
