@@ -397,7 +397,7 @@ def check_attention(cfg: Config) -> None:
         if not is_flash_attn_2_available():
             raise ConfigError(
                 key,
-                "'flash_attention_2' needs the flash-attn package and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
+                "'flash_attention_2' needs flash-attn (the package) and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
             )
         if cfg.train.precision != "bf16":
             raise ConfigError(key, f"'flash_attention_2' runs in bf16, but train.precision is {cfg.train.precision!r}")
