@@ -239,9 +239,7 @@ def test_encoder_and_decoder_attention_are_separate_keys(tmp_path):
 
     if is_flash_attn_2_available():
         pytest.skip("flash-attn is installed here: the missing-package error cannot show")
-    with pytest.raises(
-        ConfigError, match=r"^decoders\.1\.attn_implementation: 'flash_attention_2' needs the flash-attn"
-    ):
+    with pytest.raises(ConfigError, match=r"^decoders\.1\.attn_implementation: 'flash_attention_2' needs flash-attn"):
         check_paths(cfg)  # before any directory is looked at
 
 
