@@ -43,7 +43,7 @@ class ModelConfig:
     """The encoder's attention: its bidirectional attention over right-padded segments takes a 4-D padding mask,
     which sdpa and eager accept (flash_attention_2 is for the decoders: decoders.N.attn_implementation). The
     weights' dtype is train.precision's."""
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = 1024
     """Cross-entropy over the vocabulary in chunks of this many target tokens (the LM head weight gathered once):
     the (targets, vocab) fp32 logits never exist at once. 0: all targets in one piece."""
 
