@@ -12,9 +12,10 @@ Each record is asked in three modes, greedy, the answer being the first non-blan
 
 preceded by `--shots` examples from the same file (the records after it, cyclically, never itself). Exact match
 and F1 use SQuAD's normalisation (lower case, no punctuation, no articles, single spaces), best over the answers.
-Prefill cost per mode, per question: decoder positions, FLOPs (2N per token for the decoder, plus the encoder and
-projector for compressed contexts; N excludes embedding tables and the LM head) and measured time to the first
-token (compression included) of each batch, divided by the batch's questions.
+Prefill cost per mode, per question: decoder positions, FLOPs (arctrain/flops.py: 2N per token for the decoder, its
+causal attention and the LM head at the last position, plus the encoder and projector for compressed contexts; N
+excludes embedding tables) and measured time to the first token (compression included) of each batch, divided by
+the batch's questions.
 """
 
 import argparse
@@ -72,18 +73,7 @@ def answer_line(generated: str) -> str:
 # --- cost ---------------------------------------------------------------------------------------------------
 
 
-def matmul_params(module: torch.nn.Module, exclude: tuple[torch.nn.Module, ...] = ()) -> int:
-    """Parameters that cost 2 FLOPs per token in a forward pass: all but embedding tables and `exclude`."""
-    skip = {id(p) for m in exclude for p in m.parameters()}
-    skip |= {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
-
-
-def prefill_flops(arc, prompt_tokens: int, encoder_tokens: int, n_vectors: int) -> float:
-    dec = matmul_params(arc.decoder, (arc.decoder.get_output_embeddings(),))
-    enc = matmul_params(arc.model.encoder)
-    proj = matmul_params(arc.model.projectors)
-    return 2.0 * (dec * prompt_tokens + enc * encoder_tokens + proj * n_vectors)
+# FLOPs: arctrain/flops.py (FlopCounter.prefill), the model the training metrics use too.
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -103,7 +93,7 @@ def evaluate_qa(arc, records: list[dict], shots: int, max_new_tokens: int, batch
             c = cost[mode]
             c["decoder_tokens"] += sum(out.prompt_tokens)
             c["encoder_tokens"] += out.encoder_tokens
-            c["flops"] += prefill_flops(arc, sum(out.prompt_tokens), out.encoder_tokens, out.memory_vectors)
+            c["flops"] += arc.flops.prefill(arc.name, out.stats)
             c["seconds_to_first_token"] += out.seconds_to_first_token
     n = len(records)
     summary = {}

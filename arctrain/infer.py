@@ -26,7 +26,9 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, St
 
 from arctrain.data.qa import TextPieces
 from arctrain.export import load_export
+from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
+from arctrain.model.batch import BatchStats
 from arctrain.tokenizer_id import tokenizer_hash
 
 
@@ -38,6 +40,7 @@ class Generation:
     memory_vectors: int  # vectors they became (projected, with the special vectors, into the decoder)
     seconds_to_first_token: float  # compression + decoder prefill of the batch, up to the first token's logits
     seconds: float  # the whole call
+    stats: BatchStats | None = None  # the collated prompts' sizes (FlopCounter.prefill)
 
 
 class _FirstLogits(LogitsProcessor):
@@ -100,6 +103,7 @@ class ARCGenerator:
             one({self.name: decoder}),
         )
         self.decoder = decoder
+        self.flops = FlopCounter(self.model)
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
         self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens)  # the same as QA training
@@ -178,7 +182,9 @@ class ARCGenerator:
         texts = tok.batch_decode(out, skip_special_tokens=True)  # with inputs_embeds only new tokens come back
         end = time.perf_counter()
         n_enc, n_vec = int(batch.enc_mask.sum()), int(batch.n_vectors.sum())
-        return Generation(texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start)
+        return Generation(
+            texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start, batch.stats
+        )
 
     def complete(self, contexts: list[str | list[str]], prompts: list[str], **options) -> Generation:
         """Compress each context and generate after its prompt."""

@@ -127,6 +127,8 @@ class Setup:
     projector_hidden: int = 2048
     loss_chunk_tokens: int = 1024  # 0: the cross-entropy in one piece
     replicated: tuple[str, ...] = ()  # decoders held whole in bf16 on every GPU, outside ZeRO-3's partitioning
+    max_live_parameters: int = MAX_LIVE_PARAMETERS  # the DeepSpeed config's stage3_max_live_parameters
+    bucket_elements: int = BUCKET_ELEMENTS  # its reduce_bucket_size + stage3_prefetch_bucket_size
 
 
 @dataclass
@@ -168,7 +170,8 @@ def estimate(encoder: Shape, decoders: dict[str, Shape], setup: Setup, world_siz
         static["frozen decoders, partitioned: bf16 (2 B/param / N)"] = partitioned * FROZEN_BYTES / n
     if replicated:
         static["frozen decoders, replicated: bf16 (2 B/param)"] = replicated * FROZEN_BYTES
-    static["gathered layers + comm buckets"] = (MAX_LIVE_PARAMETERS + BUCKET_ELEMENTS) * 2
+    live = min(setup.max_live_parameters, trainable + partitioned)  # never more than what is partitioned
+    static["gathered layers + comm buckets"] = (live + setup.bucket_elements) * 2
     static["encoder activations (checkpointed)"] = activation_bytes(encoder, kept, enc_tokens, trainable=True)
     est = Estimate(rows)
     for name, d in decoders.items():

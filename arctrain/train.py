@@ -30,10 +30,12 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="arctrain train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 decoders.1.path=…")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, print sizes and memory, no training")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: ranks to size for (default $WORLD_SIZE or 8)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
-    return cfg
+    return cfg, args
 
 
 def check_shards(cfg) -> None:
@@ -146,7 +148,8 @@ def train(cfg) -> int:
     from arctrain.checkpoint import Checkpointer
     from arctrain.config import save_config
     from arctrain.data import Vocab, build_train_loader
-    from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, peak_memory_gb, peak_tflops
+    from arctrain.flops import FlopCounter, peak_tflops
+    from arctrain.metrics import LossMeter, MetricsLogger, peak_memory_gb
     from arctrain.optim import idle_decoders
 
     rank, world_size, device = init_distributed()
@@ -257,13 +260,11 @@ def _logger(run_dir: Path, rank: int):
 
 
 def _count(window: dict, batch, decoder: str, flops) -> None:
-    enc_tokens = int(batch.enc_mask.sum())
-    dec_tokens = int(batch.attention_mask.sum())
-    vectors = int(batch.n_vectors.sum()) + 2
-    window["samples"] += batch.dec_ids.shape[0]
-    window["enc_tokens"] += enc_tokens
-    window["dec_tokens"] += dec_tokens
-    window["flops"] += flops(decoder, enc_tokens, vectors, dec_tokens)
+    stats = batch.stats  # computed by collate on the CPU: no device reads
+    window["samples"] += stats.samples
+    window["enc_tokens"] += stats.enc_tokens
+    window["dec_tokens"] += stats.dec_tokens
+    window["flops"] += flops(decoder, stats)
 
 
 def _throughput(window: dict, engine, world_size: int, peak: float | None, memory_gb: float) -> dict[str, float]:
@@ -334,8 +335,13 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     try:
-        cfg = parse_args(argv)
+        cfg, args = parse_args(argv)
         check_shards(cfg)
+        if args.dry_run:
+            from arctrain.dry_run import default_world_size, dry_run
+
+            dry_run(cfg, args.world_size or default_world_size())
+            raise SystemExit(0)
     except ValueError as err:  # config and data errors: one line, before any process group
         print(f"arctrain train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -17,7 +17,7 @@ from torch import nn
 
 
 def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Summed cross-entropy (an fp32 scalar, fp64 for fp64 inputs) of `head(hidden)` (N, V) against `targets` (N,); chunk 0: one chunk."""
+    """Summed cross-entropy of `head(hidden)` (N, V) against `targets` (N,), fp32 (fp64 inputs: fp64); chunk 0: one."""
     if head.bias is not None:
         raise ValueError("lm_head_loss: an LM head with a bias is not supported")
     return _ChunkedCrossEntropy.apply(hidden, head.weight, targets, chunk)
