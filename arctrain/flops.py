@@ -1,8 +1,9 @@
 """One FLOP model for training metrics (MFU), evaluation (prefill cost) and the benchmarks.
 
-Per token, N being a component's non-embedding parameters (embedding tables are lookups; the decoder's LM head is
-counted apart, only where it runs):
-- encoder (trains): 6N (forward 2N, backward 4N: input and weight gradients);
+Per token, N being a component's linear-layer weights (embedding tables are lookups, norms elementwise; the
+decoder's LM head is counted apart, only where it runs):
+- encoder (trains): 6N (forward 2N, backward 4N: input and weight gradients); with mean-pooled queries, the last
+  layer's q_proj, o_proj and MLP run on the pooled vectors, not the tokens (only its k_proj and v_proj see tokens);
 - projector (trains): 6N per projected vector (memory vectors + the two special vectors);
 - frozen decoder: 4N per decoder position (forward 2N, backward for the input gradient only 2N: no weight
   gradient); its LM head 4·V·D per *target* token only (the loss runs it nowhere else, arctrain/model/arc.py);
@@ -49,10 +50,10 @@ def numel(p: torch.Tensor) -> int:
 
 
 def matmul_params(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> int:
-    """Parameters that cost 2 FLOPs per token in a forward pass: all but embedding tables and `exclude`."""
-    skip = {id(p) for m in exclude for p in m.parameters()}
-    skip |= {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    return sum(numel(p) for p in module.parameters() if id(p) not in skip)
+    """Weights that cost 2 FLOPs per token in a forward pass: those of the linear layers, but `exclude` (embedding
+    tables are lookups, norms and biases elementwise)."""
+    skip = {id(m) for m in exclude}
+    return sum(numel(m.weight) for m in module.modules() if isinstance(m, nn.Linear) and id(m) not in skip)
 
 
 def _attention_width(config) -> int:
@@ -65,10 +66,13 @@ class FlopCounter:
 
     def __init__(self, model: nn.Module):
         enc = model.encoder
-        self.enc = matmul_params(enc)
         self.enc_layers, self.enc_width = len(enc.layers), _attention_width(enc.config)
         self.pooled_last = enc.pooling == "mean_pooled_queries"
-        self.proj = {name: sum(numel(p) for p in proj.parameters()) for name, proj in model.projectors.items()}
+        last = enc.layers[-1]
+        per_vector = (last.self_attn.q_proj, last.self_attn.o_proj, last.mlp) if self.pooled_last else ()
+        self.enc_vec = sum(matmul_params(m) for m in per_vector)  # run once per pooled vector
+        self.enc = matmul_params(enc) - self.enc_vec  # run once per encoder token
+        self.proj = {name: matmul_params(proj) for name, proj in model.projectors.items()}
         self.dec, self.head, self.dec_layers, self.dec_width = {}, {}, {}, {}
         for name, dec in model.decoders.items():
             head = dec.get_output_embeddings()
@@ -76,6 +80,9 @@ class FlopCounter:
             self.head[name] = numel(head.weight)
             self.dec_layers[name] = dec.config.num_hidden_layers
             self.dec_width[name] = _attention_width(dec.config)
+
+    def _encoder_linear(self, s: BatchStats) -> float:
+        return self.enc * s.enc_tokens + self.enc_vec * (s.vectors - 2)  # per (token or vector) parameters, x1
 
     def _encoder_attention(self, s: BatchStats) -> float:
         full = self.enc_layers - 1 if self.pooled_last else self.enc_layers
@@ -87,7 +94,7 @@ class FlopCounter:
 
     def __call__(self, decoder: str, s: BatchStats) -> float:
         """Training FLOPs of one micro-batch with `decoder`."""
-        encoder = 6.0 * self.enc * s.enc_tokens + 3 * self._encoder_attention(s)
+        encoder = 6.0 * self._encoder_linear(s) + 3 * self._encoder_attention(s)
         projector = 6.0 * self.proj[decoder] * s.vectors
         frozen = 4.0 * self.dec[decoder] * s.dec_tokens + 3 * self._decoder_attention(decoder, s)
         head = 4.0 * self.head[decoder] * s.targets
@@ -98,5 +105,5 @@ class FlopCounter:
         out = 2.0 * self.dec[decoder] * s.dec_tokens + self._decoder_attention(decoder, s)
         out += 2.0 * self.head[decoder] * s.samples  # the LM head at each row's last position
         if compressed and s.enc_tokens:
-            out += 2.0 * self.enc * s.enc_tokens + self._encoder_attention(s) + 2.0 * self.proj[decoder] * s.vectors
+            out += 2.0 * self._encoder_linear(s) + self._encoder_attention(s) + 2.0 * self.proj[decoder] * s.vectors
         return out

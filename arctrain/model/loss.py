@@ -6,8 +6,9 @@ The unchunked loss materialises (N, V) logits in bf16, their fp32 copy and log-s
 fp32 gradient: ~10 bytes per (target, vocabulary entry), 6 GiB for 16 x 256 targets and Llama 3's 128k entries.
 Here each chunk's logits live only inside the loop, in forward and again (recomputed) in backward, so the peak is
 one chunk's. Under ZeRO-3 the head weight is gathered once for the whole forward loop and once for the backward
-loop (`deepspeed.zero.GatheredParameters`; every rank calls it, whatever its number of targets, so the
-collectives match), where calling the head module per chunk would gather it per chunk.
+loop (`deepspeed.zero.GatheredParameters` where ZeRO has not gathered it already; every rank runs both loops,
+whatever its number of targets, so the collectives match), where calling the head module per chunk would gather
+it per chunk.
 """
 
 import contextlib
@@ -24,11 +25,19 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 def _gathered(weight: torch.Tensor):
-    """The full weight inside the context, whether ZeRO-3 partitions it or not."""
+    """The full weight inside the context, whether ZeRO-3 partitions it or not.
+
+    In forward, reading `head.weight` inside the engine's forward already makes ZeRO-3 gather it (it registers the
+    parameter as an external one of the running module and frees it after that module's forward): then there is
+    nothing to do, and freeing it here would be an error. In backward it is partitioned again: gather it for the
+    loop and free it after."""
     if not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters([weight])
 
 
