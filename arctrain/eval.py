@@ -122,7 +122,7 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
             examples.append(Example(prefix + [Memory([ids], "rec"), Text(target, loss=True)]))
     loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = arc.batch(examples[start : start + batch_size])
+        batch = arc.batch(examples[start : start + batch_size]).to(arc.device)
         embeds = arc.model.embed(batch, arc.name)  # (B, T, Dd)
         hidden = arc.decoder.base_model(
             inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
@@ -132,7 +132,7 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
         logits = arc.decoder.get_output_embeddings()(hidden[selected]).float()  # (N, V)
         loss_sum += float(torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum"))
         correct += int((logits.argmax(-1) == targets[selected]).sum())
-        total += int(selected.sum())
+        total += batch.stats.targets
     return {
         "segments": len(examples),
         "tokens": total,
@@ -158,6 +158,8 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from arctrain.infer import add_runtime_args
+
     parser = argparse.ArgumentParser(prog="arctrain eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
@@ -166,6 +168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
+    add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -176,12 +179,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator
+    from arctrain.infer import ARCGenerator, runtime
 
     args = parse_args(argv or [])
+    device, dtype = runtime(args)
     records = read_qa(args.data)
     heldout = [r["text"] for r in read_jsonl(args.heldout, {"text": (str,)})] if args.heldout else None
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device)
     result = {"model": str(args.model), "decoder": arc.name, "data": str(args.data), "n": len(records)}
     result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens}
     result |= evaluate_qa(arc, records, args.shots, args.max_new_tokens, args.batch_size)

@@ -28,13 +28,16 @@ def is_zero3(ds_config: dict | None) -> bool:
     return bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """A causal LM from a local Hugging Face directory (no hub access)."""
+def load_causal_lm(
+    path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", device: torch.device | None = None
+) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face directory (no hub access); `device`: loaded straight onto it."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    placement = {} if device is None else {"device_map": str(device)}
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        path, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **placement
     )
 
 
