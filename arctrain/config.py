@@ -47,6 +47,11 @@ class ModelConfig:
     """Cross-entropy over the vocabulary in chunks of this many target tokens (the LM head weight gathered once):
     the (targets, vocab) fp32 logits never exist at once. 0: all targets in one piece."""
 
+    frozen_decoders: Literal["auto", "replicated", "partitioned"] = "auto"
+    """Frozen decoders partitioned by ZeRO-3 (all-gathered in every forward and backward), or replicated: whole, in
+    bf16, on every GPU, no gathering. auto: replicated when arctrain/memory.py's estimate of the peak with them
+    replicated fits in 85% of the GPU's memory, else partitioned (always partitioned without a GPU)."""
+
     def __post_init__(self) -> None:
         _require(bool(self.encoder_path), "encoder_path", self.encoder_path, "must be a model directory")
         _require(self.n_truncated_layers >= 0, "n_truncated_layers", self.n_truncated_layers, "must be >= 0")

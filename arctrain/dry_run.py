@@ -125,45 +125,12 @@ def parameter_table(model) -> str:
 
 
 def memory_table(cfg: Config, world_size: int, ds_config: dict) -> str:
-    from arctrain.memory import Setup, estimate, format_estimate, shape_from_config
+    from arctrain.memory import format_estimate, placement, run_estimate
 
-    encoder = shape_from_config(Path(cfg.model.encoder_path))
-    decoders = {d.name: shape_from_config(Path(d.path)) for d in cfg.decoders}
-    setup = Setup(
-        micro_batch=cfg.data.micro_batch_size,
-        segment_tokens=segment_tokens(cfg),
-        factor=cfg.model.pooling_factor,
-        truncated_layers=cfg.model.n_truncated_layers,
-        projector_hidden=max(d.projector_hidden for d in cfg.decoders),
-        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
-        **_zero3_sizes(ds_config.get("zero_optimization", {})),
-    )
-    est = estimate(encoder, decoders, setup, world_size)
-    head = (f"memory per GPU (arctrain/memory.py; micro-batch {setup.micro_batch} x {setup.segment_tokens} tokens, "
-            f"bf16 weights, frozen decoders partitioned by ZeRO-3):")  # fmt: skip
+    replicated, why = placement(cfg, world_size, ds_config)
+    est = run_estimate(cfg, world_size, ds_config, replicated)
+    where = f"replicated ({', '.join(replicated)})" if replicated else "partitioned by ZeRO-3"
     table = format_estimate(est, world_size).split("\n\n", 1)[1]  # the parameters are printed above
-    return f"{head}\n{table}\n  peak over decoders: {est.peak():.2f} GiB"
-
-
-def _zero3_sizes(zero: dict) -> dict:
-    """What the estimate needs from the DeepSpeed file (DeepSpeed's defaults where it says nothing)."""
-    from arctrain.memory import BUCKET_ELEMENTS, MAX_LIVE_PARAMETERS
-
-    def number(key: str, default: int) -> int:
-        value = zero.get(key, default)
-        return int(value) if isinstance(value, int | float) else default  # "auto"
-
-    live = number("stage3_max_live_parameters", MAX_LIVE_PARAMETERS)
-    buckets = number("reduce_bucket_size", BUCKET_ELEMENTS // 2) + number(
-        "stage3_prefetch_bucket_size", BUCKET_ELEMENTS // 2
-    )
-    return {"max_live_parameters": live, "bucket_elements": buckets}
-
-
-def segment_tokens(cfg: Config) -> int:
-    """Encoder tokens per segment: QA's setting, or the first shard directory's manifest's."""
-    if cfg.data.qa:
-        return cfg.data.qa_segment_tokens
-    from arctrain.data.shards import read_manifest
-
-    return int(read_manifest(cfg.data.sources[0][0])["segment_tokens"])
+    return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
+            f"memory per GPU (arctrain/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
+            f"  peak over decoders: {est.peak():.2f} GiB")  # fmt: skip

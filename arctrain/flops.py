@@ -74,7 +74,7 @@ class FlopCounter:
         self.enc = matmul_params(enc) - self.enc_vec  # run once per encoder token
         self.proj = {name: matmul_params(proj) for name, proj in model.projectors.items()}
         self.dec, self.head, self.dec_layers, self.dec_width = {}, {}, {}, {}
-        for name, dec in model.decoders.items():
+        for name, dec in getattr(model, "all_decoders", model.decoders).items():
             head = dec.get_output_embeddings()
             self.dec[name] = matmul_params(dec, (head,))
             self.head[name] = numel(head.weight)

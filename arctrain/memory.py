@@ -196,3 +196,63 @@ def format_estimate(est: Estimate, world_size: int) -> str:
         lines += [f"  {part:<58} {gib:7.2f}" for part, gib in parts.items()]
         lines.append(f"  {'total':<58} {sum(parts.values()):7.2f}")
     return "\n".join(lines)
+
+
+# --- a run's estimate, and where its frozen decoders go --------------------------------------------------------
+
+REPLICATE_FRACTION = 0.85  # of the GPU's memory: the rest is for the CUDA context, NCCL and fragmentation
+
+
+def segment_tokens(cfg) -> int:
+    """Encoder tokens per segment: QA's setting, or the first shard directory's manifest's."""
+    if cfg.data.qa:
+        return cfg.data.qa_segment_tokens
+    return int(json.loads((Path(cfg.data.sources[0][0]) / "manifest.json").read_text())["segment_tokens"])
+
+
+def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, ...] = ()) -> Estimate:
+    """The estimate for a run's config (arctrain.config.Config) and its DeepSpeed config."""
+    zero = ds_config.get("zero_optimization", {})
+
+    def number(key: str, default: int) -> int:
+        value = zero.get(key, default)
+        return int(value) if isinstance(value, int | float) else default  # "auto": DeepSpeed's default
+
+    setup = Setup(
+        micro_batch=cfg.data.micro_batch_size,
+        segment_tokens=segment_tokens(cfg),
+        factor=cfg.model.pooling_factor,
+        truncated_layers=cfg.model.n_truncated_layers,
+        projector_hidden=max(d.projector_hidden for d in cfg.decoders),
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        replicated=replicated,
+        max_live_parameters=number("stage3_max_live_parameters", MAX_LIVE_PARAMETERS),
+        bucket_elements=number("reduce_bucket_size", BUCKET_ELEMENTS // 2)
+        + number("stage3_prefetch_bucket_size", BUCKET_ELEMENTS // 2),
+    )
+    encoder = shape_from_config(Path(cfg.model.encoder_path))
+    return estimate(encoder, {d.name: shape_from_config(Path(d.path)) for d in cfg.decoders}, setup, world_size)
+
+
+def gpu_memory_gib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB
+
+
+def placement(cfg, world_size: int, ds_config: dict, gpu_gib: float | None = None) -> tuple[tuple[str, ...], str]:
+    """(decoders to replicate, why): model.frozen_decoders, "auto" decided by the estimate against the GPU."""
+    names = tuple(d.name for d in cfg.decoders)
+    mode = cfg.model.frozen_decoders
+    if mode != "auto":
+        return (names if mode == "replicated" else ()), "as configured"
+    gpu_gib = gpu_memory_gib() if gpu_gib is None else gpu_gib
+    peak = run_estimate(cfg, world_size, ds_config, names).peak()
+    if gpu_gib is None:
+        return (), f"auto, no GPU here (replicated they would need an estimated {peak:.1f} GiB per GPU)"
+    budget = REPLICATE_FRACTION * gpu_gib
+    if peak <= budget:
+        return names, f"auto, an estimated {peak:.1f} GiB per GPU fits in {budget:.1f} GiB ({gpu_gib:.0f} GiB GPU)"
+    return (), f"auto, replicated they would need an estimated {peak:.1f} GiB per GPU, over {budget:.1f} GiB"

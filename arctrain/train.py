@@ -92,18 +92,22 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
 
     from arctrain.checkpoint import load_initial_weights
     from arctrain.config import deepspeed_config
+    from arctrain.memory import placement
     from arctrain.model import build_model
     from arctrain.optim import build_optimizer, build_scheduler
 
     ds_config = deepspeed_config(cfg, world_size)
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    replicated, why = placement(cfg, world_size, ds_config)
+    say(f"frozen decoders: {'replicated' if replicated else 'partitioned by ZeRO-3'} ({why})")
     model = build_model(
         cfg.model,
         cfg.decoders,
         dtype,
         ds_config=ds_config,
         gradient_checkpointing=cfg.train.activation_checkpointing,
+        replicated=replicated,
     )
     if cfg.train.activation_checkpointing:
         model.enable_decoder_checkpointing()
@@ -148,6 +152,7 @@ def train(cfg) -> int:
     from arctrain.checkpoint import Checkpointer
     from arctrain.config import save_config
     from arctrain.data import Vocab, build_train_loader
+    from arctrain.export import record_run_data
     from arctrain.flops import FlopCounter, peak_tflops
     from arctrain.metrics import LossMeter, MetricsLogger, peak_memory_gb
     from arctrain.optim import idle_decoders
@@ -157,6 +162,7 @@ def train(cfg) -> int:
     if rank == 0:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        record_run_data(cfg, run_dir)  # the segment length, for the export (arctrain/export.py)
     preemption = Preemption()
     say = _logger(run_dir, rank)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank)

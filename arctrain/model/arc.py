@@ -49,26 +49,36 @@ class ARCModel(nn.Module):
         specials: nn.ModuleDict,
         decoders: nn.ModuleDict,
         loss_chunk_tokens: int = 0,
+        replicated: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
-        if set(projectors) != set(decoders) or set(specials) != set(decoders):
+        names = set(decoders) | set(replicated or {})
+        if set(projectors) != names or set(specials) != names:
             raise ValueError(
-                f"projectors {sorted(projectors)} and specials {sorted(specials)} must match "
-                f"decoders {sorted(decoders)}"
+                f"projectors {sorted(projectors)} and specials {sorted(specials)} must match decoders {sorted(names)}"
             )
         self.encoder = encoder
         self.projectors = projectors
         self.specials = specials
         self.decoders = decoders
+        # Replicated frozen decoders are a plain dict, not submodules: DeepSpeed's ZeRO-3 engine converts (partitions)
+        # every parameter of its module, trainable or not, so these must not be part of it. They are not in
+        # state_dict() or parameters(), and stay where build_model put them (the device, in the run's dtype).
+        self.replicated = dict(replicated or {})
         self.decoder_checkpointing = False
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the cross-entropy in one piece
-        for decoder in decoders.values():
+        for decoder in self.all_decoders.values():
             decoder.requires_grad_(False)
         self.train(False)
 
+    @property
+    def all_decoders(self) -> dict[str, nn.Module]:
+        """Partitioned (submodules) and replicated decoders, by name."""
+        return {**self.decoders, **self.replicated}
+
     def train(self, mode: bool = True) -> "ARCModel":
         super().train(mode)
-        for decoder in self.decoders.values():
+        for decoder in self.all_decoders.values():
             decoder.eval()  # frozen: no dropout, whatever the trainer's mode
             if self.decoder_checkpointing:
                 # HF checkpoints a layer only when that layer is in training mode: flag the layers alone, so their
@@ -80,7 +90,7 @@ class ARCModel(nn.Module):
 
     def enable_decoder_checkpointing(self) -> None:
         """Activation checkpointing in every decoder layer (transformers' own, non-reentrant)."""
-        for decoder in self.decoders.values():
+        for decoder in self.all_decoders.values():
             decoder.activation_checkpointing_enable({"use_reentrant": False})
         self.decoder_checkpointing = True
         self.train(self.training)
@@ -90,9 +100,10 @@ class ARCModel(nn.Module):
         return self.encoder.compress(enc_ids, enc_mask)
 
     def forward(self, batch: ARCBatch, decoder: str, *, use_context: bool = True) -> ARCOutput:
-        if decoder not in self.decoders:
-            raise ValueError(f"unknown decoder {decoder!r}: this model has {', '.join(self.decoders)}")
-        model = self.decoders[decoder]
+        decoders = self.all_decoders
+        if decoder not in decoders:
+            raise ValueError(f"unknown decoder {decoder!r}: this model has {', '.join(decoders)}")
+        model = decoders[decoder]
         if not use_context:
             batch = drop_memory(batch)
             embeds = model.get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
@@ -133,7 +144,7 @@ class ARCModel(nn.Module):
         memory = pooled.flatten(0, 1)[vector_index]  # (N, D)
         vectors = torch.cat([memory, self.specials[decoder]().to(pooled.dtype)])  # (N + 2, D)
         projected = self.projectors[decoder](vectors)  # (N + 2, Dd)
-        tokens = self.decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
+        tokens = self.all_decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
         slot = batch.dec_slot.unsqueeze(-1)  # (B, T, 1)
         inserted = projected.to(tokens.dtype)[batch.dec_slot.clamp(min=0)]  # (B, T, Dd)
         return torch.where(slot >= 0, inserted, tokens)

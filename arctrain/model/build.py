@@ -61,13 +61,16 @@ def build_model(
     *,
     ds_config: dict | None = None,
     gradient_checkpointing: bool = False,
+    replicated: tuple[str, ...] = (),
 ) -> ARCModel:
     """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
 
     `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation (the
     encoder's) and optionally loss_chunk_tokens; each decoder config needs name, path, projector_hidden and
     optionally attn_implementation (default sdpa). `gradient_checkpointing` applies to the encoder layers
-    (see `ARCModel.enable_decoder_checkpointing` for the decoders).
+    (see `ARCModel.enable_decoder_checkpointing` for the decoders). Decoders named in `replicated` are loaded whole,
+    in `dtype`, onto this process's device (cuda:LOCAL or cpu), outside ZeRO-3: no all-gather in forward and
+    backward, at 2 bytes per parameter on every rank (model.frozen_decoders; arctrain/memory.py decides "auto").
     """
     names = [d.name for d in decoder_cfgs]
     if not names:
@@ -80,10 +83,25 @@ def build_model(
             "build_model: called inside deepspeed.zero.Init without a ZeRO-3 ds_config; pass ds_config "
             "so that transformers loads the weights into the partitions"
         )
+    unknown = set(replicated) - set(names)
+    if unknown:
+        raise ValueError(f"replicated decoders {sorted(unknown)}: this model has {', '.join(names)}")
+    if replicated and (_inside_zero_init() or _hf_zero3_alive()):
+        raise ValueError("build_model: replicated decoders must be loaded outside deepspeed.zero.Init")
+    # Before the HfDeepSpeedConfig below exists: with it alive, from_pretrained would partition them.
+    held = {
+        d.name: load_causal_lm(d.path, dtype, getattr(d, "attn_implementation", "sdpa"), device=_device())
+        for d in decoder_cfgs
+        if d.name in replicated
+    }
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
-            {d.name: load_causal_lm(d.path, dtype, getattr(d, "attn_implementation", "sdpa")) for d in decoder_cfgs}
+            {
+                d.name: load_causal_lm(d.path, dtype, getattr(d, "attn_implementation", "sdpa"))
+                for d in decoder_cfgs
+                if d.name not in replicated
+            }
         )
         if hf_ds_config is None:
             projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
@@ -91,7 +109,7 @@ def build_model(
         else:
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
-    model = ARCModel(encoder, projectors, specials, decoders, getattr(model_cfg, "loss_chunk_tokens", 0))
+    model = ARCModel(encoder, projectors, specials, decoders, getattr(model_cfg, "loss_chunk_tokens", 0), held)
     # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
     model.hf_ds_config = hf_ds_config
     return model
@@ -119,6 +137,16 @@ def _hf_zero3(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     yield HfDeepSpeedConfig(ds_config)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _hf_zero3_alive() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _inside_zero_init() -> bool:
