@@ -117,7 +117,7 @@ def parameter_table(model) -> str:
     rows += [(f"projector {n} + <Rec>/<Cont> (trains)", nn.ModuleList([p, model.specials[n]]))
              for n, p in model.projectors.items()]  # fmt: skip
     rows += [(f"decoder {n} (frozen)", d) for n, d in model.decoders.items()]
-    lines = [f"  {'parameters (millions)':<42} {'all':>10} {'non-embedding':>14}"]
+    lines = [f"  {'parameters (millions)':<42} {'all':>10} {'in matmuls':>14}"]
     for name, module in rows:
         total = sum(p.numel() for p in module.parameters())
         lines.append(f"  {name:<42} {total / 1e6:10.3f} {matmul_params(module) / 1e6:14.3f}")
