@@ -128,7 +128,10 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict) -> str:
     from arctrain.memory import format_estimate, placement, run_estimate
 
     replicated, why = placement(cfg, world_size, ds_config)
-    est = run_estimate(cfg, world_size, ds_config, replicated)
+    try:
+        est = run_estimate(cfg, world_size, ds_config, replicated)
+    except KeyError as err:
+        return f"frozen decoders: partitioned: {why}\nmemory per GPU: no estimate (a config.json has no {err})"
     where = f"replicated ({', '.join(replicated)})" if replicated else "partitioned by ZeRO-3"
     table = format_estimate(est, world_size).split("\n\n", 1)[1]  # the parameters are printed above
     return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"

@@ -249,7 +249,10 @@ def placement(cfg, world_size: int, ds_config: dict, gpu_gib: float | None = Non
     if mode != "auto":
         return (names if mode == "replicated" else ()), "as configured"
     gpu_gib = gpu_memory_gib() if gpu_gib is None else gpu_gib
-    peak = run_estimate(cfg, world_size, ds_config, names).peak()
+    try:
+        peak = run_estimate(cfg, world_size, ds_config, names).peak()
+    except KeyError as err:  # a config.json without a key the Llama-style shape needs
+        return (), f"auto, no estimate for these models (config.json has no {err}): partitioned"
     if gpu_gib is None:
         return (), f"auto, no GPU here (replicated they would need an estimated {peak:.1f} GiB per GPU)"
     budget = REPLICATE_FRACTION * gpu_gib
