@@ -26,7 +26,12 @@ setup(
         # Engine; its own pins (torch, numpy, packaging) agree with ours. Exact: its APIs move between releases.
         "megatron-core==0.16.1",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.8"]},
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.8"],
+        # decoders.N.attn_implementation=flash_attention_2 (CUDA only). flash-attn compiles against the installed torch:
+        # install the CUDA torch first, then `pip install -e .[gpu] --no-build-isolation`.
+        "gpu": ["flash-attn>=2.6"],
+    },
     entry_points={
         "console_scripts": [
             "arctrain=arctrain.cli:main",

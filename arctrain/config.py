@@ -39,10 +39,18 @@ class ModelConfig:
     """Compression factor x: about x tokens per memory vector."""
     n_vectors: int = 0
     """When > 0, every segment is compressed into exactly this many vectors instead of len/pooling_factor."""
-    attn_implementation: str = "sdpa"
-    """Passed to transformers' `from_pretrained` ("sdpa", "eager", "flash_attention_2")."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype the encoder and decoders are loaded in."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """The encoder's attention: its bidirectional attention over right-padded segments takes a 4-D padding mask,
+    which sdpa and eager accept (flash_attention_2 is for the decoders: decoders.N.attn_implementation). The
+    weights' dtype is train.precision's."""
+    loss_chunk_tokens: int = 1024
+    """Cross-entropy over the vocabulary in chunks of this many target tokens (the LM head weight gathered once):
+    the (targets, vocab) fp32 logits never exist at once. 0: all targets in one piece."""
+
+    frozen_decoders: Literal["auto", "replicated", "partitioned"] = "auto"
+    """Frozen decoders partitioned by ZeRO-3 (all-gathered in every forward and backward), or replicated: whole, in
+    bf16, on every GPU, no gathering. auto: replicated when arctrain/memory.py's estimate of the peak with them
+    replicated fits in 85% of the GPU's memory, else partitioned (always partitioned without a GPU)."""
     rope: Literal["checkpoint", "plain"] = "checkpoint"
     """The encoder's RoPE: "checkpoint" keeps the backbone config's scaling (e.g. Llama 3.x `rope_type: llama3`),
     "plain" applies unscaled RoPE with its rope_theta, as the reference ARC-Encoder does (and imported checkpoints)."""
@@ -52,6 +60,7 @@ class ModelConfig:
         _require(self.n_truncated_layers >= 0, "n_truncated_layers", self.n_truncated_layers, "must be >= 0")
         _require(self.pooling_factor >= 1, "pooling_factor", self.pooling_factor, "must be >= 1")
         _require(self.n_vectors >= 0, "n_vectors", self.n_vectors, "must be >= 0 (0: use pooling_factor)")
+        _require(self.loss_chunk_tokens >= 0, "loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
 
 
 @dataclass
@@ -69,6 +78,9 @@ class DecoderConfig:
     rope: Literal["checkpoint", "plain"] = "checkpoint"
     """This decoder's RoPE: its config's scaling ("checkpoint") or unscaled with its rope_theta ("plain", the
     reference's choice; use it with a projector trained by the reference)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """This decoder's attention in transformers (`attn_implementation`); flash_attention_2 needs the flash-attn
+    package (`pip install -e .[gpu]`), a CUDA GPU and train.precision=bf16."""
 
     def __post_init__(self) -> None:
         ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS
@@ -398,8 +410,27 @@ def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def check_attention(cfg: Config) -> None:
+    """Every decoder's attention implementation can run here (flash-attention 2: the package, CUDA, bf16)."""
+    for i, d in enumerate(cfg.decoders):
+        if d.attn_implementation != "flash_attention_2":
+            continue
+        from transformers.utils import is_flash_attn_2_available
+
+        key = f"decoders.{i}.attn_implementation"
+        if not is_flash_attn_2_available():
+            raise ConfigError(
+                key,
+                "'flash_attention_2' needs flash-attn (the package) and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
+            )
+        if cfg.train.precision != "bf16":
+            raise ConfigError(key, f"'flash_attention_2' runs in bf16, but train.precision is {cfg.train.precision!r}")
+
+
 def check_paths(cfg: Config) -> None:
-    """The model and shard directories exist (call before starting process groups; configs may be templates)."""
+    """The model and shard directories exist and the attention kernels are installed (call before starting process
+    groups; configs may be templates)."""
+    check_attention(cfg)
     dirs = [("model.encoder_path", cfg.model.encoder_path)]
     dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
     dirs += [("data.shards", path) for path, _ in cfg.data.sources]

@@ -12,9 +12,10 @@ Each record is asked in three modes, greedy, the answer being the first non-blan
 
 preceded by `--shots` examples from the same file (the records after it, cyclically, never itself). Exact match
 and F1 use SQuAD's normalisation (lower case, no punctuation, no articles, single spaces), best over the answers.
-Prefill cost per mode, per question: decoder positions, FLOPs (2N per token for the decoder, plus the encoder and
-projector for compressed contexts; N excludes embedding tables and the LM head) and measured time to the first
-token (compression included) of each batch, divided by the batch's questions.
+Prefill cost per mode, per question: decoder positions, FLOPs (arctrain/flops.py: 2N per token for the decoder, its
+causal attention and the LM head at the last position, plus the encoder and projector for compressed contexts; N
+excludes embedding tables) and measured time to the first token (compression included) of each batch, divided by
+the batch's questions.
 """
 
 import argparse
@@ -72,18 +73,7 @@ def answer_line(generated: str) -> str:
 # --- cost ---------------------------------------------------------------------------------------------------
 
 
-def matmul_params(module: torch.nn.Module, exclude: tuple[torch.nn.Module, ...] = ()) -> int:
-    """Parameters that cost 2 FLOPs per token in a forward pass: all but embedding tables and `exclude`."""
-    skip = {id(p) for m in exclude for p in m.parameters()}
-    skip |= {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(p.numel() for p in module.parameters() if id(p) not in skip)
-
-
-def prefill_flops(arc, prompt_tokens: int, encoder_tokens: int, n_vectors: int) -> float:
-    dec = matmul_params(arc.decoder, (arc.decoder.get_output_embeddings(),))
-    enc = matmul_params(arc.model.encoder)
-    proj = matmul_params(arc.model.projectors)
-    return 2.0 * (dec * prompt_tokens + enc * encoder_tokens + proj * n_vectors)
+# FLOPs: arctrain/flops.py (FlopCounter.prefill), the model the training metrics use too.
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------
@@ -103,7 +93,7 @@ def evaluate_qa(arc, records: list[dict], shots: int, max_new_tokens: int, batch
             c = cost[mode]
             c["decoder_tokens"] += sum(out.prompt_tokens)
             c["encoder_tokens"] += out.encoder_tokens
-            c["flops"] += prefill_flops(arc, sum(out.prompt_tokens), out.encoder_tokens, out.memory_vectors)
+            c["flops"] += arc.flops.prefill(arc.name, out.stats)
             c["seconds_to_first_token"] += out.seconds_to_first_token
     n = len(records)
     summary = {}
@@ -132,7 +122,7 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
             examples.append(Example(prefix + [Memory([ids], "rec"), Text(target, loss=True)]))
     loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = arc.batch(examples[start : start + batch_size])
+        batch = arc.batch(examples[start : start + batch_size]).to(arc.device)
         embeds = arc.model.embed(batch, arc.name)  # (B, T, Dd)
         hidden = arc.decoder.base_model(
             inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
@@ -142,7 +132,7 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
         logits = arc.decoder.get_output_embeddings()(hidden[selected]).float()  # (N, V)
         loss_sum += float(torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum"))
         correct += int((logits.argmax(-1) == targets[selected]).sum())
-        total += int(selected.sum())
+        total += batch.stats.targets
     return {
         "segments": len(examples),
         "tokens": total,
@@ -168,6 +158,8 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from arctrain.infer import add_runtime_args
+
     parser = argparse.ArgumentParser(prog="arctrain eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
@@ -176,6 +168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
+    add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -186,12 +179,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator
+    from arctrain.infer import ARCGenerator, runtime
 
     args = parse_args(argv or [])
+    device, dtype = runtime(args)
     records = read_qa(args.data)
     heldout = [r["text"] for r in read_jsonl(args.heldout, {"text": (str,)})] if args.heldout else None
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device)
     result = {"model": str(args.model), "decoder": arc.name, "data": str(args.data), "n": len(records)}
     result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens}
     result |= evaluate_qa(arc, records, args.shots, args.max_new_tokens, args.batch_size)

@@ -24,7 +24,7 @@ from arctrain.config import Config, load_config
 from arctrain.tokenizer_id import tokenizer_hash
 
 MAX_SHARD_SIZE = "5GB"
-DEFAULT_SEGMENT_TOKENS = 256
+RUN_DATA = "data.json"  # in the run directory: record_run_data
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,20 +33,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out directory")
+    parser.add_argument(
+        "--segment-tokens", type=int, help="the training segment length, for runs that did not record it"
+    )
     return parser.parse_args(argv)
 
 
-def segment_tokens(cfg: Config) -> int:
-    """The training segment length: QA fine-tuning's, or the first shard directory's manifest's."""
+def record_run_data(cfg: Config, run_dir: Path) -> None:
+    """RUN_DIR/data.json: what the export needs to know about the training data, kept with the run (the shards may
+    move or go): the segment length the encoder was trained on, per source. Written by rank 0 at every start."""
+    if cfg.data.qa:
+        sources = [{"qa": cfg.data.qa, "segment_tokens": cfg.data.qa_segment_tokens}]
+    else:
+        from arctrain.data.shards import read_manifest
+
+        sources = [{"shards": d, "segment_tokens": read_manifest(d)["segment_tokens"]} for d, _ in cfg.data.sources]
+    record = {"segment_tokens": sources[0]["segment_tokens"], "sources": sources}
+    (run_dir / RUN_DATA).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def segment_tokens(cfg: Config, run: Path) -> int:
+    """The training segment length: the run's own record (data.json), else (runs from before it) QA's setting or
+    the first shard directory's manifest."""
+    if (run / RUN_DATA).is_file():
+        return int(json.loads((run / RUN_DATA).read_text())["segment_tokens"])
     if cfg.data.qa:
         return cfg.data.qa_segment_tokens
     manifest = Path(cfg.data.sources[0][0]) / "manifest.json"
-    if manifest.is_file():
-        return int(json.loads(manifest.read_text()).get("segment_tokens", DEFAULT_SEGMENT_TOKENS))
-    return DEFAULT_SEGMENT_TOKENS
+    if not manifest.is_file():
+        raise ValueError(
+            f"{run}: no {RUN_DATA} (a run from before arctrain recorded it) and {manifest} is gone: the segment length "
+            "the encoder was trained on is unknown; pass --segment-tokens"
+        )
+    return int(json.loads(manifest.read_text())["segment_tokens"])
 
 
-def export_config(cfg: Config):
+def export_config(cfg: Config, segment: int):
     """The ARCEncoderConfig of a run: truncated backbone config, pooling, and what each decoder needs."""
     from transformers import AutoConfig
 
@@ -81,7 +103,7 @@ def export_config(cfg: Config):
         pooling=cfg.model.pooling,
         pooling_factor=cfg.model.pooling_factor,
         n_vectors=cfg.model.n_vectors,
-        segment_tokens=segment_tokens(cfg),
+        segment_tokens=segment,
         decoders=decoders,
         encoder_tokenizer_hash=tokenizer_hash(cfg.model.encoder_path),
         rope=cfg.model.rope,
@@ -96,12 +118,12 @@ def _model_config(path: str, what: str):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def export(run: Path, out: Path, step: int | None = None, overwrite: bool = False) -> Path:
+def export(run: Path, out: Path, step: int | None = None, overwrite: bool = False, segment: int | None = None) -> Path:
     """Write the Hugging Face directory for a run's checkpoint; returns `out`."""
     ckpt = checkpoint_dir(run, step)
     check_out(out, overwrite)
     cfg = load_config(run / "config.yaml")
-    config = export_config(cfg)
+    config = export_config(cfg, segment or segment_tokens(cfg, run))
     config.source = str(ckpt)
     state = consolidate(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -209,7 +231,9 @@ Final metrics (latest value of each in metrics.jsonl):
 from transformers import AutoModel, AutoTokenizer
 model = AutoModel.from_pretrained("THIS_DIR", trust_remote_code=True)
 tok = AutoTokenizer.from_pretrained("THIS_DIR", trust_remote_code=True)
-enc = tok(["some text"], return_tensors="pt", padding=True, add_special_tokens=False)
+if tok.pad_token is None:  # e.g. Llama 3's tokenizer; padding is masked out, so any token can pad
+    tok.pad_token = tok.eos_token
+enc = tok(["some text", "a longer text"], return_tensors="pt", padding=True, add_special_tokens=False)
 vectors = model.compress(enc.input_ids, enc.attention_mask)        # per segment (m, D)
 embeds = model.project(vectors[0], "{config.decoders[0]["name"]}")  # decoder embedding space
 ```
@@ -313,5 +337,5 @@ def _read_weights(model_dir: Path, load_file) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
-    out = export(args.run, args.out, args.step, args.overwrite)
+    out = export(args.run, args.out, args.step, args.overwrite, args.segment_tokens)
     print(f"arctrain export: {args.run} -> {out}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from arctrain.export import DEFAULT_SEGMENT_TOKENS, check_out, write_export
+from arctrain.export import check_out, write_export
 from arctrain.tokenizer_id import tokenizer_hash
 
 LAYER_KEY = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|attention_norm|ffn_norm|feed_forward\.w[123])\.weight")
@@ -43,6 +43,10 @@ HF_NAMES = {
 }
 SPECIAL_KEY = re.compile(r"(rec|cont)_tok\.(\d+)\.weight")
 BRIDGE_KEY = re.compile(r"(?:(\d+)\.)?layer([12])\.weight")
+
+# The segment length the export advertises: arctrain's default (the reference encodes a whole passage as one
+# sequence; its encoder was trained on 256-token windows, docs/ARCHITECTURE.md section 7).
+SEGMENT_TOKENS = 256
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -278,7 +282,7 @@ def import_arc(src: Path, out: Path, backbone_dir: Path, decoders: list[str], ov
         pooling="mean_pooled_queries",
         pooling_factor=factor,
         n_vectors=n_vectors,
-        segment_tokens=DEFAULT_SEGMENT_TOKENS,
+        segment_tokens=SEGMENT_TOKENS,
         decoders=entries,
         encoder_tokenizer_hash=tokenizer_hash(backbone_dir),
         rope="plain",

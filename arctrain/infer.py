@@ -3,6 +3,12 @@
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt \
         --prompt "Question: what does it return?" --max-new-tokens 32
     arctrain generate ... --sample --temperature 0.8 --top-p 0.9 --seed 1
+    arctrain generate ... --context-file a.txt b.txt c.txt --batch-size 8 --device cuda --dtype bf16
+
+`--dtype auto` (the default) is bf16, on a GPU and on a CPU alike (Llama 3.1 8B: 16 GB, not fp32's 32 GB); pass
+`--dtype fp32` for fp32. `--device auto` is cuda when there is one, else cpu. Generation stops at the decoder's
+end-of-sequence ids (its tokenizer's and its generation_config's, e.g. Llama 3.1's <|eot_id|> too) and at any
+`--stop-token-id`.
 
 In Python:
 
@@ -26,7 +32,9 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, St
 
 from arctrain.data.qa import TextPieces
 from arctrain.export import load_export
+from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
+from arctrain.model.batch import BatchStats
 from arctrain.tokenizer_id import tokenizer_hash
 
 
@@ -38,6 +46,7 @@ class Generation:
     memory_vectors: int  # vectors they became (projected, with the special vectors, into the decoder)
     seconds_to_first_token: float  # compression + decoder prefill of the batch, up to the first token's logits
     seconds: float  # the whole call
+    stats: BatchStats | None = None  # the collated prompts' sizes (FlopCounter.prefill)
 
 
 class _FirstLogits(LogitsProcessor):
@@ -86,13 +95,22 @@ class ARCGenerator:
     """An exported encoder + its projector for one decoder + that decoder, ready to compress and generate."""
 
     def __init__(
-        self, model_dir: str | Path, decoder_dir: str | Path, decoder_name: str | None = None, dtype=torch.float32
+        self,
+        model_dir: str | Path,
+        decoder_dir: str | Path,
+        decoder_name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        stop_token_ids: list[int] = (),
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         self.config = config
+        self.device = torch.device(device)
         entry = next(d for d in config.decoders if d["name"] == self.name)
-        decoder = load_causal_lm(decoder_dir, dtype, rope=entry.get("rope", "checkpoint"))  # as it was trained
+        decoder = load_causal_lm(  # as it was trained, straight onto the device
+            decoder_dir, dtype, rope=entry.get("rope", "checkpoint"), device=self.device
+        )
         one = nn.ModuleDict
         self.model = ARCModel(
             encoder,
@@ -100,11 +118,16 @@ class ARCGenerator:
             one({self.name: specials[self.name]}),
             one({self.name: decoder}),
         )
+        self.model.to(self.device)
         self.decoder = decoder
+        self.flops = FlopCounter(self.model)
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
         self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens)  # the same as QA training
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
+        self.stop_ids = stop_ids(decoder, self.dec_tok) + [
+            i for i in stop_token_ids if i not in stop_ids(decoder, self.dec_tok)
+        ]
 
     # --- pieces ---------------------------------------------------------------------------------------------
 
@@ -139,7 +162,8 @@ class ARCGenerator:
     def embed(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, ARCBatch]:
         """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch."""
         batch = self.batch(examples)
-        if batch.enc_mask.sum() > 0:
+        stats, batch = batch.stats, batch.to(self.device)
+        if stats.enc_tokens > 0:
             embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
         else:  # no compressed piece anywhere (closed book): plain token embeddings
             embeds = self.decoder.get_input_embeddings()(batch.dec_ids)
@@ -167,8 +191,7 @@ class ARCGenerator:
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
         if sample:
             torch.manual_seed(seed)
-        tok = self.dec_tok
-        stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        tok, stop = self.dec_tok, self.stop_ids
         criteria = StoppingCriteriaList([_LineDone(tok)] if stop_at_newline else [])
         out = self.decoder.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -178,12 +201,44 @@ class ARCGenerator:
         )  # fmt: skip
         texts = tok.batch_decode(out, skip_special_tokens=True)  # with inputs_embeds only new tokens come back
         end = time.perf_counter()
-        n_enc, n_vec = int(batch.enc_mask.sum()), int(batch.n_vectors.sum())
-        return Generation(texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start)
+        n_enc, n_vec = batch.stats.enc_tokens, batch.stats.vectors - 2
+        return Generation(
+            texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start, batch.stats
+        )
 
     def complete(self, contexts: list[str | list[str]], prompts: list[str], **options) -> Generation:
         """Compress each context and generate after its prompt."""
         return self.generate([self.context_example(c, p) for c, p in zip(contexts, prompts, strict=True)], **options)
+
+
+def stop_ids(decoder: nn.Module, tok) -> list[int]:
+    """End-of-sequence ids of a decoder: its tokenizer's and its generation config's (an int or a list)."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    configured = getattr(decoder.generation_config, "eos_token_id", None)
+    for i in configured if isinstance(configured, list) else [configured]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, shared by `arctrain generate` and `arctrain eval`."""
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bf16 (GPU and CPU)")
+
+
+def runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r}: not a torch device (cuda, cuda:N, cpu)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    return device, DTYPES["bf16" if args.dtype == "auto" else args.dtype]
 
 
 def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,27 +256,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
     parser.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")
-    parser.add_argument("--context-file", required=True, type=Path, help="UTF-8 text to compress")
-    parser.add_argument("--prompt", required=True, help="decoder text after the compressed context")
+    parser.add_argument("--context-file", required=True, type=Path, nargs="+", help="UTF-8 texts, one per prompt")
+    parser.add_argument("--prompt", required=True, help="decoder text after each compressed context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
+    parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
+    add_runtime_args(parser)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--max-new-tokens must be >= 1, --temperature > 0 and --top-p in (0, 1]")
+    if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.batch_size < 1:
+        raise ValueError("--max-new-tokens and --batch-size must be >= 1, --temperature > 0 and --top-p in (0, 1]")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
-    if not args.context_file.is_file():
-        raise FileNotFoundError(f"--context-file {args.context_file}: no such file")
-    context = args.context_file.read_text(encoding="utf-8")
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name)
-    out = arc.complete(
-        [context], [args.prompt], max_new_tokens=args.max_new_tokens, sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
-    print(out.texts[0])
+    for path in args.context_file:
+        if not path.is_file():
+            raise FileNotFoundError(f"--context-file {path}: no such file")
+    contexts = [path.read_text(encoding="utf-8") for path in args.context_file]
+    device, dtype = runtime(args)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id)
+    options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed)  # fmt: skip
+    texts = []
+    for start in range(0, len(contexts), args.batch_size):
+        chunk = contexts[start : start + args.batch_size]
+        texts += arc.complete(chunk, [args.prompt] * len(chunk), **options).texts
+    if len(texts) == 1:
+        print(texts[0])
+        return
+    for path, text in zip(args.context_file, texts, strict=True):
+        print(f"==> {path} <==\n{text}")

@@ -1,9 +1,5 @@
-"""Metrics: per-interval losses, throughput, honest FLOPs and MFU, to stdout, metrics.jsonl and wandb.
-
-FLOPs per token (DESIGN.md §6): the encoder trains, so forward + backward is about 6N per encoder token; a frozen
-decoder runs forward (2N) and a backward for input gradients only (2N), about 4N per decoder token; the
-projector trains (6N per projected vector). Attention's quadratic term is left out, as in the usual 6N estimate.
-"""
+"""Metrics: per-interval losses, throughput, FLOPs and MFU (the FLOP model is arctrain/flops.py), to stdout,
+metrics.jsonl and wandb."""
 
 import json
 import resource
@@ -16,42 +12,15 @@ import torch
 from arctrain.config import LoggingConfig
 from arctrain.data.sampling import CONTINUATION, RECONSTRUCTION
 from arctrain.distributed import all_reduce
+from arctrain.flops import FlopCounter, peak_tflops  # noqa: F401  (their home is arctrain/flops.py)
 
 TASKS = (RECONSTRUCTION, CONTINUATION)
-# Dense bf16 peak of one accelerator, by a substring of its name; MFU is reported only where it is known.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def numel(module: torch.nn.Module, trainable: bool | None = None) -> int:
-    """Parameter count, correct under ZeRO-3 (where each rank holds a partition)."""
-    return sum(
-        getattr(p, "ds_numel", p.numel())
-        for p in module.parameters()
-        if trainable is None or p.requires_grad == trainable
-    )
-
-
-def peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class FlopCounter:
-    def __init__(self, model: torch.nn.Module):
-        self.enc = numel(model.encoder)
-        self.proj = {name: numel(p) for name, p in model.projectors.items()}
-        self.dec = {name: numel(d) for name, d in model.decoders.items()}
-
-    def __call__(self, decoder: str, enc_tokens: int, vectors: int, dec_tokens: int) -> float:
-        return 6 * self.enc * enc_tokens + 6 * self.proj[decoder] * vectors + 4 * self.dec[decoder] * dec_tokens
 
 
 class LossMeter:
@@ -91,12 +60,12 @@ class Window:
         self.time = self.wait = self.flop = 0.0
         self.samples = self.enc_tokens = self.dec_tokens = 0
 
-    def count(self, decoder: str, counts) -> None:
-        """`counts`: a batch's `BatchCounts` (arctrain/model/batch.py), computed in collate."""
-        self.samples += counts.samples
-        self.enc_tokens += counts.enc_tokens
-        self.dec_tokens += counts.dec_tokens
-        self.flop += self.flops(decoder, counts.enc_tokens, counts.vectors, counts.dec_tokens)
+    def count(self, decoder: str, stats) -> None:
+        """`stats`: a batch's `BatchStats` (arctrain/model/batch.py), computed in collate on the CPU."""
+        self.samples += stats.samples
+        self.enc_tokens += stats.enc_tokens
+        self.dec_tokens += stats.dec_tokens
+        self.flop += self.flops(decoder, stats)
 
     def rates(self, world_size: int, peak: float | None) -> dict[str, float]:
         """Per-rank rates averaged over the window, and the fraction of step time spent waiting for data."""

@@ -33,10 +33,12 @@ def parse_args(argv: list[str]):
         "--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher (LOCAL_RANK wins)"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 decoders.1.path=…")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, print sizes and memory, no training")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: ranks to size for (default $WORLD_SIZE or 8)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
-    return cfg
+    return cfg, args
 
 
 def check_shards(cfg) -> None:
@@ -62,18 +64,22 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
 
     from arctrain.checkpoint import load_initial_weights
     from arctrain.config import deepspeed_config
+    from arctrain.memory import placement
     from arctrain.model import build_model
     from arctrain.optim import build_optimizer, build_scheduler
 
     ds_config = deepspeed_config(cfg, world_size)
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    replicated, why = placement(cfg, world_size, ds_config)
+    say(f"frozen decoders: {'replicated' if replicated else 'partitioned by ZeRO-3'} ({why})")
     model = build_model(
         cfg.model,
         cfg.decoders,
         dtype,
         ds_config=ds_config,
         gradient_checkpointing=cfg.train.activation_checkpointing,
+        replicated=replicated,
     )
     if cfg.train.activation_checkpointing:
         model.enable_decoder_checkpointing()
@@ -101,11 +107,11 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
     mean * n * world_size / global_tokens. The token count comes from the batches' CPU-side counts, summed over
     ranks by one all-reduce of a device tensor that nothing on the host waits for."""
     decoder = batches[0].decoder
-    tokens = all_reduce(on_device([float(sum(b.counts.targets for b in batches))], device), device)
+    tokens = all_reduce(on_device([float(sum(b.stats.targets for b in batches))], device), device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         assert batch.decoder == decoder, "one decoder per optimizer step"
-        n = batch.counts.targets
+        n = batch.stats.targets
         out = engine(batch.to(device, non_blocking=True), decoder)
         scale = (n * world_size / tokens.clamp(min=1)).to(out.loss.dtype)  # exactly 1.0 when n is the mean
         engine.backward(out.loss * scale, scale_wrt_gas=False)
@@ -119,6 +125,7 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
 def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
     """The run directory's checkpointer; refuses a resume under changed settings, then keeps this launch's config."""
     from arctrain.checkpoint import Checkpointer, resume_fingerprint
+    from arctrain.export import record_run_data
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -126,6 +133,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
     checkpointer.check_resumable(world_size, resume_fingerprint(cfg))
     if rank == 0:
         save_launch_config(cfg, run_dir)
+        record_run_data(cfg, run_dir)  # the segment length, for the export (arctrain/export.py)
     return checkpointer
 
 
@@ -146,7 +154,8 @@ def build_data(cfg, rank: int, world_size: int, next_batch: int):
 
 def train(cfg) -> int:
     from arctrain.checkpoint import resume_fingerprint
-    from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, Window, peak_tflops
+    from arctrain.flops import FlopCounter, peak_tflops
+    from arctrain.metrics import LossMeter, MetricsLogger, Window
     from arctrain.optim import set_lr
     from arctrain.validate import evaluate
 
@@ -178,7 +187,7 @@ def train(cfg) -> int:
         set_lr(scheduler, step, micro[0][1].decoder)
         out = train_step(engine, [batch for _, batch in micro], device, world_size, meter)
         for b, batch in micro:
-            window.count(batch.decoder, batch.counts)
+            window.count(batch.decoder, batch.stats)
             if keys_log is not None:
                 keys_log.write(step + 1, b, batch.keys)
         state["step"] = step = step + 1
@@ -303,8 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     try:
-        cfg = parse_args(argv)
+        cfg, args = parse_args(argv)
         check_shards(cfg)
+        if args.dry_run:
+            from arctrain.dry_run import default_world_size, dry_run
+
+            dry_run(cfg, args.world_size or default_world_size())
+            raise SystemExit(0)
     except ValueError as err:  # config and data errors: one line, before any process group
         print(f"arctrain train: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -21,7 +21,7 @@ def evaluate(engine, cfg, rank: int, world_size: int, device: torch.device, voca
         for name in names:
             for task in cfg.data.tasks:
                 for batch in val_batches(cfg, name, task, rank, world_size, vocab, qa_val):
-                    n = batch.counts.targets  # the no-context batch scores the same target tokens
+                    n = batch.stats.targets  # the no-context batch scores the same target tokens
                     batch = batch.to(device, non_blocking=True)
                     with_ctx.add(name, task, engine.module(batch, name).loss, n)
                     no_ctx.add(name, task, engine.module(batch, name, use_context=False).loss, n)

@@ -34,7 +34,7 @@ def parse_decoder(spec: str) -> tuple[str, str]:
     if not sep or not path:
         raise DataError(f"--decoder {spec!r}: expected NAME=PATH")
     if not NAME.fullmatch(name) or name == "encoder":
-        raise DataError(f"--decoder {spec!r}: NAME must match [a-z0-9_]{1, 32} and not be 'encoder'")
+        raise DataError(f"--decoder {spec!r}: NAME must match [a-z0-9_]{{1,32}} and not be 'encoder'")
     return name, path
 
 

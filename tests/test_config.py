@@ -227,3 +227,27 @@ def test_config_objects_validate_on_construction():
     assert isinstance(cfg, Config) and cfg.checkpoint.dir == "runs/arctrain"
     with pytest.raises(ValueError, match="decoders: \\[\\] must list at least one decoder"):
         Config(model=cfg.model, decoders=[], data=cfg.data)
+
+
+def test_encoder_and_decoder_attention_are_separate_keys(tmp_path):
+    """The encoder takes sdpa/eager only; decoders may ask for flash_attention_2, which is checked before launch."""
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation: 'flash_attention_2' is not one of 'sdpa'"):
+        load_config(write(tmp_path), ["model.attn_implementation=flash_attention_2"])
+    cfg = load_config(write(tmp_path), ["decoders.1.attn_implementation=flash_attention_2", "train.precision=bf16",
+                                        "deepspeed=ds_configs/zero3_bf16.json"])  # fmt: skip
+    assert [d.attn_implementation for d in cfg.decoders] == ["sdpa", "flash_attention_2"]
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here: the missing-package error cannot show")
+    with pytest.raises(ConfigError, match=r"^decoders\.1\.attn_implementation: 'flash_attention_2' needs flash-attn"):
+        check_paths(cfg)  # before any directory is looked at
+
+
+@pytest.mark.parametrize(
+    "name", ["llama_mistral_1node.yaml", "llama_mistral_8node.yaml", "llama_mistral_finetune.yaml"]
+)
+def test_gpu_configs_use_flash_attention_in_the_decoders_only(name):
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    assert cfg.model.attn_implementation == "sdpa"
+    assert {d.attn_implementation for d in cfg.decoders} == {"flash_attention_2"}

@@ -95,3 +95,11 @@ def test_npy_bytes_equal_numpy_save(array):
     np.save(buffer, array)
     assert npy_bytes(array) == buffer.getvalue()
     assert np.array_equal(np.load(io.BytesIO(npy_bytes(array))), array)
+
+
+@pytest.mark.parametrize("spec", ["Llama=/m", "encoder=/m", "a" * 33 + "=/m"])
+def test_a_bad_decoder_name_prints_the_rule(spec):
+    from data_tools.tokenizer_set import DataError, parse_decoder
+
+    with pytest.raises(DataError, match=r"NAME must match \[a-z0-9_\]\{1,32\} and not be 'encoder'$"):
+        parse_decoder(spec)

@@ -61,12 +61,14 @@ def test_loss_meter_keeps_and_reduces_its_sums_on_the_device(spy):
 
 def test_train_step_counts_tokens_on_the_device_before_any_forward(spy):
     """The step's global target count is reduced from the batches' CPU-side counts, on the device."""
-    from arctrain.model.batch import BatchCounts
+    from arctrain.model.batch import BatchStats
     from arctrain.train import train_step
 
     class Batch:
         decoder, task = "llama", "continuation"
-        counts = BatchCounts(samples=2, enc_tokens=10, vectors=5, dec_tokens=12, targets=4)
+        stats = BatchStats(
+            samples=2, enc_tokens=10, enc_pairs=50, pooled_pairs=30, vectors=5, dec_tokens=12, dec_pairs=40, targets=4
+        )
 
     class Engine:
         def __call__(self, *args):

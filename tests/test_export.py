@@ -198,3 +198,37 @@ def test_bad_input_is_one_line(trained_run, exported, tmp_path, capsys):
     (broken / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_export(broken)
+
+
+def test_segment_length_comes_from_the_run_even_when_the_shards_moved(trained_run, tiny_shards, tmp_path, capsys):
+    """The run records its segment length (data.json); an old run without it and without its shards is one line."""
+    segment = json.loads((tiny_shards / "manifest.json").read_text())["segment_tokens"]
+    assert json.loads((trained_run / "data.json").read_text())["segment_tokens"] == segment
+    moved = Path(shutil.copytree(trained_run, tmp_path / "moved"))  # with optimizer states: consolidation reads them
+    config = moved / "config.yaml"
+    config.write_text(config.read_text().replace(str(tiny_shards), str(tmp_path / "gone")))
+    arctrain(["export", "--run", str(moved), "--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["segment_tokens"] == segment
+    (moved / "data.json").unlink()
+    capsys.readouterr()  # the first export's progress bars
+    err = _fails(["export", "--run", str(moved), "--out", str(tmp_path / "b")], capsys)
+    assert "segment length" in err and "--segment-tokens" in err
+    arctrain(["export", "--run", str(moved), "--out", str(tmp_path / "b"), "--segment-tokens", "24"])
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["segment_tokens"] == 24
+
+
+def test_model_card_example_runs_with_a_tokenizer_without_pad_token(exported, tmp_path):
+    """The card's Python block, as written, on an export whose tokenizer has no pad token (as Llama 3's)."""
+    from transformers import AutoTokenizer
+
+    no_pad = tmp_path / "no_pad"
+    shutil.copytree(exported, no_pad)
+    tok = AutoTokenizer.from_pretrained(no_pad)
+    tok.pad_token = None
+    tok.save_pretrained(no_pad)
+    assert AutoTokenizer.from_pretrained(no_pad).pad_token is None
+    card = (exported / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("THIS_DIR", str(no_pad))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102  (our own model card)
+    assert len(scope["vectors"]) == 2 and scope["embeds"].shape[-1] == 128  # llama's hidden size

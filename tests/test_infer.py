@@ -72,7 +72,7 @@ def test_generate_command_prints_what_the_api_generates(arc, exported, tiny_mode
     context = tmp_path / "doc.txt"
     context.write_text(documents[0][:800])
     argv = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--context-file"]
-    arctrain([*argv, str(context), "--prompt", "\nThe", "--max-new-tokens", "10"])
+    arctrain([*argv, str(context), "--prompt", "\nThe", "--max-new-tokens", "10", "--dtype", "fp32", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert printed == arc.complete([documents[0][:800]], ["\nThe"], max_new_tokens=10).texts[0] + "\n"
 
@@ -93,3 +93,49 @@ def test_generate_bad_input_is_one_line(exported, tiny_models, tmp_path, capsys)
             arctrain(["generate", "--model", str(exported), *args, "--prompt", "x"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_generate_command_batches_many_contexts_as_one_at_a_time(exported, tiny_models, documents, tmp_path, capsys):
+    """fp32 greedy: a batch of 3 left-padded contexts generates what each generates alone."""
+    files = []
+    for i, text in enumerate([documents[0][:900], documents[1][:200], documents[2][:500]]):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(text)
+    argv = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "\nThe",
+            "--max-new-tokens", "10", "--dtype", "fp32", "--context-file", *map(str, files)]  # fmt: skip
+    arctrain([*argv, "--batch-size", "3"])
+    batched = capsys.readouterr().out
+    arctrain([*argv, "--batch-size", "1"])
+    assert capsys.readouterr().out == batched
+    assert batched.count("==> ") == 3 and f"==> {files[2]} <==" in batched
+
+
+def test_bf16_is_the_default_dtype_on_cpu_too(exported, tiny_models):
+    from arctrain.infer import parse_args, runtime
+
+    args = parse_args(["--model", "m", "--decoder", "d", "--context-file", "c", "--prompt", "p"])
+    assert runtime(args) == (torch.device("cpu"), torch.bfloat16)
+    arc = ARCGenerator(exported, tiny_models / "llama", dtype=torch.bfloat16)
+    assert {p.dtype for p in arc.model.parameters()} == {torch.bfloat16}
+    assert arc.complete(["Some text about files."], ["\nThe"], max_new_tokens=4).texts[0].strip()
+
+
+def test_generation_stops_at_the_decoders_and_the_given_stop_ids(arc, exported, tiny_models, documents):
+    first = arc.decoder.generate(
+        inputs_embeds=arc.embed([arc.context_example(documents[0][:300], "\nThe")])[0], max_new_tokens=1,
+        do_sample=False, pad_token_id=arc.stop_ids[0],
+    )[0, 0].item()  # fmt: skip
+    stopping = ARCGenerator(exported, tiny_models / "llama", stop_token_ids=[first])
+    assert stopping.stop_ids == [*arc.stop_ids, first] and arc.stop_ids  # the decoder's own EOS first
+    full = arc.complete([documents[0][:300]], ["\nThe"], max_new_tokens=8).texts[0]
+    stopped = stopping.complete([documents[0][:300]], ["\nThe"], max_new_tokens=8).texts[0]
+    assert stopped == arc.dec_tok.decode([first], skip_special_tokens=True) and len(full) > len(stopped)
+
+
+def test_stop_ids_include_the_generation_configs_list():
+    from types import SimpleNamespace
+
+    from arctrain.infer import stop_ids
+
+    decoder = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9, 2]))
+    assert stop_ids(decoder, SimpleNamespace(eos_token_id=2)) == [2, 7, 9]  # as Llama 3.1: <|end_of_text|>, <|eot_id|>

@@ -1,15 +1,25 @@
-"""benchmarks/memory_estimate.py against the real thing: parameter counts of transformers' models built from the
-same shapes, and the bytes autograd saves in a LlamaDecoderLayer (saved-tensor hooks), frozen and trainable."""
-
-import sys
-from pathlib import Path
+"""arctrain/memory.py against the real thing: parameter counts of transformers' models built from the same shapes,
+the bytes autograd saves in a LlamaDecoderLayer (saved-tensor hooks), frozen and trainable, and the loss's logits:
+at target positions only, one chunk at a time when chunked."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from memory_estimate import PUBLISHED, Shape, causal_lm_params, encoder_params, layer_saved_bytes  # noqa: E402
+from arctrain.memory import (
+    GB,
+    LOGIT_BYTES,
+    PUBLISHED,
+    Setup,
+    Shape,
+    causal_lm_params,
+    encoder_params,
+    estimate,
+    layer_saved_bytes,
+)
+from arctrain.model.loss import lm_head_loss
 
 
 def _hf_config(cls, s: Shape):
@@ -72,3 +82,32 @@ def test_saved_activations_match_the_formula(shape, trainable):
     measured = _saved_bytes_per_token(shape, trainable)
     # Within 1%: the formula leaves out per-token scalars (RMSNorm's rsqrt, attention's logsumexp per head).
     assert measured == pytest.approx(layer_saved_bytes(shape, 1, trainable), rel=0.01)
+
+
+def _saved_bytes(fn) -> int:
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def test_logits_are_counted_at_target_positions_and_chunking_saves_none():
+    """Unchunked, cross-entropy saves the fp32 log-softmax of the targets' logits (4 of the 10 bytes per entry the
+    estimate counts); chunked, the loss saves only its inputs. The estimate counts targets, not decoder positions."""
+    n, dim, vocab = 64, 32, 1000
+    head = nn.Linear(dim, vocab, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(n, dim, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,))
+    whole = _saved_bytes(lambda: F.cross_entropy(head(hidden).float(), targets, reduction="sum"))
+    assert whole >= 4 * n * vocab
+    chunked = _saved_bytes(lambda: lm_head_loss(head, hidden, targets, chunk=16))
+    assert chunked <= hidden.nbytes + targets.nbytes
+    shape = PUBLISHED["Llama-3.1-8B"]
+    setup = Setup(micro_batch=16, segment_tokens=256, loss_chunk_tokens=0)
+    lines = estimate(PUBLISHED["Llama-3.2-3B"], {"llama": shape}, setup, world_size=8).per_gpu["llama"]
+    assert lines["decoder llama logits + loss (target positions)"] == LOGIT_BYTES * 16 * 256 * shape.vocab / GB

@@ -221,3 +221,24 @@ def test_build_model_rejects_bad_input(tiny_models, tmp_path):
     decoder_cfgs[0].path = str(tmp_path)
     with pytest.raises(ValueError, match=f"{tmp_path}: not a Hugging Face model directory"):
         build_model(model_cfg, decoder_cfgs)
+
+
+def test_encoder_insertion_and_loss_read_nothing_back_from_the_device(tiny_models):
+    """On the meta device any `.item()`, `.tolist()`, `int(t)` or boolean-mask index raises: the encoder, the
+    insertion of the vectors and the chunked loss run there, so they never wait for the device (collate computed
+    the counts and indices on the CPU). The decoder's own forward is transformers' (its sdpa mask creation reads
+    `mask.all()` once per forward)."""
+    from arctrain.model.loss import lm_head_loss
+
+    model_cfg, decoder_cfgs = configs(tiny_models)
+    model = build_model(model_cfg, decoder_cfgs).train()
+    batch = make_batch(tiny_models, model_cfg, "llama", "reconstruction", corpus_texts(tiny_models, heldout=False))
+    model.to("meta")
+    batch = batch.to("meta")
+    embeds = model.embed(batch, "llama")  # (B, T, Dd)
+    assert embeds.device.type == "meta"
+    assert embeds.shape == (*batch.dec_ids.shape, model.decoders["llama"].config.hidden_size)
+    hidden = embeds[:, :-1].flatten(0, 1)[batch.target_index]  # as decoder_loss indexes its hidden states
+    loss = lm_head_loss(model.decoders["llama"].lm_head, hidden, batch.labels[:, 1:].flatten()[batch.target_index], 7)
+    loss.backward()
+    assert model.projectors["llama"][0].weight.grad.device.type == "meta"

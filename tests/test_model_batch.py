@@ -142,5 +142,24 @@ def test_data_loader_pins_every_tensor_of_the_batch(monkeypatch):
     batch = _example_batch()
     out = pin_memory(batch)
     tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
-    assert len(pinned) == len(tensors) == 8
+    assert len(pinned) == len(tensors) == 10
     assert type(out) is type(batch) and out.keys == batch.keys and torch.equal(out.dec_slot, batch.dec_slot)
+
+
+def test_collate_carries_the_metadata_the_model_would_read_from_the_device():
+    """Counts' maximum, real-vector and target indices, and the FLOP sizes, against a direct computation."""
+    qa = Example([Text([10, 11]), Memory([[5] * 10, [6] * 3], "cont"), Text([12, 13]), Text([14, 15], loss=True)])
+    rec = Example([Memory([[7] * 5], "rec"), Text([16, 17, 18], loss=True)])
+    b = _collate([qa, rec])
+    assert b.pooled_with == (4, 0) and b.max_vectors == int(b.n_vectors.max()) == 3
+    valid = torch.arange(b.max_vectors) < b.n_vectors.unsqueeze(1)  # (S, M)
+    assert b.vector_index.tolist() == valid.flatten().nonzero().squeeze(1).tolist()
+    selected = (b.labels[:, 1:] != IGNORE).flatten()
+    assert b.target_index.tolist() == selected.nonzero().squeeze(1).tolist()
+    lengths, rows = b.enc_mask.sum(1), b.attention_mask.sum(1)
+    s = b.stats
+    assert (s.samples, s.enc_tokens, s.dec_tokens, s.targets) == (2, 18, int(rows.sum()), 5)
+    assert s.enc_pairs == int((lengths**2).sum()) and s.pooled_pairs == int((lengths * b.n_vectors).sum())
+    assert s.vectors == 6 + 2 and s.dec_pairs == int((rows * (rows + 1) // 2).sum())
+    dropped = drop_memory(b)
+    assert dropped.target_index is None and dropped.pooled_with == b.pooled_with

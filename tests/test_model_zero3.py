@@ -4,7 +4,8 @@ processes, against a single-process reference.
 The test launches this file with `torchrun --standalone --nproc_per_node 2` (DS_ACCELERATOR=cpu). Each rank builds
 the model with a ZeRO-3 config (decoders and encoder partitioned by `from_pretrained` under `zero.Init`, projectors
 and special vectors under `zero.Init`), activation checkpointing on in the encoder and the decoders, runs one
-micro-batch per decoder (llama reconstruction, mistral continuation, different texts per rank), steps, and writes
+micro-batch per decoder (llama reconstruction, mistral continuation, different texts per rank) with the
+cross-entropy in chunks of 3 targets (the partitioned LM head gathered in forward and backward), steps, and writes
 its losses; rank 0 writes the initial trainable weights and the full averaged gradients of a few parameters.
 """
 
@@ -50,7 +51,7 @@ def worker(tiny: Path, out: Path) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    model_cfg, decoder_cfgs = configs(tiny)
+    model_cfg, decoder_cfgs = configs(tiny, loss_chunk_tokens=3)  # the loss in chunks; the reference in one piece
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=DS_CONFIG):
         model = build_model(model_cfg, decoder_cfgs, ds_config=DS_CONFIG, gradient_checkpointing=True)

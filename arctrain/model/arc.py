@@ -8,12 +8,12 @@ ZeRO-3 every rank must run the same modules in the same order, and the decoder i
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from arctrain.model.batch import IGNORE, ARCBatch, drop_memory
+from arctrain.model.batch import ARCBatch, drop_memory, target_positions
 from arctrain.model.encoder import ARCEncoder
+from arctrain.model.loss import lm_head_loss
 
 
 class ARCOutput(NamedTuple):  # a NamedTuple: DeepSpeed's ZeRO-3 hooks find the tensors in it
@@ -43,26 +43,42 @@ class SpecialVectors(nn.Module):
 
 class ARCModel(nn.Module):
     def __init__(
-        self, encoder: ARCEncoder, projectors: nn.ModuleDict, specials: nn.ModuleDict, decoders: nn.ModuleDict
+        self,
+        encoder: ARCEncoder,
+        projectors: nn.ModuleDict,
+        specials: nn.ModuleDict,
+        decoders: nn.ModuleDict,
+        loss_chunk_tokens: int = 0,
+        replicated: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
-        if set(projectors) != set(decoders) or set(specials) != set(decoders):
+        names = set(decoders) | set(replicated or {})
+        if set(projectors) != names or set(specials) != names:
             raise ValueError(
-                f"projectors {sorted(projectors)} and specials {sorted(specials)} must match "
-                f"decoders {sorted(decoders)}"
+                f"projectors {sorted(projectors)} and specials {sorted(specials)} must match decoders {sorted(names)}"
             )
         self.encoder = encoder
         self.projectors = projectors
         self.specials = specials
         self.decoders = decoders
+        # Replicated frozen decoders are a plain dict, not submodules: DeepSpeed's ZeRO-3 engine converts (partitions)
+        # every parameter of its module, trainable or not, so these must not be part of it. They are not in
+        # state_dict() or parameters(), and stay where build_model put them (the device, in the run's dtype).
+        self.replicated = dict(replicated or {})
         self.decoder_checkpointing = False
-        for decoder in decoders.values():
+        self.loss_chunk_tokens = loss_chunk_tokens  # 0: the cross-entropy in one piece
+        for decoder in self.all_decoders.values():
             decoder.requires_grad_(False)
         self.train(False)
 
+    @property
+    def all_decoders(self) -> dict[str, nn.Module]:
+        """Partitioned (submodules) and replicated decoders, by name."""
+        return {**self.decoders, **self.replicated}
+
     def train(self, mode: bool = True) -> "ARCModel":
         super().train(mode)
-        for decoder in self.decoders.values():
+        for decoder in self.all_decoders.values():
             decoder.eval()  # frozen: no dropout, whatever the trainer's mode
             if self.decoder_checkpointing:
                 # HF checkpoints a layer only when that layer is in training mode: flag the layers alone, so their
@@ -74,7 +90,7 @@ class ARCModel(nn.Module):
 
     def enable_decoder_checkpointing(self) -> None:
         """Activation checkpointing in every decoder layer (transformers' own, non-reentrant)."""
-        for decoder in self.decoders.values():
+        for decoder in self.all_decoders.values():
             decoder.activation_checkpointing_enable({"use_reentrant": False})
         self.decoder_checkpointing = True
         self.train(self.training)
@@ -84,15 +100,16 @@ class ARCModel(nn.Module):
         return self.encoder.compress(enc_ids, enc_mask)
 
     def forward(self, batch: ARCBatch, decoder: str, *, use_context: bool = True) -> ARCOutput:
-        if decoder not in self.decoders:
-            raise ValueError(f"unknown decoder {decoder!r}: this model has {', '.join(self.decoders)}")
-        model = self.decoders[decoder]
+        decoders = self.all_decoders
+        if decoder not in decoders:
+            raise ValueError(f"unknown decoder {decoder!r}: this model has {', '.join(decoders)}")
+        model = decoders[decoder]
         if not use_context:
             batch = drop_memory(batch)
             embeds = model.get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
         else:
             embeds = self.embed(batch, decoder)
-        out = self.decoder_loss(model, embeds, batch)
+        out = self.decoder_loss(model, embeds, batch, self.loss_chunk_tokens)
         if self.training and torch.is_grad_enabled():
             out = ARCOutput(out.loss + self._idle_anchor(decoder), out.n_tokens)
         return out
@@ -109,31 +126,40 @@ class ARCModel(nn.Module):
         return 0.0 * torch.stack(terms).sum() if terms else torch.zeros(())
 
     def embed(self, batch: ARCBatch, decoder: str) -> torch.Tensor:
-        """Decoder input embeddings (B, T, Dd): token embeddings, memory and special slots replaced."""
-        pooled, counts = self.encoder(batch.enc_ids, batch.enc_mask)  # (S, M, D), (S,)
-        if not torch.equal(counts.cpu(), batch.n_vectors.cpu()):
+        """Decoder input embeddings (B, T, Dd): token embeddings, memory and special slots replaced.
+
+        The batch's counts, their maximum and the indices of the real vectors come from `collate` (CPU): nothing
+        here waits for the device."""
+        enc = self.encoder
+        if batch.pooled_with != (enc.factor, enc.n_vectors):
             raise ValueError(
-                f"the batch was collated for {batch.n_vectors.tolist()} vectors per segment but the "
-                f"encoder pools to {counts.tolist()}: collate with the model's pooling settings"
+                f"the batch was collated for (pooling_factor, n_vectors) = {batch.pooled_with} but the encoder pools "
+                f"with {(enc.factor, enc.n_vectors)}: collate with the model's pooling settings"
             )
-        valid = torch.arange(pooled.shape[1], device=pooled.device) < counts.unsqueeze(1)  # (S, M)
-        vectors = torch.cat([pooled[valid], self.specials[decoder]().to(pooled.dtype)])  # (N + 2, D)
+        pooled, _ = enc(batch.enc_ids, batch.enc_mask, batch.max_vectors)  # (S, M, D)
+        vector_index = batch.vector_index
+        if vector_index is None:  # a batch not made by collate: find the real vectors on the device
+            valid = torch.arange(pooled.shape[1], device=pooled.device) < batch.n_vectors.unsqueeze(1)  # (S, M)
+            vector_index = valid.flatten().nonzero().squeeze(1)
+        memory = pooled.flatten(0, 1)[vector_index]  # (N, D)
+        vectors = torch.cat([memory, self.specials[decoder]().to(pooled.dtype)])  # (N + 2, D)
         projected = self.projectors[decoder](vectors)  # (N + 2, Dd)
-        tokens = self.decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
+        tokens = self.all_decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
         slot = batch.dec_slot.unsqueeze(-1)  # (B, T, 1)
         inserted = projected.to(tokens.dtype)[batch.dec_slot.clamp(min=0)]  # (B, T, Dd)
         return torch.where(slot >= 0, inserted, tokens)
 
     @staticmethod
-    def decoder_loss(model: nn.Module, embeds: torch.Tensor, batch: ARCBatch) -> ARCOutput:
-        """Cross-entropy on target tokens; the LM head runs only where there is a target (no (B, T, V) logits)."""
+    def decoder_loss(model: nn.Module, embeds: torch.Tensor, batch: ARCBatch, chunk: int = 0) -> ARCOutput:
+        """Cross-entropy on target tokens; the LM head runs only where there is a target (no (B, T, V) logits), in
+        chunks of `chunk` target tokens (0: one piece; arctrain/model/loss.py)."""
         out = model.base_model(
             inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
         )
-        hidden = out.last_hidden_state[:, :-1]  # (B, T-1, Dd) position t predicts token t+1
-        targets = batch.labels[:, 1:]  # (B, T-1)
-        selected = targets != IGNORE
-        logits = model.get_output_embeddings()(hidden[selected])  # (N, V)
-        loss_sum = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
-        n_tokens = selected.sum()
-        return ARCOutput(loss_sum / n_tokens.clamp(min=1), n_tokens)
+        hidden = out.last_hidden_state[:, :-1].flatten(0, 1)  # (B * (T-1), Dd) position t predicts token t+1
+        index = batch.target_index if batch.target_index is not None else target_positions(batch.labels)
+        targets = batch.labels[:, 1:].flatten()[index]  # (N,)
+        loss_sum = lm_head_loss(model.get_output_embeddings(), hidden[index], targets, chunk)
+        n = index.shape[0]  # known on the host: the index's shape
+        n_tokens = torch.full((), n, dtype=torch.long, device=hidden.device)
+        return ARCOutput(loss_sum / max(n, 1), n_tokens)

@@ -9,11 +9,12 @@ compressed on its own, then one special vector). `collate` lays the pieces of ma
     labels    (B, T)  -100 except target tokens, aligned with dec_ids (the model shifts, as in Hugging Face)
 
 so the model only compresses `enc_ids`, projects the flat list and scatters it by `dec_slot`. `collate` runs in
-loader workers and never tokenizes.
+loader workers and never tokenizes. It also computes, on the CPU, what the model would otherwise read back from the
+device (a host-device sync per micro-batch): the pooling the counts were made with, the largest count, the flat
+indices of the real vectors and of the target positions, and the sizes the FLOP counter needs (`BatchStats`).
 """
 
 from dataclasses import dataclass, field, fields
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,16 +46,6 @@ class Example:
     pieces: list[Text | Memory]  # e.g. [Text(prefix), Memory([seg], "cont"), Text(target, loss=True)]
 
 
-class BatchCounts(NamedTuple):
-    """What a batch holds, counted on the CPU in `collate` (read by the trainer without a device sync)."""
-
-    samples: int
-    enc_tokens: int
-    vectors: int  # memory vectors + the two special vectors
-    dec_tokens: int
-    targets: int  # target tokens, the ones the loss is averaged over
-
-
 @dataclass
 class ARCBatch:
     enc_ids: torch.Tensor  # (S, L) encoder ids of every segment, right-padded
@@ -68,7 +59,11 @@ class ARCBatch:
     task: str = ""
     decoder: str = ""
     keys: list[str] = field(default_factory=list)
-    counts: BatchCounts | None = None
+    pooled_with: tuple[int, int] = (0, 0)  # (factor, n_vectors) that n_vectors was computed with
+    max_vectors: int = 0  # n_vectors.max(): the M of the encoder's (S, M, D) output
+    vector_index: torch.Tensor | None = None  # (N,) flat indices into (S * M) of the real vectors, in slot order
+    target_index: torch.Tensor | None = None  # (N_t,) flat indices into (B * (T - 1)) of positions predicting a target
+    stats: "BatchStats | None" = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ARCBatch":
         moved = {
@@ -98,15 +93,24 @@ class ARCBatch:
     def n_target_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def count(self) -> BatchCounts:
-        """The counts of this batch (call on the CPU batch: on a device it syncs)."""
-        return BatchCounts(
-            samples=self.dec_ids.shape[0],
-            enc_tokens=int(self.enc_mask.sum()),
-            vectors=int(self.n_vectors.sum()) + 2,
-            dec_tokens=int(self.attention_mask.sum()),
-            targets=self.n_target_tokens(),
-        )
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Sizes of a collated batch, plain ints computed on the CPU (throughput and FLOP counting read them)."""
+
+    samples: int
+    enc_tokens: int  # real encoder tokens
+    enc_pairs: int  # sum over segments of L^2: bidirectional attention (query, key) pairs per encoder layer
+    pooled_pairs: int  # sum over segments of m * L: the pooled-query layer's pairs
+    vectors: int  # projected vectors: memory vectors + the two special vectors
+    dec_tokens: int  # real decoder positions
+    dec_pairs: int  # sum over rows of T (T + 1) / 2: causal attention pairs per decoder layer
+    targets: int  # target tokens (LM head positions)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (B * (T - 1)) of the positions whose next token is a target (position t predicts t + 1)."""
+    return (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
 
 
 def _map_tensor(value, fn):
@@ -180,7 +184,21 @@ def collate(
     dec_slot, _ = _pad([r.slots for r in rows], -1)
     labels, _ = _pad([r.labels for r in rows], IGNORE)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # contiguous from 0; padding is masked anyway
-    batch = ARCBatch(
+    max_vectors = max(counts, default=0)
+    vector_index = [s * max_vectors + j for s, m in enumerate(counts) for j in range(m)]
+    target_index = target_positions(labels)
+    row_lengths = [len(r.ids) for r in rows]
+    stats = BatchStats(
+        samples=len(rows),
+        enc_tokens=sum(len(seg) for seg in segments),
+        enc_pairs=sum(len(seg) ** 2 for seg in segments),
+        pooled_pairs=sum(m * len(seg) for m, seg in zip(counts, segments, strict=True)),
+        vectors=n_memory + len(SPECIALS),
+        dec_tokens=sum(row_lengths),
+        dec_pairs=sum(t * (t + 1) // 2 for t in row_lengths),
+        targets=len(target_index),
+    )
+    return ARCBatch(
         enc_ids,
         enc_mask,
         torch.tensor(counts, dtype=torch.long),
@@ -192,9 +210,12 @@ def collate(
         task,
         decoder,
         list(keys or []),
+        pooled_with=(factor, n_vectors),
+        max_vectors=max_vectors,
+        vector_index=torch.tensor(vector_index, dtype=torch.long),
+        target_index=target_index,
+        stats=stats,
     )
-    batch.counts = batch.count()
-    return batch
 
 
 class _Row:
@@ -250,4 +271,8 @@ def drop_memory(batch: ARCBatch) -> ARCBatch:
         batch.task,
         batch.decoder,
         batch.keys,
+        pooled_with=batch.pooled_with,
+        max_vectors=batch.max_vectors,
+        vector_index=batch.vector_index,
+        target_index=None,  # recomputed from the labels by the model (evaluation only)
     )

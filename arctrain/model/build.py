@@ -42,9 +42,14 @@ def plain_rope(config) -> None:
 
 
 def load_causal_lm(
-    path: str | Path, dtype: torch.dtype, attn_implementation: str = "sdpa", rope: str = "checkpoint"
+    path: str | Path,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    rope: str = "checkpoint",
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """A causal LM from a local Hugging Face directory (no hub access); `rope="plain"` drops its RoPE scaling."""
+    """A causal LM from a local Hugging Face directory (no hub access); `rope="plain"` drops its RoPE scaling;
+    `device`: loaded straight onto it."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
@@ -53,8 +58,9 @@ def load_causal_lm(
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if rope == "plain":
         plain_rope(config)
+    placement = {} if device is None else {"device_map": str(device)}
     return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **placement
     )
 
 
@@ -79,13 +85,16 @@ def build_model(
     *,
     ds_config: dict | None = None,
     gradient_checkpointing: bool = False,
+    replicated: tuple[str, ...] = (),
 ) -> ARCModel:
     """Encoder, one projector and one <Rec>/<Cont> pair per decoder, frozen decoders.
 
-    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation
-    (and may set rope); each decoder config needs name, path, projector_hidden (and may set rope).
-    `gradient_checkpointing` applies to the encoder layers (see `ARCModel.enable_decoder_checkpointing` for the
-    decoders).
+    `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation (the
+    encoder's) and optionally loss_chunk_tokens and rope; each decoder config needs name, path, projector_hidden and
+    optionally attn_implementation (default sdpa) and rope. `gradient_checkpointing` applies to the encoder layers
+    (see `ARCModel.enable_decoder_checkpointing` for the decoders). Decoders named in `replicated` are loaded whole,
+    in `dtype`, onto this process's device (cuda:LOCAL or cpu), outside ZeRO-3: no all-gather in forward and
+    backward, at 2 bytes per parameter on every rank (model.frozen_decoders; arctrain/memory.py decides "auto").
     """
     names = [d.name for d in decoder_cfgs]
     if not names:
@@ -98,12 +107,28 @@ def build_model(
             "build_model: called inside deepspeed.zero.Init without a ZeRO-3 ds_config; pass ds_config "
             "so that transformers loads the weights into the partitions"
         )
+    unknown = set(replicated) - set(names)
+    if unknown:
+        raise ValueError(f"replicated decoders {sorted(unknown)}: this model has {', '.join(names)}")
+    if replicated and (_inside_zero_init() or _hf_zero3_alive()):
+        raise ValueError("build_model: replicated decoders must be loaded outside deepspeed.zero.Init")
+    # Before the HfDeepSpeedConfig below exists: with it alive, from_pretrained would partition them.
+    held = {
+        d.name: load_causal_lm(
+            d.path, dtype, getattr(d, "attn_implementation", "sdpa"), getattr(d, "rope", "checkpoint"), _device()
+        )
+        for d in decoder_cfgs
+        if d.name in replicated
+    }
     with _hf_zero3(ds_config) as hf_ds_config:
         encoder = build_encoder(model_cfg, dtype, gradient_checkpointing)
         decoders = nn.ModuleDict(
             {
-                d.name: load_causal_lm(d.path, dtype, model_cfg.attn_implementation, getattr(d, "rope", "checkpoint"))
+                d.name: load_causal_lm(
+                    d.path, dtype, getattr(d, "attn_implementation", "sdpa"), getattr(d, "rope", "checkpoint")
+                )
                 for d in decoder_cfgs
+                if d.name not in replicated
             }
         )
         if hf_ds_config is None:
@@ -112,7 +137,7 @@ def build_model(
         else:
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
-    model = ARCModel(encoder, projectors, specials, decoders)
+    model = ARCModel(encoder, projectors, specials, decoders, getattr(model_cfg, "loss_chunk_tokens", 0), held)
     # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
     model.hf_ds_config = hf_ds_config
     return model
@@ -140,6 +165,16 @@ def _hf_zero3(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     yield HfDeepSpeedConfig(ds_config)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _hf_zero3_alive() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _inside_zero_init() -> bool:

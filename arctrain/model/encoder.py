@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from arctrain.model.pooling import POOLING_MODES, n_pooled, pooling_matrix
+from arctrain.model.pooling import POOLING_MODES, pooled_counts, pooling_matrix
 
 # The encoder passes its own 4-D padding mask into the layers: attention implementations that take one.
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -66,17 +66,18 @@ class ARCEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
-    def forward(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled vectors (S, M, D) and their count per segment (S,); rows past a segment's count are zero."""
+    def forward(
+        self, enc_ids: torch.Tensor, enc_mask: torch.Tensor, max_count: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled vectors (S, M, D) and their count per segment (S,); rows past a segment's count are zero.
+
+        `max_count`: the largest count (M), known on the CPU from `collate`; without it M is read from the device.
+        """
         n_segments, seq_len = enc_ids.shape
         lengths = enc_mask.sum(1)  # (S,)
-        counts = torch.tensor(
-            [n_pooled(int(n), self.factor, self.n_vectors) for n in lengths.tolist()],
-            dtype=torch.long,
-            device=enc_ids.device,
-        )
+        counts = pooled_counts(lengths, self.factor, self.n_vectors)  # (S,) on the device, no sync
         hidden = self.embed_tokens(enc_ids)  # (S, L, D)
-        pool = pooling_matrix(lengths, counts, seq_len).to(hidden.dtype)  # (S, M, L)
+        pool = pooling_matrix(lengths, counts, seq_len, max_count).to(hidden.dtype)  # (S, M, L)
         positions = torch.arange(seq_len, device=enc_ids.device).unsqueeze(0)  # (1, L)
         cos, sin = self.rotary_emb(hidden, positions)  # (1, L, head_dim) each
         # Additive key-padding mask, broadcast over heads and queries: every query sees every real token.

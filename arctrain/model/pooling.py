@@ -18,20 +18,29 @@ def n_pooled(length: int, factor: int, n_vectors: int = 0) -> int:
     return -(-length // factor)
 
 
+def pooled_counts(lengths: torch.Tensor, factor: int, n_vectors: int = 0) -> torch.Tensor:
+    """`n_pooled` for every segment at once, as tensor ops (no host-device sync): lengths (S,) -> counts (S,)."""
+    if n_vectors > 0:
+        return lengths.clamp(max=n_vectors)
+    return (lengths + factor - 1) // factor
+
+
 def group_sizes(length: int, m: int) -> list[int]:
     """Sizes of the m consecutive groups of a segment of `length` tokens (larger groups first)."""
     q, r = divmod(length, m)
     return [q + 1] * r + [q] * (m - r)
 
 
-def pooling_matrix(lengths: torch.Tensor, counts: torch.Tensor, max_len: int) -> torch.Tensor:
+def pooling_matrix(lengths: torch.Tensor, counts: torch.Tensor, max_len: int, n_max: int | None = None) -> torch.Tensor:
     """(S, M, L) averaging weights: row g of segment s is 1/|group g| on the tokens of group g, else 0.
 
-    `lengths` (S,) are the real token counts, `counts` (S,) the number of vectors per segment (M = max count).
-    Rows past a segment's count, and padding columns, are zero.
+    `lengths` (S,) are the real token counts, `counts` (S,) the number of vectors per segment, M = `n_max` (the
+    largest count; read from `counts`, a host-device sync, when not given). Rows past a segment's count, and padding
+    columns, are zero.
     """
     n_segments = lengths.shape[0]
-    n_max = int(counts.max()) if n_segments else 1
+    if n_max is None:
+        n_max = int(counts.max()) if n_segments else 1
     q = (lengths // counts).unsqueeze(1)  # (S, 1) size of the small groups
     r = (lengths % counts).unsqueeze(1)  # (S, 1) how many groups get one more token
     t = torch.arange(max_len, device=lengths.device).unsqueeze(0)  # (1, L)
