@@ -10,7 +10,8 @@ from data_tools.inputs import DataError
 from data_tools.shards import prepare_out
 
 FORMAT = "arc-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sample index per shard (`index` in each shard entry); version 1 shards still load
+READABLE_VERSIONS = (1, 2)
 # Settings that must agree for shards to belong to one dataset.
 SHARED = ("segment_tokens", "window_segments", "val_fraction")
 
@@ -54,8 +55,9 @@ def load_manifest(directory: Path) -> dict:
         raise DataError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        expected = " or ".join(map(str, READABLE_VERSIONS))
+        raise DataError(f"{path}: format_version {manifest.get('format_version')}, expected {expected}")
     return manifest
 
 
@@ -69,16 +71,19 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     shards = [
         (d / s["name"], s) for d, (_, m) in zip(part_dirs, parts) for e in m["splits"].values() for s in e["shards"]
     ]
-    for path, shard in shards:
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            raise DataError(f"{path}: missing or not {shard['bytes']} bytes as its manifest says")
+    files = [(path, shard) for path, shard in shards] + [
+        (path.with_name(shard["index"]["name"]), shard["index"]) for path, shard in shards if "index" in shard
+    ]
+    for path, entry in files:
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise DataError(f"{path}: missing or not {entry['bytes']} bytes as its manifest says")
     _check_no_shared_documents([path for path, _ in shards])
     prepare_out(out, overwrite)
-    for path, shard in shards:
+    for path, entry in files:
         try:
-            os.link(path, out / shard["name"])
+            os.link(path, out / entry["name"])
         except OSError:
-            shutil.copyfile(path, out / shard["name"])
+            shutil.copyfile(path, out / entry["name"])
     write_manifest(out, merged)
     return merged
 

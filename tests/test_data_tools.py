@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.cli import main
+from data_tools.shard_index import index_from_tar
 from data_tools.verify import read_shard
 
 TOKENIZERS = ("encoder", "llama", "mistral")
@@ -66,7 +67,7 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
         "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
         "tokenizers", "splits", "sources", "docs",
     ]  # fmt: skip
-    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 1, "0.1.0")
+    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 2, "0.1.0")
     assert (m["segment_tokens"], m["window_segments"], m["val_fraction"]) == (48, 4, 0.2)
     for name in TOKENIZERS:
         entry = m["tokenizers"][name]
@@ -83,6 +84,29 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
             data = (built / shard["name"]).read_bytes()
             assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
             assert len(data) < 0.2 * 2**20 + 64 * 1024  # --shard-size-mb, give or take one sample
+            index = (built / shard["index"]["name"]).read_bytes()
+            assert shard["index"]["name"] == shard["name"].replace(".tar", ".idx.npy")
+            assert shard["index"]["bytes"] == len(index)
+            assert shard["index"]["sha256"] == hashlib.sha256(index).hexdigest()
+
+
+def test_the_index_gives_every_member_where_tarfile_finds_it(built):
+    """The offsets written at build time equal the tar's own headers, and seeking there reads each member."""
+    from arctrain.data.shards import ShardReader, open_source
+
+    source = open_source(built, "train", {})
+    reader = ShardReader(dict(zip(source.shards, zip(source.sizes, source.indexes))), max_indexes=2)
+    suffixes = [f"{name}.{part}.npy" for name in TOKENIZERS for part in ("ids", "offsets")]
+    for path, n in zip(source.shards, source.sizes):
+        index = np.load(path.replace(".tar", ".idx.npy"))
+        assert np.array_equal(index, index_from_tar(path)) and len(index) == n
+        for i, (key, members) in enumerate(read_shard(path)):
+            got_key, arrays = reader.read(path, i, suffixes)
+            assert got_key == key
+            for suffix in suffixes:
+                assert np.array_equal(arrays[suffix], np.load(io.BytesIO(members[suffix])))
+        assert len(reader.indexes) <= 2  # a bounded cache, however many shards are read
+    assert len(source.shards) > 2
 
 
 def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
@@ -174,6 +198,21 @@ def test_verify_passes_then_names_a_changed_shard(built, tmp_path, capsys):
     assert main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "train-000001.tar" in err and "sha256" in err and "train-000000.tar" not in err
+    # An index that points elsewhere, with its manifest hash updated to match: caught against the tar headers.
+    copy = tmp_path / "copy2"
+    shutil.copytree(built, copy)
+    index_path = copy / "train-000000.idx.npy"
+    index = np.load(index_path)
+    index["json"][1, 0] += 512
+    np.save(index_path, index)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]["index"]
+    entry["bytes"], entry["sha256"] = index_path.stat().st_size, hashlib.sha256(index_path.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "train-000000.tar: index train-000000.idx.npy: keys or member offsets differ" in err
 
 
 def test_verify_checks_samples_behind_a_matching_checksum(built, tmp_path, capsys):

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from arctrain.config import Config
 from arctrain.data.sampling import SEGMENT, RankStream, Schedule, SourceMixer, rng
-from arctrain.data.shards import ShardReader, Source, open_source
+from arctrain.data.shards import ShardReader, Source, open_source, shard_table
 from arctrain.model.batch import ARCBatch, Example, collate, pretraining_example
 
 VAL_SEED = 0  # validation batches do not depend on train.seed: the same every run
@@ -75,7 +75,7 @@ class BatchMaker:
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
         self.model, self.vocab = cfg.model, vocab
-        self.reader = ShardReader({p: n for s in sources for p, n in zip(s.shards, s.sizes, strict=True)})
+        self.reader = ShardReader(shard_table(sources))
 
     def example(self, path: str, i: int, decoder: str, task: str, seed: int, b: int) -> tuple[str, Example]:
         suffixes = ["encoder.ids.npy", "encoder.offsets.npy", f"{decoder}.ids.npy", f"{decoder}.offsets.npy"]
