@@ -13,7 +13,8 @@ FORMAT = "arc-shards"
 FORMAT_VERSION = 2  # 2: a sample index per shard (`index` in each shard entry); version 1 shards still load
 READABLE_VERSIONS = (1, 2)
 # Settings that must agree for shards to belong to one dataset.
-SHARED = ("segment_tokens", "window_segments", "val_fraction")
+SHARED = ("segment_tokens", "window_segments", "val_fraction", "id_scope")
+DEFAULTS = {"id_scope": "global"}  # what format-1 manifests, which lack the key, did
 
 
 def make_manifest(
@@ -26,7 +27,7 @@ def make_manifest(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
-        **{key: settings[key] for key in SHARED},
+        **{key: settings.get(key, DEFAULTS.get(key)) for key in SHARED},
         "tokenizers": tokenizers,
         "splits": {
             split: {"samples": sum(s["samples"] for s in shards), "shards": shards} for split, shards in splits.items()
@@ -112,8 +113,9 @@ def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
     seen: dict[str, Path] = {}
     for path, manifest in parts:
         for key in SHARED:
-            if manifest[key] != first[key]:
-                raise DataError(f"{path}: {key} = {manifest[key]}, but {first_path} has {first[key]}")
+            ours, theirs = manifest.get(key, DEFAULTS.get(key)), first.get(key, DEFAULTS.get(key))
+            if ours != theirs:
+                raise DataError(f"{path}: {key} = {ours}, but {first_path} has {theirs}")
         if _identities(manifest) != _identities(first):
             raise DataError(f"{path}: tokenizers {_identities(manifest)} differ from {first_path}'s")
         for split in manifest["splits"].values():

@@ -65,10 +65,10 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
     m = json.loads((built / "manifest.json").read_text())
     assert list(m) == [
         "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
-        "tokenizers", "splits", "sources", "docs",
+        "id_scope", "tokenizers", "splits", "sources", "docs",
     ]  # fmt: skip
     assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 2, "0.1.0")
-    assert (m["segment_tokens"], m["window_segments"], m["val_fraction"]) == (48, 4, 0.2)
+    assert (m["segment_tokens"], m["window_segments"], m["val_fraction"], m["id_scope"]) == (48, 4, 0.2, "file")
     for name in TOKENIZERS:
         entry = m["tokenizers"][name]
         assert entry["hash"] == tokenizer_hash(tiny_models / name)
@@ -267,11 +267,13 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
     assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/3", "--segment-tokens", "32") == 0
     assert main(["merge", "--out", str(tmp_path / "y"), str(tmp_path / "parts/0"), str(tmp_path / "parts/3")]) == 2
     assert "segment_tokens = 32" in capsys.readouterr().err
-    # Overlapping inputs: documents 50-59 are in both parts.
+    # Overlapping inputs: documents 50-59 are in both parts, with one id space for all files.
     (tmp_path / "p4.jsonl").write_text("".join(lines[50:]))
+    args = (*args, "--id-scope", "global")
+    assert build(tiny_models, [tmp_path / "p0.jsonl"], tmp_path / "parts/0g", *args) == 0
     assert build(tiny_models, [tmp_path / "p4.jsonl"], tmp_path / "parts/4", *args, "--start-shard", "2000") == 0
     capsys.readouterr()
-    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0"), str(tmp_path / "parts/4")]) == 2
+    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0g"), str(tmp_path / "parts/4")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "is in both" in err and "parts/4/" in err and "exactly one part" in err
     assert not (tmp_path / "z").exists()
