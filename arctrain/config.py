@@ -213,7 +213,8 @@ class EvalConfig:
     interval: int = 1000
     """Evaluate every this many optimizer steps (0: never)."""
     batches: int = 8
-    """Validation micro-batches per decoder and task (split across ranks)."""
+    """Validation set size, in micro-batches of data.micro_batch_size samples: the same samples for any world size,
+    split across ranks and shared equally by the val sources (arctrain/data/val.py)."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "interval", self.interval, "must be >= 0")

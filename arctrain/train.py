@@ -113,39 +113,51 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
     return engine, model
 
 
-def evaluate(engine, cfg, rank: int, world_size: int, device, vocab, qa_val=None) -> dict[str, float]:
-    """Val loss per decoder and task, with compressed context and without (the gain from compression)."""
+def evaluate(engine, cfg, rank: int, world_size: int, device, vocab, val) -> dict[str, float]:
+    """Val loss per decoder and task, with compressed context and without (the gain from compression); with several
+    val sources also per source (`val/<decoder>/<task>/<source>/loss`). `val`: a data.ValSet or QAValBatches."""
     from arctrain.metrics import LossMeter
 
     names = [d.name for d in cfg.decoders]
     with_ctx, no_ctx = LossMeter(names, cfg.data.tasks), LossMeter(names, cfg.data.tasks)
+    sources = getattr(val, "names", [])
+    per_source = [t + "/" + s for t in cfg.data.tasks for s in sources] if len(sources) > 1 else []
+    src_ctx, src_no_ctx = LossMeter(names, tuple(per_source)), LossMeter(names, tuple(per_source))
     engine.eval()
     with torch.no_grad():
         for name in names:
             for task in cfg.data.tasks:
-                for batch in _val_batches(cfg, name, task, rank, world_size, vocab, qa_val):
+                for source, batch in _val_batches(name, task, rank, world_size, val):
                     batch = batch.to(device)
                     out = engine.module(batch, name)
-                    with_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
+                    loss, n = out.loss.item(), int(out.n_tokens)
                     out = engine.module(batch, name, use_context=False)
-                    no_ctx.add(name, task, out.loss.item(), int(out.n_tokens))
+                    loss_no_ctx, n_no_ctx = out.loss.item(), int(out.n_tokens)
+                    with_ctx.add(name, task, loss, n)
+                    no_ctx.add(name, task, loss_no_ctx, n_no_ctx)
+                    if per_source:
+                        src_ctx.add(name, f"{task}/{source}", loss, n)
+                        src_no_ctx.add(name, f"{task}/{source}", loss_no_ctx, n_no_ctx)
     engine.train()
-    return {**with_ctx.reduce("val"), **no_ctx.reduce("val", "loss_no_context")}
+    metrics = {**with_ctx.reduce("val"), **no_ctx.reduce("val", "loss_no_context")}
+    if per_source:  # the same on every rank (a collective)
+        metrics |= {**src_ctx.reduce("val"), **src_no_ctx.reduce("val", "loss_no_context")}
+    return metrics
 
 
-def _val_batches(cfg, decoder: str, task: str, rank: int, world_size: int, vocab, qa_val):
-    from arctrain.data import val_batches
+def _val_batches(decoder: str, task: str, rank: int, world_size: int, val):
+    """(source, batch) pairs; QA val batches have no source."""
     from arctrain.data.qa import QA
 
     if task == QA:
-        return qa_val.batches(decoder, rank, world_size)
-    return val_batches(cfg, decoder, task, rank, world_size, vocab)
+        return ((None, b) for b in val.batches(decoder, rank, world_size))
+    return val.batches(decoder, task)
 
 
 def train(cfg) -> int:
     from arctrain.checkpoint import Checkpointer
     from arctrain.config import save_config
-    from arctrain.data import Vocab, build_train_loader
+    from arctrain.data import ValSet, Vocab, build_train_loader
     from arctrain.metrics import FlopCounter, LossMeter, MetricsLogger, peak_memory_gb, peak_tflops
     from arctrain.optim import idle_decoders
 
@@ -165,11 +177,13 @@ def train(cfg) -> int:
         f"(world size {world_size}, {device.type})")  # fmt: skip
 
     vocab = Vocab.from_config(cfg)
-    qa_val = None
+    val = None
     if cfg.data.qa and cfg.eval.interval:
         from arctrain.data.qa import QAValBatches
 
-        qa_val = QAValBatches(cfg, vocab)
+        val = QAValBatches(cfg, vocab)
+    elif cfg.eval.interval:  # the val samples are picked once; each (decoder, task)'s batches collated once
+        val = ValSet(cfg, vocab, rank, world_size)
     loader = build_train_loader(cfg, rank, world_size, vocab)
     loader.load_state_dict({"next_batch": state["next_batch"]})
     batches = iter(loader)
@@ -222,7 +236,7 @@ def train(cfg) -> int:
             meter.reset()
             window = dict.fromkeys(window, 0)
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, qa_val))
+            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, val))
 
         if state["bad_steps"] >= cfg.train.max_bad_steps:
             say(
