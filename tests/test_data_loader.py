@@ -174,6 +174,21 @@ def test_mixing_follows_the_weights(tiny_models, shards, vocab):
     assert SourceMixer(3, (1.0, 3.0)).locate(9999) == located[9999]  # a fresh mixer agrees: resume anywhere
 
 
+def test_a_batch_mixes_sources_and_distant_shards(tiny_models, shards, vocab):
+    root = shards["root"]
+    cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", "data.micro_batch_size=6", "data.num_workers=0")
+    in_b = _keys_of(shards, "b")
+    batches = [keys for _, keys, *_ in take(build_train_loader(cfg, 0, 1, vocab), 40)]
+    mixed = sum(0 < sum(k in in_b for k in keys) < len(keys) for keys in batches)
+    assert mixed >= 30, mixed  # one batch of 6 is all of one source with probability (1/3)^6 + (2/3)^6 = 0.09
+    # Lanes: neighbouring positions come from `lanes` different shards; each lane reads its range in order.
+    stream = RankStream(0, 0, (10,) * 8, rank=0, world_size=1, shuffle_buffer=1, lanes=4)
+    located = [stream.locate(j) for j in range(80)]
+    assert len({shard for shard, _ in located[:4]}) == 4
+    assert located[4] == (located[0][0], located[0][1] + 1)
+    assert sorted(located) == sorted((s, i) for s in range(8) for i in range(10))  # still every sample once
+
+
 def counts_in(located: list[tuple[int, int]], source: int) -> int:
     return sum(s == source for s, _ in located)
 

@@ -72,7 +72,9 @@ class BatchMaker:
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
         self.model, self.vocab = cfg.model, vocab
-        self.reader = ShardReader(shard_table(sources))
+        # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
+        cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
+        self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
 
     def example(self, path: str, i: int, decoder: str, task: str, seed: int, b: int) -> tuple[str, Example]:
         suffixes = ["encoder.ids.npy", "encoder.offsets.npy", f"{decoder}.ids.npy", f"{decoder}.offsets.npy"]
@@ -127,8 +129,9 @@ class TrainBatches(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         maker = BatchMaker(self.cfg, self.vocab, self.sources)  # per worker: its own tar index and file handles
         mixer = SourceMixer(self.seed, self.weights)
+        data = self.cfg.data
         streams = [
-            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, self.cfg.data.shuffle_buffer)
+            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, data.shuffle_buffer, data.shard_streams)
             for s, src in enumerate(self.sources)
         ]
         b = self.start + worker
@@ -138,15 +141,22 @@ class TrainBatches(IterableDataset):
 
     def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[RankStream]) -> ARCBatch:
         decoder, task = self.schedule.plan(self.seed, b)
-        source, earlier = mixer.locate(b)
-        mbs = self.cfg.data.micro_batch_size
         keys, examples = [], []
-        for j in range(earlier * mbs, (earlier + 1) * mbs):
-            shard, i = streams[source].locate(j)
+        for source, shard, i in self.picks(b, mixer, streams):
             key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, b)
             keys.append(key)
             examples.append(example)
         return maker.collate(examples, keys, decoder, task)
+
+    def picks(self, b: int, mixer: SourceMixer, streams: list[RankStream]) -> list[tuple[int, int, int]]:
+        """(source, shard, sample index) of each sample of batch b. Position p = b * mbs + k of this rank draws its
+        source from the mixing weights (exact over positions) and takes that source's next stream position."""
+        mbs = self.cfg.data.micro_batch_size
+        out = []
+        for p in range(b * mbs, (b + 1) * mbs):
+            source, j = mixer.locate(p)
+            out.append((source, *streams[source].locate(j)))
+        return out
 
 
 class TrainLoader:
