@@ -109,7 +109,7 @@ def test_the_index_gives_every_member_where_tarfile_finds_it(built):
     assert len(source.shards) > 2
 
 
-def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
+def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus, small_jsonl):
     texts = {r["id"]: r["text"] for r in corpus}
     # As the trainer loads them: ids must match what the decoders were trained with.
     tokenizers = {name: AutoTokenizer.from_pretrained(tiny_models / name) for name in TOKENIZERS}
@@ -117,7 +117,8 @@ def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
     encoder_lengths = []
     for key, members in samples_of(built):
         meta = json.loads(members["json"])
-        assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(meta["doc_id"].encode()).hexdigest()[:16])
+        scoped = f"{small_jsonl}\0{meta['doc_id']}"  # --id-scope file: the id within its input file
+        assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(scoped.encode()).hexdigest()[:16])
         assert key.endswith(f"-{meta['window']:05d}") and 1 <= meta["n_segments"] <= 5
         text = texts[meta["doc_id"]]
         spans_by_doc.setdefault(meta["doc_id"], []).append((meta["window"], meta["char_spans"]))
@@ -290,3 +291,55 @@ def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, caps
     capsys.readouterr()
     assert main(["merge", "--out", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "tokenizers" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
+
+
+def metaspace_tokenizer(out, texts: list[str]):
+    """A SentencePiece-style BPE (Metaspace pre-tokenizer, prepend_scheme "first", byte fallback: Mistral's and
+    Llama 2's kind), trained with the tokenizers library and saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        out
+    )
+    return tok
+
+
+def test_metaspace_decoder_segments_have_no_dummy_prefix(tiny_models, corpus, tmp_path):
+    """Segments after a document's first are tokenized as they are in running text: wherever the decoder's
+    encoding of the whole document has token boundaries at a segment's ends, the segment is exactly that slice.
+    Encoded alone by the tokenizer itself, a segment starting with a newline would begin with a lone '▁'."""
+    texts = [r["text"] for r in corpus[:200]]
+    tok = metaspace_tokenizer(tmp_path / "meta", texts)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[:60]))
+    args = ["build", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--encoder-tokenizer", str(tiny_models / "encoder"), "--decoder", f"meta={tmp_path / 'meta'}",
+            "--segment-tokens", "24"]  # fmt: skip
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizers"]["meta"]["dummy_prefix_stripped"] is True
+    assert manifest["tokenizers"]["encoder"]["dummy_prefix_stripped"] is False
+    texts = {r["id"]: r["text"] for r in corpus[:60]}
+    checked = newline_starts = 0
+    for _, members in samples_of(tmp_path / "out"):
+        meta = json.loads(members["json"])
+        text = texts[meta["doc_id"]]
+        whole = tok.encode(text, add_special_tokens=False)
+        starts = {a: j for j, (a, _) in enumerate(whole.offsets)}
+        starts[len(text)] = len(whole)
+        ids = np.load(io.BytesIO(members["meta.ids.npy"]))
+        offsets = np.load(io.BytesIO(members["meta.offsets.npy"]))
+        for j, (start, end) in enumerate(meta["char_spans"]):
+            if start in starts and end in starts and start > 0:
+                segment = ids[offsets[j] : offsets[j + 1]].tolist()
+                assert segment == whole.ids[starts[start] : starts[end]], (text[start:end][:40], segment[:5])
+                checked += 1
+                if text[start] == "\n":
+                    newline_starts += 1
+                    assert tok.encode(text[start:end], add_special_tokens=False).tokens[0] == "▁"  # the bug fixed
+    assert checked > 50 and newline_starts > 3, (checked, newline_starts)
