@@ -45,12 +45,15 @@ class Fields:
 
 
 def scoped_id(doc_id: str, path: Path, id_scope: str) -> str:
-    """What identifies a document: its id within its input file (the path as given, so an array job's parts and
-    one whole build agree), or the id alone with `--id-scope global`. Ids made from the text are content
-    identities and stay global: the same text twice is one document."""
+    """What identifies a document: its id within its input file (the path as given, without its format suffix: an
+    array job's parts and one whole build agree, and the same file as .jsonl.zst or .parquet keeps its keys), or
+    the id alone with `--id-scope global`. Ids made from the text are content identities and stay global: the
+    same text twice is one document."""
     if id_scope == "global" or doc_id.startswith("sha256:"):
         return doc_id
-    return f"{path}\0{doc_id}"
+    name = str(path)
+    stem = next((name[: -len(s)] for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), name)
+    return f"{stem}\0{doc_id}"
 
 
 @dataclass

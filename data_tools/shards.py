@@ -100,9 +100,9 @@ def file_digest(path: Path) -> tuple[int, str]:
 
 def existing_outputs(out: Path) -> list[Path]:
     """What a build writes into `out`: shards of either split, their indexes and the manifest."""
-    found = [p for split in SPLITS for pattern in ("*.tar", f"*{SUFFIX}") for p in out.glob(f"{split}-{pattern}")]
+    found = [sorted(p for split in SPLITS for p in out.glob(f"{split}-*{suffix}")) for suffix in (".tar", SUFFIX)]
     manifest = out / "manifest.json"
-    return sorted(found) + ([manifest] if manifest.exists() else [])
+    return found[0] + found[1] + ([manifest] if manifest.exists() else [])
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:

@@ -117,7 +117,7 @@ def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus, sm
     encoder_lengths = []
     for key, members in samples_of(built):
         meta = json.loads(members["json"])
-        scoped = f"{small_jsonl}\0{meta['doc_id']}"  # --id-scope file: the id within its input file
+        scoped = f"{str(small_jsonl).removesuffix('.jsonl')}\0{meta['doc_id']}"  # --id-scope file: id within its file
         assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(scoped.encode()).hexdigest()[:16])
         assert key.endswith(f"-{meta['window']:05d}") and 1 <= meta["n_segments"] <= 5
         text = texts[meta["doc_id"]]
