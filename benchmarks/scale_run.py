@@ -135,8 +135,10 @@ def main() -> None:
         print(f"train: {args.steps} steps on {args.nproc} ranks in {seconds:.0f}s; train/loss {losses[0]:.3f} -> "
               f"{losses[-1]:.3f}; data wait fraction mean {sum(waits) / len(waits):.3f}")  # fmt: skip
         print("\n".join(memory_report(series)))
-        val = [k for k in metrics[-1] if re.match(r"val/", k)]
-        print(f"val keys at the end: {len(val)}")
+        for m in metrics:
+            val = {k[4:]: round(v, 3) for k, v in m.items() if re.match(r"val/", k)}
+            if val:
+                print(f"  val at step {m['step']}: {val}")
 
 
 if __name__ == "__main__":
