@@ -7,6 +7,7 @@ import tarfile
 from pathlib import Path
 
 from data_tools.inputs import DataError
+from data_tools.shard_index import load_index
 from data_tools.shards import prepare_out
 
 FORMAT = "arc-shards"
@@ -78,7 +79,7 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     for path, entry in files:
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise DataError(f"{path}: missing or not {entry['bytes']} bytes as its manifest says")
-    _check_no_shared_documents([path for path, _ in shards])
+    _check_no_shared_documents(shards)
     prepare_out(out, overwrite)
     for path, entry in files:
         try:
@@ -89,21 +90,27 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     return merged
 
 
-def _check_no_shared_documents(shard_paths: list[Path]) -> None:
+def _check_no_shared_documents(shards: list[tuple[Path, dict]]) -> None:
     """A document in two parts would be trained on twice and give two samples one key. Keys are
     `<document digest>-<window>`, and a build writes all windows of a document into its own part, so a digest seen
-    in shards of two parts is such a document. Reads the tar headers only."""
+    in shards of two parts is such a document. Reads the shard indexes (format 2) or the tar headers."""
     owner: dict[str, Path] = {}
-    for path in shard_paths:
-        with tarfile.open(path) as tar:
-            for name in tar.getnames():
-                doc = name.split("-", 1)[0]
-                first = owner.setdefault(doc, path)
-                if first.parent != path.parent:
-                    raise DataError(
-                        f"sample key {name.split('.', 1)[0]}: document {doc} is in both {first} and {path}; "
-                        "every document must be in exactly one part"
-                    )
+    for path, shard in shards:
+        for key in _sample_keys(path, shard):
+            doc = key.split("-", 1)[0]
+            first = owner.setdefault(doc, path)
+            if first.parent != path.parent:
+                raise DataError(
+                    f"sample key {key}: document {doc} is in both {first} and {path}; "
+                    "every document must be in exactly one part"
+                )
+
+
+def _sample_keys(path: Path, shard: dict) -> list[str]:
+    if "index" in shard:
+        return [k.decode() for k in load_index(path.with_name(shard["index"]["name"]))["key"]]
+    with tarfile.open(path) as tar:
+        return sorted({name.rsplit("/", 1)[-1].split(".", 1)[0] for name in tar.getnames()})
 
 
 def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:

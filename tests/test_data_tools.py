@@ -278,6 +278,14 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "is in both" in err and "parts/4/" in err and "exactly one part" in err
     assert not (tmp_path / "z").exists()
+    # The same part as a format-1 build (no index files): its keys are read from the tar headers.
+    manifest = json.loads((tmp_path / "parts/4/manifest.json").read_text())
+    manifest["format_version"] = 1
+    for shard in (s for e in manifest["splits"].values() for s in e["shards"]):
+        (tmp_path / "parts/4" / shard.pop("index")["name"]).unlink()
+    (tmp_path / "parts/4/manifest.json").write_text(json.dumps(manifest))
+    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0g"), str(tmp_path / "parts/4")]) == 2
+    assert "is in both" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, capsys):
