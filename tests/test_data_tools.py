@@ -240,7 +240,7 @@ def test_inspect_prints_counts_statistics_and_decoded_text(built, corpus, capsys
     assert f"train: {manifest['splits']['train']['samples']} samples" in out
     for name in TOKENIZERS:
         assert re.search(rf"{name}: mean [\d.]+ tokens, min \d+, max \d+", out)
-    decoded = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(("  encoder: '", "  llama: '"))]
+    decoded = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(("  encoder: ", "  llama: "))]
     assert len(decoded) == 2 and decoded[0] == decoded[1]  # every tokenizer decodes back to the same text
     assert any(eval(decoded[0]) in r["text"] for r in corpus)
 
