@@ -123,7 +123,10 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
     shuffle_buffer: int = 1000
-    """Samples are shuffled within consecutive blocks of this many (1: no shuffle within shards)."""
+    """Samples are shuffled within consecutive blocks of this many stream positions (1: no shuffle)."""
+    shard_streams: int = 8
+    """Each source is read as this many interleaved streams over distant parts of its shuffled shard list, so
+    neighbouring samples (one global batch) come from that many shards and input files (arctrain/data/sampling.py)."""
     seed_offset: int = 0
     """Added to train.seed for the data order, to change the order without changing the initialisation."""
 
@@ -140,6 +143,7 @@ class DataConfig:
         _require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        _require(self.shard_streams >= 1, "shard_streams", self.shard_streams, "must be >= 1")
 
     @property
     def sources(self) -> list[tuple[str, float]]:
@@ -241,7 +245,8 @@ class EvalConfig:
     interval: int = 1000
     """Evaluate every this many optimizer steps (0: never)."""
     batches: int = 8
-    """Validation micro-batches per decoder and task (split across ranks)."""
+    """Validation set size, in micro-batches of data.micro_batch_size samples: the same samples for any world size,
+    split across ranks and shared equally by the val sources (arctrain/data/val.py)."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "interval", self.interval, "must be >= 0")

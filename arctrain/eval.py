@@ -118,7 +118,7 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
     for text in texts:
         for ids in arc.segments(text)[: max_segments - len(examples)]:
             target = arc.dec_tok.encode(arc.enc_tok.decode(ids), add_special_tokens=False)
-            prefix = [arc.text(arc.prefix)] if arc.prefix else []
+            prefix = [arc.text(arc.prefix, first=True)] if arc.prefix else []
             examples.append(Example(prefix + [Memory([ids], "rec"), Text(target, loss=True)]))
     loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):

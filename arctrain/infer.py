@@ -137,12 +137,12 @@ class ARCGenerator:
     def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
         return self.pieces.memory(texts, special)
 
-    def text(self, text: str) -> Text:
-        return self.pieces.text(text)
+    def text(self, text: str, first: bool = False) -> Text:
+        return self.pieces.text(text, first)
 
     def context_example(self, context: str | list[str], prompt: str) -> Example:
         """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it."""
-        pieces = [self.text(self.prefix)] if self.prefix else []
+        pieces = [self.text(self.prefix, first=True)] if self.prefix else []
         return Example(pieces + [self.memory(context), self.text(prompt)])
 
     # --- running --------------------------------------------------------------------------------------------

@@ -138,18 +138,22 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
 
 
 def build_data(cfg, rank: int, world_size: int, next_batch: int):
-    """(vocab, the training loader at `next_batch`, the QA val batches or None)."""
+    """(vocab, the training loader at `next_batch`, the val set: data.ValSet, QA val batches, or None)."""
     from arctrain.data import Vocab, build_train_loader
 
     vocab = Vocab.from_config(cfg)
-    loader = build_train_loader(cfg, rank, world_size, vocab)
-    loader.load_state_dict({"next_batch": next_batch})
-    qa_val = None
+    val = None
     if cfg.data.qa and cfg.eval.interval:
         from arctrain.data.qa import QAValBatches
 
-        qa_val = QAValBatches(cfg, vocab)
-    return vocab, loader, qa_val
+        val = QAValBatches(cfg, vocab)
+    elif cfg.eval.interval:  # the val samples are picked once; each (decoder, task)'s batches collated once
+        from arctrain.data import ValSet
+
+        val = ValSet(cfg, vocab, rank, world_size)
+    loader = build_train_loader(cfg, rank, world_size, vocab)
+    loader.load_state_dict({"next_batch": next_batch})
+    return vocab, loader, val
 
 
 def train(cfg) -> int:
@@ -167,7 +171,7 @@ def train(cfg) -> int:
     state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
     say(f"{'resumed from step ' + str(state['step']) if state['step'] else 'starting at step 0'} in {run_dir} "
         f"(world size {world_size}, {device.type})")  # fmt: skip
-    vocab, loader, qa_val = build_data(cfg, rank, world_size, state["next_batch"])
+    vocab, loader, val = build_data(cfg, rank, world_size, state["next_batch"])
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
     keys_log = (
         SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", state["step"]) if cfg.logging.sample_keys else None
@@ -201,7 +205,7 @@ def train(cfg) -> int:
             meter.reset()
             window.reset()
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, qa_val))
+            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, val))
 
         tag = None
         if state["bad_steps"] >= cfg.train.max_bad_steps:

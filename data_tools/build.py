@@ -17,7 +17,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
+from data_tools.inputs import (
+    ID_SCOPES,
+    DataError,
+    Doc,
+    Fields,
+    Tally,
+    check_inputs,
+    expand_inputs,
+    read_documents,
+    source_entries,
+)
 from data_tools.manifest import make_manifest, write_manifest
 from data_tools.samples import SampleEncoder, encode_batch, init_worker
 from data_tools.shards import SPLITS, SplitWriter, prepare_out
@@ -35,6 +45,7 @@ class BuildConfig:
     decoders: list[tuple[str, str]]  # (name, path)
     text_field: str = "text"
     id_field: str = "id"
+    id_scope: str = "file"  # "file" or "global": see inputs.scoped_id
     segment_tokens: int = 256
     window_segments: int = 4
     val_fraction: float = 0.01
@@ -55,6 +66,8 @@ class BuildConfig:
         ):
             if value < low:
                 raise DataError(f"{flag} {value}: must be at least {low}")
+        if self.id_scope not in ID_SCOPES:
+            raise DataError(f"--id-scope {self.id_scope}: expected one of {', '.join(ID_SCOPES)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
         if self.shard_size_mb <= 0:
@@ -64,6 +77,7 @@ class BuildConfig:
             "segment_tokens": self.segment_tokens,
             "window_segments": self.window_segments,
             "val_fraction": self.val_fraction,
+            "id_scope": self.id_scope,
         }
 
 
@@ -71,7 +85,7 @@ def build(cfg: BuildConfig) -> dict:
     """Run a build; returns the manifest (also written to cfg.out/manifest.json)."""
     start, cpu_start = time.time(), _cpu_seconds()
     files = expand_inputs(cfg.inputs)
-    fields = Fields(cfg.text_field, cfg.id_field)
+    fields = Fields(cfg.text_field, cfg.id_field, cfg.id_scope)
     check_inputs(files, fields)
     tokenizers = load_tokenizers(cfg.encoder_tokenizer, cfg.decoders)
     prepare_out(cfg.out, cfg.overwrite)
@@ -120,7 +134,8 @@ def is_val(digest: bytes, val_fraction: float) -> bool:
 
 
 def _unique(docs: Iterable[Doc], tally: Tally) -> Iterator[Doc]:
-    """Sample keys come from the document id, so a repeated id (or, without ids, repeated text) is skipped."""
+    """Sample keys come from the (scoped) document id, so a repeated one (or, without ids, repeated text) is a
+    counted skip."""
     seen: set[bytes] = set()
     for doc in docs:
         if doc.digest[:8] in seen:

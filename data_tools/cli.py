@@ -28,6 +28,7 @@ def _build(args: argparse.Namespace) -> int:
         decoders=[parse_decoder(spec) for spec in args.decoder],
         text_field=args.text_field,
         id_field=args.id_field,
+        id_scope=args.id_scope,
         segment_tokens=args.segment_tokens,
         window_segments=args.window_segments,
         val_fraction=args.val_fraction,
@@ -86,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", action="append", required=True, metavar="NAME=PATH", help="a decoder tokenizer")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="without it, the document id is the sha256 of its text")
+    p.add_argument(
+        "--id-scope", default="file", choices=("file", "global"),
+        help="file: ids name documents within their input file (default); global: one id space for all inputs",
+    )  # fmt: skip
     p.add_argument("--segment-tokens", type=int, default=256, help="about this many encoder tokens per segment")
     p.add_argument("--window-segments", type=int, default=4, help="segments per sample")
     p.add_argument("--val-fraction", type=float, default=0.01)

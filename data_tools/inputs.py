@@ -29,15 +29,31 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Doc:
     doc_id: str  # the record's id, or "sha256:<hex>" of the text when it has none
-    digest: bytes  # sha256(doc_id): the sample key prefix and the validation split both come from it
+    digest: bytes  # sha256 of the scoped id (`scoped_id`): the sample key prefix and the validation split
     source: str  # the record's "source" field when it is a string, else the input file's name
     text: str
+
+
+ID_SCOPES = ("file", "global")
 
 
 @dataclass
 class Fields:
     text: str = "text"
     id: str = "id"
+    id_scope: str = "file"  # "file": a record id names a document within its input file; "global": across all
+
+
+def scoped_id(doc_id: str, path: Path, id_scope: str) -> str:
+    """What identifies a document: its id within its input file (the path as given, without its format suffix: an
+    array job's parts and one whole build agree, and the same file as .jsonl.zst or .parquet keeps its keys), or
+    the id alone with `--id-scope global`. Ids made from the text are content identities and stay global: the
+    same text twice is one document."""
+    if id_scope == "global" or doc_id.startswith("sha256:"):
+        return doc_id
+    name = str(path)
+    stem = next((name[: -len(s)] for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), name)
+    return f"{stem}\0{doc_id}"
 
 
 @dataclass
@@ -98,7 +114,7 @@ def read_documents(files: list[Path], fields: Fields, tally: Tally) -> Iterator[
             records = _json_records(path, lines, tally)
         for where, record in records:
             tally.read += 1
-            doc = _to_doc(record, where, path.name, fields, tally)
+            doc = _to_doc(record, where, path, fields, tally)
             if doc is not None:
                 yield doc
 
@@ -180,7 +196,7 @@ def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, object]]
             yield f"{path}:row {row}", {c: values[c][i] for c in columns}
 
 
-def _to_doc(record: object, where: str, file_name: str, fields: Fields, tally: Tally) -> Doc | None:
+def _to_doc(record: object, where: str, path: Path, fields: Fields, tally: Tally) -> Doc | None:
     if not isinstance(record, dict):
         tally.skip("not_an_object", where, type(record).__name__)
         return None
@@ -212,8 +228,9 @@ def _to_doc(record: object, where: str, file_name: str, fields: Fields, tally: T
         tally.skip("invalid_id", where, f"{fields.id!r} is {type(doc_id).__name__}")
         return None
     source = record.get("source")
-    source = source if isinstance(source, str) else file_name
-    return Doc(doc_id, hashlib.sha256(doc_id.encode("utf-8")).digest(), source, text)
+    source = source if isinstance(source, str) else path.name
+    digest = hashlib.sha256(scoped_id(doc_id, path, fields.id_scope).encode("utf-8")).digest()
+    return Doc(doc_id, digest, source, text)
 
 
 def _encodable(text: str) -> bool:

@@ -7,12 +7,15 @@ import tarfile
 from pathlib import Path
 
 from data_tools.inputs import DataError
+from data_tools.shard_index import load_index
 from data_tools.shards import prepare_out
 
 FORMAT = "arc-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sample index per shard (`index` in each shard entry); version 1 shards still load
+READABLE_VERSIONS = (1, 2)
 # Settings that must agree for shards to belong to one dataset.
-SHARED = ("segment_tokens", "window_segments", "val_fraction")
+SHARED = ("segment_tokens", "window_segments", "val_fraction", "id_scope")
+DEFAULTS = {"id_scope": "global"}  # what format-1 manifests, which lack the key, did
 
 
 def make_manifest(
@@ -25,7 +28,7 @@ def make_manifest(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
-        **{key: settings[key] for key in SHARED},
+        **{key: settings.get(key, DEFAULTS.get(key)) for key in SHARED},
         "tokenizers": tokenizers,
         "splits": {
             split: {"samples": sum(s["samples"] for s in shards), "shards": shards} for split, shards in splits.items()
@@ -54,8 +57,9 @@ def load_manifest(directory: Path) -> dict:
         raise DataError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        expected = " or ".join(map(str, READABLE_VERSIONS))
+        raise DataError(f"{path}: format_version {manifest.get('format_version')}, expected {expected}")
     return manifest
 
 
@@ -69,35 +73,44 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     shards = [
         (d / s["name"], s) for d, (_, m) in zip(part_dirs, parts) for e in m["splits"].values() for s in e["shards"]
     ]
-    for path, shard in shards:
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
-            raise DataError(f"{path}: missing or not {shard['bytes']} bytes as its manifest says")
-    _check_no_shared_documents([path for path, _ in shards])
+    files = [(path, shard) for path, shard in shards] + [
+        (path.with_name(shard["index"]["name"]), shard["index"]) for path, shard in shards if "index" in shard
+    ]
+    for path, entry in files:
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise DataError(f"{path}: missing or not {entry['bytes']} bytes as its manifest says")
+    _check_no_shared_documents(shards)
     prepare_out(out, overwrite)
-    for path, shard in shards:
+    for path, entry in files:
         try:
-            os.link(path, out / shard["name"])
+            os.link(path, out / entry["name"])
         except OSError:
-            shutil.copyfile(path, out / shard["name"])
+            shutil.copyfile(path, out / entry["name"])
     write_manifest(out, merged)
     return merged
 
 
-def _check_no_shared_documents(shard_paths: list[Path]) -> None:
+def _check_no_shared_documents(shards: list[tuple[Path, dict]]) -> None:
     """A document in two parts would be trained on twice and give two samples one key. Keys are
     `<document digest>-<window>`, and a build writes all windows of a document into its own part, so a digest seen
-    in shards of two parts is such a document. Reads the tar headers only."""
+    in shards of two parts is such a document. Reads the shard indexes (format 2) or the tar headers."""
     owner: dict[str, Path] = {}
-    for path in shard_paths:
-        with tarfile.open(path) as tar:
-            for name in tar.getnames():
-                doc = name.split("-", 1)[0]
-                first = owner.setdefault(doc, path)
-                if first.parent != path.parent:
-                    raise DataError(
-                        f"sample key {name.split('.', 1)[0]}: document {doc} is in both {first} and {path}; "
-                        "every document must be in exactly one part"
-                    )
+    for path, shard in shards:
+        for key in _sample_keys(path, shard):
+            doc = key.split("-", 1)[0]
+            first = owner.setdefault(doc, path)
+            if first.parent != path.parent:
+                raise DataError(
+                    f"sample key {key}: document {doc} is in both {first} and {path}; "
+                    "every document must be in exactly one part"
+                )
+
+
+def _sample_keys(path: Path, shard: dict) -> list[str]:
+    if "index" in shard:
+        return [k.decode() for k in load_index(path.with_name(shard["index"]["name"]))["key"]]
+    with tarfile.open(path) as tar:
+        return sorted({name.rsplit("/", 1)[-1].split(".", 1)[0] for name in tar.getnames()})
 
 
 def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
@@ -107,8 +120,9 @@ def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
     seen: dict[str, Path] = {}
     for path, manifest in parts:
         for key in SHARED:
-            if manifest[key] != first[key]:
-                raise DataError(f"{path}: {key} = {manifest[key]}, but {first_path} has {first[key]}")
+            ours, theirs = manifest.get(key, DEFAULTS.get(key)), first.get(key, DEFAULTS.get(key))
+            if ours != theirs:
+                raise DataError(f"{path}: {key} = {ours}, but {first_path} has {theirs}")
         if _identities(manifest) != _identities(first):
             raise DataError(f"{path}: tokenizers {_identities(manifest)} differ from {first_path}'s")
         for split in manifest["splits"].values():

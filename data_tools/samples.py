@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
-from tokenizers import Tokenizer
 
+from data_tools.boundaries import PieceEncoder
 from data_tools.inputs import Doc
 from data_tools.segment import Segment, Segmenter
 from data_tools.tokenizer_set import TokenizerInfo
@@ -31,6 +31,7 @@ class SampleEncoder:
         self.names = [t.name for t in tokenizers]
         self.dtypes = [np.dtype(t.dtype) for t in tokenizers]
         self.backends = [t.backend() for t in tokenizers]
+        self.pieces = [PieceEncoder(b) for b in self.backends]  # segments after a document's first: no dummy prefix
         self.segmenter = Segmenter(self.backends[0], segment_tokens, tokenizers[0].dtype)
         self.window_segments = window_segments
 
@@ -49,7 +50,7 @@ class SampleEncoder:
             flat = [(docs[i], s) for i, _, a, b in group for s in segments[i][a:b]]
             # ids[t][k]: ids of flat segment k for tokenizer t
             ids = [self._encoder_ids(flat)] + [
-                _encode_segments(backend, flat, dtype) for backend, dtype in zip(self.backends[1:], self.dtypes[1:])
+                _encode_segments(pieces, flat, dtype) for pieces, dtype in zip(self.pieces[1:], self.dtypes[1:])
             ]
             k = 0
             for i, w, a, b in group:
@@ -59,7 +60,7 @@ class SampleEncoder:
     def _encoder_ids(self, flat: list[tuple[Doc, Segment]]) -> list[np.ndarray]:
         """Slices from the segmenter where exact; the rest encoded on their own."""
         alone = [(d, s) for d, s in flat if s.enc_ids is None]
-        encoded = iter(_encode_segments(self.backends[0], alone, self.dtypes[0]))
+        encoded = iter(_encode_segments(self.pieces[0], alone, self.dtypes[0]))
         return [next(encoded) if s.enc_ids is None else s.enc_ids for _, s in flat]
 
     def _sample(self, doc: Doc, w: int, segments: list[Segment], seg_ids: list[list[np.ndarray]]) -> Sample:
@@ -119,8 +120,9 @@ def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:
     return [(a, starts[i + 1] if i + 1 < len(starts) else n_segments) for i, a in enumerate(starts)]
 
 
-def _encode_segments(tokenizer: Tokenizer, flat: list[tuple[Doc, Segment]], dtype: np.dtype) -> list[np.ndarray]:
-    """Ids per segment, encoded in groups of bounded size; each group's ids live in one array (views per segment)."""
+def _encode_segments(pieces: PieceEncoder, flat: list[tuple[Doc, Segment]], dtype: np.dtype) -> list[np.ndarray]:
+    """Ids per segment, encoded in groups of bounded size; each group's ids live in one array (views per segment).
+    A document's first segment is encoded as the tokenizer encodes a text, later ones without a dummy prefix."""
     out: list[np.ndarray] = []
     start = 0
     while start < len(flat):
@@ -128,9 +130,13 @@ def _encode_segments(tokenizer: Tokenizer, flat: list[tuple[Doc, Segment]], dtyp
         while end < len(flat) and (end == start or n_chars < GROUP_CHARS):
             n_chars += flat[end][1].end - flat[end][1].start
             end += 1
-        texts = [d.text[s.start : s.end] for d, s in flat[start:end]]
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        del texts
+        encodings: list = [None] * (end - start)
+        for first in (True, False):
+            picked = [k for k in range(end - start) if (flat[start + k][1].start == 0) == first]
+            texts = [flat[start + k][0].text[flat[start + k][1].start : flat[start + k][1].end] for k in picked]
+            for k, enc in zip(picked, pieces.encode_batch(texts, first) if texts else []):
+                encodings[k] = enc
+            del texts
         lengths = [len(e) for e in encodings]
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=sum(lengths))
         bounds = np.cumsum([0, *lengths]).tolist()

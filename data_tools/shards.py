@@ -8,6 +8,7 @@ import webdataset as wds
 
 from data_tools.inputs import DataError
 from data_tools.samples import Sample
+from data_tools.shard_index import SUFFIX, index_bytes, index_name, make_index, member_spans
 
 SPLITS = ("train", "val")
 # Fixed tar metadata: the same samples give the same bytes on every run and machine.
@@ -30,6 +31,7 @@ class SplitWriter:
         self.writer: wds.ShardWriter | None = None
         self.tar_bytes = 0  # of the current shard
         self.shards: dict[str, dict] = {}  # file name -> manifest entry, in writing order
+        self.rows: list[tuple[str, dict]] = []  # the current shard's index rows
 
     def write(self, sample: Sample) -> None:
         if self.writer is None:
@@ -42,6 +44,7 @@ class SplitWriter:
         elif self.tar_bytes >= self.max_bytes:
             self.writer.next_stream()
             self._opened()
+        self.rows.append((sample.members["__key__"], member_spans(self.tar_bytes, sample.members)))
         self.writer.write(sample.members)
         # tarfile keeps a TarInfo per member for an index that a streamed write never uses: ~2.5 KB per sample,
         # hundreds of MB over a large shard.
@@ -63,11 +66,16 @@ class SplitWriter:
         assert self.writer is not None and self.writer.tarstream is not None
         self.writer.tarstream.tarstream.format = tarfile.USTAR_FORMAT
         self.tar_bytes = 0
+        self.rows = []
 
     def _finished(self, fname: str) -> None:
         """Called by ShardWriter after each shard is closed: the file is complete and still in the page cache."""
         entry = self.shards[fname]
         entry["bytes"], entry["sha256"] = file_digest(Path(fname))
+        index = Path(fname).with_name(index_name(Path(fname).name))
+        data = index_bytes(make_index(self.rows))
+        index.write_bytes(data)
+        entry["index"] = {"name": index.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def tar_size(members: dict) -> int:
@@ -91,10 +99,10 @@ def file_digest(path: Path) -> tuple[int, str]:
 
 
 def existing_outputs(out: Path) -> list[Path]:
-    """What a build writes into `out`: shards of either split and the manifest."""
-    found = [p for split in SPLITS for p in out.glob(f"{split}-*.tar")]
+    """What a build writes into `out`: shards of either split, their indexes and the manifest."""
+    found = [sorted(p for split in SPLITS for p in out.glob(f"{split}-*{suffix}")) for suffix in (".tar", SUFFIX)]
     manifest = out / "manifest.json"
-    return sorted(found) + ([manifest] if manifest.exists() else [])
+    return found[0] + found[1] + ([manifest] if manifest.exists() else [])
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:

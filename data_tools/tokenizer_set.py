@@ -1,12 +1,14 @@
 """The encoder tokenizer and the decoder tokenizers of one build, with their identities for the manifest."""
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from arctrain.tokenizer_id import tokenizer_hash
+from data_tools.boundaries import PieceEncoder, cut_exactness
 from data_tools.inputs import DataError
 
 NAME = re.compile(r"[a-z0-9_]{1,32}")  # part of tar member names, which USTAR limits to 100 bytes
@@ -20,9 +22,12 @@ class TokenizerInfo:
     vocab_size: int
     dtype: str  # "uint16" when every id fits, else "uint32"
     serialized: str  # the backend tokenizer as JSON: worker processes rebuild it without importing transformers
+    dummy_prefix_stripped: bool = False  # segments after a document's first are encoded without the "▁" prefix
+    exact_cuts: tuple[int, int] = (0, 0)  # (exact, all) probe cuts: pieces concatenate to the whole's ids
 
     def manifest_entry(self) -> dict:
-        return {"path": self.path, "hash": self.hash, "vocab_size": self.vocab_size, "dtype": self.dtype}
+        return {"path": self.path, "hash": self.hash, "vocab_size": self.vocab_size, "dtype": self.dtype,
+                "dummy_prefix_stripped": self.dummy_prefix_stripped, "exact_cuts": list(self.exact_cuts)}  # fmt: skip
 
     def backend(self) -> Tokenizer:
         return Tokenizer.from_str(self.serialized)
@@ -62,4 +67,9 @@ def _load(flag: str, name: str, path: str) -> TokenizerInfo:
         raise DataError(f"{flag} {name}={path}: cannot load a fast tokenizer: {err}") from err
     vocab_size = backend.get_vocab_size(with_added_tokens=True)
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    return TokenizerInfo(name, str(path), digest, vocab_size, dtype, backend.to_str())
+    pieces = PieceEncoder(backend)
+    exact = cut_exactness(pieces)
+    if exact[0] < exact[1]:
+        print(f"warning: {flag} {name}={path}: {exact[1] - exact[0]} of {exact[1]} word-boundary cuts of a probe text "
+              "tokenize differently as two pieces than as one (merges across the cut)", file=sys.stderr)  # fmt: skip
+    return TokenizerInfo(name, str(path), digest, vocab_size, dtype, backend.to_str(), pieces.strips_prefix, exact)

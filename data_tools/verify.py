@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.manifest import load_manifest
+from data_tools.shard_index import index_from_tar, load_index
 from data_tools.shards import file_digest
 
 
@@ -102,7 +103,26 @@ def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
         problems.append(f"{n_samples} samples, manifest says {shard['samples']}")
     if tokens != shard["tokens"]:
         problems.append(f"token counts {tokens}, manifest says {shard['tokens']}")
+    if "index" in shard:
+        problems += verify_index(path.with_name(shard["index"]["name"]), shard["index"], path)
     return problems
+
+
+def verify_index(path: Path, entry: dict, shard: Path) -> list[str]:
+    """The index file matches its manifest entry and the tar's own headers, row for row."""
+    if not path.is_file():
+        return [f"index {path.name} missing"]
+    size, sha = file_digest(path)
+    if size != entry["bytes"] or sha != entry["sha256"]:
+        return [f"index {path.name}: size/sha256 {size}/{sha[:12]}… differ from the manifest's"]
+    try:
+        index = load_index(path)
+    except (ValueError, OSError) as err:
+        return [f"index {path.name}: not a readable .npy: {err}"]
+    actual = index_from_tar(shard)
+    if index.dtype != actual.dtype or not np.array_equal(index, actual):
+        return [f"index {path.name}: keys or member offsets differ from the tar's headers"]
+    return []
 
 
 def inspect(directory: Path, max_samples: int = 1000) -> str:

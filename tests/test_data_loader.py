@@ -16,8 +16,9 @@ import webdataset as wds
 from transformers import AutoTokenizer
 
 from arctrain.config import load_config
-from arctrain.data import Vocab, build_train_loader, schedule, val_batches
+from arctrain.data import ValSet, Vocab, build_train_loader, schedule
 from arctrain.data.sampling import RankStream, SourceMixer
+from arctrain.data.val import spread
 from arctrain.model.batch import IGNORE
 from arctrain.tokenizer_id import tokenizer_hash
 
@@ -173,6 +174,21 @@ def test_mixing_follows_the_weights(tiny_models, shards, vocab):
     assert SourceMixer(3, (1.0, 3.0)).locate(9999) == located[9999]  # a fresh mixer agrees: resume anywhere
 
 
+def test_a_batch_mixes_sources_and_distant_shards(tiny_models, shards, vocab):
+    root = shards["root"]
+    cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", "data.micro_batch_size=6", "data.num_workers=0")
+    in_b = _keys_of(shards, "b")
+    batches = [keys for _, keys, *_ in take(build_train_loader(cfg, 0, 1, vocab), 40)]
+    mixed = sum(0 < sum(k in in_b for k in keys) < len(keys) for keys in batches)
+    assert mixed >= 30, mixed  # one batch of 6 is all of one source with probability (1/3)^6 + (2/3)^6 = 0.09
+    # Lanes: neighbouring positions come from `lanes` different shards; each lane reads its range in order.
+    stream = RankStream(0, 0, (10,) * 8, rank=0, world_size=1, shuffle_buffer=1, lanes=4)
+    located = [stream.locate(j) for j in range(80)]
+    assert len({shard for shard, _ in located[:4]}) == 4
+    assert located[4] == (located[0][0], located[0][1] + 1)
+    assert sorted(located) == sorted((s, i) for s in range(8) for i in range(10))  # still every sample once
+
+
 def counts_in(located: list[tuple[int, int]], source: int) -> int:
     return sum(s == source for s, _ in located)
 
@@ -236,17 +252,40 @@ def take_batches(loader, n: int):
             return
 
 
-def test_val_batches_are_fixed_and_split_across_ranks(tiny_models, shards, vocab):
-    cfg = make_config(tiny_models, str(shards["root"] / "a"), "eval.batches=3", "train.seed=5")
-    runs = [[b.keys for b in val_batches(cfg, "llama", "continuation", r, 2, vocab)] for r in (0, 1)]
-    assert [len(r) for r in runs] == [2, 2]  # ceil(3 / 2): every rank runs the same number of batches
-    again = [b.keys for b in val_batches(cfg, "llama", "continuation", 0, 2, vocab)]
-    assert again == runs[0]
-    val = {k for k, m in shards["metas"].items() if m["split"] == "val"}
-    assert {k for r in runs for ks in r for k in ks} <= val
-    other_seed = make_config(tiny_models, str(shards["root"] / "a"), "eval.batches=3", "train.seed=6")
-    batch = next(val_batches(other_seed, "mistral", "reconstruction", 0, 1, vocab))
-    assert batch.decoder == "mistral" and batch.task == "reconstruction" and batch.keys == runs[0][0]
+def test_the_val_set_is_fixed_spread_over_every_source_and_shard_for_any_world_size(tiny_models, shards, vocab):
+    root = shards["root"]
+    cfg = make_config(tiny_models, f"{root / 'a'},{root / 'b'}", "eval.batches=11", "data.micro_batch_size=4")
+    val_keys = {k for k, m in shards["metas"].items() if m["split"] == "val"}
+    per_world = {}
+    for world_size in (1, 2, 3, 5):
+        sets = [ValSet(cfg, vocab, r, world_size) for r in range(world_size)]
+        runs = [v.batches("llama", "continuation") for v in sets]
+        assert sets[0].batches("llama", "continuation") is runs[0]  # collated once per run
+        # Every rank runs the same number of batches, source by source (ZeRO-3).
+        assert len({tuple(source for source, _ in run) for run in runs}) == 1
+        rows = sorted(
+            (source, key, b.dec_ids[row][b.attention_mask[row] == 1].tolist(), b.labels[row][b.labels[row] != IGNORE])
+            for run in runs for source, b in run for row, key in enumerate(b.keys) if key != "pad"
+        )  # fmt: skip
+        rows = [(*r[:3], r[3].tolist()) for r in rows]
+        per_world[world_size] = rows
+        padding = [b for run in runs for _, b in run for key in b.keys if key == "pad"]
+        assert all((b.labels == IGNORE).all() for b in padding)  # padding counts no tokens
+    # The same samples, segments and targets whatever the world size: 11 x 4 picks, half per source (all of a's
+    # 13 val samples, 22 of b's 41).
+    assert all(rows == per_world[1] for rows in per_world.values())
+    assert len({key for _, key, *_ in per_world[1]}) == 35 and {key for _, key, *_ in per_world[1]} <= val_keys
+    assert [s for s, *_ in per_world[1]] == ["a"] * 13 + ["b"] * 22
+    shard_of = {m.name.split(".")[0]: (d, p.name) for d in ("a", "b") for p in (root / d).glob("val-*.tar")
+                for m in tarfile.open(p)}  # fmt: skip
+    val_shards = {(d, p.name) for d in ("a", "b") for p in (root / d).glob("val-*.tar")}
+    assert {shard_of[key] for _, key, *_ in per_world[1]} == val_shards  # every val shard of every source
+    assert spread(10, 3) == [1, 5, 8] and spread(2, 5) == [0, 1]
+    other_seed = make_config(tiny_models, f"{root / 'a'},{root / 'b'}", "eval.batches=11", "data.micro_batch_size=4",
+                             "train.seed=9")  # fmt: skip
+    assert [b.keys for _, b in ValSet(other_seed, vocab, 0, 1).batches("llama", "continuation")] == [
+        b.keys for _, b in ValSet(cfg, vocab, 0, 1).batches("llama", "continuation")
+    ]
 
 
 def test_tokenizer_mismatch_is_refused_in_one_line(tmp_path, tiny_models, corpus, vocab):

@@ -68,6 +68,6 @@ def test_val_batches_come_from_the_val_split(tiny_models, tiny_shards):
         with tarfile.open(tiny_shards / entry["name"]) as tar:
             val_keys |= {m.name.split(".")[0] for m in tar}
     batches = list(val_batches(cfg, "mistral", "continuation", 0, 1))
-    assert len(batches) == 2 and all(len(b.keys) == 4 for b in batches)
+    assert len(batches) == 2 and all(len(b.keys) == 4 for b in batches) and len(val_keys) > 8
     assert {k for b in batches for k in b.keys} <= val_keys
     assert [b.keys for b in val_batches(cfg, "mistral", "continuation", 0, 1)] == [b.keys for b in batches]

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.cli import main
+from data_tools.shard_index import index_from_tar
 from data_tools.verify import read_shard
 
 TOKENIZERS = ("encoder", "llama", "mistral")
@@ -64,10 +65,10 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
     m = json.loads((built / "manifest.json").read_text())
     assert list(m) == [
         "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
-        "tokenizers", "splits", "sources", "docs",
+        "id_scope", "tokenizers", "splits", "sources", "docs",
     ]  # fmt: skip
-    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 1, "0.1.0")
-    assert (m["segment_tokens"], m["window_segments"], m["val_fraction"]) == (48, 4, 0.2)
+    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 2, "0.1.0")
+    assert (m["segment_tokens"], m["window_segments"], m["val_fraction"], m["id_scope"]) == (48, 4, 0.2, "file")
     for name in TOKENIZERS:
         entry = m["tokenizers"][name]
         assert entry["hash"] == tokenizer_hash(tiny_models / name)
@@ -83,9 +84,32 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
             data = (built / shard["name"]).read_bytes()
             assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
             assert len(data) < 0.2 * 2**20 + 64 * 1024  # --shard-size-mb, give or take one sample
+            index = (built / shard["index"]["name"]).read_bytes()
+            assert shard["index"]["name"] == shard["name"].replace(".tar", ".idx.npy")
+            assert shard["index"]["bytes"] == len(index)
+            assert shard["index"]["sha256"] == hashlib.sha256(index).hexdigest()
 
 
-def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
+def test_the_index_gives_every_member_where_tarfile_finds_it(built):
+    """The offsets written at build time equal the tar's own headers, and seeking there reads each member."""
+    from arctrain.data.shards import ShardReader, open_source
+
+    source = open_source(built, "train", {})
+    reader = ShardReader(dict(zip(source.shards, zip(source.sizes, source.indexes))), max_indexes=2)
+    suffixes = [f"{name}.{part}.npy" for name in TOKENIZERS for part in ("ids", "offsets")]
+    for path, n in zip(source.shards, source.sizes):
+        index = np.load(path.replace(".tar", ".idx.npy"))
+        assert np.array_equal(index, index_from_tar(path)) and len(index) == n
+        for i, (key, members) in enumerate(read_shard(path)):
+            got_key, arrays = reader.read(path, i, suffixes)
+            assert got_key == key
+            for suffix in suffixes:
+                assert np.array_equal(arrays[suffix], np.load(io.BytesIO(members[suffix])))
+        assert len(reader.indexes) <= 2  # a bounded cache, however many shards are read
+    assert len(source.shards) > 2
+
+
+def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus, small_jsonl):
     texts = {r["id"]: r["text"] for r in corpus}
     # As the trainer loads them: ids must match what the decoders were trained with.
     tokenizers = {name: AutoTokenizer.from_pretrained(tiny_models / name) for name in TOKENIZERS}
@@ -93,7 +117,8 @@ def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus):
     encoder_lengths = []
     for key, members in samples_of(built):
         meta = json.loads(members["json"])
-        assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(meta["doc_id"].encode()).hexdigest()[:16])
+        scoped = f"{str(small_jsonl).removesuffix('.jsonl')}\0{meta['doc_id']}"  # --id-scope file: id within its file
+        assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(scoped.encode()).hexdigest()[:16])
         assert key.endswith(f"-{meta['window']:05d}") and 1 <= meta["n_segments"] <= 5
         text = texts[meta["doc_id"]]
         spans_by_doc.setdefault(meta["doc_id"], []).append((meta["window"], meta["char_spans"]))
@@ -174,6 +199,21 @@ def test_verify_passes_then_names_a_changed_shard(built, tmp_path, capsys):
     assert main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "train-000001.tar" in err and "sha256" in err and "train-000000.tar" not in err
+    # An index that points elsewhere, with its manifest hash updated to match: caught against the tar headers.
+    copy = tmp_path / "copy2"
+    shutil.copytree(built, copy)
+    index_path = copy / "train-000000.idx.npy"
+    index = np.load(index_path)
+    index["json"][1, 0] += 512
+    np.save(index_path, index)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]["index"]
+    entry["bytes"], entry["sha256"] = index_path.stat().st_size, hashlib.sha256(index_path.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "train-000000.tar: index train-000000.idx.npy: keys or member offsets differ" in err
 
 
 def test_verify_checks_samples_behind_a_matching_checksum(built, tmp_path, capsys):
@@ -200,7 +240,7 @@ def test_inspect_prints_counts_statistics_and_decoded_text(built, corpus, capsys
     assert f"train: {manifest['splits']['train']['samples']} samples" in out
     for name in TOKENIZERS:
         assert re.search(rf"{name}: mean [\d.]+ tokens, min \d+, max \d+", out)
-    decoded = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(("  encoder: '", "  llama: '"))]
+    decoded = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith(("  encoder: ", "  llama: "))]
     assert len(decoded) == 2 and decoded[0] == decoded[1]  # every tokenizer decodes back to the same text
     assert any(eval(decoded[0]) in r["text"] for r in corpus)
 
@@ -228,14 +268,24 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
     assert build(tiny_models, [tmp_path / "p1.jsonl"], tmp_path / "parts/3", "--segment-tokens", "32") == 0
     assert main(["merge", "--out", str(tmp_path / "y"), str(tmp_path / "parts/0"), str(tmp_path / "parts/3")]) == 2
     assert "segment_tokens = 32" in capsys.readouterr().err
-    # Overlapping inputs: documents 50-59 are in both parts.
+    # Overlapping inputs: documents 50-59 are in both parts, with one id space for all files.
     (tmp_path / "p4.jsonl").write_text("".join(lines[50:]))
+    args = (*args, "--id-scope", "global")
+    assert build(tiny_models, [tmp_path / "p0.jsonl"], tmp_path / "parts/0g", *args) == 0
     assert build(tiny_models, [tmp_path / "p4.jsonl"], tmp_path / "parts/4", *args, "--start-shard", "2000") == 0
     capsys.readouterr()
-    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0"), str(tmp_path / "parts/4")]) == 2
+    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0g"), str(tmp_path / "parts/4")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "is in both" in err and "parts/4/" in err and "exactly one part" in err
     assert not (tmp_path / "z").exists()
+    # The same part as a format-1 build (no index files): its keys are read from the tar headers.
+    manifest = json.loads((tmp_path / "parts/4/manifest.json").read_text())
+    manifest["format_version"] = 1
+    for shard in (s for e in manifest["splits"].values() for s in e["shards"]):
+        (tmp_path / "parts/4" / shard.pop("index")["name"]).unlink()
+    (tmp_path / "parts/4/manifest.json").write_text(json.dumps(manifest))
+    assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0g"), str(tmp_path / "parts/4")]) == 2
+    assert "is in both" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, capsys):
@@ -249,3 +299,55 @@ def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, caps
     capsys.readouterr()
     assert main(["merge", "--out", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "tokenizers" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
+
+
+def metaspace_tokenizer(out, texts: list[str]):
+    """A SentencePiece-style BPE (Metaspace pre-tokenizer, prepend_scheme "first", byte fallback: Mistral's and
+    Llama 2's kind), trained with the tokenizers library and saved as a Hugging Face tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        out
+    )
+    return tok
+
+
+def test_metaspace_decoder_segments_have_no_dummy_prefix(tiny_models, corpus, tmp_path):
+    """Segments after a document's first are tokenized as they are in running text: wherever the decoder's
+    encoding of the whole document has token boundaries at a segment's ends, the segment is exactly that slice.
+    Encoded alone by the tokenizer itself, a segment starting with a newline would begin with a lone '▁'."""
+    texts = [r["text"] for r in corpus[:200]]
+    tok = metaspace_tokenizer(tmp_path / "meta", texts)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[:60]))
+    args = ["build", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--encoder-tokenizer", str(tiny_models / "encoder"), "--decoder", f"meta={tmp_path / 'meta'}",
+            "--segment-tokens", "24"]  # fmt: skip
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tokenizers"]["meta"]["dummy_prefix_stripped"] is True
+    assert manifest["tokenizers"]["encoder"]["dummy_prefix_stripped"] is False
+    texts = {r["id"]: r["text"] for r in corpus[:60]}
+    checked = newline_starts = 0
+    for _, members in samples_of(tmp_path / "out"):
+        meta = json.loads(members["json"])
+        text = texts[meta["doc_id"]]
+        whole = tok.encode(text, add_special_tokens=False)
+        starts = {a: j for j, (a, _) in enumerate(whole.offsets)}
+        starts[len(text)] = len(whole)
+        ids = np.load(io.BytesIO(members["meta.ids.npy"]))
+        offsets = np.load(io.BytesIO(members["meta.offsets.npy"]))
+        for j, (start, end) in enumerate(meta["char_spans"]):
+            if start in starts and end in starts and start > 0:
+                segment = ids[offsets[j] : offsets[j + 1]].tolist()
+                assert segment == whole.ids[starts[start] : starts[end]], (text[start:end][:40], segment[:5])
+                checked += 1
+                if text[start] == "\n":
+                    newline_starts += 1
+                    assert tok.encode(text[start:end], add_special_tokens=False).tokens[0] == "▁"  # the bug fixed
+    assert checked > 50 and newline_starts > 3, (checked, newline_starts)

@@ -13,6 +13,7 @@ import zstandard
 from data_tools.build import is_val
 from data_tools.cli import main
 from data_tools.inputs import Fields, Tally, read_documents
+from data_tools.verify import read_shard
 
 
 def tok_args(models) -> list[str]:
@@ -170,3 +171,34 @@ def test_five_million_character_document_in_bounded_memory(tiny_models, tmp_path
     manifest = json.loads((tmp_path / "big" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] > 1000
     assert peaks["big"] - peaks["small"] < 5 * text_bytes, (peaks, text_bytes)
+
+
+def test_ids_are_scoped_by_file_so_per_file_ids_keep_every_document(tiny_models, tmp_path, capsys):
+    """Two files with ids 0..N each: by default both files' documents are kept (also through an array job's
+    parts and merge); with --id-scope global the second file's are counted duplicates, in summary and manifest."""
+    files = []
+    for f in range(2):
+        files.append(tmp_path / f"part{f}.jsonl")
+        lines = [json.dumps({"id": i, "text": f"File {f} document {i} says something."}) for i in range(40)]
+        files[-1].write_text("\n".join(lines) + "\n")
+    args = ["--val-fraction", "0.3"]
+    assert build(tiny_models, tmp_path / "file", *files, extra=args) == 0
+    assert manifest_docs(tmp_path / "file") == {"read": 80, "written": 80, "skipped": {}}
+    assert build(tiny_models, tmp_path / "p0", files[0], extra=args) == 0
+    assert build(tiny_models, tmp_path / "p1", files[1], extra=[*args, "--start-shard", "100"]) == 0
+    assert main(["merge", "--out", str(tmp_path / "merged"), str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
+
+    def val_docs(out) -> set[tuple[str, str]]:
+        manifest = json.loads((out / "manifest.json").read_text())
+        return {(m["source"], m["doc_id"]) for shard in manifest["splits"]["val"]["shards"]
+                for _, members in read_shard(out / shard["name"]) for m in [json.loads(members["json"])]}  # fmt: skip
+
+    # The split is a function of (file, id): the same documents are val in one build and in the merged parts.
+    assert val_docs(tmp_path / "file") == val_docs(tmp_path / "merged")
+    assert {source for source, _ in val_docs(tmp_path / "file")} == {"part0.jsonl", "part1.jsonl"}
+    capsys.readouterr()
+    assert build(tiny_models, tmp_path / "global", *files, extra=[*args, "--id-scope", "global"]) == 0
+    out = capsys.readouterr()
+    assert manifest_docs(tmp_path / "global") == {"read": 80, "written": 40, "skipped": {"duplicate_id": 40}}
+    assert "40 skipped (duplicate_id 40)" in out.out and "skipped document '0': duplicate_id" in out.err
+    assert json.loads((tmp_path / "global" / "manifest.json").read_text())["id_scope"] == "global"

@@ -386,3 +386,22 @@ def test_a_bad_qa_record_is_one_line_before_launch(tiny_models, tiny_shards, tmp
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0] == f"arctrain train: error: {qa}:2: record has no 'passages'"
     assert not (tmp_path / "run").exists()
+
+
+def test_val_loss_is_reported_per_source_and_overall(tiny_models, tiny_shards, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_models, f"{tiny_shards},{other}", run_dir, "train.steps=2", "eval.interval=2",
+                     "eval.batches=2", "checkpoint.interval=100")  # fmt: skip
+    assert run(args, 1, tmp_path / "log") == [0]
+    val = next(m for m in metrics(run_dir) if "val/llama/continuation/loss" in m)
+    for decoder in ("llama", "mistral"):
+        for task in ("reconstruction", "continuation"):
+            for suffix in ("loss", "loss_no_context"):
+                overall = val[f"val/{decoder}/{task}/{suffix}"]
+                per_source = [val[f"val/{decoder}/{task}/{name}/{suffix}"] for name in (tiny_shards.name, "other")]
+                # Overall is the token-weighted mean of the sources' losses.
+                assert min(per_source) - 1e-9 <= overall <= max(per_source) + 1e-9, (overall, per_source)

@@ -10,12 +10,14 @@ from arctrain.data.loader import (
 )
 from arctrain.data.sampling import CONTINUATION, RECONSTRUCTION, Schedule
 from arctrain.data.shards import check_tokenizers, open_source, read_manifest
+from arctrain.data.val import ValSet
 
 __all__ = [
     "CONTINUATION",
     "RECONSTRUCTION",
     "Schedule",
     "TrainLoader",
+    "ValSet",
     "Vocab",
     "build_train_loader",
     "check_tokenizers",

@@ -1,10 +1,10 @@
-"""Shards -> batches: a streaming IterableDataset for torch's DataLoader, exact resume, fixed validation batches.
+"""Shards -> batches: a streaming IterableDataset for torch's DataLoader, exact resume.
 
     loader = build_train_loader(cfg, rank, world_size)        # checks shards against the models' tokenizers
     loader.load_state_dict({"next_batch": 1200})              # resume: the whole loader state is one index
     for b, batch in loader:                                   # b = 1200, 1201, ...; batch: ARCBatch
         ...
-    for batch in val_batches(cfg, "llama", "continuation", rank, world_size): ...
+    for source, batch in ValSet(cfg, vocab, rank, world_size).batches("llama", "continuation"): ...  # data/val.py
 
 Worker w of W produces the batches start + w, start + w + W, ...; the DataLoader takes them from its workers in
 turn, so a rank sees b = start, start + 1, ... whatever the number of workers (docs/ARCHITECTURE.md §3).
@@ -12,7 +12,6 @@ turn, so a rank sees b = start, start + 1, ... whatever the number of workers (d
 
 import zlib
 from dataclasses import dataclass
-from math import ceil
 from pathlib import Path
 
 import torch
@@ -21,10 +20,8 @@ from transformers import AutoTokenizer
 
 from arctrain.config import Config
 from arctrain.data.sampling import SEGMENT, RankStream, Schedule, SourceMixer, rng
-from arctrain.data.shards import ShardReader, Source, open_source
+from arctrain.data.shards import ShardReader, Source, open_source, shard_table
 from arctrain.model.batch import ARCBatch, Example, collate, pretraining_example
-
-VAL_SEED = 0  # validation batches do not depend on train.seed: the same every run
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,9 @@ class BatchMaker:
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
         self.model, self.vocab = cfg.model, vocab
-        self.reader = ShardReader({p: n for s in sources for p, n in zip(s.shards, s.sizes, strict=True)})
+        # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
+        cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
+        self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
 
     def example(self, path: str, i: int, decoder: str, task: str, seed: int, b: int) -> tuple[str, Example]:
         suffixes = ["encoder.ids.npy", "encoder.offsets.npy", f"{decoder}.ids.npy", f"{decoder}.offsets.npy"]
@@ -131,8 +130,9 @@ class TrainBatches(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         maker = BatchMaker(self.cfg, self.vocab, self.sources)  # per worker: its own tar index and file handles
         mixer = SourceMixer(self.seed, self.weights)
+        data = self.cfg.data
         streams = [
-            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, self.cfg.data.shuffle_buffer)
+            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, data.shuffle_buffer, data.shard_streams)
             for s, src in enumerate(self.sources)
         ]
         b = self.start + worker
@@ -142,15 +142,22 @@ class TrainBatches(IterableDataset):
 
     def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[RankStream]) -> ARCBatch:
         decoder, task = self.schedule.plan(self.seed, b)
-        source, earlier = mixer.locate(b)
-        mbs = self.cfg.data.micro_batch_size
         keys, examples = [], []
-        for j in range(earlier * mbs, (earlier + 1) * mbs):
-            shard, i = streams[source].locate(j)
+        for source, shard, i in self.picks(b, mixer, streams):
             key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, b)
             keys.append(key)
             examples.append(example)
         return maker.collate(examples, keys, decoder, task)
+
+    def picks(self, b: int, mixer: SourceMixer, streams: list[RankStream]) -> list[tuple[int, int, int]]:
+        """(source, shard, sample index) of each sample of batch b. Position p = b * mbs + k of this rank draws its
+        source from the mixing weights (exact over positions) and takes that source's next stream position."""
+        mbs = self.cfg.data.micro_batch_size
+        out = []
+        for p in range(b * mbs, (b + 1) * mbs):
+            source, j = mixer.locate(p)
+            out.append((source, *streams[source].locate(j)))
+        return out
 
 
 class TrainLoader:
@@ -197,21 +204,9 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | N
 
 
 def val_batches(cfg: Config, decoder: str, task: str, rank: int, world_size: int, vocab: Vocab | None = None):
-    """The fixed validation batches of `rank` for one decoder and task: the same samples and segments every run.
+    """This rank's validation batches for one decoder and task (arctrain/data/val.py; the trainer keeps a `ValSet`
+    for the whole run instead, which collates them once)."""
+    from arctrain.data.val import ValSet
 
-    Global val batch v holds val samples v * mbs ... (v + 1) * mbs - 1 (all val shards in manifest order,
-    wrapping around); rank r takes v = r, r + world_size, ..., ceil(eval.batches / world_size) of them, so
-    every rank runs the same number of forward passes.
-    """
-    sources = [open_source(path, "val", tokenizer_paths(cfg)) for path in cfg.data.val_dirs]
-    shards = [(path, i) for s in sources for path, n in zip(s.shards, s.sizes, strict=True) for i in range(n)]
-    maker = BatchMaker(cfg, vocab or Vocab.from_config(cfg), sources)
-    mbs = cfg.data.micro_batch_size
-    try:
-        for k in range(ceil(cfg.eval.batches / world_size)):
-            v = k * world_size + rank
-            picked = [shards[g % len(shards)] for g in range(v * mbs, (v + 1) * mbs)]
-            keyed = [maker.example(path, i, decoder, task, VAL_SEED, v) for path, i in picked]
-            yield maker.collate([ex for _, ex in keyed], [key for key, _ in keyed], decoder, task)
-    finally:
-        maker.reader.close()
+    for _, batch in ValSet(cfg, vocab or Vocab.from_config(cfg), rank, world_size).batches(decoder, task):
+        yield batch

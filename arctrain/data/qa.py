@@ -79,12 +79,13 @@ def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train
         r = records[j]
         answer = "" if j == i else f" {r['answers'][0]}\n\n"
         qa = f"Question: {r['question']}\nAnswer:{answer}"
+        first = not out  # the prompt's first piece is tokenized as a text start, later ones without a dummy prefix
         if mode == "compressed":
-            out += [pieces.text("Document: "), pieces.memory(r["passages"]), pieces.text("\n" + qa)]
+            out += [pieces.text("Document: ", first), pieces.memory(r["passages"]), pieces.text("\n" + qa)]
         elif mode == "open_book":
-            out.append(pieces.text("Document: " + "\n".join(r["passages"]) + "\n" + qa))
+            out.append(pieces.text("Document: " + "\n".join(r["passages"]) + "\n" + qa, first))
         else:
-            out.append(pieces.text(qa))
+            out.append(pieces.text(qa, first))
     if train:
         target = pieces.text(f" {records[i]['answers'][0]}\n")
         out.append(Text(target.ids, loss=True))
@@ -95,9 +96,14 @@ class TextPieces:
     """Decoder text and compressed memory from strings: the encoder's segments cut as `arc-data build` cuts them."""
 
     def __init__(self, enc_tok, dec_tok, segment_tokens: int):
+        from data_tools.boundaries import PieceEncoder
         from data_tools.segment import Segmenter
 
         self.enc_tok, self.dec_tok = enc_tok, dec_tok
+        self.enc_pieces, self.dec_pieces = (
+            PieceEncoder(enc_tok.backend_tokenizer),
+            PieceEncoder(dec_tok.backend_tokenizer),
+        )
         self.segmenter = Segmenter(enc_tok.backend_tokenizer, segment_tokens, "uint32")
 
     def segments(self, text: str) -> list[list[int]]:
@@ -107,7 +113,7 @@ class TextPieces:
             if seg.enc_ids is not None:
                 ids = seg.enc_ids.tolist()
             else:
-                ids = self.enc_tok.encode(text[seg.start : seg.end], add_special_tokens=False)
+                ids = self.enc_pieces.ids(text[seg.start : seg.end], first=seg.start == 0)  # as arc-data build
             if ids:
                 out.append(ids)
         return out
@@ -120,8 +126,10 @@ class TextPieces:
             raise ValueError("a context has no text to compress")
         return Memory(segments, special)
 
-    def text(self, text: str) -> Text:
-        return Text(self.dec_tok.encode(text, add_special_tokens=False))
+    def text(self, text: str, first: bool = False) -> Text:
+        """Decoder ids of a piece of the prompt: `first` (its start) as the tokenizer encodes a text, a later piece
+        without a SentencePiece dummy prefix (data_tools/boundaries.py), as shard segments are."""
+        return Text(self.dec_pieces.ids(text, first))
 
 
 class QAMaker:

@@ -11,7 +11,7 @@ import numpy as np
 # Purpose tags keep the random streams of different choices independent.
 DECODER, TASK, SOURCE, SHARDS, BLOCK, SEGMENT = range(6)
 RECONSTRUCTION, CONTINUATION = "reconstruction", "continuation"
-SOURCE_CHUNK = 4096  # batches whose source choices are drawn together
+SOURCE_CHUNK = 4096  # positions whose source choices are drawn together
 
 
 def rng(*entropy: int) -> np.random.Generator:
@@ -44,7 +44,8 @@ class Schedule:
 
 @dataclass
 class SourceMixer:
-    """Source of batch `b` (weighted, from (seed, b)) and how many batches before `b` drew the same source."""
+    """Source of stream position `b` (weighted, from (seed, b)) and how many positions before `b` drew the same
+    source. The loader draws one per sample (position = batch * micro_batch_size + k), so batches mix sources."""
 
     seed: int
     weights: tuple[float, ...]
@@ -76,8 +77,11 @@ class SourceMixer:
 class RankStream:
     """The per-rank stream of one source: position j -> (shard index, sample index within the shard).
 
-    Global position g = j * world_size + rank; epoch = g // N, i = g % N over the epoch's order, which is
-    the shards permuted by (seed, epoch) with samples permuted within blocks of `shuffle_buffer`.
+    Global position g = j * world_size + rank; epoch = g // N, i = g % N. Position i is first permuted within its
+    block of `shuffle_buffer`, then dealt to one of `lanes` interleaved streams (`interleave`): lane i % lanes
+    reads, at its own position i // lanes, one of `lanes` equal, distant ranges of the epoch's samples, whose
+    order is the shards permuted by (seed, epoch). Neighbouring positions, and so one global batch, come from
+    `lanes` different shards (and input files), while each lane still reads its shards in order.
     """
 
     seed: int
@@ -86,6 +90,7 @@ class RankStream:
     rank: int
     world_size: int
     shuffle_buffer: int
+    lanes: int = 1
     _epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, shard order, cumulative sizes)
     _blocks: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
@@ -109,7 +114,20 @@ class RankStream:
         n = int(sum(self.sizes))
         epoch, i = divmod(j * self.world_size + self.rank, n)
         order, ends = self._order(epoch)
-        pos = self._shuffle(epoch, i, n)
+        pos = interleave(self._shuffle(epoch, i, n), n, self.lanes)
         slot = int(np.searchsorted(ends, pos, side="right"))
         start = int(ends[slot - 1]) if slot else 0
         return int(order[slot]), pos - start
+
+
+def interleave(i: int, n: int, lanes: int) -> int:
+    """A bijection of [0, n): position i -> offset i // lanes of range i % lanes, the ranges being `lanes` contiguous
+    near-equal parts of [0, n) (the first n % lanes one longer); the positions past lanes * (n // lanes) take
+    those longer ranges' last elements."""
+    lanes = min(lanes, n)
+    q, extra = divmod(n, lanes)
+    if i < q * lanes:
+        lane, offset = i % lanes, i // lanes
+    else:
+        lane, offset = i - q * lanes, q
+    return lane * q + min(lane, extra) + offset

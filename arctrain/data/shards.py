@@ -1,11 +1,12 @@
 """Shard directories on disk: the manifest, the tokenizer check, and random access into the tars.
 
-A shard is a plain tar written by `webdataset.ShardWriter` (docs/ARCHITECTURE.md §2); we index its member
-offsets once per shard per worker with `tarfile` and then read a sample's `.npy` members by seeking.
+A shard is a plain tar written by `webdataset.ShardWriter` (docs/ARCHITECTURE.md §2) with, since format 2, a
+compact index of its member offsets beside it (`data_tools/shard_index.py`); a sample's `.npy` members are read by
+seeking. A shard without an index file is indexed from its tar headers on first use. Either way a worker keeps
+only the indexes of its most recently used shards: memory does not grow with the number of samples read.
 """
 
 import io
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ import numpy as np
 
 from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.manifest import load_manifest
+from data_tools.shard_index import index_from_tar, load_index
+
+INDEX_CACHE = 16  # shard indexes kept per reader (~130 bytes per sample each)
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class Source:
     split: str
     shards: tuple[str, ...]
     sizes: tuple[int, ...]
+    indexes: tuple[str | None, ...] = ()  # per shard its index file, None for a shard without one (format 1)
 
     @property
     def samples(self) -> int:
@@ -64,30 +69,43 @@ def open_source(shard_dir: str | Path, split: str, tokenizer_paths: dict[str, st
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"{shard_dir}: shard {path} is listed in manifest.json but missing")
-    return Source(str(shard_dir), split, paths, tuple(int(e["samples"]) for e in entries))
+    indexes = tuple(str(Path(shard_dir) / e["index"]["name"]) if "index" in e else None for e in entries)
+    for path in filter(None, indexes):
+        if not Path(path).is_file():
+            raise ValueError(f"{shard_dir}: index {path} is listed in manifest.json but missing")
+    return Source(str(shard_dir), split, paths, tuple(int(e["samples"]) for e in entries), indexes)
+
+
+def shard_table(sources: list[Source]) -> dict[str, tuple[int, str | None]]:
+    """shard path -> (sample count, index path or None), over several sources."""
+    return {
+        path: (n, index)
+        for s in sources
+        for path, n, index in zip(s.shards, s.sizes, s.indexes or (None,) * len(s.shards), strict=True)
+    }
 
 
 class ShardReader:
-    """Random access to samples by (shard path, index); indexes each shard on first use, keeps a few files open."""
+    """Random access to samples by (shard path, index): a bounded LRU of shard indexes and of open files."""
 
-    def __init__(self, sizes: dict[str, int], max_open: int = 8):
-        self.sizes = sizes  # shard path -> sample count promised by the manifest
-        self.index: dict[str, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
+    def __init__(self, shards: dict[str, tuple[int, str | None]], max_open: int = 8, max_indexes: int = INDEX_CACHE):
+        self.shards = shards  # shard path -> (sample count promised by the manifest, index file or None)
+        self.indexes: OrderedDict[str, np.ndarray] = OrderedDict()
         self.files: OrderedDict[str, io.BufferedReader] = OrderedDict()
-        self.max_open = max_open
+        self.max_open, self.max_indexes = max_open, max_indexes
 
-    def _index(self, path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-        if path not in self.index:
-            samples: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    if member.isfile():  # "K.<tok>.ids.npy" -> key K, member "<tok>.ids.npy"
-                        key, _, suffix = member.name.partition(".")
-                        samples.setdefault(key, {})[suffix] = (member.offset_data, member.size)
-            if len(samples) != self.sizes[path]:
-                raise ValueError(f"{path}: holds {len(samples)} samples, manifest.json says {self.sizes[path]}")
-            self.index[path] = list(samples.items())
-        return self.index[path]
+    def _index(self, path: str) -> np.ndarray:
+        if path in self.indexes:
+            self.indexes.move_to_end(path)
+            return self.indexes[path]
+        n, index_path = self.shards[path]
+        index = load_index(index_path) if index_path else index_from_tar(path)
+        if len(index) != n:
+            raise ValueError(f"{path}: holds {len(index)} samples, manifest.json says {n}")
+        if len(self.indexes) >= self.max_indexes:
+            self.indexes.popitem(last=False)
+        self.indexes[path] = index
+        return index
 
     def _file(self, path: str) -> io.BufferedReader:
         if path in self.files:
@@ -100,15 +118,16 @@ class ShardReader:
 
     def read(self, path: str, i: int, suffixes: list[str]) -> tuple[str, dict[str, np.ndarray]]:
         """Sample `i` of shard `path`: its key and the `.npy` members named by `suffixes` as arrays."""
-        key, members = self._index(path)[i]
+        row = self._index(path)[i]
+        key = row["key"].decode()
         arrays = {}
         for suffix in suffixes:
-            if suffix not in members:
+            offset, size = row[suffix] if suffix in row.dtype.names else (-1, 0)
+            if offset < 0:
                 raise ValueError(f"{path}: sample {key} has no member {key}.{suffix}")
-            offset, size = members[suffix]
             file = self._file(path)
-            file.seek(offset)
-            arrays[suffix] = np.load(io.BytesIO(file.read(size)), allow_pickle=False)
+            file.seek(int(offset))
+            arrays[suffix] = np.load(io.BytesIO(file.read(int(size))), allow_pickle=False)
         return key, arrays
 
     def close(self) -> None:
