@@ -43,6 +43,9 @@ class ModelConfig:
     """Passed to transformers' `from_pretrained` ("sdpa", "eager", "flash_attention_2")."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype the encoder and decoders are loaded in."""
+    freeze_encoder_embeddings: bool = False
+    """Keep the encoder's token embeddings frozen (no gradient, no optimizer state): with a real LLM's 49k-256k
+    vocabulary they are most of the encoder's parameters and AdamW time (docs/benchmarks.md "Learning")."""
 
     def __post_init__(self) -> None:
         _require(bool(self.encoder_path), "encoder_path", self.encoder_path, "must be a model directory")
@@ -63,6 +66,9 @@ class DecoderConfig:
     """Relative frequency of this decoder's optimizer steps (train.decoder_schedule = "random")."""
     prefix: str = ""
     """Text put before the compressed vectors, e.g. "Document: "."""
+    projector_init: Literal["random", "identity"] = "random"
+    """"identity": the projector starts as the identity map; for an encoder cut from this very decoder (same
+    width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning"."""
 
     def __post_init__(self) -> None:
         ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS

@@ -41,7 +41,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype, attn_implementation: st
 def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = False) -> ARCEncoder:
     """The truncated bidirectional backbone with pooling (what an exporter needs besides the projectors)."""
     backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation)
-    return ARCEncoder(
+    encoder = ARCEncoder(
         backbone,
         n_truncated_layers=model_cfg.n_truncated_layers,
         pooling=model_cfg.pooling,
@@ -49,6 +49,9 @@ def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = 
         n_vectors=model_cfg.n_vectors,
         gradient_checkpointing=gradient_checkpointing,
     )
+    if getattr(model_cfg, "freeze_encoder_embeddings", False):
+        encoder.embed_tokens.requires_grad_(False)
+    return encoder
 
 
 def build_model(
@@ -87,6 +90,10 @@ def build_model(
         else:
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
+        for d in decoder_cfgs:
+            if getattr(d, "projector_init", "random") == "identity":
+                with _gathered(projectors[d.name], hf_ds_config is not None):
+                    projectors[d.name].init_identity()
     model = ARCModel(encoder, projectors, specials, decoders)
     # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
     model.hf_ds_config = hf_ds_config
@@ -115,6 +122,15 @@ def _hf_zero3(ds_config: dict | None):
     from transformers.integrations import HfDeepSpeedConfig
 
     yield HfDeepSpeedConfig(ds_config)
+
+
+def _gathered(module: nn.Module, zero3: bool):
+    """The module's whole weights, written back to the partitions afterwards (ZeRO-3), or nothing to do."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def _inside_zero_init() -> bool:

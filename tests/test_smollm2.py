@@ -1,0 +1,42 @@
+"""SmolLM2-135M (a real LLM, `arctrain fetch-model`) learns to read compressed context, and the pieces of its recipe.
+
+The learning test is a short run of benchmarks/learning.py's recipe (plain PyTorch over arctrain's model code):
+encoder = SmolLM2's first layers, its token embeddings frozen, the projector started at the identity. The recipe
+and its longer curve: docs/benchmarks.md "Learning".
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_model_arc import configs
+
+from arctrain.config import OptimConfig
+from arctrain.model import Projector, build_model
+from arctrain.optim import param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import learning  # noqa: E402  (benchmarks/learning.py: the recipe's loop)
+
+
+def test_identity_projector_init_is_the_identity_and_checks_its_widths():
+    projector = Projector(6, 8, 6)
+    projector.init_identity()
+    x = torch.randn(3, 6)
+    assert torch.equal(projector(x), x)
+    with pytest.raises(ValueError, match="projector 6 -> 4 -> 6: the identity init needs"):
+        Projector(6, 4, 6).init_identity()
+    with pytest.raises(ValueError, match="projector 6 -> 8 -> 5"):
+        Projector(6, 8, 5).init_identity()
+
+
+def test_frozen_encoder_embeddings_get_no_optimizer_state(tiny_models):
+    model_cfg, decoder_cfgs = configs(tiny_models, freeze_encoder_embeddings=True)
+    model = build_model(model_cfg, decoder_cfgs)
+    assert not model.encoder.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for p in model.encoder.layers.parameters())
+    grouped = {id(p) for g in param_groups(model, OptimConfig()) for p in g["params"]}
+    assert id(model.encoder.embed_tokens.weight) not in grouped
+    assert all(id(p) in grouped for p in model.encoder.layers.parameters())
