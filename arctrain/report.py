@@ -62,8 +62,12 @@ def plot_val_curves(lines: list[dict], png: Path) -> Path:
     curves = val_curves(lines)
     if not curves:
         raise ValueError("metrics.jsonl has no val rows to plot (eval.interval = 0?)")
-    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
-    for ax, (name, curve) in zip(axes[0], curves.items(), strict=True):
+    decoders = sorted({name.split("/")[0] for name in curves})
+    tasks = sorted({name.split("/", 1)[1] for name in curves})
+    fig, axes = plt.subplots(len(decoders), len(tasks), figsize=(4.2 * len(tasks), 3 * len(decoders)), squeeze=False)
+    for name, curve in curves.items():
+        decoder, task = name.split("/", 1)
+        ax = axes[decoders.index(decoder)][tasks.index(task)]
         for label, points in (("compressed context", curve["with"]), ("no context", curve["without"])):
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
@@ -104,7 +108,8 @@ def reconstruction_report(export: Path, decoder: str, texts: list[str], max_segm
     name, _, path = decoder.partition("=")
     arc = ARCGenerator(export, path, name or None)
     scores = reconstruction(arc, texts, batch_size=16, max_segments=max_segments)
-    segment = max((s for t in texts[:8] for s in arc.segments(t)[:4]), key=len)  # a full-length one
+    # A full-length segment with the most words (not one of the docstrings' runs of indentation and blank lines).
+    segment = max((s for t in texts[:8] for s in arc.segments(t)[:4]), key=lambda s: (len(s), len(words(arc, s))))
     original = arc.enc_tok.decode(segment)
     prefix = [arc.text(arc.prefix)] if arc.prefix else []
     n_target = len(arc.dec_tok.encode(original, add_special_tokens=False))
@@ -123,6 +128,10 @@ def reconstruction_report(export: Path, decoder: str, texts: list[str], max_segm
     )
 
 
+def words(arc, segment: list[int]) -> list[str]:
+    return arc.enc_tok.decode(segment).split()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m arctrain.report", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="the run directory")
@@ -133,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="the shards' --val-fraction")
     args = parser.parse_args(argv)
     lines = read_metrics(args.run)
+    if not val_curves(lines):
+        raise ValueError(f"{args.run / 'metrics.jsonl'}: no val rows to report (was eval.interval 0?)")
     print(val_table(lines))
     if args.export and args.decoder and args.input:
         print(reconstruction_report(args.export, args.decoder, heldout_texts(args.input, args.val_fraction, 64)))
