@@ -1,6 +1,6 @@
 """A small QA file from held-out passages, built deterministically: the answers are spans of the passage.
 
-    python scripts/make_qa.py --input artifacts/tiny/corpus.jsonl --val-fraction 0.05 --out artifacts/qa_heldout.jsonl
+    python scripts/make_qa.py --input artifacts/tiny/corpus.jsonl --out artifacts/qa_heldout.jsonl
     arctrain eval --model runs/smollm2_cpu/export --decoder artifacts/smollm2-135m --data artifacts/qa_heldout.jsonl
 
 Documents are those `arc-data build --val-fraction` puts in the val split (the demo never trains on them), read the
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="the shards' --val-fraction")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--passage-words", type=int, default=40)
+    parser.add_argument("--passage-words", type=int, default=32)
     parser.add_argument("--answer-words", type=int, default=3)
     args = parser.parse_args()
     records = []
