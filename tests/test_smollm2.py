@@ -59,3 +59,18 @@ def test_smollm2_reads_its_compressed_context_after_a_few_steps(smollm2, tiny_mo
     assert first["no_context"] == last["no_context"], "the frozen decoder moved"
     assert last["ratio"] < BOUND and last["ratio"] < first["ratio"] - MIN_DROP, (first, last)
     assert last["accuracy"] > first["accuracy"], (first, last)
+
+
+def test_the_demo_config_builds_the_recipe(smollm2, tiny_models):
+    from arctrain.config import load_config
+
+    cfg = load_config(
+        REPO / "configs/smollm2_cpu.yaml",
+        [f"model.encoder_path={smollm2}", f"decoders.0.path={smollm2}", f"decoders.1.path={tiny_models / 'mistral'}"],
+    )
+    model = build_model(cfg.model, cfg.decoders)
+    assert len(model.encoder.layers) == 4 and not model.encoder.embed_tokens.weight.requires_grad
+    x = torch.randn(2, 576)
+    with torch.no_grad():
+        assert torch.equal(model.projectors["smollm2"](x), x)  # identity init, through build_model
+        assert model.projectors["mistral"](x).shape == (2, 160)
