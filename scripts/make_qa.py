@@ -5,7 +5,7 @@
 
 Documents are those `arc-data build --val-fraction` puts in the val split (the demo never trains on them), read the
 way it reads them. Each gives one record: the passage is its first `--passage-words` words; the question quotes
-three consecutive words of it and asks for the `--answer-words` words that follow, which no model knows without
+five consecutive words of it and asks for the `--answer-words` words that follow, which no model knows without
 the passage (closed book) and any reader of the passage can copy (open book); where they start comes from a hash of
 the document id, so the file is the same on every machine.
 """
@@ -17,17 +17,19 @@ from pathlib import Path
 
 from arctrain.report import heldout_texts
 
+QUOTE = 5  # words quoted in the question
+
 
 def qa_record(text: str, passage_words: int, answer_words: int) -> dict | None:
     words = text.split()
     if len(words) < passage_words:
         return None
     passage = words[:passage_words]
-    last = passage_words - 3 - answer_words  # the quote's first word: the answer still fits in the passage
+    last = passage_words - QUOTE - answer_words  # the quote's first word: the answer still fits in the passage
     start = int(hashlib.sha256(" ".join(passage).encode()).hexdigest()[:8], 16) % (last + 1)
-    quote = " ".join(passage[start : start + 3])
-    answer = " ".join(passage[start + 3 : start + 3 + answer_words])
-    question = f'In the document, which {answer_words} words come right after "{quote}"?'
+    quote = " ".join(passage[start : start + QUOTE])
+    answer = " ".join(passage[start + QUOTE : start + QUOTE + answer_words])
+    question = f'Continue the quote from the document: "{quote}'
     return {"question": question, "answers": [answer], "passages": " ".join(passage)}
 
 

@@ -20,8 +20,9 @@ def test_answers_are_the_words_after_the_quote_and_the_file_is_deterministic(tin
     records = read_qa(tmp_path / "a.jsonl")
     assert len(records) == 12
     for r in records:
-        quote = r["question"].split('"')[1]
+        quote = r["question"].removeprefix('Continue the quote from the document: "')
+        assert len(quote.split()) == 5
         words = r["passages"][0].split()
         assert len(words) == 32
-        starts = [i for i in range(len(words) - 2) if " ".join(words[i : i + 3]) == quote]
-        assert any(" ".join(words[i + 3 : i + 6]) == r["answers"][0] for i in starts), r
+        starts = [i for i in range(len(words) - 4) if " ".join(words[i : i + 5]) == quote]
+        assert any(" ".join(words[i + 5 : i + 8]) == r["answers"][0] for i in starts), r
