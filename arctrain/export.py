@@ -110,6 +110,21 @@ def export_config(cfg: Config, segment: int):
     )
 
 
+def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    """Encoder weights the run kept frozen (`model.freeze_encoder_embeddings`): not in its checkpoints, so they come
+    from the encoder's own directory, as they did when training started."""
+    if not cfg.model.freeze_encoder_embeddings:
+        return {}
+    from safetensors import safe_open
+
+    for file in sorted(Path(cfg.model.encoder_path).glob("*.safetensors")):
+        with safe_open(file, "pt") as weights:
+            key = next((k for k in weights.keys() if k.endswith("embed_tokens.weight")), None)
+            if key is not None:
+                return {"encoder.embed_tokens.weight": weights.get_tensor(key).float()}
+    raise ValueError(f"model.encoder_path {cfg.model.encoder_path}: no embed_tokens weight in its safetensors files")
+
+
 def _model_config(path: str, what: str):
     from transformers import AutoConfig
 
@@ -125,7 +140,7 @@ def export(run: Path, out: Path, step: int | None = None, overwrite: bool = Fals
     cfg = load_config(run / "config.yaml")
     config = export_config(cfg, segment or segment_tokens(cfg, run))
     config.source = str(ckpt)
-    state = consolidate(ckpt)
+    state = {**frozen_encoder_weights(cfg), **consolidate(ckpt)}
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     card = model_card(cfg, config, trainer_state, _last_metrics(run), ckpt)
     return write_export(out, config, state, cfg.model.encoder_path, card, what=f"{ckpt}: weights")

