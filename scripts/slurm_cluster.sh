@@ -84,7 +84,8 @@ SlurmdSpoolDir=$STATE/spool-%n
 EOF
     # Memory a little under the machine's, so that --mem requests work and slurmd does not find less than declared.
     local hw i
-    hw="CPUs=$(nproc) RealMemory=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
+    # The CPUs this process may use; GNU nproc would also obey OMP_NUM_THREADS, which says nothing about the node.
+    hw="CPUs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) RealMemory=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)"
     if [[ $nodes == 1 ]]; then
         echo "NodeName=$ctld_host NodeHostname=$ctld_host $hw State=UNKNOWN" >>"$CONF"
     else
