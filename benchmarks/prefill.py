@@ -11,18 +11,22 @@ trained ones do.
 Full context: the decoder prefills BOS + n context tokens + a 32-token question and produces the first token's
 logits. Compressed: the encoder (arctrain's ARCEncoder, mean-pooled queries) compresses the n tokens in segments
 of 256, the projector maps the vectors, and the decoder prefills BOS + n/x vectors + <Cont> + the question. Both
-timed end to end (best of --repeats rounds in which the modes take turns). FLOPs: 2N per token (N without
-embeddings and LM head), and the same plus attention (4 * layers * width per query-key pair: causal prefill
-has T(T+1)/2 pairs, a bidirectional encoder segment T^2).
+timed end to end (best of --repeats rounds in which the modes take turns). FLOPs: arctrain/flops.py's
+`FlopCounter.prefill`, the model that training MFU and `arctrain eval` use: 2N per token (N: linear weights, no
+embeddings; the pooled-query layer's q/o/MLP per vector), attention (4 x width per query-key pair: causal prefill
+T(T+1)/2 pairs, a bidirectional encoder segment L^2, the pooled layer m x L) and the LM head once.
 """
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from arctrain.flops import FlopCounter, matmul_params
 from arctrain.model import ARCEncoder, Projector
+from arctrain.model.batch import BatchStats
 
 SEGMENT = 256
 QUESTION = 32
@@ -36,10 +40,6 @@ def llama(hidden: int, layers: int, ffn: int, heads: int, kv_heads: int) -> Llam
         attn_implementation="sdpa", tie_word_embeddings=False,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
-
-
-def linear_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
 def interleaved_best(fns: dict[str, object], repeats: int) -> dict[str, float]:
@@ -73,20 +73,15 @@ def compressed_prefill(encoder, projector, decoder, n: int) -> None:
     decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits.argmax(-1)
 
 
-def flops(n_dec: int, dec_cfg, n_enc: int, enc_cfg, n: int, factor: int | None) -> tuple[float, float]:
-    """(2N-per-token FLOPs, the same plus attention) of one prefill."""
-
-    def causal(t: int, cfg) -> float:
-        return 4.0 * cfg.num_hidden_layers * cfg.hidden_size * t * (t + 1) / 2
-
+def prompt_stats(n: int, factor: int | None) -> BatchStats:
+    """The sizes FlopCounter.prefill reads, for one prompt of an n-token context (full when `factor` is None)."""
     if factor is None:
         t = 1 + n + QUESTION
-        return 2.0 * n_dec * t, 2.0 * n_dec * t + causal(t, dec_cfg)
+        return BatchStats(1, 0, 0, 0, 0, t, t * (t + 1) // 2, 0)
+    segments, m = n // SEGMENT, SEGMENT // factor
     t = 1 + n // factor + 1 + QUESTION
-    segments = n // SEGMENT
-    enc_attn = 4.0 * enc_cfg.num_hidden_layers * enc_cfg.hidden_size * SEGMENT * SEGMENT * segments
-    linear = 2.0 * n_enc * n + 2.0 * n_dec * t
-    return linear, linear + enc_attn + causal(t, dec_cfg)
+    # vectors: memory + the two special vectors, arctrain's convention (the prompt projects one: 1 vector of n/x)
+    return BatchStats(1, n, segments * SEGMENT**2, segments * m * SEGMENT, n // factor + 2, t, t * (t + 1) // 2, 0)
 
 
 def main() -> None:
@@ -103,29 +98,31 @@ def main() -> None:
     backbone = llama(hidden=512, layers=12, ffn=1664, heads=8, kv_heads=4)
     encoders = {x: ARCEncoder(backbone, n_truncated_layers=2, factor=x).eval() for x in args.factors}
     projector = Projector(512, 2048, 768).eval()
-    n_dec, n_enc = linear_params(decoder.model), linear_params(encoders[args.factors[0]])
+    n_dec, n_enc = matmul_params(decoder.model), matmul_params(encoders[args.factors[0]])
+    counters = {
+        x: FlopCounter(SimpleNamespace(encoder=e, projectors={"d": projector}, decoders={"d": decoder}))
+        for x, e in encoders.items()
+    }
     print(
         f"decoder: {n_dec / 1e6:.1f}M non-embedding params ({sum(p.numel() for p in decoder.parameters()) / 1e6:.0f}M "
         f"total); encoder: {n_enc / 1e6:.1f}M ({n_enc / n_dec:.2f} of the decoder); projector "
-        f"{linear_params(projector) / 1e6:.1f}M; threads {torch.get_num_threads()}; best of {args.repeats}"
+        f"{matmul_params(projector) / 1e6:.1f}M; threads {torch.get_num_threads()}; best of {args.repeats}"
     )
-    print(f"{'context':>7} {'mode':>6} {'dec pos':>7} {'GFLOP 2N':>9} {'+attn':>8} {'TTFT s':>7} "
-          f"{'FLOP ratio':>10} {'+attn':>6} {'time ratio':>10}")  # fmt: skip
+    print(f"{'context':>7} {'mode':>6} {'dec pos':>7} {'GFLOP':>8} {'TTFT s':>7} {'FLOP ratio':>10} {'time ratio':>10}")
     full_prefill(decoder, 512)  # warm-up: first calls pay for allocator growth and kernel selection
     compressed_prefill(encoders[args.factors[0]], projector, decoder, 512)
     for n in args.lengths:
         fns = {"full": lambda n=n: full_prefill(decoder, n)}
         fns |= {x: lambda e=encoders[x], n=n: compressed_prefill(e, projector, decoder, n) for x in args.factors}
         times = interleaved_best(fns, args.repeats)
-        full_f, full_fa = flops(n_dec, decoder.config, n_enc, encoders[args.factors[0]].config, n, None)
+        full_f = counters[args.factors[0]].prefill("d", prompt_stats(n, None), compressed=False)
         full_t = times["full"]
-        print(f"{n:>7} {'full':>6} {1 + n + QUESTION:>7} {full_f / 1e9:>9.1f} {full_fa / 1e9:>8.1f} {full_t:>7.3f}")
+        print(f"{n:>7} {'full':>6} {1 + n + QUESTION:>7} {full_f / 1e9:>8.1f} {full_t:>7.3f}")
         for x in args.factors:
-            f, fa = flops(n_dec, decoder.config, n_enc + linear_params(projector) // x, encoders[x].config, n, x)
-            t = times[x]
+            f, t = counters[x].prefill("d", prompt_stats(n, x)), times[x]
             print(
-                f"{n:>7} {'x' + str(x):>6} {2 + n // x + QUESTION:>7} {f / 1e9:>9.1f} {fa / 1e9:>8.1f} {t:>7.3f} "
-                f"{full_f / f:>9.2f}x {full_fa / fa:>5.2f}x {full_t / t:>9.2f}x"
+                f"{n:>7} {'x' + str(x):>6} {2 + n // x + QUESTION:>7} {f / 1e9:>8.1f} {t:>7.3f} "
+                f"{full_f / f:>9.2f}x {full_t / t:>9.2f}x"
             )
 
 
