@@ -27,9 +27,9 @@ class LossMeter:
     """Token-weighted loss sums per (decoder, task) on this rank, kept on the training device and reduced over
     ranks when read: adding one is a device op (no host sync), reading is one collective."""
 
-    def __init__(self, decoders: list[str], tasks: tuple[str, ...] = TASKS, device: torch.device | None = None):
+    def __init__(self, decoders: list[str], tasks: tuple[str, ...], device: torch.device):
         self.keys = [(d, t) for d in decoders for t in tasks]
-        self.device = device or torch.device("cpu")
+        self.device = device  # the training device: NCCL reduces only tensors on the GPU
         self.reset()
 
     def reset(self) -> None:

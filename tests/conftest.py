@@ -42,6 +42,12 @@ def tiny_models() -> Path:
     return final
 
 
+def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
+    """Overrides that point a llama + mistral config at the tiny models and the test shards."""
+    return [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+            f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"]  # fmt: skip
+
+
 def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Path]) -> Path:
     """Shards of `corpus` in 16-token segments for these tokenizers, built by the real `arc-data build`."""
     import subprocess

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_paths
 from transformers.utils import is_flash_attn_2_available
 
 from arctrain.config import REPO_ROOT, load_config
@@ -59,9 +60,8 @@ def test_meta_model_has_the_real_parameter_counts(tiny_models, tiny_shards):
 
     cfg = load_config(
         REPO_ROOT / "configs/tiny_cpu.yaml",
-        [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-         f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"],
-    )  # fmt: skip
+        tiny_paths(tiny_models, tiny_shards),
+    )
     meta, real = meta_model(cfg), build_model(cfg.model, cfg.decoders)
     assert {p.device.type for p in meta.parameters()} == {"meta"}
     shapes = {name: tuple(p.shape) for name, p in meta.named_parameters()}

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import metrics, overrides, run, step_losses  # noqa: E402
@@ -35,9 +36,8 @@ def test_replicated_decoders_give_the_losses_of_partitioned_ones(tiny_models, ti
 def test_auto_replicates_when_the_estimate_fits_the_gpu(tiny_models, tiny_shards):
     cfg = load_config(
         REPO_ROOT / "configs/llama_mistral_1node.yaml",
-        [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-         f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"],
-    )  # fmt: skip
+        tiny_paths(tiny_models, tiny_shards),
+    )
     ds = deepspeed_config(cfg, 8)
     peak = run_estimate(cfg, 8, ds, ("llama", "mistral")).peak()
     assert placement(cfg, 8, ds, gpu_gib=80.0)[0] == ("llama", "mistral")
