@@ -19,6 +19,7 @@ setup(
         "safetensors>=0.5",
         "webdataset>=1.0,<2",
         "zstandard>=0.23",
+        "msgpack>=1.0,<2",  # format-3 shards: one MessagePack member per sample (data_tools/sample_format.py)
         "pyarrow>=18",
         "wandb>=0.19",
         "tqdm>=4.66",

@@ -107,13 +107,20 @@ def main() -> None:
 
         shards = work / "shards"
         build = [sys.executable, "-m", "data_tools.cli", "build", *[a for p in inputs for a in ("--input", str(p))],
-                 "--out", str(shards), "--overwrite", "--no-progress", "--workers", str(args.workers),
+                 "--out", str(shards), "--overwrite", "--workers", str(args.workers),
                  "--segment-tokens", "16", "--encoder-tokenizer", str(args.models / "encoder"),
                  "--decoder", f"llama={args.models / 'llama'}",
                  "--decoder", f"mistral={args.models / 'mistral'}"]  # fmt: skip
-        seconds, series, out = monitored(build)
+        seconds, series, out = monitored(build, log=work / "build.log")  # its progress bar: how far it got
         summary = next(line for line in out.splitlines() if line.startswith("arc-data build:"))
         print(summary)
+        manifest = json.loads((shards / "manifest.json").read_text())
+        entries = [s for e in manifest["splits"].values() for s in e["shards"]]
+        n, tar_bytes = sum(s["samples"] for s in entries), sum(s["bytes"] for s in entries)
+        index_bytes = sum(s["index"]["bytes"] for s in entries)
+        print(f"shards (format {manifest['format_version']}): {tar_bytes / 1e9:.2f} GB of tars + "
+              f"{index_bytes / 1e6:.0f} MB of indexes for {n:,} samples: {tar_bytes / n:,.0f} bytes per sample, "
+              f"{tar_bytes / (args.gb * 1e9):.2f} bytes per byte of text")  # fmt: skip
         rate = args.gb * 1e9 / seconds
         load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
         print(f"build: {seconds:.0f}s, {rate / 1e6:.2f}M chars/s = {rate / own_rate:.2f}x the tokenizers' own rate "

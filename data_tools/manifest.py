@@ -11,22 +11,29 @@ from data_tools.shard_index import load_index
 from data_tools.shards import prepare_out
 
 FORMAT = "arc-shards"
-FORMAT_VERSION = 2  # 2: a sample index per shard (`index` in each shard entry); version 1 shards still load
-READABLE_VERSIONS = (1, 2)
+# 2: a sample index per shard (`index` in each shard entry); 3: one `.mp` member per sample
+# (data_tools/sample_format.py). Shards of versions 1 and 2 still load, verify and merge.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # Settings that must agree for shards to belong to one dataset.
 SHARED = ("segment_tokens", "window_segments", "val_fraction", "id_scope")
 DEFAULTS = {"id_scope": "global"}  # what format-1 manifests, which lack the key, did
 
 
 def make_manifest(
-    settings: dict, tokenizers: dict, splits: dict[str, list[dict]], sources: list[dict], docs: dict
+    settings: dict,
+    tokenizers: dict,
+    splits: dict[str, list[dict]],
+    sources: list[dict],
+    docs: dict,
+    version: int = FORMAT_VERSION,
 ) -> dict:
     from arctrain import __version__
 
     assert docs["read"] == docs["written"] + sum(docs["skipped"].values()), docs
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "tool_version": __version__,
         **{key: settings.get(key, DEFAULTS.get(key)) for key in SHARED},
         "tokenizers": tokenizers,
@@ -119,6 +126,11 @@ def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
     first_path, first = parts[0]
     seen: dict[str, Path] = {}
     for path, manifest in parts:
+        if manifest["format_version"] != first["format_version"]:
+            raise DataError(
+                f"{path}: format_version {manifest['format_version']}, but {first_path} has "
+                f"{first['format_version']}; rebuild the older part"
+            )
         for key in SHARED:
             ours, theirs = manifest.get(key, DEFAULTS.get(key)), first.get(key, DEFAULTS.get(key))
             if ours != theirs:
@@ -141,7 +153,8 @@ def merge_manifests(parts: list[tuple[Path, dict]]) -> dict:
             skipped[reason] = skipped.get(reason, 0) + n
     docs = {key: sum(m["docs"][key] for m in manifests) for key in ("read", "written")}
     sources = [s for m in manifests for s in m["sources"]]
-    return make_manifest(first, first["tokenizers"], splits, sources, {**docs, "skipped": skipped})
+    docs = {**docs, "skipped": skipped}
+    return make_manifest(first, first["tokenizers"], splits, sources, docs, first["format_version"])
 
 
 def _identities(manifest: dict) -> dict:

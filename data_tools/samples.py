@@ -4,7 +4,6 @@ This is the work done in worker processes; it is a pure function of the document
 shards are the same for any number of workers.
 """
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 
 from data_tools.boundaries import PieceEncoder
 from data_tools.inputs import Doc
+from data_tools.sample_format import MEMBER, pack
 from data_tools.segment import Segment, Segmenter
 from data_tools.tokenizer_set import TokenizerInfo
 
@@ -71,15 +71,13 @@ class SampleEncoder:
             "n_segments": len(segments),
             "char_spans": [[s.start, s.end] for s in segments],
         }
-        members: dict = {"__key__": f"{doc.digest[:8].hex()}-{w:05d}", "json": json.dumps(meta).encode()}
-        tokens = []
+        tokens = {}
         for name, dtype, parts in zip(self.names, self.dtypes, seg_ids):
             offsets = np.zeros(len(parts) + 1, dtype=np.int64)
             np.cumsum([len(p) for p in parts], out=offsets[1:])
-            members[f"{name}.ids.npy"] = npy_bytes(np.concatenate(parts).astype(dtype, copy=False))
-            members[f"{name}.offsets.npy"] = npy_bytes(offsets)
-            tokens.append(int(offsets[-1]))
-        return Sample(members, tuple(tokens))
+            tokens[name] = (np.concatenate(parts).astype(dtype, copy=False), offsets)
+        members = {"__key__": f"{doc.digest[:8].hex()}-{w:05d}", MEMBER: pack(meta, tokens)}
+        return Sample(members, tuple(len(ids) for ids, _ in tokens.values()))
 
 
 def _groups(units: list, n_chars) -> Iterator[list]:
@@ -143,11 +141,3 @@ def _encode_segments(pieces: PieceEncoder, flat: list[tuple[Doc, Segment]], dtyp
         out.extend(ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths)))
         start = end
     return out
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """The .npy (format 1.0) encoding of a 1-D array, as np.save writes it, without np.save's per-call overhead."""
-    header = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': ({len(array)},), }}"
-    pad = -(10 + len(header) + 1) % 64  # magic + length + header + newline end on a 64-byte boundary
-    header = (header + " " * pad + "\n").encode("latin1")
-    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + array.tobytes()

@@ -1,9 +1,10 @@
 """The per-shard index `<split>-%06d.idx.npy`: where each sample's members lie in its tar (docs/ARCHITECTURE.md §2).
 
 One structured numpy array per shard, one row per sample in tar order: the sample key (bytes) and, per member
-suffix, `(data offset, size)` in bytes (offset -1 where a sample lacks that member). `arc-data build` writes it
-beside the shard and lists it in the manifest; the loader reads samples by seeking to those offsets, so it never
-parses the tar. For shards without one (format 1), `index_from_tar` builds the same array from the tar headers.
+suffix (format 3: `mp` alone), `(data offset, size)` in bytes (offset -1 where a sample lacks that member).
+`arc-data build` writes it beside the shard and lists it in the manifest; the loader reads samples by seeking to
+those offsets, so it never parses the tar. For shards without one (format 1), `index_from_tar` builds the same
+array from the tar headers.
 """
 
 import io

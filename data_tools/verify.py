@@ -1,14 +1,13 @@
 """`arc-data verify` and `arc-data inspect`: check shards against their manifest, and look inside them."""
 
-import io
-import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.manifest import load_manifest
+from data_tools.manifest import FORMAT_VERSION, load_manifest
+from data_tools.sample_format import MEMBER, decode
 from data_tools.shard_index import index_from_tar, load_index
 from data_tools.shards import file_digest
 
@@ -32,30 +31,35 @@ def read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, members
 
 
-def check_sample(key: str, members: dict[str, bytes], tokenizers: dict) -> tuple[dict[str, int], list[str]]:
+def expected_members(tokenizers: dict, version: int) -> set[str]:
+    """The member suffixes of every sample of a shard of format `version`."""
+    if version >= 3:
+        return {MEMBER}
+    return {"json"} | {f"{name}.{part}.npy" for name in tokenizers for part in ("ids", "offsets")}
+
+
+def check_sample(
+    key: str, members: dict[str, bytes], tokenizers: dict, version: int = FORMAT_VERSION
+) -> tuple[dict[str, int], list[str]]:
     """(tokens per tokenizer, problems) of one sample: members present, arrays decodable with the manifest's dtype,
     offsets consistent with the ids and with the number of segments."""
-    problems = []
-    expected = {"json"} | {f"{name}.{part}.npy" for name in tokenizers for part in ("ids", "offsets")}
+    expected = expected_members(tokenizers, version)
     if set(members) != expected:
         missing, extra = sorted(expected - set(members)), sorted(set(members) - expected)
         return {}, [f"sample {key}: members missing {missing}, unexpected {extra}"]
     try:
-        meta = json.loads(members["json"])
+        meta, arrays = decode(members)
         n_segments = meta["n_segments"]
         if len(meta["char_spans"]) != n_segments:
-            problems.append(f"sample {key}: {len(meta['char_spans'])} char_spans for {n_segments} segments")
+            return {}, [f"sample {key}: {len(meta['char_spans'])} char_spans for {n_segments} segments"]
     except (ValueError, KeyError, TypeError) as err:
-        return {}, [f"sample {key}: bad json: {err}"]
-    tokens = {}
+        return {}, [f"sample {key}: {err}"]
+    if set(arrays) != set(tokenizers):
+        return {}, [f"sample {key}: tokenizers {sorted(arrays)}, the manifest has {sorted(tokenizers)}"]
+    problems, tokens = [], {}
     for name, info in tokenizers.items():
-        try:
-            ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]), allow_pickle=False)
-            offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]), allow_pickle=False)
-        except (ValueError, EOFError, OSError) as err:
-            problems.append(f"sample {key}: {name} arrays not decodable: {err}")
-            continue
-        if ids.dtype != np.dtype(info["dtype"]) or offsets.dtype != np.int64 or ids.ndim != 1 or offsets.ndim != 1:
+        ids, offsets = arrays[name]
+        if ids.dtype != np.dtype(info["dtype"]) or offsets.dtype.kind not in "iu" or ids.ndim != 1 or offsets.ndim != 1:
             problems.append(f"sample {key}: {name} arrays are {ids.dtype}/{offsets.dtype}, expected {info['dtype']}")
         elif (
             len(offsets) != n_segments + 1 or offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) < 0)
@@ -86,14 +90,14 @@ def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
     if size != shard["bytes"] or sha != shard["sha256"]:
         return [f"size/sha256 {size}/{sha[:12]}… differ from the manifest's {shard['bytes']}/{shard['sha256'][:12]}…"]
     problems, n_samples, keys = [], 0, set()
-    tokens = dict.fromkeys(manifest["tokenizers"], 0)
+    tokens, version = dict.fromkeys(manifest["tokenizers"], 0), manifest["format_version"]
     try:
         for key, members in read_shard(path):
             n_samples += 1
             if key in keys:
                 problems.append(f"sample {key} appears twice")
             keys.add(key)
-            sample_tokens, sample_problems = check_sample(key, members, manifest["tokenizers"])
+            sample_tokens, sample_problems = check_sample(key, members, manifest["tokenizers"], version)
             problems += sample_problems
             for name, n in sample_tokens.items():
                 tokens[name] += n
@@ -140,18 +144,18 @@ def inspect(directory: Path, max_samples: int = 1000) -> str:
     samples = list(_first_samples(directory, manifest, max_samples))
     if not samples:
         return "\n".join(lines + ["no samples"])
+    decoded = [decode(members) for _, members in samples]
     lines.append(f"per segment, over the first {len(samples)} samples:")
     for name, info in manifest["tokenizers"].items():
-        lengths = np.concatenate([np.diff(np.load(io.BytesIO(m[f"{name}.offsets.npy"]))) for _, m in samples])
+        lengths = np.concatenate([np.diff(arrays[name][1].astype(np.int64)) for _, arrays in decoded])
         lines.append(
             f"  {name:>10}: mean {lengths.mean():.1f} tokens, min {lengths.min()}, max {lengths.max()} "
             f"(vocab {info['vocab_size']}, {info['dtype']}, hash {info['hash'][:12]}…)"
         )
-    key, members = samples[0]
+    key, (_, arrays) = samples[0][0], decoded[0]
     lines.append(f"sample {key}, first segment, decoded by each tokenizer:")
     for name, info in manifest["tokenizers"].items():
-        ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]))
-        offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]))
+        ids, offsets = arrays[name]
         lines.append(f"  {name}: {_decode(info['path'], ids[offsets[0] : offsets[1]].tolist())!r}")
     return "\n".join(lines)
 

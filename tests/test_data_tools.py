@@ -1,11 +1,11 @@
 """arc-data end to end on the tiny real tokenizers: build, the shard contract, verify, merge, inspect."""
 
 import hashlib
-import io
 import json
 import re
 import shutil
 
+import msgpack
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +16,10 @@ from transformers import AutoTokenizer
 
 from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.cli import main
+from data_tools.sample_format import members_v2
+from data_tools.samples import Sample
 from data_tools.shard_index import index_from_tar
+from data_tools.shards import SplitWriter
 from data_tools.verify import read_shard
 
 TOKENIZERS = ("encoder", "llama", "mistral")
@@ -56,6 +59,17 @@ def built(tiny_models, small_jsonl, tmp_path_factory):
     return out
 
 
+def unpacked(members: dict) -> tuple[dict, dict]:
+    """(meta, {tokenizer: (ids, offsets)}) of a format-3 sample, read with msgpack and numpy as its layout says."""
+    assert set(members) == {"mp"}  # one tar member per sample
+    sample = msgpack.unpackb(members["mp"])
+    tokens = sample.pop("tokens")
+    return sample, {
+        name: (np.frombuffer(t["ids"], t["dtype"]), np.frombuffer(t["offsets"], t["offsets_dtype"]))
+        for name, t in tokens.items()
+    }
+
+
 def samples_of(out) -> list[tuple[str, dict]]:
     manifest = json.loads((out / "manifest.json").read_text())
     return [s for e in manifest["splits"].values() for shard in e["shards"] for s in read_shard(out / shard["name"])]
@@ -67,7 +81,7 @@ def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
         "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
         "id_scope", "tokenizers", "splits", "sources", "docs",
     ]  # fmt: skip
-    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 2, "0.1.0")
+    assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 3, "0.1.0")
     assert (m["segment_tokens"], m["window_segments"], m["val_fraction"], m["id_scope"]) == (48, 4, 0.2, "file")
     for name in TOKENIZERS:
         entry = m["tokenizers"][name]
@@ -99,12 +113,14 @@ def test_the_index_gives_every_member_where_tarfile_finds_it(built):
     suffixes = [f"{name}.{part}.npy" for name in TOKENIZERS for part in ("ids", "offsets")]
     for path, n in zip(source.shards, source.sizes):
         index = np.load(path.replace(".tar", ".idx.npy"))
-        assert np.array_equal(index, index_from_tar(path)) and len(index) == n
+        assert np.array_equal(index, index_from_tar(path)) and len(index) == n and index.dtype.names == ("key", "mp")
         for i, (key, members) in enumerate(read_shard(path)):
             got_key, arrays = reader.read(path, i, suffixes)
             assert got_key == key
-            for suffix in suffixes:
-                assert np.array_equal(arrays[suffix], np.load(io.BytesIO(members[suffix])))
+            _, tokens = unpacked(members)
+            for name in TOKENIZERS:
+                assert np.array_equal(arrays[f"{name}.ids.npy"], tokens[name][0])
+                assert np.array_equal(arrays[f"{name}.offsets.npy"], tokens[name][1])
         assert len(reader.indexes) <= 2  # a bounded cache, however many shards are read
     assert len(source.shards) > 2
 
@@ -116,16 +132,16 @@ def test_samples_hold_segments_of_every_tokenizer(built, tiny_models, corpus, sm
     spans_by_doc: dict[str, list] = {}
     encoder_lengths = []
     for key, members in samples_of(built):
-        meta = json.loads(members["json"])
+        meta, tokens = unpacked(members)
         scoped = f"{str(small_jsonl).removesuffix('.jsonl')}\0{meta['doc_id']}"  # --id-scope file: id within its file
         assert KEY.fullmatch(key) and key.startswith(hashlib.sha256(scoped.encode()).hexdigest()[:16])
         assert key.endswith(f"-{meta['window']:05d}") and 1 <= meta["n_segments"] <= 5
         text = texts[meta["doc_id"]]
         spans_by_doc.setdefault(meta["doc_id"], []).append((meta["window"], meta["char_spans"]))
         for name, tok in tokenizers.items():
-            ids = np.load(io.BytesIO(members[f"{name}.ids.npy"]))
-            offsets = np.load(io.BytesIO(members[f"{name}.offsets.npy"]))
-            assert ids.dtype == np.uint16 and offsets.dtype == np.int64 and len(offsets) == meta["n_segments"] + 1
+            ids, offsets = tokens[name]
+            assert ids.dtype == np.uint16 and len(offsets) == meta["n_segments"] + 1
+            assert offsets.dtype == np.min_scalar_type(len(ids))  # the smallest unsigned dtype that holds them
             for j, (start, end) in enumerate(meta["char_spans"]):
                 # Each segment is that tokenizer's encoding of the segment's text alone, no special tokens.
                 expected = tok(text[start:end], add_special_tokens=False)["input_ids"]
@@ -148,8 +164,13 @@ def test_shards_read_with_plain_webdataset(built):
     urls = [str(built / s["name"]) for s in manifest["splits"]["train"]["shards"]]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
     assert len(samples) == manifest["splits"]["train"]["samples"]
-    first = samples[0]
-    assert isinstance(first["llama.ids.npy"], np.ndarray) and first["json"]["n_segments"] >= 1
+    ours = dict(samples_of(built))
+    for sample in samples:  # webdataset's own decoding of `.mp` (msgpack), then numpy on the bytes
+        assert set(sample) == {"__key__", "__url__", "__local_path__", "mp"}
+        meta, tokens = unpacked(ours[sample["__key__"]])
+        assert {k: v for k, v in sample["mp"].items() if k != "tokens"} == meta and meta["n_segments"] >= 1
+        for name, t in sample["mp"]["tokens"].items():
+            assert np.frombuffer(t["ids"], t["dtype"]).tolist() == tokens[name][0].tolist()
 
 
 def test_workers_give_byte_identical_shards(tiny_models, small_jsonl, tmp_path):
@@ -204,7 +225,7 @@ def test_verify_passes_then_names_a_changed_shard(built, tmp_path, capsys):
     shutil.copytree(built, copy)
     index_path = copy / "train-000000.idx.npy"
     index = np.load(index_path)
-    index["json"][1, 0] += 512
+    index["mp"][1, 0] += 512
     np.save(index_path, index)
     manifest = json.loads((copy / "manifest.json").read_text())
     entry = manifest["splits"]["train"]["shards"][0]["index"]
@@ -214,6 +235,97 @@ def test_verify_passes_then_names_a_changed_shard(built, tmp_path, capsys):
     assert main(["verify", str(copy)]) == 1
     err = capsys.readouterr().err
     assert "train-000000.tar: index train-000000.idx.npy: keys or member offsets differ" in err
+
+
+def rewrite_member(directory, shard_name: str, i: int, data: bytes) -> None:
+    """Replace sample i's `.mp` member of a shard with `data` (same length), the manifest's sha256 updated: a
+    corruption the file checksum does not see."""
+    shard = directory / shard_name
+    offset, size = np.load(shard.with_name(shard_name.replace(".tar", ".idx.npy")))["mp"][i]
+    assert len(data) == size
+    tar = bytearray(shard.read_bytes())
+    tar[offset : offset + size] = data
+    shard.write_bytes(bytes(tar))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = next(s for e in manifest["splits"].values() for s in e["shards"] if s["name"] == shard_name)
+    entry["sha256"] = hashlib.sha256(tar).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_catches_a_corrupt_sample_member(built, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    samples = read_shard(copy / "train-000000.tar")
+    (key, members), (key2, members2) = next(samples), next(samples)
+    samples.close()
+    # Sample 0: valid MessagePack whose llama offsets are reversed (same bytes, so the tar stays intact).
+    sample = msgpack.unpackb(members["mp"])
+    sample["tokens"]["llama"]["offsets"] = sample["tokens"]["llama"]["offsets"][::-1]
+    rewrite_member(copy, "train-000000.tar", 0, msgpack.packb(sample))
+    # Sample 1: not MessagePack at all.
+    rewrite_member(copy, "train-000000.tar", 1, b"\xc1" * len(members2["mp"]))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert f"train-000000.tar: sample {key}: llama offsets" in err and "inconsistent with" in err
+    assert f"train-000000.tar: sample {key2}: not a format-3 sample member" in err
+    assert "train-000001.tar" not in err
+
+
+def to_format2(src, dst) -> None:
+    """The shards of `src` rewritten as a format-2 build writes them (json + .npy per tokenizer, index files)."""
+    manifest = json.loads((src / "manifest.json").read_text())
+    dst.mkdir()
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"]:
+            start = int(shard["name"].split("-")[1].removesuffix(".tar"))
+            writer = SplitWriter(dst, split, 1 << 40, start, list(TOKENIZERS))
+            for key, members in read_shard(src / shard["name"]):
+                meta, tokens = unpacked(members)
+                counts = tuple(len(tokens[name][0]) for name in TOKENIZERS)
+                writer.write(Sample({"__key__": key, **members_v2(meta, tokens)}, counts))
+            (new,) = writer.close()
+            assert new["samples"] == shard["samples"] and new["tokens"] == shard["tokens"]
+            shard.update(new)
+    manifest["format_version"] = 2
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_format2_shards_still_read_verify_and_inspect(built, tmp_path, capsys):
+    from arctrain.data.shards import ShardReader, open_source
+
+    to_format2(built, tmp_path / "v2")
+    names = {p.name for p in (tmp_path / "v2").iterdir()}
+    assert names == {p.name for p in built.iterdir()}
+    _, members = next(read_shard(tmp_path / "v2" / "train-000000.tar"))
+    assert set(members) == {"json"} | {f"{n}.{p}.npy" for n in TOKENIZERS for p in ("ids", "offsets")}
+    assert main(["verify", str(tmp_path / "v2")]) == 0
+    assert main(["inspect", str(tmp_path / "v2")]) == 0
+    assert "arc-shards v2" in capsys.readouterr().out
+    suffixes = [f"{name}.{part}.npy" for name in TOKENIZERS for part in ("ids", "offsets")]
+    new, old = (open_source(d, "train", {}) for d in (built, tmp_path / "v2"))
+    new_reader, old_reader = (ShardReader(dict(zip(s.shards, zip(s.sizes, s.indexes)))) for s in (new, old))
+    for new_path, old_path, n in zip(new.shards, old.shards, new.sizes, strict=True):
+        for i in range(0, n, 7):
+            a, b = new_reader.read(new_path, i, suffixes), old_reader.read(old_path, i, suffixes)
+            assert a[0] == b[0] and all(np.array_equal(a[1][s], b[1][s]) for s in suffixes)
+            assert b[1]["llama.offsets.npy"].dtype == np.int64
+    # A corrupt .npy member behind a matching checksum is still caught.
+    shard = tmp_path / "v2" / "train-000000.tar"
+    offset, size = np.load(tmp_path / "v2" / "train-000000.idx.npy")["llama.ids.npy"][0]
+    tar = bytearray(shard.read_bytes())
+    tar[offset : offset + 6] = b"garbag"
+    shard.write_bytes(bytes(tar))
+    manifest = json.loads((tmp_path / "v2" / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(tar).hexdigest()
+    (tmp_path / "v2" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "v2")]) == 1
+    assert "train-000000.tar: sample" in capsys.readouterr().err
+    # One dataset, one layout: merging a format-2 part with a format-3 part is refused.
+    assert main(["merge", "--out", str(tmp_path / "m"), str(built), str(tmp_path / "v2")]) == 2
+    err = capsys.readouterr().err
+    assert "format_version 2" in err and "rebuild the older part" in err and not (tmp_path / "m").exists()
 
 
 def test_verify_checks_samples_behind_a_matching_checksum(built, tmp_path, capsys):
@@ -278,12 +390,13 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "is in both" in err and "parts/4/" in err and "exactly one part" in err
     assert not (tmp_path / "z").exists()
-    # The same part as a format-1 build (no index files): its keys are read from the tar headers.
-    manifest = json.loads((tmp_path / "parts/4/manifest.json").read_text())
-    manifest["format_version"] = 1
-    for shard in (s for e in manifest["splits"].values() for s in e["shards"]):
-        (tmp_path / "parts/4" / shard.pop("index")["name"]).unlink()
-    (tmp_path / "parts/4/manifest.json").write_text(json.dumps(manifest))
+    # The same parts without index files (as format 1 had none): their keys are read from the tar headers.
+    for part in ("parts/0g", "parts/4"):
+        manifest = json.loads((tmp_path / part / "manifest.json").read_text())
+        manifest["format_version"] = 1
+        for shard in (s for e in manifest["splits"].values() for s in e["shards"]):
+            (tmp_path / part / shard.pop("index")["name"]).unlink()
+        (tmp_path / part / "manifest.json").write_text(json.dumps(manifest))
     assert main(["merge", "--out", str(tmp_path / "z"), str(tmp_path / "parts/0g"), str(tmp_path / "parts/4")]) == 2
     assert "is in both" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
@@ -335,13 +448,12 @@ def test_metaspace_decoder_segments_have_no_dummy_prefix(tiny_models, corpus, tm
     texts = {r["id"]: r["text"] for r in corpus[:60]}
     checked = newline_starts = 0
     for _, members in samples_of(tmp_path / "out"):
-        meta = json.loads(members["json"])
+        meta, tokens = unpacked(members)
         text = texts[meta["doc_id"]]
         whole = tok.encode(text, add_special_tokens=False)
         starts = {a: j for j, (a, _) in enumerate(whole.offsets)}
         starts[len(text)] = len(whole)
-        ids = np.load(io.BytesIO(members["meta.ids.npy"]))
-        offsets = np.load(io.BytesIO(members["meta.offsets.npy"]))
+        ids, offsets = tokens["meta"]
         for j, (start, end) in enumerate(meta["char_spans"]):
             if start in starts and end in starts and start > 0:
                 segment = ids[offsets[j] : offsets[j + 1]].tolist()

@@ -1,9 +1,10 @@
 """Shard directories on disk: the manifest, the tokenizer check, and random access into the tars.
 
 A shard is a plain tar written by `webdataset.ShardWriter` (docs/ARCHITECTURE.md §2) with, since format 2, a
-compact index of its member offsets beside it (`data_tools/shard_index.py`); a sample's `.npy` members are read by
-seeking. A shard without an index file is indexed from its tar headers on first use. Either way a worker keeps
-only the indexes of its most recently used shards: memory does not grow with the number of samples read.
+compact index of its member offsets beside it (`data_tools/shard_index.py`); a sample's member (format 3: one `.mp`
+per sample, `data_tools/sample_format.py`; formats 1-2: `.npy` per tokenizer) is read by seeking. A shard without
+an index file is indexed from its tar headers on first use. Either way a worker keeps only the indexes of its most
+recently used shards: memory does not grow with the number of samples read.
 """
 
 import io
@@ -15,6 +16,7 @@ import numpy as np
 
 from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.manifest import load_manifest
+from data_tools.sample_format import MEMBER, unpack
 from data_tools.shard_index import index_from_tar, load_index
 
 INDEX_CACHE = 16  # shard indexes kept per reader (~130 bytes per sample each)
@@ -117,18 +119,29 @@ class ShardReader:
         return self.files[path]
 
     def read(self, path: str, i: int, suffixes: list[str]) -> tuple[str, dict[str, np.ndarray]]:
-        """Sample `i` of shard `path`: its key and the `.npy` members named by `suffixes` as arrays."""
+        """Sample `i` of shard `path`: its key and the arrays named by `suffixes` (`<tokenizer>.ids.npy`,
+        `<tokenizer>.offsets.npy`, the member names of formats 1-2), read from the sample's one `.mp` member in
+        format-3 shards (read-only arrays there)."""
         row = self._index(path)[i]
         key = row["key"].decode()
-        arrays = {}
-        for suffix in suffixes:
-            offset, size = row[suffix] if suffix in row.dtype.names else (-1, 0)
-            if offset < 0:
-                raise ValueError(f"{path}: sample {key} has no member {key}.{suffix}")
-            file = self._file(path)
-            file.seek(int(offset))
-            arrays[suffix] = np.load(io.BytesIO(file.read(int(size))), allow_pickle=False)
-        return key, arrays
+        if MEMBER in row.dtype.names:
+            _, tokens = unpack(self._member(path, key, row, MEMBER))
+            arrays = {}
+            for suffix in suffixes:
+                name, part = suffix.removesuffix(".npy").rsplit(".", 1)
+                if name not in tokens:
+                    raise ValueError(f"{path}: sample {key} has no tokenizer {name!r} (it has {', '.join(tokens)})")
+                arrays[suffix] = tokens[name][part == "offsets"]
+            return key, arrays
+        return key, {s: np.load(io.BytesIO(self._member(path, key, row, s)), allow_pickle=False) for s in suffixes}
+
+    def _member(self, path: str, key: str, row: np.void, suffix: str) -> bytes:
+        offset, size = row[suffix] if suffix in row.dtype.names else (-1, 0)
+        if offset < 0:
+            raise ValueError(f"{path}: sample {key} has no member {key}.{suffix}")
+        file = self._file(path)
+        file.seek(int(offset))
+        return file.read(int(size))
 
     def close(self) -> None:
         for file in self.files.values():
