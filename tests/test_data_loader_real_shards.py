@@ -3,6 +3,7 @@
 import json
 import tarfile
 
+import msgpack
 from transformers import AutoTokenizer
 
 from arctrain.config import load_config
@@ -21,13 +22,13 @@ def config(models, shards, *overrides):
 
 
 def sample_meta(shards) -> dict[str, dict]:
-    """Key -> the sample's K.json, from every tar."""
+    """Key -> the sample's metadata (its K.mp member without the token arrays), from every tar."""
     metas = {}
     for tar_path in sorted(shards.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for member in tar:
-                if member.name.endswith(".json"):
-                    metas[member.name[: -len(".json")]] = json.loads(tar.extractfile(member).read())
+                if member.name.endswith(".mp"):
+                    metas[member.name[: -len(".mp")]] = msgpack.unpackb(tar.extractfile(member).read())
     return metas
 
 
