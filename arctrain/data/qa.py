@@ -142,7 +142,7 @@ class QAMaker:
         if decoder not in self.pieces:
             self.enc_tok = self.enc_tok or AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
             dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
-            self.pieces[decoder] = TextPieces(self.enc_tok, dec, self.cfg.data.qa_segment_tokens)
+            self.pieces[decoder] = TextPieces(self.enc_tok, dec, self.cfg.data.chunk_tokens)
         return self.pieces[decoder]
 
     def batch(self, records: list[dict], picks: list[int], decoder: str, keys: list[str]) -> ARCBatch:
@@ -183,7 +183,7 @@ class QABatches(IterableDataset):
     def batch(self, b: int, maker: QAMaker) -> ARCBatch:
         decoder, _ = self.schedule.plan(self.seed, b)
         mbs, n = self.cfg.data.micro_batch_size, len(self.records)
-        first = (b * self.world_size + self.rank) * mbs
+        first = (self.schedule.data_batch(b) * self.world_size + self.rank) * mbs  # fair mode: shared by the decoders
         picks = [record_order(self.seed, n, k) for k in range(first, first + mbs)]
         return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
 

@@ -123,20 +123,31 @@ def _to_numpy(tensor: torch.Tensor):
 
 
 def pretraining_example(
-    task: str, enc_segments: list[list[int]], dec_segments: list[list[int]], i: int, prefix_ids: list[int] | None = None
+    task: str,
+    enc_segments: list[list[int]],
+    dec_segments: list[list[int]],
+    i: int,
+    prefix_ids: list[int] | None = None,
+    interleave_tokens: int = 0,
 ) -> Example:
     """Segment i of a window as a pretraining example.
 
     Reconstruction compresses segment i and targets its decoder tokens; continuation compresses segment i and
-    targets segment i + 1 (empty for the last segment: no target tokens, no loss).
+    targets segment i + 1 (empty for the last segment: no target tokens, no loss). `interleave_tokens`
+    (continuation only): the last that many decoder tokens of the segments before i come first, as text without
+    loss (interleaved continuation: [text before, vectors, <Cont>, text after]).
     """
     if task not in ("reconstruction", "continuation"):
         raise ValueError(f"unknown task {task!r}: expected 'reconstruction' or 'continuation'")
+    before = []
     if task == "reconstruction":
         memory, target = Memory([enc_segments[i]], "rec"), dec_segments[i]
     else:
         memory, target = Memory([enc_segments[i]], "cont"), dec_segments[i + 1] if i + 1 < len(dec_segments) else []
-    pieces = [Text(list(prefix_ids))] if prefix_ids else []
+        if interleave_tokens:
+            before = [t for seg in dec_segments[:i] for t in seg][-interleave_tokens:]
+    pieces = [Text(before)] if before else []
+    pieces += [Text(list(prefix_ids))] if prefix_ids else []
     return Example(pieces + [memory, Text(list(target), loss=True)])
 
 
