@@ -37,8 +37,9 @@ class Text:
 class Memory:
     """Compressed segments, then one special vector."""
 
-    segments: list[list[int]]  # encoder token ids, one list per segment (each compressed on its own)
+    segments: list[list[int]]  # encoder token ids, one list per segment or chunk (each compressed on its own)
     special: str | None = None  # "rec", "cont" or None
+    dropped_tokens: int = 0  # encoder tokens of this context left out (data.max_chunks), counted in BatchStats
 
 
 @dataclass
@@ -106,6 +107,7 @@ class BatchStats:
     dec_tokens: int  # real decoder positions
     dec_pairs: int  # sum over rows of T (T + 1) / 2: causal attention pairs per decoder layer
     targets: int  # target tokens (LM head positions)
+    dropped_tokens: int = 0  # context tokens left out by data.max_chunks (arctrain/data/chunks.py)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -208,6 +210,7 @@ def collate(
         dec_tokens=sum(row_lengths),
         dec_pairs=sum(t * (t + 1) // 2 for t in row_lengths),
         targets=len(target_index),
+        dropped_tokens=sum(p.dropped_tokens for ex in examples for p in ex.pieces if isinstance(p, Memory)),
     )
     return ARCBatch(
         enc_ids,
