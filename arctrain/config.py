@@ -118,8 +118,17 @@ class DataConfig:
     """QA records for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
     qa_shots: int = 0
     """Few-shot examples before each QA record, their passages compressed too."""
-    qa_segment_tokens: int = 256
-    """Passages are compressed in segments of about this many encoder tokens."""
+    chunk_tokens: int = 256
+    """A context given as text (QA passages; `arctrain generate`/`eval` take the export's value) is cut into chunks of
+    about this many encoder tokens at word boundaries, each compressed on its own (positions 0.. per chunk), their
+    vectors concatenated: the cut `arc-data build --segment-tokens` makes for shards (arctrain/data/chunks.py). The
+    paper's long-context setting: 1024."""
+    max_chunks: int = 0
+    """At most this many chunks of a context are compressed, the first ones; the rest is dropped and counted
+    (0: no limit). Bounds the decoder positions of a long context (configs/llama_mistral_long_context.yaml)."""
+    interleave_tokens: int = 0
+    """Interleaved continuation: up to this many decoder tokens of the document text just before the compressed
+    segment come first, as plain text without loss (the reference's `interleave`: up to 256 = its seq_len)."""
     val_shards: list[str] | None = None
     """Directories whose val split is used for evaluation; default: the val split of `shards`."""
     task_ratio: float = 0.2
@@ -140,7 +149,9 @@ class DataConfig:
         _require(bool(self.shards or self.qa), "shards", self.shards, "must name a shard directory (or set data.qa)")
         _require(not (self.shards and self.qa), "qa", self.qa, "and data.shards are both set: train on one of them")
         _require(self.qa_shots >= 0, "qa_shots", self.qa_shots, "must be >= 0")
-        _require(self.qa_segment_tokens >= 1, "qa_segment_tokens", self.qa_segment_tokens, "must be >= 1")
+        _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, "must be >= 1")
+        _require(self.max_chunks >= 0, "max_chunks", self.max_chunks, "must be >= 0 (0: no limit)")
+        _require(self.interleave_tokens >= 0, "interleave_tokens", self.interleave_tokens, "must be >= 0")
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")
@@ -209,8 +220,10 @@ class TrainConfig:
     seed: int = 0
     activation_checkpointing: bool = False
     precision: Literal["fp32", "bf16"] = "bf16"
-    decoder_schedule: Literal["random", "round_robin"] = "random"
-    """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn."""
+    decoder_schedule: Literal["random", "round_robin", "fair"] = "random"
+    """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn; "fair" (the
+    reference's `fair_instruct`): in turn, and the n decoders' consecutive steps read the same batches (each
+    sample trains every decoder)."""
     decoder_hold: int = 1
     """Keep each chosen decoder for this many consecutive optimizer steps (a decoder switch invalidates ZeRO-3's
     prefetch trace); the choice is made per block of steps, the same on every rank."""
@@ -291,6 +304,12 @@ class Config:
         names = [d.name for d in self.decoders]
         for i, name in enumerate(names):
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+        if self.train.decoder_schedule == "fair":
+            why = "must be 1 with train.decoder_schedule=fair (each step's batches go to every decoder in turn)"
+            _require(self.train.decoder_hold == 1, "train.decoder_hold", self.train.decoder_hold, why)
+            for i, d in enumerate(self.decoders):
+                why = "has no effect with train.decoder_schedule=fair (every decoder gets every batch): leave it 1"
+                _require(d.weight == 1.0, f"decoders.{i}.weight", d.weight, why)
         room = self.train.steps - self.optim.warmup_steps
         why = f"must be <= train.steps - optim.warmup_steps = {room} (the decay ends at train.steps)"
         _require(self.optim.wsd_decay_steps <= max(room, 0), "optim.wsd_decay_steps", self.optim.wsd_decay_steps, why)

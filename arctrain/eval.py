@@ -158,7 +158,7 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from arctrain.infer import add_runtime_args
+    from arctrain.infer import add_context_args, add_runtime_args
 
     parser = argparse.ArgumentParser(prog="arctrain eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
@@ -169,29 +169,38 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
+    add_context_args(parser)  # --chunk-tokens, --max-chunks (long contexts)
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.shots < 0 or args.max_new_tokens < 1 or args.batch_size < 1 or args.heldout_segments < 1:
         raise ValueError("--shots must be >= 0, --max-new-tokens, --batch-size and --heldout-segments >= 1")
+    from arctrain.infer import check_context_args
+
+    check_context_args(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator, runtime
+    from arctrain.infer import ARCGenerator, context_note, runtime
 
     args = parse_args(argv or [])
     device, dtype = runtime(args)
     records = read_qa(args.data)
     heldout = [r["text"] for r in read_jsonl(args.heldout, {"text": (str,)})] if args.heldout else None
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device)
+    chunking = dict(chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, **chunking)
     result = {"model": str(args.model), "decoder": arc.name, "data": str(args.data), "n": len(records)}
     result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens}
     result |= evaluate_qa(arc, records, args.shots, args.max_new_tokens, args.batch_size)
     if heldout is not None:
         result["reconstruction"] = reconstruction(arc, heldout, args.batch_size, args.heldout_segments)
+    result["context_cut"] = vars(arc.pieces.cut) | {"chunk_tokens": arc.pieces.chunker.chunk_tokens,
+                                                    "max_chunks": arc.pieces.chunker.max_chunks}  # fmt: skip
     print(table(result))
+    if (note := context_note(arc)) is not None:
+        print(note)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -43,7 +43,7 @@ def record_run_data(cfg: Config, run_dir: Path) -> None:
     """RUN_DIR/data.json: what the export needs to know about the training data, kept with the run (the shards may
     move or go): the segment length the encoder was trained on, per source. Written by rank 0 at every start."""
     if cfg.data.qa:
-        sources = [{"qa": cfg.data.qa, "segment_tokens": cfg.data.qa_segment_tokens}]
+        sources = [{"qa": cfg.data.qa, "segment_tokens": cfg.data.chunk_tokens}]
     else:
         from arctrain.data.shards import read_manifest
 
@@ -58,7 +58,7 @@ def segment_tokens(cfg: Config, run: Path) -> int:
     if (run / RUN_DATA).is_file():
         return int(json.loads((run / RUN_DATA).read_text())["segment_tokens"])
     if cfg.data.qa:
-        return cfg.data.qa_segment_tokens
+        return cfg.data.chunk_tokens
     manifest = Path(cfg.data.sources[0][0]) / "manifest.json"
     if not manifest.is_file():
         raise ValueError(

@@ -16,12 +16,16 @@ In Python:
     out = arc.complete(["a long document ..."], ["\\nSummary:"], max_new_tokens=32)
     out.texts[0]
 
-A context longer than the training segment length (`segment_tokens` in the export's config) is cut into segments at
-word boundaries by encoder tokens, exactly as `arc-data build` cut the training data; each segment is compressed on
-its own and their vectors follow one another, then the decoder's <Cont> vector. Batched prompts are left-padded.
+A context is cut into chunks of about `--chunk-tokens` encoder tokens (default: the training segment length,
+`segment_tokens` in the export's config) at word boundaries, exactly as `arc-data build` cut the training data
+(arctrain/data/chunks.py); each chunk is compressed on its own and their vectors follow one another, then the
+decoder's <Cont> vector. `--max-chunks K` keeps the first K chunks (long contexts: the stderr line says what was
+dropped); a prompt longer than the decoder's window (max_position_embeddings) is refused in one line. Batched prompts
+are left-padded.
 """
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +106,8 @@ class ARCGenerator:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         stop_token_ids: list[int] = (),
+        chunk_tokens: int | None = None,
+        max_chunks: int = 0,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
@@ -123,7 +129,8 @@ class ARCGenerator:
         self.flops = FlopCounter(self.model)
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
-        self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens)  # the same as QA training
+        chunk_tokens = chunk_tokens or config.segment_tokens  # the chunks QA training cuts, by default
+        self.pieces = TextPieces(self.enc_tok, self.dec_tok, chunk_tokens, max_chunks)
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
             i for i in stop_token_ids if i not in stop_ids(decoder, self.dec_tok)
@@ -159,9 +166,11 @@ class ARCGenerator:
         )  # fmt: skip
 
     @torch.no_grad()
-    def embed(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, ARCBatch]:
-        """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch."""
+    def embed(self, examples: list[Example], new_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, ARCBatch]:
+        """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch; refused first
+        if a prompt and `new_tokens` do not fit the decoder's window."""
         batch = self.batch(examples)
+        self.check_window(int(batch.attention_mask.sum(1).max()), new_tokens)
         stats, batch = batch.stats, batch.to(self.device)
         if stats.enc_tokens > 0:
             embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
@@ -187,7 +196,7 @@ class ARCGenerator:
         """
         start = time.perf_counter()
         first = _FirstLogits()
-        embeds, mask, batch = self.embed(examples)
+        embeds, mask, batch = self.embed(examples, max_new_tokens)
         options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
         if sample:
             torch.manual_seed(seed)
@@ -205,6 +214,15 @@ class ARCGenerator:
         return Generation(
             texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start, batch.stats
         )
+
+    def check_window(self, prompt_positions: int, max_new_tokens: int) -> None:
+        """Refuse a prompt whose positions, with the new tokens, pass the decoder's window (max_position_embeddings)."""
+        window = getattr(self.decoder.config, "max_position_embeddings", None)
+        if window and prompt_positions + max_new_tokens > window:
+            raise ValueError(
+                f"a prompt takes {prompt_positions} decoder positions + {max_new_tokens} new tokens, more than the "
+                f"window of decoder {self.name!r} (max_position_embeddings={window}): keep fewer chunks (--max-chunks)"
+            )
 
     def complete(self, contexts: list[str | list[str]], prompts: list[str], **options) -> Generation:
         """Compress each context and generate after its prompt."""
@@ -251,6 +269,21 @@ def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return out, out_mask
 
 
+def add_context_args(parser: argparse.ArgumentParser) -> None:
+    """--chunk-tokens and --max-chunks, shared by `arctrain generate` and `arctrain eval` (arctrain/data/chunks.py)."""
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="default: the export's segment_tokens")
+    parser.add_argument("--max-chunks", type=int, default=0, help="compress at most this many chunks (0: all)")
+
+
+def context_note(arc: "ARCGenerator") -> str | None:
+    """One line on what --max-chunks dropped, or None."""
+    cut = arc.pieces.cut
+    if not cut.truncated:
+        return None
+    return (f"--max-chunks {arc.pieces.chunker.max_chunks}: {cut.truncated} of {cut.contexts} contexts cut short, "
+            f"{cut.dropped_chunks} chunks ({cut.dropped_tokens} encoder tokens) left out")  # fmt: skip
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="arctrain generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
@@ -262,6 +295,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
     add_runtime_args(parser)
+    add_context_args(parser)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -269,7 +303,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.batch_size < 1:
         raise ValueError("--max-new-tokens and --batch-size must be >= 1, --temperature > 0 and --top-p in (0, 1]")
+    check_context_args(args)
     return args
+
+
+def check_context_args(args: argparse.Namespace) -> None:
+    if (args.chunk_tokens is not None and args.chunk_tokens < 1) or args.max_chunks < 0:
+        raise ValueError("--chunk-tokens must be >= 1 and --max-chunks >= 0 (0: every chunk)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,13 +319,16 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"--context-file {path}: no such file")
     contexts = [path.read_text(encoding="utf-8") for path in args.context_file]
     device, dtype = runtime(args)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
+                       args.chunk_tokens, args.max_chunks)  # fmt: skip
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip
     texts = []
     for start in range(0, len(contexts), args.batch_size):
         chunk = contexts[start : start + args.batch_size]
         texts += arc.complete(chunk, [args.prompt] * len(chunk), **options).texts
+    if (note := context_note(arc)) is not None:
+        print(note, file=sys.stderr)
     if len(texts) == 1:
         print(texts[0])
         return

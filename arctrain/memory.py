@@ -206,7 +206,7 @@ REPLICATE_FRACTION = 0.85  # of the GPU's memory: the rest is for the CUDA conte
 def segment_tokens(cfg) -> int:
     """Encoder tokens per segment: QA's setting, or the first shard directory's manifest's."""
     if cfg.data.qa:
-        return cfg.data.qa_segment_tokens
+        return cfg.data.chunk_tokens
     return int(json.loads((Path(cfg.data.sources[0][0]) / "manifest.json").read_text())["segment_tokens"])
 
 

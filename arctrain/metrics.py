@@ -58,13 +58,14 @@ class Window:
 
     def reset(self) -> None:
         self.time = self.wait = self.flop = 0.0
-        self.samples = self.enc_tokens = self.dec_tokens = 0
+        self.samples = self.enc_tokens = self.dec_tokens = self.dropped_tokens = 0
 
     def count(self, decoder: str, stats) -> None:
         """`stats`: a batch's `BatchStats` (arctrain/model/batch.py), computed in collate on the CPU."""
         self.samples += stats.samples
         self.enc_tokens += stats.enc_tokens
         self.dec_tokens += stats.dec_tokens
+        self.dropped_tokens += stats.dropped_tokens
         self.flop += self.flops(decoder, stats)
 
     def rates(self, world_size: int, peak: float | None) -> dict[str, float]:
@@ -78,6 +79,8 @@ class Window:
             "data_wait_fraction": self.wait / seconds,
             "peak_memory_gb": peak_memory_gb(),
         }
+        if self.dropped_tokens:  # data.max_chunks cut contexts short: this rank's count over the window
+            out["context_tokens_dropped"] = self.dropped_tokens
         if peak is not None:
             out["mfu"] = out["tflops_per_rank"] / peak
         return out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from transformers import AutoTokenizer
 
@@ -313,3 +314,57 @@ def test_manifest_and_tar_must_agree(tmp_path, tiny_models, corpus, vocab):
     cfg = make_config(tiny_models, str(tmp_path / "s"), "data.num_workers=0")
     with pytest.raises(ValueError, match="train-000000.tar: holds \\d+ samples, manifest.json says"):
         take(build_train_loader(cfg, 0, 1, vocab), 50)
+
+
+def test_fair_mode_sends_each_steps_batches_to_every_decoder_in_turn(tiny_models, shards, vocab):
+    """train.decoder_schedule=fair: steps 2k and 2k+1 (two decoders) hold the same samples, the same task and the same
+    encoder ids (decoder tokens of each decoder's own tokenizer), and the data steps are those of a plain run."""
+    root = f"{shards['root'] / 'a'}:1,{shards['root'] / 'b'}:2"
+    fair = make_config(tiny_models, root, "train.decoder_schedule=fair", "train.grad_accum=2", "data.num_workers=0")
+    got = [batch for _, batch in take_batches(build_train_loader(fair, 0, 1, vocab), 16)]  # 8 steps of 2
+    assert [got[2 * s].decoder for s in range(8)] == ["llama", "mistral"] * 4
+    for s in range(0, 8, 2):
+        for k in (0, 1):
+            a, b = got[2 * s + k], got[2 * s + 2 + k]
+            assert a.keys == b.keys and a.task == b.task and torch.equal(a.enc_ids, b.enc_ids)
+            assert a.dec_ids.tolist() != b.dec_ids.tolist()  # each decoder's own tokens
+    plain = make_config(tiny_models, root, "train.grad_accum=2", "data.num_workers=0")
+    data = [batch for _, batch in take_batches(build_train_loader(plain, 0, 1, vocab), 8)]
+    assert [got[4 * j + k].keys for j in range(4) for k in (0, 1)] == [d.keys for d in data]
+    assert [got[4 * j + k].task for j in range(4) for k in (0, 1)] == [d.task for d in data]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.decoder_hold=2", "train.decoder_hold"), ("decoders.1.weight=3", "decoders.1.weight")],
+)
+def test_fair_mode_refuses_settings_it_would_ignore(tiny_models, shards, override, key):
+    from arctrain.config_tree import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{key}: .*decoder_schedule=fair"):
+        make_config(tiny_models, str(shards["root"] / "a"), "train.decoder_schedule=fair", override)
+
+
+def test_interleaved_continuation_puts_the_text_before_the_compressed_segment(tiny_models, shards, vocab):
+    """data.interleave_tokens=N: [BOS, the last N decoder tokens before segment i, vectors of i, <Cont>, segment i+1];
+    with windows of 3 segments, i = 1 (the one segment that has text before it and a next one)."""
+    n = 5
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), f"data.interleave_tokens={n}", "data.task_ratio=0",
+                      "data.num_workers=0")  # fmt: skip
+    toks = {name: AutoTokenizer.from_pretrained(tiny_models / name) for name in TOKENIZERS}
+    rows = 0
+    for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 6):
+        dec = toks[batch.decoder]
+        for row, key in enumerate(batch.keys):
+            meta = shards["metas"][key]
+            text, spans = shards["docs"][meta["doc_id"]], meta["char_spans"]
+            memory = toks["encoder"].decode(batch.enc_ids[row][batch.enc_mask[row] == 1].tolist())
+            assert memory == text[spans[1][0] : spans[1][1]]
+            slots = batch.dec_slot[row].tolist()
+            before = batch.dec_ids[row][1 : slots.index(next(s for s in slots if s >= 0))].tolist()  # after BOS
+            assert len(before) == n and text[spans[0][0] : spans[0][1]].endswith(dec.decode(before))
+            assert (batch.labels[row, : len(before) + 1] == IGNORE).all()  # no loss on the text before
+            target = dec.decode(batch.labels[row][batch.labels[row] != IGNORE].tolist())
+            assert target == text[spans[2][0] : spans[2][1]]
+            rows += 1
+    assert rows == 18

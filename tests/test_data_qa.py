@@ -74,7 +74,7 @@ def test_bad_qa_records_are_one_line_errors(tmp_path):
 
 
 def test_memory_holds_the_passages_segments(tiny_models, tiny_qa):
-    cfg = qa_config(tiny_models, tiny_qa[0], "data.qa_segment_tokens=16")
+    cfg = qa_config(tiny_models, tiny_qa[0], "data.chunk_tokens=16")
     records = read_qa(tiny_qa[0])
     maker = QAMaker(cfg, Vocab.from_config(cfg))
     pieces = maker._pieces("llama")

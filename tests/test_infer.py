@@ -139,3 +139,62 @@ def test_stop_ids_include_the_generation_configs_list():
 
     decoder = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9, 2]))
     assert stop_ids(decoder, SimpleNamespace(eos_token_id=2)) == [2, 7, 9]  # as Llama 3.1: <|end_of_text|>, <|eot_id|>
+
+
+# --- long contexts (the paper's context-extension setting): chunks of chunk_tokens, at most max_chunks -------------
+
+
+@pytest.fixture(scope="module")
+def long_document(tiny_models, arc) -> str:
+    """Corpus documents joined until the text is 4.5x the tiny decoders' window (4096 positions) in encoder tokens."""
+    window = arc.decoder.config.max_position_embeddings
+    parts, tokens = [], 0
+    for record in read_corpus(tiny_models / "corpus.jsonl"):
+        parts.append(record["text"])
+        tokens += len(arc.enc_tok.encode(record["text"], add_special_tokens=False))
+        if tokens > 4.5 * window:
+            return "\n\n".join(parts)
+    raise AssertionError("the corpus is shorter than the test needs")
+
+
+def test_a_context_several_windows_long_is_compressed_chunk_by_chunk(exported, tiny_models, long_document):
+    """Chunks of 1024 encoder tokens, the first 6 kept: the decoder reads their vectors one after the other (each
+    chunk compressed on its own, positions from 0: the same vectors as compressing it alone), the prompt fits the
+    window although the document is 4.5 windows long, and what was left out is counted."""
+    arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024, max_chunks=6)
+    window = arc.decoder.config.max_position_embeddings
+    chunks = arc.segments(long_document)
+    assert sum(map(len, chunks)) > 4 * window and len(chunks) > 16 and all(0 < len(c) <= 1024 for c in chunks)
+    assert "".join(arc.enc_tok.decode(c) for c in chunks) == long_document  # the chunks cover the text, in order
+    example = arc.context_example(long_document, "\nIn short,")
+    assert example.pieces[0].segments == chunks[:6]
+    assert vars(arc.pieces.cut) == {"contexts": 1, "truncated": 1, "dropped_chunks": len(chunks) - 6,
+                                    "dropped_tokens": sum(map(len, chunks[6:]))}  # fmt: skip
+    batch = arc.batch([example]).to(arc.device)
+    vectors = arc.model.embed(batch, arc.name)[0, batch.dec_slot[0] >= 0]  # (6 chunks' vectors + <Cont>, Dd)
+    alone = []
+    for chunk in chunks[:6]:  # an independent computation: each chunk through the encoder by itself
+        ids = torch.tensor([chunk])
+        (pooled,) = arc.model.compress(ids, torch.ones_like(ids))
+        alone.append(arc.model.projectors[arc.name](pooled))
+    alone = torch.cat(alone)  # (sum m_j, Dd)
+    assert alone.shape[0] == sum(-(-len(c) // arc.config.pooling_factor) for c in chunks[:6]) == len(vectors) - 1
+    torch.testing.assert_close(vectors[:-1], alone, atol=1e-5, rtol=1e-4)
+    out = arc.generate([example], max_new_tokens=4)
+    assert out.encoder_tokens == sum(map(len, chunks[:6])) and out.stats.dropped_tokens == sum(map(len, chunks[6:]))
+    assert out.prompt_tokens[0] + 4 <= window and out.texts[0].strip()
+
+
+def test_a_prompt_past_the_decoders_window_is_refused_in_one_line(exported, tiny_models, long_document, tmp_path,
+                                                                  capsys):  # fmt: skip
+    arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024)  # every chunk: 4.5 windows / x4 > 1
+    with pytest.raises(ValueError, match=r"more than the window of decoder 'llama' \(max_position_embeddings=4096\)"):
+        arc.complete([long_document], ["\nIn short,"], max_new_tokens=4)
+    doc = tmp_path / "long.txt"
+    doc.write_text(long_document)
+    args = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--context-file", str(doc),
+            "--prompt", "\nIn short,", "--max-new-tokens", "4", "--dtype", "fp32",
+            "--chunk-tokens", "1024"]  # fmt: skip
+    arctrain([*args, "--max-chunks", "6"])
+    out, err = capsys.readouterr()
+    assert out.strip() and "--max-chunks 6: 1 of 1 contexts cut short" in err

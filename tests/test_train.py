@@ -373,7 +373,7 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
     from arctrain.export import export, load_export
 
     _, _, _, config = load_export(export(tmp_path / "straight", tmp_path / "hf"))
-    assert config.segment_tokens == 256  # data.qa_segment_tokens
+    assert config.segment_tokens == 256  # data.chunk_tokens
     assert "QA fine-tuning on" in (tmp_path / "hf" / "README.md").read_text()
 
 

@@ -65,6 +65,7 @@ def schedule(cfg: Config) -> Schedule:
         round_robin=cfg.train.decoder_schedule == "round_robin",
         task_ratio=cfg.data.task_ratio,
         hold=cfg.train.decoder_hold,
+        fair=cfg.train.decoder_schedule == "fair",
     )
 
 
@@ -72,7 +73,7 @@ class BatchMaker:
     """Reads samples and turns them into one decoder's examples and a collated batch."""
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
-        self.model, self.vocab = cfg.model, vocab
+        self.model, self.vocab, self.interleave = cfg.model, vocab, cfg.data.interleave_tokens
         # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
         cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
         self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
@@ -85,9 +86,11 @@ class BatchMaker:
         if len(enc) != len(dec) or not enc:
             raise ValueError(f"{path}: sample {key} has {len(enc)} encoder but {len(dec)} {decoder} segments")
         # Continuation needs a next segment when there is one; a one-segment sample gives an empty target.
+        # Interleaved continuation also wants text before the segment: it starts at segment 1 when that leaves a next.
+        first = 1 if task == "continuation" and self.interleave and len(enc) >= 3 else 0
         choices = len(enc) if task == "reconstruction" else max(len(enc) - 1, 1)
-        seg = int(rng(seed, SEGMENT, b, zlib.crc32(key.encode())).integers(choices))
-        return key, pretraining_example(task, enc, dec, seg, self.vocab.prefix_ids[decoder])
+        seg = first + int(rng(seed, SEGMENT, b, zlib.crc32(key.encode())).integers(choices - first))
+        return key, pretraining_example(task, enc, dec, seg, self.vocab.prefix_ids[decoder], self.interleave)
 
     def collate(self, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:
         return collate_batch(self.model, self.vocab, examples, keys, decoder, task)
@@ -142,9 +145,10 @@ class TrainBatches(IterableDataset):
 
     def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[RankStream]) -> ARCBatch:
         decoder, task = self.schedule.plan(self.seed, b)
+        d = self.schedule.data_batch(b)  # b, or in fair mode the batch every decoder reads in turn
         keys, examples = [], []
-        for source, shard, i in self.picks(b, mixer, streams):
-            key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, b)
+        for source, shard, i in self.picks(d, mixer, streams):
+            key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, d)
             keys.append(key)
             examples.append(example)
         return maker.collate(examples, keys, decoder, task)

@@ -21,6 +21,7 @@ from pathlib import Path
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
+from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.loader import collate_batch
 from arctrain.data.sampling import rng
 from arctrain.model.batch import ARCBatch, Example, Memory, Text
@@ -93,38 +94,28 @@ def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train
 
 
 class TextPieces:
-    """Decoder text and compressed memory from strings: the encoder's segments cut as `arc-data build` cuts them."""
+    """Decoder text and compressed memory from strings: contexts cut into chunks (arctrain/data/chunks.py) as
+    `arc-data build` cuts documents into segments; `cut` counts what `max_chunks` dropped."""
 
-    def __init__(self, enc_tok, dec_tok, segment_tokens: int):
+    def __init__(self, enc_tok, dec_tok, chunk_tokens: int, max_chunks: int = 0):
         from data_tools.boundaries import PieceEncoder
-        from data_tools.segment import Segmenter
 
         self.enc_tok, self.dec_tok = enc_tok, dec_tok
-        self.enc_pieces, self.dec_pieces = (
-            PieceEncoder(enc_tok.backend_tokenizer),
-            PieceEncoder(dec_tok.backend_tokenizer),
-        )
-        self.segmenter = Segmenter(enc_tok.backend_tokenizer, segment_tokens, "uint32")
+        self.dec_pieces = PieceEncoder(dec_tok.backend_tokenizer)
+        self.chunker = Chunker(enc_tok, chunk_tokens, max_chunks)
+        self.cut = ContextCut()
 
     def segments(self, text: str) -> list[list[int]]:
-        """Encoder ids of each segment of `text`, cut at word boundaries after about `segment_tokens` tokens."""
-        out = []
-        for seg in self.segmenter.segment([text])[0]:
-            if seg.enc_ids is not None:
-                ids = seg.enc_ids.tolist()
-            else:
-                ids = self.enc_pieces.ids(text[seg.start : seg.end], first=seg.start == 0)  # as arc-data build
-            if ids:
-                out.append(ids)
-        return out
+        """Encoder ids of each chunk of `text`, cut at word boundaries after about `chunk_tokens` tokens."""
+        return self.chunker.segments(text)
 
     def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
-        """One or more passages compressed together: their segments in order, then one special vector."""
-        texts = [texts] if isinstance(texts, str) else texts
-        segments = [seg for text in texts for seg in self.segments(text)]
+        """One or more passages compressed together: their chunks in order (at most max_chunks), one special."""
+        segments, cut = self.chunker.cut([texts] if isinstance(texts, str) else texts)
+        self.cut.add(cut)
         if not segments:
             raise ValueError("a context has no text to compress")
-        return Memory(segments, special)
+        return Memory(segments, special, cut.dropped_tokens)
 
     def text(self, text: str, first: bool = False) -> Text:
         """Decoder ids of a piece of the prompt: `first` (its start) as the tokenizer encodes a text, a later piece
@@ -142,7 +133,8 @@ class QAMaker:
         if decoder not in self.pieces:
             self.enc_tok = self.enc_tok or AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
             dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
-            self.pieces[decoder] = TextPieces(self.enc_tok, dec, self.cfg.data.qa_segment_tokens)
+            data = self.cfg.data
+            self.pieces[decoder] = TextPieces(self.enc_tok, dec, data.chunk_tokens, data.max_chunks)
         return self.pieces[decoder]
 
     def batch(self, records: list[dict], picks: list[int], decoder: str, keys: list[str]) -> ARCBatch:
@@ -183,7 +175,7 @@ class QABatches(IterableDataset):
     def batch(self, b: int, maker: QAMaker) -> ARCBatch:
         decoder, _ = self.schedule.plan(self.seed, b)
         mbs, n = self.cfg.data.micro_batch_size, len(self.records)
-        first = (b * self.world_size + self.rank) * mbs
+        first = (self.schedule.data_batch(b) * self.world_size + self.rank) * mbs  # fair mode: shared by the decoders
         picks = [record_order(self.seed, n, k) for k in range(first, first + mbs)]
         return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
 

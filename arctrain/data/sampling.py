@@ -28,18 +28,29 @@ class Schedule:
     round_robin: bool
     task_ratio: float
     hold: int = 1  # optimizer steps per decoder choice (train.decoder_hold)
+    fair: bool = False  # train.decoder_schedule=fair: the decoders in turn, each on the same batches
 
     def plan(self, seed: int, b: int) -> tuple[str, str]:
         """(decoder name, task) of batch `b`; the decoder is fixed for the optimizer step b // grad_accum, and
-        for the block of `hold` consecutive steps that step belongs to."""
+        for the block of `hold` consecutive steps that step belongs to. The task is that of `data_batch(b)`."""
         block = b // self.grad_accum // self.hold
-        if self.round_robin:
+        if self.fair:
+            decoder = self.decoders[b // self.grad_accum % len(self.decoders)]
+        elif self.round_robin:
             decoder = self.decoders[block % len(self.decoders)]
         else:
             p = np.asarray(self.weights) / sum(self.weights)
             decoder = self.decoders[rng(seed, DECODER, block).choice(len(self.decoders), p=p)]
-        task = RECONSTRUCTION if rng(seed, TASK, b).random() < self.task_ratio else CONTINUATION
+        task = RECONSTRUCTION if rng(seed, TASK, self.data_batch(b)).random() < self.task_ratio else CONTINUATION
         return decoder, task
+
+    def data_batch(self, b: int) -> int:
+        """The batch index whose samples batch `b` holds: `b`, except in fair mode, where optimizer steps
+        n*k ... n*k + n-1 (n decoders) all read the batches of data step k."""
+        if not self.fair:
+            return b
+        step, micro = divmod(b, self.grad_accum)
+        return step // len(self.decoders) * self.grad_accum + micro
 
 
 @dataclass

@@ -37,8 +37,9 @@ class Text:
 class Memory:
     """Compressed segments, then one special vector."""
 
-    segments: list[list[int]]  # encoder token ids, one list per segment (each compressed on its own)
+    segments: list[list[int]]  # encoder token ids, one list per segment or chunk (each compressed on its own)
     special: str | None = None  # "rec", "cont" or None
+    dropped_tokens: int = 0  # encoder tokens of this context left out (data.max_chunks), counted in BatchStats
 
 
 @dataclass
@@ -106,6 +107,7 @@ class BatchStats:
     dec_tokens: int  # real decoder positions
     dec_pairs: int  # sum over rows of T (T + 1) / 2: causal attention pairs per decoder layer
     targets: int  # target tokens (LM head positions)
+    dropped_tokens: int = 0  # context tokens left out by data.max_chunks (arctrain/data/chunks.py)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -123,20 +125,31 @@ def _to_numpy(tensor: torch.Tensor):
 
 
 def pretraining_example(
-    task: str, enc_segments: list[list[int]], dec_segments: list[list[int]], i: int, prefix_ids: list[int] | None = None
+    task: str,
+    enc_segments: list[list[int]],
+    dec_segments: list[list[int]],
+    i: int,
+    prefix_ids: list[int] | None = None,
+    interleave_tokens: int = 0,
 ) -> Example:
     """Segment i of a window as a pretraining example.
 
     Reconstruction compresses segment i and targets its decoder tokens; continuation compresses segment i and
-    targets segment i + 1 (empty for the last segment: no target tokens, no loss).
+    targets segment i + 1 (empty for the last segment: no target tokens, no loss). `interleave_tokens`
+    (continuation only): the last that many decoder tokens of the segments before i come first, as text without
+    loss (interleaved continuation: [text before, vectors, <Cont>, text after]).
     """
     if task not in ("reconstruction", "continuation"):
         raise ValueError(f"unknown task {task!r}: expected 'reconstruction' or 'continuation'")
+    before = []
     if task == "reconstruction":
         memory, target = Memory([enc_segments[i]], "rec"), dec_segments[i]
     else:
         memory, target = Memory([enc_segments[i]], "cont"), dec_segments[i + 1] if i + 1 < len(dec_segments) else []
-    pieces = [Text(list(prefix_ids))] if prefix_ids else []
+        if interleave_tokens:
+            before = [t for seg in dec_segments[:i] for t in seg][-interleave_tokens:]
+    pieces = [Text(before)] if before else []
+    pieces += [Text(list(prefix_ids))] if prefix_ids else []
     return Example(pieces + [memory, Text(list(target), loss=True)])
 
 
@@ -197,6 +210,7 @@ def collate(
         dec_tokens=sum(row_lengths),
         dec_pairs=sum(t * (t + 1) // 2 for t in row_lengths),
         targets=len(target_index),
+        dropped_tokens=sum(p.dropped_tokens for ex in examples for p in ex.pieces if isinstance(p, Memory)),
     )
     return ARCBatch(
         enc_ids,
