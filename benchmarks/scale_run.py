@@ -50,21 +50,30 @@ def write_inputs(corpus: Path, out: Path, gb: float, files: int) -> tuple[list[P
     return paths, sample
 
 
-def monitored(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[float, dict, str]:
-    """Run `cmd`, sampling the RSS (MB) of it and every descendant each 0.5 s: (seconds, {pid: (name, [rss])}, out)."""
+def monitored(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, dict, str]:
+    """Run `cmd`, sampling the RSS (MB) of it and every descendant each 0.5 s: (seconds, {pid: (name, [rss])}, out).
+    Its output goes to `log`, and every 20th sample of every process to `log` with suffix .rss.jsonl (with its CPU
+    seconds), so a run stopped before the end still shows how far it got and what it used."""
     start = time.time()
-    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115
+    out = open(log, "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    root, series = psutil.Process(proc.pid), {}
-    while proc.poll() is None:
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                name = " ".join(p.cmdline()[1:4])[:60]
-                series.setdefault(p.pid, (name, []))[1].append(p.memory_info().rss / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
-    text = log.read_text() if log else proc.stdout.read()
+    root, series, k = psutil.Process(proc.pid), {}, 0
+    with open(log.with_suffix(".rss.jsonl"), "w") as rss_log:
+        while proc.poll() is None:
+            row = {}
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    name = " ".join(p.cmdline()[1:4])[:60]
+                    series.setdefault(p.pid, (name, []))[1].append(p.memory_info().rss / 2**20)
+                    row[p.pid] = (name, round(series[p.pid][1][-1]), round(sum(p.cpu_times()[:2]), 1))
+            except psutil.Error:
+                pass
+            if k % 20 == 0:
+                rss_log.write(json.dumps({"s": round(time.time() - start), "pid: (name, rss_mb, cpu_s)": row}) + "\n")
+                rss_log.flush()
+            k += 1
+            time.sleep(0.5)
+    text = log.read_text()
     if proc.returncode:
         raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{text[-3000:]}")
     return time.time() - start, series, text
@@ -111,7 +120,7 @@ def main() -> None:
                  "--segment-tokens", "16", "--encoder-tokenizer", str(args.models / "encoder"),
                  "--decoder", f"llama={args.models / 'llama'}",
                  "--decoder", f"mistral={args.models / 'mistral'}"]  # fmt: skip
-        seconds, series, out = monitored(build, log=work / "build.log")  # its progress bar: how far it got
+        seconds, series, out = monitored(build, work / "build.log")  # its progress bar: how far it got
         summary = next(line for line in out.splitlines() if line.startswith("arc-data build:"))
         print(summary)
         manifest = json.loads((shards / "manifest.json").read_text())
@@ -135,7 +144,7 @@ def main() -> None:
                  f"checkpoint.interval={args.steps}", f"eval.interval={max(args.steps // 4, 1)}",
                  "logging.wandb_mode=disabled", "data.num_workers=2"]  # fmt: skip
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        seconds, series, out = monitored(train, env, work / "train.log")
+        seconds, series, out = monitored(train, work / "train.log", env)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [m["train/loss"] for m in metrics if "train/loss" in m]
         waits = [m["data_wait_fraction"] for m in metrics if "data_wait_fraction" in m]

@@ -1,13 +1,14 @@
 """Units of arc-data: segmentation at word boundaries, windows, the .npy encoding, reproducible tars."""
 
-import io
 import json
 
+import msgpack
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, normalizers
 
-from data_tools.samples import npy_bytes, windows
+from data_tools.sample_format import pack, unpack
+from data_tools.samples import windows
 from data_tools.segment import Segmenter, slicing_is_exact
 
 
@@ -87,14 +88,34 @@ def test_windows_keep_a_trailing_single_segment_with_the_previous_window():
     assert windows(3, 1) == [(0, 1), (1, 2), (2, 3)]
 
 
-@pytest.mark.parametrize(
-    "array", [np.arange(7, dtype=np.uint16), np.zeros(0, np.int64), np.arange(70000, dtype=np.uint32)]
-)
-def test_npy_bytes_equal_numpy_save(array):
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    assert npy_bytes(array) == buffer.getvalue()
-    assert np.array_equal(np.load(io.BytesIO(npy_bytes(array))), array)
+SIZES = [(0, np.uint16, "|u1"), (255, np.uint16, "|u1"), (256, np.uint32, "<u2"), (70000, np.uint32, "<u4")]
+
+
+@pytest.mark.parametrize(("n_ids", "dtype", "offsets_dtype"), SIZES)
+def test_packed_sample_round_trips_with_the_smallest_offsets(n_ids, dtype, offsets_dtype):
+    rng = np.random.default_rng(n_ids)
+    ids = rng.integers(0, np.iinfo(dtype).max, n_ids, dtype=dtype)
+    offsets = np.array([0, n_ids // 3, n_ids], dtype=np.int64)
+    meta = {"doc_id": "d", "source": "s.jsonl", "window": 2, "n_segments": 2, "char_spans": [[0, 5], [5, 9]]}
+    data = pack(meta, {"encoder": (ids, offsets), "llama": (ids[:0], np.zeros(3, np.int64))})
+    # The documented layout, read with msgpack and numpy alone.
+    raw = msgpack.unpackb(data)
+    enc = raw.pop("tokens")["encoder"]
+    assert raw == meta and (enc["dtype"], enc["offsets_dtype"]) == (np.dtype(dtype).str, offsets_dtype)
+    assert np.frombuffer(enc["ids"], enc["dtype"]).tolist() == ids.tolist()
+    assert np.frombuffer(enc["offsets"], enc["offsets_dtype"]).tolist() == offsets.tolist()
+    got_meta, tokens = unpack(data)
+    assert got_meta == meta and tokens["encoder"][0].tolist() == ids.tolist()
+    assert tokens["llama"][1].dtype == np.uint8 and tokens["llama"][1].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("data", [b"\xc1\xc1", msgpack.packb({"doc_id": "d"}), msgpack.packb([1, 2]),
+                                  msgpack.packb({"tokens": {"e": {"ids": b"abc", "dtype": "<u2", "offsets": b"",
+                                                                  "offsets_dtype": "|u1"}}})])  # fmt: skip
+def test_unpack_refuses_what_is_not_a_sample_in_one_line(data):
+    with pytest.raises(ValueError, match="^not a format-3 sample member: ") as err:
+        unpack(data)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("spec", ["Llama=/m", "encoder=/m", "a" * 33 + "=/m"])

@@ -19,6 +19,7 @@ from data_tools.manifest import load_manifest
 from data_tools.sample_format import MEMBER, unpack
 from data_tools.shard_index import index_from_tar, load_index
 
+PARTS = {"ids": 0, "offsets": 1}  # `<tokenizer>.<part>.npy` -> its array in a format-3 sample
 INDEX_CACHE = 16  # shard indexes kept per reader (~130 bytes per sample each)
 
 
@@ -128,10 +129,10 @@ class ShardReader:
             _, tokens = unpack(self._member(path, key, row, MEMBER))
             arrays = {}
             for suffix in suffixes:
-                name, part = suffix.removesuffix(".npy").rsplit(".", 1)
-                if name not in tokens:
-                    raise ValueError(f"{path}: sample {key} has no tokenizer {name!r} (it has {', '.join(tokens)})")
-                arrays[suffix] = tokens[name][part == "offsets"]
+                name, _, part = suffix.removesuffix(".npy").rpartition(".")
+                if name not in tokens or part not in PARTS:
+                    raise ValueError(f"{path}: sample {key} has no {suffix} (tokenizers: {', '.join(tokens)})")
+                arrays[suffix] = tokens[name][PARTS[part]]
             return key, arrays
         return key, {s: np.load(io.BytesIO(self._member(path, key, row, s)), allow_pickle=False) for s in suffixes}
 
