@@ -42,3 +42,18 @@ def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counte
     rows = [batch.enc_ids[s][batch.enc_mask[s] == 1].tolist() for s in range(batch.enc_ids.shape[0])]
     assert rows == chunks[0][:2] + chunks[1][:2]
     assert batch.stats.dropped_tokens == sum(len(c) for context in chunks for c in context[2:])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (["data.max_chunks=2"], "data.max_chunks: 2 applies to QA contexts"),
+        (["data.shards=[]", "data.qa=qa.jsonl", "data.interleave_tokens=8"], "data.interleave_tokens: 8 applies to"),
+        (["data.max_chunks=-1", "data.shards=[]", "data.qa=qa.jsonl"], "data.max_chunks: -1 must be >= 0"),
+    ],
+)
+def test_chunk_and_interleave_settings_are_refused_where_they_would_do_nothing(data, message):
+    from arctrain.config_tree import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny_cpu.yaml", data)
