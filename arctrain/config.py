@@ -152,6 +152,10 @@ class DataConfig:
         _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, "must be >= 1")
         _require(self.max_chunks >= 0, "max_chunks", self.max_chunks, "must be >= 0 (0: no limit)")
         _require(self.interleave_tokens >= 0, "interleave_tokens", self.interleave_tokens, "must be >= 0")
+        why = "applies to QA contexts (data.qa): shard segments are cut by arc-data build --segment-tokens"
+        _require(not self.max_chunks or bool(self.qa), "max_chunks", self.max_chunks, why)
+        why = "applies to continuation on shards, not to data.qa"
+        _require(not self.interleave_tokens or not self.qa, "interleave_tokens", self.interleave_tokens, why)
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")

@@ -122,6 +122,8 @@ class Setup:
 
     micro_batch: int = 16
     segment_tokens: int = 256  # encoder tokens per compressed segment (and about as many target tokens)
+    chunks: int = 1  # segments (chunks) per sample: data.max_chunks for long QA contexts
+    text_tokens: int = 0  # decoder text before the vectors: data.interleave_tokens
     factor: int = 4
     truncated_layers: int = 2
     projector_hidden: int = 2048
@@ -159,9 +161,11 @@ def estimate(encoder: Shape, decoders: dict[str, Shape], setup: Setup, world_siz
     rows += [(f"decoder {name} (frozen)", p) for name, p in frozen.items()]
     rows += [("trainable total", trainable), ("frozen total", sum(frozen.values()))]
 
-    enc_tokens = setup.micro_batch * setup.segment_tokens
-    # Decoder sequence: BOS + compressed vectors + the special vector + about as many target tokens as encoder tokens.
-    dec_len = 1 + -(-setup.segment_tokens // setup.factor) + 1 + setup.segment_tokens
+    enc_tokens = setup.micro_batch * setup.segment_tokens * setup.chunks
+    # Decoder sequence: BOS + [interleaved text] + compressed vectors + the special vector + about as many target
+    # tokens as one segment has encoder tokens.
+    vectors = setup.chunks * -(-setup.segment_tokens // setup.factor)
+    dec_len = 1 + setup.text_tokens + vectors + 1 + setup.segment_tokens
     dec_tokens, targets = setup.micro_batch * dec_len, setup.micro_batch * setup.segment_tokens
     replicated = sum(p for name, p in frozen.items() if name in setup.replicated)
     partitioned = sum(frozen.values()) - replicated
@@ -221,6 +225,8 @@ def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, .
     setup = Setup(
         micro_batch=cfg.data.micro_batch_size,
         segment_tokens=segment_tokens(cfg),
+        chunks=cfg.data.max_chunks if cfg.data.qa and cfg.data.max_chunks else 1,
+        text_tokens=0 if cfg.data.qa else cfg.data.interleave_tokens,
         factor=cfg.model.pooling_factor,
         truncated_layers=cfg.model.n_truncated_layers,
         projector_hidden=max(d.projector_hidden for d in cfg.decoders),

@@ -72,10 +72,18 @@ def test_paper_configs_carry_the_paper_hyperparameters():
             "bf16",
         )
         assert cfg.model.pooling_factor == 8 and cfg.data.task_ratio == 0.2  # the paper pretrains at x8
+        assert cfg.optim.min_lr_ratio == 0.0 and cfg.data.interleave_tokens == 0  # as the reference's config
     cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_finetune.yaml")  # the paper's fine-tuning stage
     assert (cfg.optim.encoder_lr, cfg.optim.projector_lr, cfg.optim.weight_decay) == (2e-6, 3e-5, 0.05)
     assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
     assert cfg.model.pooling_factor == 4 and cfg.data.qa_shots == 5  # x4 from the x8 encoder, 5-shot
+
+
+def test_the_long_context_config_cuts_1024_token_chunks_and_fits_the_window():
+    cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_long_context.yaml")
+    assert (cfg.data.chunk_tokens, cfg.data.max_chunks, cfg.model.pooling_factor) == (1024, 5, 4)
+    assert cfg.data.qa and cfg.train.init_from and cfg.train.decoder_schedule == "fair"
+    assert 1 + cfg.data.max_chunks * cfg.data.chunk_tokens // cfg.model.pooling_factor + 1 < 4096  # a 4k window
 
 
 @pytest.mark.parametrize("ds_file", DS_FILES, ids=lambda p: p.name)

@@ -368,3 +368,13 @@ def test_interleaved_continuation_puts_the_text_before_the_compressed_segment(ti
             assert target == text[spans[2][0] : spans[2][1]]
             rows += 1
     assert rows == 18
+
+
+def test_fair_and_interleaved_batches_resume_exactly_mid_pair(tiny_models, shards, vocab):
+    root = f"{shards['root'] / 'a'}:1,{shards['root'] / 'b'}:2"
+    cfg = make_config(tiny_models, root, "train.decoder_schedule=fair", "data.interleave_tokens=6",
+                      "data.num_workers=2")  # fmt: skip
+    full = take(build_train_loader(cfg, 1, 2, vocab), 10)
+    resumed = build_train_loader(cfg, 1, 2, vocab)
+    resumed.load_state_dict({"next_batch": 5})  # step 5: the second decoder of a fair pair
+    assert take(resumed, 5) == full[5:]

@@ -111,3 +111,18 @@ def test_logits_are_counted_at_target_positions_and_chunking_saves_none():
     setup = Setup(micro_batch=16, segment_tokens=256, loss_chunk_tokens=0)
     lines = estimate(PUBLISHED["Llama-3.2-3B"], {"llama": shape}, setup, world_size=8).per_gpu["llama"]
     assert lines["decoder llama logits + loss (target positions)"] == LOGIT_BYTES * 16 * 256 * shape.vocab / GB
+
+
+def test_chunks_and_interleaved_text_add_encoder_and_decoder_tokens():
+    """k chunks per sample cost the encoder what k times the samples cost; interleaved text and the k chunks' vectors
+    lengthen the decoder sequence, computed here from activation_bytes on its own."""
+    from arctrain.memory import activation_bytes
+
+    enc, dec = PUBLISHED["Llama-3.2-3B"], PUBLISHED["Llama-3.1-8B"]
+    long = estimate(enc, {"llama": dec}, Setup(micro_batch=4, segment_tokens=1024, chunks=5, text_tokens=64), 8)
+    wide = estimate(enc, {"llama": dec}, Setup(micro_batch=20, segment_tokens=1024), 8)
+    line = "encoder activations (checkpointed)"
+    assert long.per_gpu["llama"][line] == wide.per_gpu["llama"][line]
+    dec_tokens = 4 * (1 + 64 + 5 * 256 + 1 + 1024)
+    expected = activation_bytes(dec, dec.layers, dec_tokens, trainable=False) / GB
+    assert long.per_gpu["llama"]["decoder llama activations (checkpointed)"] == expected

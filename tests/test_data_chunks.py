@@ -1,0 +1,59 @@
+"""Contexts cut into chunks (arctrain/data/chunks.py): the cut arc-data makes, data.max_chunks, counted drops."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from arctrain.config import load_config
+from arctrain.data import Vocab
+from arctrain.data.chunks import Chunker
+from arctrain.data.qa import QAMaker, read_qa
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_models):
+    return AutoTokenizer.from_pretrained(tiny_models / "encoder")
+
+
+def test_chunks_cover_the_text_and_max_chunks_keeps_the_first(enc, tiny_models):
+    text = " ".join(f"word{i} and some more text" for i in range(60))
+    every = Chunker(enc, 16).segments(text)
+    assert len(every) > 5 and all(0 < len(c) <= 16 for c in every)
+    assert enc.decode([t for c in every for t in c]) == text
+    kept, cut = Chunker(enc, 16, max_chunks=3).cut([text, "a second passage"])
+    assert kept == every[:3]
+    extra = Chunker(enc, 16).segments("a second passage")
+    assert vars(cut) == {"contexts": 1, "truncated": 1, "dropped_chunks": len(every) - 3 + len(extra),
+                         "dropped_tokens": sum(map(len, every[3:] + extra))}  # fmt: skip
+    kept, cut = Chunker(enc, 16).cut([text])
+    assert kept == every and cut.truncated == cut.dropped_tokens == 0
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1 and max_chunks >= 0"):
+        Chunker(enc, 0)
+
+
+def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counted(enc, tiny_models, tiny_qa):
+    overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+                 f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={tiny_qa[0]}",
+                 "data.chunk_tokens=16", "data.max_chunks=2"]  # fmt: skip
+    cfg = load_config("configs/tiny_cpu.yaml", overrides)
+    records = read_qa(tiny_qa[0])
+    batch = QAMaker(cfg, Vocab.from_config(cfg)).batch(records, [0, 3], "llama", ["a", "b"])
+    chunks = [Chunker(enc, 16).cut(records[i]["passages"])[0] for i in (0, 3)]  # every chunk of each context
+    assert all(len(c) > 2 for c in chunks)  # 48 words are more than 2 chunks of 16 tokens
+    rows = [batch.enc_ids[s][batch.enc_mask[s] == 1].tolist() for s in range(batch.enc_ids.shape[0])]
+    assert rows == chunks[0][:2] + chunks[1][:2]
+    assert batch.stats.dropped_tokens == sum(len(c) for context in chunks for c in context[2:])
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (["data.max_chunks=2"], "data.max_chunks: 2 applies to QA contexts"),
+        (["data.shards=[]", "data.qa=qa.jsonl", "data.interleave_tokens=8"], "data.interleave_tokens: 8 applies to"),
+        (["data.max_chunks=-1", "data.shards=[]", "data.qa=qa.jsonl"], "data.max_chunks: -1 must be >= 0"),
+    ],
+)
+def test_chunk_and_interleave_settings_are_refused_where_they_would_do_nothing(data, message):
+    from arctrain.config_tree import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny_cpu.yaml", data)
