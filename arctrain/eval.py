@@ -2,6 +2,7 @@
 
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl --shots 5 --out results.json
     arctrain eval ... --heldout heldout.jsonl        # also: token accuracy / loss of reconstructing held-out text
+    arctrain eval ... --vectors store/               # compressed passages read from a vector store by "doc_ids"
 
 `qa.jsonl` holds one record per line: {"question": str, "answers": [str, ...], "passages": [str, ...] or str}.
 Each record is asked in three modes, greedy, the answer being the first non-blank line generated:
@@ -16,6 +17,11 @@ Prefill cost per mode, per question: decoder positions, FLOPs (arctrain/flops.py
 causal attention and the LM head at the last position, plus the encoder and projector for compressed contexts; N
 excludes embedding tables) and measured time to the first token (compression included) of each batch, divided by
 the batch's questions.
+
+With `--vectors DIR` (a store made by `arctrain compress` with this export's encoder) each record also names its
+documents, "doc_ids": [str, ...] or str, and the compressed mode reads their vectors from the store instead of
+running the encoder (its time to first token then excludes the encoder and the store read); the other modes still
+read "passages".
 """
 
 import argparse
@@ -60,6 +66,19 @@ def _f1(pred: list[str], gold: list[str]) -> float:
 
 
 # --- data ---------------------------------------------------------------------------------------------------
+
+
+def check_doc_ids(records: list[dict], store, path: Path) -> None:
+    """With a vector store every record names its documents ("doc_ids"), and each one is in the store."""
+    for n, r in enumerate(records, 1):
+        ids = r.get("doc_ids")
+        ids = [ids] if isinstance(ids, str) else ids
+        if not ids or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path}: record {n}: 'doc_ids' (a string or a list of strings) is needed with --vectors")
+        missing = [i for i in ids if i not in store]
+        if missing:
+            raise ValueError(f"{path}: record {n}: document {missing[0]!r} is not in the --vectors store {store.root}")
+        r["doc_ids"] = ids
 
 
 def answer_line(generated: str) -> str:
@@ -173,6 +192,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--vectors", type=Path, default=None, help="a vector store: compressed passages by doc_ids")
     args = parser.parse_args(argv)
     if args.shots < 0 or args.max_new_tokens < 1 or args.batch_size < 1 or args.heldout_segments < 1:
         raise ValueError("--shots must be >= 0, --max-new-tokens, --batch-size and --heldout-segments >= 1")
@@ -189,9 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = runtime(args)
     records = read_qa(args.data)
     heldout = [r["text"] for r in read_jsonl(args.heldout, {"text": (str,)})] if args.heldout else None
+    store = None
+    if args.vectors is not None:
+        from arctrain.store import VectorStore
+
+        store = VectorStore(args.vectors)
+        check_doc_ids(records, store, args.data)
     chunking = dict(chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, **chunking)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, vectors=store, **chunking)
     result = {"model": str(args.model), "decoder": arc.name, "data": str(args.data), "n": len(records)}
+    result |= {"vectors": str(args.vectors)} if args.vectors else {}
     result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens}
     result |= evaluate_qa(arc, records, args.shots, args.max_new_tokens, args.batch_size)
     if heldout is not None:

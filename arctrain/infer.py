@@ -4,6 +4,8 @@
         --prompt "Question: what does it return?" --max-new-tokens 32
     arctrain generate ... --sample --temperature 0.8 --top-p 0.9 --seed 1
     arctrain generate ... --context-file a.txt b.txt c.txt --batch-size 8 --device cuda --dtype bf16
+    arctrain generate ... --vectors store/ --doc-id doc-17 doc-42 --prompt "Summary:"   # compressed earlier
+    arctrain generate ... --vectors store/ --doc-id doc-17 doc-42 --join --prompt "Question: ..."  # one context
 
 `--dtype auto` (the default) is bf16, on a GPU and on a CPU alike (Llama 3.1 8B: 16 GB, not fp32's 32 GB); pass
 `--dtype fp32` for fp32. `--device auto` is cuda when there is one, else cpu. Generation stops at the decoder's
@@ -22,6 +24,10 @@ A context is cut into chunks of about `--chunk-tokens` encoder tokens (default: 
 decoder's <Cont> vector. `--max-chunks K` keeps the first K chunks (long contexts: the stderr line says what was
 dropped); a prompt longer than the decoder's window (max_position_embeddings) is refused in one line. Batched prompts
 are left-padded.
+
+Where the vectors come from is one seam: `memory(texts)` runs the encoder, `stored_memory(doc_ids)` reads a vector
+store (`arctrain compress`, arctrain/store.py; `vectors=` / `--vectors`), refused unless made by this export's
+encoder. Both give a `Memory`, which `context_example` and the QA prompts place alike.
 """
 
 import argparse
@@ -38,7 +44,8 @@ from arctrain.data.qa import TextPieces
 from arctrain.export import load_export
 from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
-from arctrain.model.batch import BatchStats
+from arctrain.model.batch import SPECIALS, BatchStats
+from arctrain.store import VectorStore
 from arctrain.tokenizer_id import tokenizer_hash
 
 
@@ -108,8 +115,15 @@ class ARCGenerator:
         stop_token_ids: list[int] = (),
         chunk_tokens: int | None = None,
         max_chunks: int = 0,
+        vectors: "str | Path | VectorStore | None" = None,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
+        self.store = None
+        if vectors is not None:
+            from arctrain.store import encoder_identity
+
+            self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
+            self.store.check_encoder(encoder_identity(model_dir), model_dir)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         self.config = config
         self.device = torch.device(device)
@@ -144,13 +158,27 @@ class ARCGenerator:
     def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
         return self.pieces.memory(texts, special)
 
+    def stored_memory(self, doc_ids: str | list[str], special: str | None = "cont") -> Memory:
+        """Documents' vectors from the store (`vectors=`), in order, then one special vector: what `memory` makes
+        of their texts, without running the encoder."""
+        if self.store is None:
+            raise ValueError("no vector store: pass --vectors DIR (ARCGenerator(..., vectors=DIR))")
+        doc_ids = [doc_ids] if isinstance(doc_ids, str) else doc_ids
+        return Memory([], special, vectors=[v for d in doc_ids for v in self.store.get(d).vectors])
+
+    def passages_memory(self, record: dict) -> Memory:
+        """A QA record's compressed passages: from the store by its `doc_ids` when there is one, else encoded."""
+        return self.stored_memory(record["doc_ids"]) if self.store is not None else self.memory(record["passages"])
+
     def text(self, text: str, first: bool = False) -> Text:
         return self.pieces.text(text, first)
 
-    def context_example(self, context: str | list[str], prompt: str) -> Example:
-        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it."""
+    def context_example(self, context: str | list[str] | Memory, prompt: str) -> Example:
+        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it.
+        `context`: texts to compress, or a Memory already made (`stored_memory`)."""
         pieces = [self.text(self.prefix, first=True)] if self.prefix else []
-        return Example(pieces + [self.memory(context), self.text(prompt)])
+        memory = context if isinstance(context, Memory) else self.memory(context)
+        return Example(pieces + [memory, self.text(prompt)])
 
     # --- running --------------------------------------------------------------------------------------------
 
@@ -172,7 +200,7 @@ class ARCGenerator:
         batch = self.batch(examples)
         self.check_window(int(batch.attention_mask.sum(1).max()), new_tokens)
         stats, batch = batch.stats, batch.to(self.device)
-        if stats.enc_tokens > 0:
+        if stats.vectors > len(SPECIALS):  # compressed or stored memory somewhere in the batch
             embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
         else:  # no compressed piece anywhere (closed book): plain token embeddings
             embeds = self.decoder.get_input_embeddings()(batch.dec_ids)
@@ -224,8 +252,8 @@ class ARCGenerator:
                 f"window of decoder {self.name!r} (max_position_embeddings={window}): keep fewer chunks (--max-chunks)"
             )
 
-    def complete(self, contexts: list[str | list[str]], prompts: list[str], **options) -> Generation:
-        """Compress each context and generate after its prompt."""
+    def complete(self, contexts: list[str | list[str] | Memory], prompts: list[str], **options) -> Generation:
+        """Compress each context (or take its Memory as it is) and generate after its prompt."""
         return self.generate([self.context_example(c, p) for c, p in zip(contexts, prompts, strict=True)], **options)
 
 
@@ -289,7 +317,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
     parser.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")
-    parser.add_argument("--context-file", required=True, type=Path, nargs="+", help="UTF-8 texts, one per prompt")
+    context = parser.add_mutually_exclusive_group(required=True)
+    context.add_argument("--context-file", type=Path, nargs="+", help="UTF-8 texts, one per prompt")
+    context.add_argument("--doc-id", nargs="+", help="documents in the --vectors store, one per prompt")
+    parser.add_argument("--vectors", type=Path, default=None, help="a vector store (arctrain compress) for --doc-id")
+    parser.add_argument("--join", action="store_true", help="all --doc-id documents in one context, one prompt")
     parser.add_argument("--prompt", required=True, help="decoder text after each compressed context")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
@@ -304,6 +336,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.batch_size < 1:
         raise ValueError("--max-new-tokens and --batch-size must be >= 1, --temperature > 0 and --top-p in (0, 1]")
     check_context_args(args)
+    if (args.doc_id is None) != (args.vectors is None):
+        raise ValueError("--doc-id and --vectors go together (documents read from a vector store)")
     return args
 
 
@@ -314,13 +348,21 @@ def check_context_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
-    for path in args.context_file:
+    for path in args.context_file or []:
         if not path.is_file():
             raise FileNotFoundError(f"--context-file {path}: no such file")
-    contexts = [path.read_text(encoding="utf-8") for path in args.context_file]
     device, dtype = runtime(args)
+    store = VectorStore(args.vectors) if args.vectors else None
+    for doc_id in args.doc_id or []:
+        if doc_id not in store:
+            raise ValueError(f"--doc-id {doc_id!r}: not in the --vectors store {store.root} ({len(store)} documents)")
     arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
-                       args.chunk_tokens, args.max_chunks)  # fmt: skip
+                       args.chunk_tokens, args.max_chunks, store)  # fmt: skip
+    if args.doc_id is not None:  # vectors from the store; the names printed are the ids
+        names = ["+".join(args.doc_id)] if args.join else args.doc_id
+        contexts = [arc.stored_memory(args.doc_id)] if args.join else [arc.stored_memory(d) for d in args.doc_id]
+    else:
+        names, contexts = args.context_file, [path.read_text(encoding="utf-8") for path in args.context_file]
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip
     texts = []
@@ -332,5 +374,5 @@ def main(argv: list[str] | None = None) -> None:
     if len(texts) == 1:
         print(texts[0])
         return
-    for path, text in zip(args.context_file, texts, strict=True):
-        print(f"==> {path} <==\n{text}")
+    for name, text in zip(names, texts, strict=True):
+        print(f"==> {name} <==\n{text}")

@@ -73,8 +73,9 @@ def shot_indices(i: int, n: int, shots: int) -> list[int]:
 
 
 def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train: bool = False) -> Example:
-    """The few-shot prompt of record i in one mode; `pieces` makes decoder text (`.text`) and compressed memory
-    (`.memory`). `train`: the answer follows as the target (loss on it only)."""
+    """The few-shot prompt of record i in one mode; `pieces` makes decoder text (`.text`) and a record's compressed
+    passages (`.passages_memory`: encoded, or read from a vector store by `arctrain eval --vectors`). `train`: the
+    answer follows as the target (loss on it only)."""
     out = []
     for j in [*shot_indices(i, len(records), shots), i]:
         r = records[j]
@@ -82,7 +83,7 @@ def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train
         qa = f"Question: {r['question']}\nAnswer:{answer}"
         first = not out  # the prompt's first piece is tokenized as a text start, later ones without a dummy prefix
         if mode == "compressed":
-            out += [pieces.text("Document: ", first), pieces.memory(r["passages"]), pieces.text("\n" + qa)]
+            out += [pieces.text("Document: ", first), pieces.passages_memory(r), pieces.text("\n" + qa)]
         elif mode == "open_book":
             out.append(pieces.text("Document: " + "\n".join(r["passages"]) + "\n" + qa, first))
         else:
@@ -116,6 +117,10 @@ class TextPieces:
         if not segments:
             raise ValueError("a context has no text to compress")
         return Memory(segments, special, cut.dropped_tokens)
+
+    def passages_memory(self, record: dict) -> Memory:
+        """A QA record's passages compressed together."""
+        return self.memory(record["passages"])
 
     def text(self, text: str, first: bool = False) -> Text:
         """Decoder ids of a piece of the prompt: `first` (its start) as the tokenizer encodes a text, a later piece

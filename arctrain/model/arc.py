@@ -149,13 +149,18 @@ class ARCModel(nn.Module):
                 f"the batch was collated for (pooling_factor, n_vectors) = {batch.pooled_with} but the encoder pools "
                 f"with {(enc.factor, enc.n_vectors)}: collate with the model's pooling settings"
             )
-        pooled, _ = enc(batch.enc_ids, batch.enc_mask, batch.max_vectors)  # (S, M, D)
-        vector_index = batch.vector_index
-        if vector_index is None:  # a batch not made by collate: find the real vectors on the device
-            valid = torch.arange(pooled.shape[1], device=pooled.device) < batch.n_vectors.unsqueeze(1)  # (S, M)
-            vector_index = valid.flatten().nonzero().squeeze(1)
-        memory = pooled.flatten(0, 1)[vector_index]  # (N, D)
-        vectors = torch.cat([memory, self.specials[decoder]().to(pooled.dtype)])  # (N + 2, D)
+        special = self.specials[decoder]()  # (2, D)
+        parts = []
+        if batch.n_vectors.numel() > 0:  # segments to compress (none when every memory comes from a store)
+            pooled, _ = enc(batch.enc_ids, batch.enc_mask, batch.max_vectors)  # (S, M, D)
+            vector_index = batch.vector_index
+            if vector_index is None:  # a batch not made by collate: find the real vectors on the device
+                valid = torch.arange(pooled.shape[1], device=pooled.device) < batch.n_vectors.unsqueeze(1)  # (S, M)
+                vector_index = valid.flatten().nonzero().squeeze(1)
+            parts.append(pooled.flatten(0, 1)[vector_index])  # (N, D)
+        if batch.stored is not None:
+            parts.append(batch.stored.to(special.dtype))  # (N_s, D) compressed earlier, dequantized by the store
+        vectors = torch.cat([*parts, special.to(parts[0].dtype if parts else special.dtype)])  # (N + N_s + 2, D)
         projected = self.projectors[decoder](vectors)  # (N + 2, Dd)
         tokens = self.all_decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
         slot = batch.dec_slot.unsqueeze(-1)  # (B, T, 1)

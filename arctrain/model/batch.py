@@ -5,13 +5,15 @@ compressed on its own, then one special vector). `collate` lays the pieces of ma
 
     dec_ids   (B, T)  decoder token ids; memory positions hold the pad id
     dec_slot  (B, T)  -1 for a text position, else an index into the flat vector list
-                      [vectors of segment 0, vectors of segment 1, ..., <Rec>, <Cont>]
+                      [vectors of segment 0, vectors of segment 1, ..., stored vectors ..., <Rec>, <Cont>]
     labels    (B, T)  -100 except target tokens, aligned with dec_ids (the model shifts, as in Hugging Face)
 
-so the model only compresses `enc_ids`, projects the flat list and scatters it by `dec_slot`. `collate` runs in
-loader workers and never tokenizes. It also computes, on the CPU, what the model would otherwise read back from the
-device (a host-device sync per micro-batch): the pooling the counts were made with, the largest count, the flat
-indices of the real vectors and of the target positions, and the sizes the FLOP counter needs (`BatchStats`).
+so the model only compresses `enc_ids`, projects the flat list and scatters it by `dec_slot`. A `Memory` may carry
+vectors compressed earlier (`vectors`, read from a vector store: arctrain/store.py) instead of encoder segments:
+they travel as `stored` (N_s, D) and take the slots after the encoder's, so the encoder never sees them. `collate`
+runs in loader workers and never tokenizes. It also computes, on the CPU, what the model would otherwise read back
+from the device (a host-device sync per micro-batch): the pooling the counts were made with, the largest count, the
+flat indices of the real vectors and of the target positions, and the sizes the FLOP counter needs (`BatchStats`).
 """
 
 from dataclasses import dataclass, field, fields
@@ -40,6 +42,7 @@ class Memory:
     segments: list[list[int]]  # encoder token ids, one list per segment or chunk (each compressed on its own)
     special: str | None = None  # "rec", "cont" or None
     dropped_tokens: int = 0  # encoder tokens of this context left out (data.max_chunks), counted in BatchStats
+    vectors: list[torch.Tensor] | None = None  # instead of segments: their pooled vectors, (m_s, D) each (a store)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class ARCBatch:
     vector_index: torch.Tensor | None = None  # (N,) flat indices into (S * M) of the real vectors, in slot order
     target_index: torch.Tensor | None = None  # (N_t,) flat indices into (B * (T - 1)) of positions predicting a target
     stats: "BatchStats | None" = None
+    stored: torch.Tensor | None = None  # (N_s, D) vectors of stored memories, in slot order after the encoder's
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ARCBatch":
         moved = {
@@ -169,12 +173,16 @@ def collate(
     """Lay examples out as right-padded tensors. `bos_id` (the decoder's BOS, if it has one) starts every row."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLING_MODES)}")
-    segments = [seg for ex in examples for piece in ex.pieces if isinstance(piece, Memory) for seg in piece.segments]
-    if any(len(seg) == 0 for seg in segments):
+    memories = [piece for ex in examples for piece in ex.pieces if isinstance(piece, Memory)]
+    segments = [seg for piece in memories if piece.vectors is None for seg in piece.segments]
+    stored = [v for piece in memories if piece.vectors is not None for v in piece.vectors]
+    if any(len(seg) == 0 for seg in segments) or any(len(v) == 0 for v in stored):
         raise ValueError("a Memory segment is empty: every compressed segment needs at least one encoder token")
     counts = [n_pooled(len(seg), factor, n_vectors) for seg in segments]
-    n_memory = sum(counts)
+    n_encoded = sum(counts)
+    n_memory = n_encoded + sum(len(v) for v in stored)
     first_slot = iter([sum(counts[:j]) for j in range(len(counts))])
+    stored_slot = iter([n_encoded + sum(len(v) for v in stored[:j]) for j in range(len(stored))])
     rows = []
     for ex in examples:
         row = _Row()
@@ -184,9 +192,14 @@ def collate(
             if isinstance(piece, Text):
                 row.add(piece.ids, loss=piece.loss)
                 continue
-            for seg in piece.segments:
-                start, m = next(first_slot), n_pooled(len(seg), factor, n_vectors)
-                row.add([dec_pad_id] * m, slots=list(range(start, start + m)))
+            if piece.vectors is not None:
+                for v in piece.vectors:
+                    start = next(stored_slot)
+                    row.add([dec_pad_id] * len(v), slots=list(range(start, start + len(v))))
+            else:
+                for seg in piece.segments:
+                    start, m = next(first_slot), n_pooled(len(seg), factor, n_vectors)
+                    row.add([dec_pad_id] * m, slots=list(range(start, start + m)))
             if piece.special is not None:
                 if piece.special not in SPECIALS:
                     raise ValueError(f"unknown special vector {piece.special!r}: expected one of {SPECIALS}")
@@ -229,6 +242,7 @@ def collate(
         vector_index=torch.tensor(vector_index, dtype=torch.long),
         target_index=target_index,
         stats=stats,
+        stored=torch.cat(stored) if stored else None,
     )
 
 
