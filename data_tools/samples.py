@@ -7,13 +7,13 @@ shards are the same for any number of workers.
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 import numpy as np
 
 from data_tools.boundaries import PieceEncoder
 from data_tools.inputs import Doc
-from data_tools.sample_format import MEMBER, pack
+from data_tools.sample_format import MEMBER, offsets_dtype, pack
 from data_tools.segment import Segment, Segmenter
 from data_tools.tokenizer_set import TokenizerInfo
 
@@ -73,8 +73,8 @@ class SampleEncoder:
         }
         tokens = {}
         for name, dtype, parts in zip(self.names, self.dtypes, seg_ids):
-            offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-            np.cumsum([len(p) for p in parts], out=offsets[1:])
+            bounds = [0, *accumulate(map(len, parts))]
+            offsets = np.array(bounds, offsets_dtype(bounds[-1]))
             tokens[name] = (np.concatenate(parts).astype(dtype, copy=False), offsets)
         members = {"__key__": f"{doc.digest[:8].hex()}-{w:05d}", MEMBER: pack(meta, tokens)}
         return Sample(members, tuple(len(ids) for ids, _ in tokens.values()))
