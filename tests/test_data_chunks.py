@@ -57,3 +57,32 @@ def test_chunk_and_interleave_settings_are_refused_where_they_would_do_nothing(d
 
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny_cpu.yaml", data)
+
+
+def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window(enc, tiny_models, tmp_path):
+    """A passage 4.5x the tiny decoders' window (4096) in encoder tokens, chunk_tokens=1024, max_chunks=3: the
+    training row holds 3 chunks' vectors and fits the window; the rest is counted."""
+    import json
+
+    from arctrain.corpus import read_corpus
+
+    window = json.loads((tiny_models / "llama" / "config.json").read_text())["max_position_embeddings"]
+    parts, tokens = [], 0
+    for record in read_corpus(tiny_models / "corpus.jsonl"):
+        parts.append(record["text"])
+        tokens += len(enc.encode(record["text"], add_special_tokens=False))
+        if tokens > 4.5 * window:
+            break
+    document = "\n\n".join(parts)
+    qa = tmp_path / "long.jsonl"
+    qa.write_text(json.dumps({"question": "What is it about?", "answers": ["code"], "passages": document}) + "\n")
+    overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+                 f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={qa}",
+                 "data.chunk_tokens=1024", "data.max_chunks=3"]  # fmt: skip
+    cfg = load_config("configs/tiny_cpu.yaml", overrides)
+    batch = QAMaker(cfg, Vocab.from_config(cfg)).batch(read_qa(qa), [0], "llama", ["long"])
+    chunks = Chunker(enc, 1024).segments(document)
+    assert sum(map(len, chunks)) > 4 * window
+    assert batch.enc_mask.sum(1).tolist() == [len(c) for c in chunks[:3]]
+    assert batch.n_vectors.tolist() == [-(-len(c) // 4) for c in chunks[:3]]
+    assert batch.dec_ids.shape[1] < window and batch.stats.dropped_tokens == sum(map(len, chunks[3:]))

@@ -198,3 +198,17 @@ def test_a_prompt_past_the_decoders_window_is_refused_in_one_line(exported, tiny
     arctrain([*args, "--max-chunks", "6"])
     out, err = capsys.readouterr()
     assert out.strip() and "--max-chunks 6: 1 of 1 contexts cut short" in err
+
+
+def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny_models, tiny_qa, tmp_path, capsys):
+    """`arctrain eval --chunk-tokens 16 --max-chunks 1`: each compressed context is its first 16-token chunk (at most
+    16 encoder tokens per question), and the JSON and the table say how many contexts were cut and by how much."""
+    out = tmp_path / "eval.json"
+    arctrain(["eval", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--data", str(tiny_qa[1]),
+              "--shots", "0", "--max-new-tokens", "2", "--dtype", "fp32", "--chunk-tokens", "16", "--max-chunks", "1",
+              "--out", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    cut, n = result["context_cut"], result["n"]
+    assert (cut["chunk_tokens"], cut["max_chunks"], cut["contexts"], cut["truncated"]) == (16, 1, n, n)
+    assert 0 < result["modes"]["compressed"]["prefill"]["encoder_tokens"] <= 16  # per question
+    assert cut["dropped_tokens"] > 0 and f"{n} of {n} contexts cut short" in capsys.readouterr().out
