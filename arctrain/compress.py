@@ -18,17 +18,15 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from arctrain.store import DTYPES, FORMAT, SPLIT, bytes_per_vector, doc_key, encoder_identity, sample_members
+from arctrain.store import DTYPES, SPLIT, StoreWriter, bytes_per_vector, doc_key, encoder_identity, sample_members
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
-from data_tools.samples import Sample
-from data_tools.shards import SplitWriter
 
 GROUP_DOCS = 32  # documents per task sent to a worker (and per write)
 BATCH_SEGMENTS = 32  # segments compressed in one encoder forward (right-padded to the longest)
@@ -135,42 +133,26 @@ def compress(args: argparse.Namespace) -> dict:
     config = json.loads((args.model / "config.json").read_text())
     prepare_out(args.out, args.overwrite)
     tally = Tally(strict=args.strict)
-    writer = SplitWriter(args.out, SPLIT, int(args.shard_size_mb * (1 << 20)), 0, ["encoder"])
-    counts = Counter()
+    writer = StoreWriter(args.out, int(args.shard_size_mb * (1 << 20)))
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
         for group, samples in _in_order(_groups(read_documents(files, fields, tally), tally), args):
             for (doc_id, _), members in zip(group, samples, strict=True):
                 if members is None:
                     tally.skip("no_tokens", f"document {doc_id!r}")
                     continue
-                tokens, vectors = _sizes(members)
-                writer.write(Sample(members, (tokens,)))
-                counts.update(docs=1, tokens=tokens, vectors=vectors)
+                writer.write(members)
             bar.update(len(group))
-    shards = writer.close()
-    for shard in shards:
-        shard["tokens"] = shard["tokens"]["encoder"]
     dim = config["backbone"]["hidden_size"]
-    stored_bytes = sum(s["bytes"] + s["index"]["bytes"] for s in shards)
-    manifest = {
-        "format": FORMAT,
-        "encoder": {"identity": identity, "model": str(args.model), "hidden_size": dim},
-        "pooling": config["pooling"],
-        "pooling_factor": config["pooling_factor"],
-        "n_vectors": config["n_vectors"],
-        "segment_tokens": config["segment_tokens"],
-        "dtype": args.dtype,
-        "bytes_per_vector": bytes_per_vector(dim, args.dtype),
-        "docs": {"read": tally.read, "written": counts["docs"], "skipped": dict(sorted(tally.skipped.items()))},
-        "encoder_tokens": counts["tokens"],
-        "vectors": counts["vectors"],
-        "bytes": stored_bytes,
-        "bytes_per_token": stored_bytes / max(counts["tokens"], 1),
-        "shards": shards,
-        "sources": source_entries(files),
-    }
-    (args.out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(args.out / "manifest.json.tmp", args.out / "manifest.json")  # last: a finished store
+    manifest = writer.close(
+        {
+            "encoder": {"identity": identity, "model": str(args.model), "hidden_size": dim},
+            **{k: config[k] for k in ("pooling", "pooling_factor", "n_vectors", "segment_tokens")},
+            "dtype": args.dtype,
+            "bytes_per_vector": bytes_per_vector(dim, args.dtype),
+            "docs": {"read": tally.read, "written": writer.docs, "skipped": dict(sorted(tally.skipped.items()))},
+            "sources": source_entries(files),
+        }
+    )
     print(_summary(manifest, time.time() - start, args.out))
     return manifest
 
@@ -185,16 +167,6 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         raise DataError(f"--out {out}: already holds {existing[0].name}; use --overwrite to replace the store")
     for path in existing:
         path.unlink()
-
-
-def _sizes(members: dict[str, bytes]) -> tuple[int, int]:
-    import io
-
-    import numpy as np
-
-    tokens = np.load(io.BytesIO(members["tokens.npy"]))
-    counts = np.load(io.BytesIO(members["counts.npy"]))
-    return int(tokens.sum()), int(counts.sum())
 
 
 def _summary(manifest: dict, seconds: float, out: Path) -> str:

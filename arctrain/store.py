@@ -19,6 +19,7 @@ pooling settings, segment length and tokenizer: a store made by another encoder 
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,37 @@ def sample_members(doc_id: str, segments: list[torch.Tensor], tokens: list[int],
     members["tokens.npy"] = npy(np.array(tokens, dtype=np.int32))
     members |= {f"{name}.npy": npy(a) for name, a in arrays.items()}
     return members
+
+
+class StoreWriter:
+    """The shards of a store (data_tools' SplitWriter: sha256 and index per shard), then the manifest, last."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        from data_tools.shards import SplitWriter
+
+        self.out = out
+        self.writer = SplitWriter(out, SPLIT, shard_bytes, 0, ["encoder"])
+        self.docs = self.tokens = self.vectors = 0
+
+    def write(self, members: dict[str, bytes]) -> None:
+        from data_tools.samples import Sample
+
+        tokens = int(np.load(io.BytesIO(members["tokens.npy"])).sum())
+        self.writer.write(Sample(members, (tokens,)))
+        self.docs, self.tokens = self.docs + 1, self.tokens + tokens
+        self.vectors += int(np.load(io.BytesIO(members["counts.npy"])).sum())
+
+    def close(self, meta: dict) -> dict:
+        """Write manifest.json: `meta` (encoder, pooling, dtype, docs, sources), counts and the shards."""
+        shards = self.writer.close()
+        for shard in shards:
+            shard["tokens"] = shard["tokens"]["encoder"]
+        stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards)
+        manifest = {"format": FORMAT, **meta, "encoder_tokens": self.tokens, "vectors": self.vectors}
+        manifest |= {"bytes": stored, "bytes_per_token": stored / max(self.tokens, 1), "shards": shards}
+        (self.out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(self.out / "manifest.json.tmp", self.out / "manifest.json")  # last: a finished store
+        return manifest
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
