@@ -78,39 +78,51 @@ class Checkpointer:
             raise ValueError(f"{self.dir / tag}: checkpoint has no {TRAINER_STATE}; it was not written by arctrain")
         return json.loads(state_file.read_text())
 
-    def check_resumable(self, world_size: int, fingerprint: dict) -> None:
+    def check_resumable(self, world_size: int, fingerprint: dict, grad_accum: int = 1) -> int:
         """Refuse, in one line naming the key, to resume a checkpoint under settings that would reinterpret its
-        data position (batch index -> samples) or its ZeRO-3 partitions."""
+        data position (global micro-batch index -> samples). Returns the grad_accum to run with: the checkpoint
+        fixes the micro-batches per step, so a resume at another world size adapts it when that is exact
+        (`elastic.resume_grad_accum`)."""
+        from arctrain.elastic import resume_grad_accum
+
         state = self.trainer_state()
         if state is None:
-            return
+            return grad_accum
         where = self.dir / self.latest()
-        if state.get("world_size", world_size) != world_size:
-            raise ValueError(
-                f"{where} was written by {state['world_size']} ranks; resume it with {state['world_size']} "
-                f"ranks (this run has {world_size}), or start a new run directory"
-            )
         for key, value in state.get("fingerprint", {}).items():
             if key in fingerprint and fingerprint[key] != value:
                 raise ValueError(
                     f"{where} was written with {key}={value!r}, this run has {key}={fingerprint[key]!r}: resuming "
                     f"would change which samples follow; keep {key} or start a new run directory"
                 )
+        return resume_grad_accum(state, where, world_size, grad_accum)
+
+    def elastic(self, world_size: int) -> bool:
+        """True when the newest checkpoint was written at another world size (DeepSpeed must load it universal)."""
+        state = self.trainer_state()
+        return state is not None and state.get("world_size", world_size) != world_size
 
     def load(self, engine, world_size: int) -> dict | None:
-        """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run."""
+        """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run. At another
+        world size than the checkpoint's it goes through DeepSpeed's universal checkpoint (arctrain/elastic.py),
+        and `engine` must have been built with checkpoint.load_universal."""
         state = self.trainer_state()
         if state is None:
             return None
-        self.check_resumable(world_size, {})
         tag = self.latest()
-        path, _ = engine.load_checkpoint(
-            str(self.dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if path is None:
-            raise ValueError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
+        if self.elastic(world_size):
+            from arctrain.elastic import load_universal
+
+            load_universal(engine, self.dir / tag, self.rank, self.device)
+        else:
+            path, _ = engine.load_checkpoint(
+                str(self.dir), tag=tag, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )  # fmt: skip
+            if path is None:
+                raise ValueError(f"{self.dir / tag}: DeepSpeed could not load this checkpoint")
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
+        if rng_file.is_file():  # a rank the checkpoint did not have keeps the seeded state of a fresh start
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return state
 
@@ -124,11 +136,11 @@ class Checkpointer:
 
 
 def resume_fingerprint(cfg) -> dict:
-    """The settings a checkpoint's data position means something only under: batch b of a rank is a function
-    of these (arctrain/data/sampling.py), so a resume must not change them. LRs, steps, intervals may change."""
+    """The settings a checkpoint's data position means something only under: global micro-batch g is a function
+    of these (arctrain/data/sampling.py), so a resume must not change them. LRs, steps, intervals may change; the
+    world size too, with grad_accum keeping world_size x grad_accum (`Checkpointer.check_resumable`)."""
     return {
         "data.micro_batch_size": cfg.data.micro_batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
         "train.seed": cfg.train.seed,
         "data.seed_offset": cfg.data.seed_offset,
         "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],

@@ -63,6 +63,15 @@ def reduce_floats(values: list[float], device: torch.device, op=SUM) -> list[flo
     return all_reduce(on_device(values, device), device, op).tolist()
 
 
+def broadcast_object(obj, device: torch.device):
+    """Rank 0's picklable `obj` on every rank (a collective). Its bytes travel as a tensor on `device`: under NCCL
+    the training GPU, under gloo the CPU."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
 def barrier(device: torch.device) -> None:
     """Every rank waits here. NCCL's barrier is pinned to this rank's GPU (device_ids) so that it does not guess
     one; gloo has no device."""

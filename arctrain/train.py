@@ -56,10 +56,11 @@ def check_shards(cfg) -> None:
             read_qa(Path(path))
 
 
-def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print):
+def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False):
     """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
-    the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those)."""
+    the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those);
+    `universal`: the checkpoint to resume was written at another world size (arctrain/elastic.py)."""
     import deepspeed
 
     from arctrain.checkpoint import load_initial_weights
@@ -69,6 +70,8 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
     from arctrain.optim import build_optimizer, build_scheduler
 
     ds_config = deepspeed_config(cfg, world_size)
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(cfg.train.seed)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     replicated, why = placement(cfg, world_size, ds_config)
@@ -122,15 +125,20 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
     return StepOutput(loss_sum, tokens)
 
 
-def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
-    """The run directory's checkpointer; refuses a resume under changed settings, then keeps this launch's config."""
+def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, say=print):
+    """The run directory's checkpointer; refuses a resume under changed settings (at another world size it sets
+    train.grad_accum to keep the checkpoint's micro-batches per step), then keeps this launch's config."""
     from arctrain.checkpoint import Checkpointer, resume_fingerprint
     from arctrain.export import record_run_data
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
-    checkpointer.check_resumable(world_size, resume_fingerprint(cfg))
+    accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum)
+    if accum != cfg.train.grad_accum:
+        say(f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
+            f"{accum * world_size} micro-batches per step, this run has {world_size} ranks")  # fmt: skip
+        cfg.train.grad_accum = accum
     if rank == 0:
         save_launch_config(cfg, run_dir)
         record_run_data(cfg, run_dir)  # the segment length, for the export (arctrain/export.py)
@@ -138,7 +146,8 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device):
 
 
 def build_data(cfg, rank: int, world_size: int, next_batch: int):
-    """(vocab, the training loader at `next_batch`, the val set: data.ValSet, QA val batches, or None)."""
+    """(vocab, the training loader at this rank's local batch `next_batch`, the val set: data.ValSet, QA val
+    batches, or None)."""
     from arctrain.data import Vocab, build_train_loader
 
     vocab = Vocab.from_config(cfg)
@@ -165,17 +174,17 @@ def train(cfg) -> int:
 
     rank, world_size, device = init_distributed()
     run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
-    checkpointer = build_checkpointer(cfg, rank, world_size, device)
+    checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
-    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say)
-    state = checkpointer.load(engine, world_size) or {"step": 0, "next_batch": 0, "bad_steps": 0, "skipped_steps": 0}
-    say(f"{'resumed from step ' + str(state['step']) if state['step'] else 'starting at step 0'} in {run_dir} "
-        f"(world size {world_size}, {device.type})")  # fmt: skip
-    vocab, loader, val = build_data(cfg, rank, world_size, state["next_batch"])
+    elastic = checkpointer.elastic(world_size)
+    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, universal=elastic)
+    state = checkpointer.load(engine, world_size) or {"step": 0, "bad_steps": 0, "skipped_steps": 0}
+    resumed = f"resumed from step {state['step']}" + (f" (written by {state['world_size']} ranks)" if elastic else "")
+    say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, "
+        f"{device.type})")  # fmt: skip
+    vocab, loader, val = build_data(cfg, rank, world_size, state["step"] * cfg.train.grad_accum)
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
-    keys_log = (
-        SampleLog(run_dir / "logs" / f"samples_rank{rank}.jsonl", state["step"]) if cfg.logging.sample_keys else None
-    )
+    keys_log = SampleLog.open(run_dir / "logs", rank, world_size, state["step"]) if cfg.logging.sample_keys else None
     meter, window, peak = (
         LossMeter([d.name for d in cfg.decoders], cfg.data.tasks, device),
         Window(FlopCounter(model)),
@@ -193,7 +202,7 @@ def train(cfg) -> int:
         for b, batch in micro:
             window.count(batch.decoder, batch.stats)
             if keys_log is not None:
-                keys_log.write(step + 1, b, batch.keys)
+                keys_log.write(step + 1, loader.global_batch(b), batch.keys)
         state["step"] = step = step + 1
         window.time += time.perf_counter() - t0
         # DeepSpeed reduces the gradient norm over ranks and skips a step whose norm is not finite (a non-finite
@@ -218,7 +227,9 @@ def train(cfg) -> int:
             say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)")
             exit_code = EXIT_PREEMPTED
         if exit_code or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-            trainer_state = {**state, "next_batch": loader.next_batch, "world_size": world_size,
+            per_step = world_size * cfg.train.grad_accum  # global micro-batches of a step: fixed for the run
+            trainer_state = {**state, "next_sample": step * per_step * cfg.data.micro_batch_size,
+                             "world_size": world_size, "grad_accum": cfg.train.grad_accum,
                              "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
             say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
         if exit_code:
@@ -276,18 +287,33 @@ def _logger(run_dir: Path, rank: int):
 
 
 class SampleLog:
-    """One line per micro-batch: step, batch index and sample keys; lines past a resumed step are dropped."""
+    """One line per micro-batch: step, global micro-batch index and sample keys; lines past a resumed step are
+    dropped."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step] if (
-            path.is_file()) else []  # fmt: skip
-        path.write_text("".join(line + "\n" for line in kept))
+        _truncate_after(path, resume_step)
+
+    @classmethod
+    def open(cls, logs: Path, rank: int, world_size: int, resume_step: int) -> "SampleLog":
+        """This rank's log; rank 0 also truncates the logs of ranks a resume at a smaller world size lacks."""
+        if rank == 0:
+            for path in logs.glob("samples_rank*.jsonl"):
+                if int(path.stem.removeprefix("samples_rank")) >= world_size:
+                    _truncate_after(path, resume_step)
+        return cls(logs / f"samples_rank{rank}.jsonl", resume_step)
 
     def write(self, step: int, b: int, keys: list[str]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "batch": b, "keys": keys}) + "\n")
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop a JSON-lines log's lines past `step` (a resumed run repeats those steps)."""
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] if (
+        path.is_file()) else []  # fmt: skip
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _local_param_elements(module: torch.nn.Module) -> int:

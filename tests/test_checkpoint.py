@@ -16,10 +16,11 @@ def config(*overrides: str):
 
 
 def written(run_dir: Path, cfg, world_size: int = 2) -> Checkpointer:
-    """A run dir whose latest checkpoint was written under `cfg`."""
+    """A run dir whose latest checkpoint was written under `cfg` by `world_size` ranks."""
     tag = run_dir / "checkpoints" / "step_00000010"
     tag.mkdir(parents=True)
-    state = {"step": 10, "next_batch": 10, "world_size": world_size, "fingerprint": resume_fingerprint(cfg)}
+    state = {"step": 10, "world_size": world_size, "grad_accum": cfg.train.grad_accum,
+             "fingerprint": resume_fingerprint(cfg)}  # fmt: skip
     (tag / TRAINER_STATE).write_text(json.dumps(state))
     (run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
     return Checkpointer(run_dir, keep=2, rank=0)
@@ -40,7 +41,7 @@ def written(run_dir: Path, cfg, world_size: int = 2) -> Checkpointer:
 def test_resume_with_changed_data_settings_is_refused_naming_the_key(tmp_path, changed, key, old, new):
     ckpt = written(tmp_path, config())
     with pytest.raises(ValueError) as err:
-        ckpt.check_resumable(2, resume_fingerprint(config(changed)))
+        ckpt.check_resumable(2, resume_fingerprint(config(changed)), config(changed).train.grad_accum)
     assert str(err.value) == (
         f"{tmp_path / 'checkpoints' / 'step_00000010'} was written with {key}={old}, this run has {key}={new}: "
         f"resuming would change which samples follow; keep {key} or start a new run directory"
@@ -49,9 +50,51 @@ def test_resume_with_changed_data_settings_is_refused_naming_the_key(tmp_path, c
 
 def test_resume_with_changed_schedule_or_intervals_is_allowed(tmp_path):
     ckpt = written(tmp_path, config())
-    ckpt.check_resumable(2, resume_fingerprint(config("train.steps=300", "optim.encoder_lr=1e-4", "eval.interval=7")))
-    with pytest.raises(ValueError, match="written by 2 ranks; resume it with 2 ranks"):
-        ckpt.check_resumable(1, resume_fingerprint(config()))
+    changed = config("train.steps=300", "optim.encoder_lr=1e-4", "eval.interval=7")
+    assert ckpt.check_resumable(2, resume_fingerprint(changed), 1) == 1
+
+
+@pytest.mark.parametrize(
+    "accum, world, accum_now, expected",
+    [
+        (1, 1, 1, 2),  # 2 ranks x 1 -> 1 rank: grad_accum adapts to 2
+        (1, 1, 2, 2),  # ... or was set to 2 by hand
+        (2, 4, 2, 1),  # 2 ranks x 2 -> 4 ranks x 1
+        (1, 2, 1, 1),  # the same world size
+        (
+            1,
+            1,
+            3,
+            "ran 2 micro-batches per step (2 ranks x train.grad_accum=1); 1 ranks x train.grad_accum=3 would "
+            "change the global batch: use train.grad_accum=2, or start a new run directory",
+        ),
+        (
+            1,
+            3,
+            1,
+            "3 ranks x train.grad_accum=1 would change the global batch: resume on a number of ranks that "
+            "divides 2, or start a new run directory",
+        ),
+        (
+            2,
+            8,
+            2,
+            "8 ranks x train.grad_accum=2 would change the global batch: resume on a number of ranks that divides 4",
+        ),
+    ],
+)
+def test_another_world_size_keeps_the_micro_batches_per_step_or_is_refused(tmp_path, accum, world, accum_now,
+                                                                            expected):  # fmt: skip
+    ckpt = written(tmp_path, config(f"train.grad_accum={accum}"), world_size=2)
+    fingerprint = resume_fingerprint(config(f"train.grad_accum={accum_now}"))
+    if isinstance(expected, int):
+        assert ckpt.check_resumable(world, fingerprint, accum_now) == expected
+        assert ckpt.elastic(world) == (world != 2)
+        return
+    with pytest.raises(ValueError) as err:
+        ckpt.check_resumable(world, fingerprint, accum_now)
+    assert str(err.value).startswith(f"{tmp_path / 'checkpoints' / 'step_00000010'} ")
+    assert expected in str(err.value)
 
 
 def test_every_launch_keeps_its_config(tmp_path):

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from arctrain.config import load_config
 from arctrain.data import ValSet, Vocab, build_train_loader, schedule
-from arctrain.data.sampling import RankStream, SourceMixer
+from arctrain.data.sampling import Layout, SourceMixer, SourceStream
 from arctrain.data.val import spread
 from arctrain.model.batch import IGNORE
 from arctrain.tokenizer_id import tokenizer_hash
@@ -183,7 +183,7 @@ def test_a_batch_mixes_sources_and_distant_shards(tiny_models, shards, vocab):
     mixed = sum(0 < sum(k in in_b for k in keys) < len(keys) for keys in batches)
     assert mixed >= 30, mixed  # one batch of 6 is all of one source with probability (1/3)^6 + (2/3)^6 = 0.09
     # Lanes: neighbouring positions come from `lanes` different shards; each lane reads its range in order.
-    stream = RankStream(0, 0, (10,) * 8, rank=0, world_size=1, shuffle_buffer=1, lanes=4)
+    stream = SourceStream(0, 0, (10,) * 8, shuffle_buffer=1, lanes=4)
     located = [stream.locate(j) for j in range(80)]
     assert len({shard for shard, _ in located[:4]}) == 4
     assert located[4] == (located[0][0], located[0][1] + 1)
@@ -207,11 +207,43 @@ def test_plan_fixes_the_decoder_per_step_and_follows_weights(tiny_models, shards
     assert [robin.plan(0, b)[0] for b in range(4)] == ["llama", "mistral", "llama", "mistral"]
 
 
-def test_rank_stream_repeats_a_tiny_source_for_every_rank():
-    stream = [RankStream(0, 0, (3,), rank, 4, 2) for rank in range(4)]
-    seen = [[s.locate(j) for j in range(6)] for s in stream]
-    assert all(shard == 0 and 0 <= i < 3 for rank in seen for shard, i in rank)
-    assert sorted(x for rank in seen for x in rank[:3]) == sorted([(0, i) for i in range(3)] * 4)
+def test_a_tiny_source_repeats_for_every_rank():
+    """A source of 3 samples read by 4 ranks (one sample each per micro-batch): every epoch is all 3, in a new
+    order, and no position is ever out of range."""
+    stream = SourceStream(0, 0, (3,), shuffle_buffer=2)
+    seen = [stream.locate(j) for j in range(12)]
+    assert all(shard == 0 and 0 <= i < 3 for shard, i in seen)
+    assert all(sorted(seen[e * 3 : e * 3 + 3]) == [(0, 0), (0, 1), (0, 2)] for e in range(4))
+
+
+def test_a_step_holds_the_same_micro_batches_at_any_world_size(tiny_models, shards, vocab):
+    """world_size x grad_accum = 6 micro-batches per step, split 6x1, 3x2, 2x3 or 1x6 (workers 0 and 2): every step
+    is the same 6 micro-batches (keys, decoder, task, decoder tokens), each at the same global index."""
+    root = shards["root"]
+
+    def steps(world_size: int, workers: int) -> list[dict[int, tuple]]:
+        accum = 6 // world_size
+        cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", f"train.grad_accum={accum}",
+                          f"data.num_workers={workers}")  # fmt: skip
+        out = [{} for _ in range(4)]
+        for rank in range(world_size):
+            loader = build_train_loader(cfg, rank, world_size, vocab)
+            for b, keys, decoder, task, ids in take(loader, 4 * accum):
+                out[b // accum][loader.global_batch(b)] = (keys, decoder, task, ids)
+        return out
+
+    reference = steps(6, 0)
+    assert [sorted(step) for step in reference] == [list(range(s * 6, s * 6 + 6)) for s in range(4)]
+    assert all(len({d for _, d, _, _ in step.values()}) == 1 for step in reference)  # one decoder per step
+    for world_size, workers in ((1, 2), (2, 0), (3, 2)):
+        assert steps(world_size, workers) == reference, world_size
+
+
+def test_layout_deals_each_step_to_ranks_and_accumulation_slots():
+    slots = {(r, b): Layout(r, 2, 3).global_batch(b) for r in (0, 1) for b in range(6)}
+    assert sorted(slots.values()) == list(range(12))
+    assert [slots[(0, b)] for b in range(3)] == [0, 2, 4] and [slots[(1, b)] for b in range(3)] == [1, 3, 5]
+    assert Layout(0, 1, 1).global_batch(17) == 17  # one rank, no accumulation: the local index itself
 
 
 def test_fewer_shards_than_ranks_times_workers_does_not_hang(tmp_path, tiny_models, corpus, vocab):

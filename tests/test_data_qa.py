@@ -82,3 +82,14 @@ def test_memory_holds_the_passages_segments(tiny_models, tiny_qa):
     assert isinstance(memory, Memory) and len(memory.segments) >= 3 and memory.special == "cont"
     enc = AutoTokenizer.from_pretrained(tiny_models / "encoder")
     assert enc.decode([t for seg in memory.segments for t in seg]) == records[0]["passages"][0]
+
+
+def test_a_step_holds_the_same_records_on_one_rank_or_two(tiny_models, tiny_qa):
+    """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches: each step is the same records and decoder."""
+    two = qa_config(tiny_models, tiny_qa[0], "data.num_workers=0")
+    one = qa_config(tiny_models, tiny_qa[0], "data.num_workers=0", "train.grad_accum=2")
+    per_rank = [keys(build_train_loader(two, rank, 2), 6) for rank in (0, 1)]
+    straight = [{(d, tuple(ks)) for _, d, ks in (per_rank[0][s], per_rank[1][s])} for s in range(6)]
+    alone = keys(build_train_loader(one, 0, 1), 12)
+    assert [{(d, tuple(ks)) for _, d, ks in alone[2 * s : 2 * s + 2]} for s in range(6)] == straight
+    assert len({d for step in straight for d, _ in step}) == 2  # both decoders, one per step

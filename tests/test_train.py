@@ -44,7 +44,8 @@ def overrides(models: Path, shards: Path, run_dir: Path, *extra: str) -> list[st
     ]
 
 
-def launch(args: list[str], nproc: int, log: Path) -> list[subprocess.Popen]:
+def launch(args: list[str], nproc: int, log: Path, program: tuple[str, ...] = ("-m", "arctrain", "train")):
+    """`nproc` ranks of `python PROGRAM --config configs/tiny_cpu.yaml ARGS`, as torchrun starts them."""
     port, procs = free_port(), []
     for rank in range(nproc):
         env = {
@@ -58,7 +59,7 @@ def launch(args: list[str], nproc: int, log: Path) -> list[subprocess.Popen]:
             "DS_ACCELERATOR": "cpu",
             "OMP_NUM_THREADS": "1",
         }
-        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
+        cmd = [sys.executable, *program, "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
         out = open(f"{log}.rank{rank}", "w")
         procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
     return procs
@@ -173,7 +174,8 @@ def test_checkpoint_holds_no_frozen_weights(straight, tiny_models):
         + [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]
     )
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 20 and state["next_batch"] == 20
+    assert state["step"] == 20 and state["next_sample"] == 20 * 2 * 4  # steps x micro-batches x samples
+    assert (state["world_size"], state["grad_accum"]) == (2, 1)
     # keep: 2 -> steps 10 and 20 remain
     assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
 
@@ -268,15 +270,19 @@ def test_training_makes_compressed_context_useful(tiny_models, tiny_shards, tmp_
         assert val[recon + "loss"] < val[recon + "loss_no_context"] - 0.3, val
 
 
-def test_resume_with_another_world_size_is_refused(straight, tiny_models, tiny_shards, tmp_path):
+def test_resume_that_would_change_the_global_batch_is_refused(straight, tiny_models, tiny_shards, tmp_path):
+    """Another world size is fine (tests/test_elastic.py) as long as ranks x grad_accum stays 2 micro-batches."""
     import shutil
 
     run_dir = tmp_path / "copy"
     shutil.copytree(straight, run_dir)
     args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=30")
-    assert run(args, 1, tmp_path / "log") == [2]
+    assert run([*args, "train.grad_accum=3"], 1, tmp_path / "log") == [2]
     out = (tmp_path / "log.rank0").read_text()
-    assert "step_00000020 was written by 2 ranks; resume it with 2 ranks (this run has 1)" in out
+    assert (
+        "step_00000020 ran 2 micro-batches per step (2 ranks x train.grad_accum=1); 1 ranks x train.grad_accum=3 "
+        "would change the global batch: use train.grad_accum=2, or start a new run directory"
+    ) in out
 
     assert run([*args, "data.micro_batch_size=2"], 2, tmp_path / "mbs") == [2, 2]
     errors = [line for line in (tmp_path / "mbs.rank0").read_text().splitlines() if "error" in line]

@@ -7,7 +7,8 @@
     for source, batch in ValSet(cfg, vocab, rank, world_size).batches("llama", "continuation"): ...  # data/val.py
 
 Worker w of W produces the batches start + w, start + w + W, ...; the DataLoader takes them from its workers in
-turn, so a rank sees b = start, start + 1, ... whatever the number of workers (docs/ARCHITECTURE.md §3).
+turn, so a rank sees b = start, start + 1, ... whatever the number of workers. Local batch b of a rank is global
+micro-batch `Layout.global_batch(b)`, whose samples do not depend on the world size (docs/ARCHITECTURE.md §3).
 """
 
 import zlib
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
 from arctrain.config import Config
-from arctrain.data.sampling import SEGMENT, RankStream, Schedule, SourceMixer, rng
+from arctrain.data.sampling import SEGMENT, Layout, Schedule, SourceMixer, SourceStream, rng
 from arctrain.data.shards import ShardReader, Source, open_source, shard_table
 from arctrain.model.batch import ARCBatch, Example, collate, pretraining_example
 
@@ -57,11 +58,16 @@ def tokenizer_paths(cfg: Config) -> dict[str, str]:
     return {"encoder": cfg.model.encoder_path, **{d.name: d.path for d in cfg.decoders}}
 
 
-def schedule(cfg: Config) -> Schedule:
+def layout(cfg: Config, rank: int = 0, world_size: int = 1) -> Layout:
+    return Layout(rank, world_size, cfg.train.grad_accum)
+
+
+def schedule(cfg: Config, world_size: int = 1) -> Schedule:
+    """The decoder and task plan over global micro-batch indices (world_size x grad_accum of them per step)."""
     return Schedule(
         decoders=tuple(d.name for d in cfg.decoders),
         weights=tuple(d.weight for d in cfg.decoders),
-        grad_accum=cfg.train.grad_accum,
+        grad_accum=layout(cfg, 0, world_size).per_step,
         round_robin=cfg.train.decoder_schedule == "round_robin",
         task_ratio=cfg.data.task_ratio,
         hold=cfg.train.decoder_hold,
@@ -118,15 +124,15 @@ def _segments(ids, offsets) -> list[list[int]]:
 
 
 class TrainBatches(IterableDataset):
-    """Endless batches (b, ARCBatch) of one rank from index `start`, split across DataLoader workers."""
+    """Endless batches (b, ARCBatch) of one rank from local index `start`, split across DataLoader workers."""
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source], weights: list[float], rank: int,
                  world_size: int, start: int = 0):  # fmt: skip
         super().__init__()
         self.cfg, self.vocab, self.sources, self.weights = cfg, vocab, sources, tuple(weights)
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.layout, self.start = layout(cfg, rank, world_size), start
         self.seed = cfg.train.seed + cfg.data.seed_offset
-        self.schedule = schedule(cfg)
+        self.schedule = schedule(cfg, world_size)
 
     def __iter__(self):
         info = get_worker_info()
@@ -135,7 +141,7 @@ class TrainBatches(IterableDataset):
         mixer = SourceMixer(self.seed, self.weights)
         data = self.cfg.data
         streams = [
-            RankStream(self.seed, s, src.sizes, self.rank, self.world_size, data.shuffle_buffer, data.shard_streams)
+            SourceStream(self.seed, s, src.sizes, data.shuffle_buffer, data.shard_streams)
             for s, src in enumerate(self.sources)
         ]
         b = self.start + worker
@@ -143,9 +149,10 @@ class TrainBatches(IterableDataset):
             yield b, self.batch(b, maker, mixer, streams)
             b += n_workers
 
-    def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[RankStream]) -> ARCBatch:
-        decoder, task = self.schedule.plan(self.seed, b)
-        d = self.schedule.data_batch(b)  # b, or in fair mode the batch every decoder reads in turn
+    def batch(self, b: int, maker: BatchMaker, mixer: SourceMixer, streams: list[SourceStream]) -> ARCBatch:
+        g = self.layout.global_batch(b)
+        decoder, task = self.schedule.plan(self.seed, g)
+        d = self.schedule.data_batch(g)  # g, or in fair mode the global batch every decoder reads in turn
         keys, examples = [], []
         for source, shard, i in self.picks(d, mixer, streams):
             key, example = maker.example(self.sources[source].shards[shard], i, decoder, task, self.seed, d)
@@ -153,12 +160,12 @@ class TrainBatches(IterableDataset):
             examples.append(example)
         return maker.collate(examples, keys, decoder, task)
 
-    def picks(self, b: int, mixer: SourceMixer, streams: list[RankStream]) -> list[tuple[int, int, int]]:
-        """(source, shard, sample index) of each sample of batch b. Position p = b * mbs + k of this rank draws its
-        source from the mixing weights (exact over positions) and takes that source's next stream position."""
+    def picks(self, g: int, mixer: SourceMixer, streams: list[SourceStream]) -> list[tuple[int, int, int]]:
+        """(source, shard, sample index) of each sample of global micro-batch g. Global position p = g * mbs + k
+        draws its source from the mixing weights (exact over positions) and takes that source's next position."""
         mbs = self.cfg.data.micro_batch_size
         out = []
-        for p in range(b * mbs, (b + 1) * mbs):
+        for p in range(g * mbs, (g + 1) * mbs):
             source, j = mixer.locate(p)
             out.append((source, *streams[source].locate(j)))
         return out
@@ -185,6 +192,10 @@ class TrainLoader:
             self.next_batch = b + 1
             yield b, batch
 
+    def global_batch(self, b: int) -> int:
+        """The global micro-batch index of this rank's batch b (world-size independent, sampling.Layout)."""
+        return self.dataset.layout.global_batch(b)
+
     def state_dict(self) -> dict:
         return {"next_batch": self.next_batch}
 
@@ -198,7 +209,7 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | N
         from arctrain.data.qa import QABatches, read_qa
 
         records = read_qa(Path(cfg.data.qa))
-        dataset = QABatches(cfg, vocab or Vocab.from_config(cfg), records, schedule(cfg), rank, world_size)
+        dataset = QABatches(cfg, vocab or Vocab.from_config(cfg), records, schedule(cfg, world_size), rank, world_size)
         return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)
     sources = [open_source(path, "train", paths) for path, _ in cfg.data.sources]

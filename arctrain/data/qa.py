@@ -9,9 +9,10 @@ compressed, then
 
 with the loss on " a\\n" only (the first answer; the newline teaches where an answer ends). Records are small next
 to pretraining shards, so the file is read whole in the main process and tokenized in the loader workers.
-Batch b of rank r holds positions (b * world + r) * mbs ... of an endless stream of epochs, each a permutation of
-the records seeded by (seed, epoch): a pure function of b, so a resumed run sees the same records in the same
-batches, for any number of workers, as the shard loader (arctrain/data/loader.py) does.
+Global micro-batch g (`sampling.Layout`: local batch b of rank r) holds positions g * mbs ... of an endless stream
+of epochs, each a permutation of the records seeded by (seed, epoch): a pure function of g, so a resumed run sees
+the same records in the same steps, for any number of workers and ranks, as the shard loader
+(arctrain/data/loader.py) does.
 """
 
 import functools
@@ -23,7 +24,7 @@ from transformers import AutoTokenizer
 
 from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.loader import collate_batch
-from arctrain.data.sampling import rng
+from arctrain.data.sampling import Layout, rng
 from arctrain.model.batch import ARCBatch, Example, Memory, Text
 
 QA = "qa"
@@ -165,7 +166,7 @@ class QABatches(IterableDataset):
     def __init__(self, cfg, vocab, records: list[dict], schedule, rank: int, world_size: int, start: int = 0):
         super().__init__()
         self.cfg, self.vocab, self.records, self.schedule = cfg, vocab, records, schedule
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.layout, self.start = Layout(rank, world_size, cfg.train.grad_accum), start
         self.seed = cfg.train.seed + cfg.data.seed_offset
 
     def __iter__(self):
@@ -178,9 +179,10 @@ class QABatches(IterableDataset):
             b += n_workers
 
     def batch(self, b: int, maker: QAMaker) -> ARCBatch:
-        decoder, _ = self.schedule.plan(self.seed, b)
+        g = self.layout.global_batch(b)
+        decoder, _ = self.schedule.plan(self.seed, g)
         mbs, n = self.cfg.data.micro_batch_size, len(self.records)
-        first = (self.schedule.data_batch(b) * self.world_size + self.rank) * mbs  # fair mode: shared by the decoders
+        first = self.schedule.data_batch(g) * mbs  # fair mode: the global batch shared by the decoders
         picks = [record_order(self.seed, n, k) for k in range(first, first + mbs)]
         return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
 

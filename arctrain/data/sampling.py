@@ -1,7 +1,12 @@
-"""What batch `b` holds, as a pure function of (seed, rank, world_size, b) (docs/ARCHITECTURE.md §3).
+"""What global micro-batch `g` holds, as a pure function of (seed, g) (docs/ARCHITECTURE.md §3).
 
-Every random choice draws from its own numpy Generator seeded by (seed, purpose tag, indices...), so any
-batch can be recomputed from its index alone: this is what makes resume exact for any number of workers.
+The data order is defined on global indices, independent of the world size: optimizer step s is the global
+micro-batches s * per_step ... (s + 1) * per_step - 1 (per_step = world_size x grad_accum, fixed for a run), and
+global micro-batch g holds the global sample positions g * micro_batch_size + k. `Layout` says which g a rank's
+a-th micro-batch of a step is, so a run resumed at another world size (grad_accum adapted) sees the same
+micro-batches in every step. Every random choice draws from its own numpy Generator seeded by (seed, purpose tag,
+indices...), so any batch can be recomputed from its index alone: this is what makes resume exact for any number
+of workers and ranks.
 """
 
 from dataclasses import dataclass, field
@@ -19,12 +24,30 @@ def rng(*entropy: int) -> np.random.Generator:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where a rank's micro-batches sit in the global order: rank r's local batch b (b = step * grad_accum + a)
+    is global micro-batch step * per_step + a * world_size + r, per_step = world_size * grad_accum."""
+
+    rank: int = 0
+    world_size: int = 1
+    grad_accum: int = 1
+
+    @property
+    def per_step(self) -> int:
+        return self.world_size * self.grad_accum
+
+    def global_batch(self, b: int) -> int:
+        step, a = divmod(b, self.grad_accum)
+        return step * self.per_step + a * self.world_size + self.rank
+
+
+@dataclass(frozen=True)
 class Schedule:
     """Which decoder and task batch `b` uses: the same on every rank, so every rank runs the same modules."""
 
     decoders: tuple[str, ...]
     weights: tuple[float, ...]
-    grad_accum: int
+    grad_accum: int  # global micro-batches per optimizer step (Layout.per_step): b below is a global index
     round_robin: bool
     task_ratio: float
     hold: int = 1  # optimizer steps per decoder choice (train.decoder_hold)
@@ -55,8 +78,9 @@ class Schedule:
 
 @dataclass
 class SourceMixer:
-    """Source of stream position `b` (weighted, from (seed, b)) and how many positions before `b` drew the same
-    source. The loader draws one per sample (position = batch * micro_batch_size + k), so batches mix sources."""
+    """Source of global sample position `b` (weighted, from (seed, b)) and how many positions before `b` drew the
+    same source. The loader draws one per sample (position = global batch * micro_batch_size + k), so batches mix
+    sources."""
 
     seed: int
     weights: tuple[float, ...]
@@ -85,21 +109,20 @@ class SourceMixer:
 
 
 @dataclass
-class RankStream:
-    """The per-rank stream of one source: position j -> (shard index, sample index within the shard).
+class SourceStream:
+    """The global stream of one source: position j -> (shard index, sample index within the shard).
 
-    Global position g = j * world_size + rank; epoch = g // N, i = g % N. Position i is first permuted within its
-    block of `shuffle_buffer`, then dealt to one of `lanes` interleaved streams (`interleave`): lane i % lanes
-    reads, at its own position i // lanes, one of `lanes` equal, distant ranges of the epoch's samples, whose
-    order is the shards permuted by (seed, epoch). Neighbouring positions, and so one global batch, come from
-    `lanes` different shards (and input files), while each lane still reads its shards in order.
+    epoch = j // N, i = j % N. Position i is first permuted within its block of `shuffle_buffer`, then dealt to one
+    of `lanes` interleaved streams (`interleave`): lane i % lanes reads, at its own position i // lanes, one of
+    `lanes` equal, distant ranges of the epoch's samples, whose order is the shards permuted by (seed, epoch).
+    Neighbouring positions, and so one global batch, come from `lanes` different shards (and input files), while
+    each lane still reads its shards in order. No rank or world size: ranks read the positions their global
+    micro-batches draw (SourceMixer over global sample positions).
     """
 
     seed: int
     source: int
     sizes: tuple[int, ...]
-    rank: int
-    world_size: int
     shuffle_buffer: int
     lanes: int = 1
     _epoch: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, shard order, cumulative sizes)
@@ -123,7 +146,7 @@ class RankStream:
 
     def locate(self, j: int) -> tuple[int, int]:
         n = int(sum(self.sizes))
-        epoch, i = divmod(j * self.world_size + self.rank, n)
+        epoch, i = divmod(j, n)
         order, ends = self._order(epoch)
         pos = interleave(self._shuffle(epoch, i, n), n, self.lanes)
         slot = int(np.searchsorted(ends, pos, side="right"))
