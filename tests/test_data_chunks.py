@@ -60,7 +60,7 @@ def test_chunk_and_interleave_settings_are_refused_where_they_would_do_nothing(d
 
 
 def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window(enc, tiny_models, tmp_path):
-    """A passage 4.5x the tiny decoders' window (4096) in encoder tokens, chunk_tokens=1024, max_chunks=3: the
+    """A passage more than 4.5x the tiny decoders' window (4096) in encoder tokens, chunk_tokens=1024, max_chunks=3: the
     training row holds 3 chunks' vectors and fits the window; the rest is counted."""
     import json
 

@@ -146,7 +146,7 @@ def test_stop_ids_include_the_generation_configs_list():
 
 @pytest.fixture(scope="module")
 def long_document(tiny_models, arc) -> str:
-    """Corpus documents joined until the text is 4.5x the tiny decoders' window (4096 positions) in encoder tokens."""
+    """Corpus documents joined until the text passes 4.5x the tiny decoders' window (4096) in encoder tokens."""
     window = arc.decoder.config.max_position_embeddings
     parts, tokens = [], 0
     for record in read_corpus(tiny_models / "corpus.jsonl"):
@@ -160,7 +160,7 @@ def long_document(tiny_models, arc) -> str:
 def test_a_context_several_windows_long_is_compressed_chunk_by_chunk(exported, tiny_models, long_document):
     """Chunks of 1024 encoder tokens, the first 6 kept: the decoder reads their vectors one after the other (each
     chunk compressed on its own, positions from 0: the same vectors as compressing it alone), the prompt fits the
-    window although the document is 4.5 windows long, and what was left out is counted."""
+    window although the document is over 4.5 windows long (30k tokens), and what was left out is counted."""
     arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024, max_chunks=6)
     window = arc.decoder.config.max_position_embeddings
     chunks = arc.segments(long_document)
@@ -187,7 +187,7 @@ def test_a_context_several_windows_long_is_compressed_chunk_by_chunk(exported, t
 
 def test_a_prompt_past_the_decoders_window_is_refused_in_one_line(exported, tiny_models, long_document, tmp_path,
                                                                   capsys):  # fmt: skip
-    arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024)  # every chunk: 4.5 windows / x4 > 1
+    arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024)  # every chunk: 30k tokens / x4 > 4096
     with pytest.raises(ValueError, match=r"more than the window of decoder 'llama' \(max_position_embeddings=4096\)"):
         arc.complete([long_document], ["\nIn short,"], max_new_tokens=4)
     doc = tmp_path / "long.txt"
