@@ -3,7 +3,9 @@
     arctrain compress --model exported/arc4 --input 'wiki/*.jsonl.zst' --out store/ --dtype int8 --workers 16
     arctrain compress --model exported/arc4 --input docs.parquet --text-field body --id-field url --out store/
 
-Inputs are read as `arc-data build` reads them (data_tools/inputs.py: .jsonl, .jsonl.zst, .parquet, --text-field,
+An --input may also be an `arc-data build` directory: its documents (both splits) are compressed from the encoder
+segments the shards hold, once the manifest's encoder tokenizer and segment length are checked to be the export's.
+Raw inputs are read as `arc-data build` reads them (data_tools/inputs.py: .jsonl, .jsonl.zst, .parquet, --text-field,
 --id-field, --strict; a record without an id is named "sha256:<hex of its text>"). Each document is cut into segments
 exactly as `arctrain generate` cuts a context (the export's segment length, at word boundaries) and each segment is
 compressed on its own. Unusable records and repeated ids are counted skips, listed in the summary and the manifest.
@@ -51,9 +53,9 @@ class Compressor:
         self.dtype = dtype
 
     @torch.no_grad()
-    def compress(self, docs: list[tuple[str, str]]) -> list[dict[str, bytes] | None]:
-        """(id, text) pairs -> each document's sample members (None: the text has no encoder tokens)."""
-        segments = [self.pieces.segments(text) for _, text in docs]
+    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[dict[str, bytes] | None]:
+        """(id, text or its encoder segments) pairs -> each document's sample members (None: no encoder tokens)."""
+        segments = [self.pieces.segments(text) if isinstance(text, str) else text for _, text in docs]
         flat = [seg for segs in segments for seg in segs]
         vectors = []
         for start in range(0, len(flat), BATCH_SEGMENTS):
@@ -84,22 +86,74 @@ def _compress_group(docs: list[tuple[str, str]]) -> list[dict[str, bytes] | None
     return _WORKER.compress(docs)
 
 
-def _groups(docs: Iterable[Doc], tally: Tally) -> Iterator[list[tuple[str, str]]]:
-    """(id, text) groups of GROUP_DOCS documents in input order; a repeated id is a counted skip."""
+def _groups(docs: Iterable, tally: Tally) -> Iterator[list[tuple]]:
+    """(id, text or segments) groups of GROUP_DOCS documents in input order; a repeated id is a counted skip."""
     seen: set[str] = set()
     group = []
     for doc in docs:
-        key = doc_key(doc.doc_id)
+        doc_id, text = (doc.doc_id, doc.text) if isinstance(doc, Doc) else doc  # raw text, or shard segments
+        key = doc_key(doc_id)
         if key in seen:
-            tally.skip("duplicate_id", f"document {doc.doc_id!r}")
+            tally.skip("duplicate_id", f"document {doc_id!r}")
             continue
         seen.add(key)
-        group.append((doc.doc_id, doc.text))
+        group.append((doc_id, text))
         if len(group) == GROUP_DOCS:
             yield group
             group = []
     if group:
         yield group
+
+
+def read_inputs(patterns: list[str], fields: Fields, tally: Tally, model_dir: Path, segment_tokens: int):
+    """Documents of every --input in order: Docs from raw files, (id, segments) from arc-data shard directories."""
+    raw: list[str] = []
+    for pattern in [*patterns, None]:  # consecutive raw files are read together, as arc-data build reads them
+        if pattern is not None and not Path(pattern, "manifest.json").is_file():
+            raw.append(pattern)
+            continue
+        if raw:
+            files = expand_inputs(raw)
+            check_inputs(files, fields)
+            yield from read_documents(files, fields, tally)
+            raw = []
+        if pattern is not None:
+            yield from shard_documents(Path(pattern), model_dir, segment_tokens, tally)
+
+
+def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally: Tally) -> Iterator[tuple]:
+    """The documents of an `arc-data build` directory as the encoder segments its samples hold (windows of one
+    document are consecutive), checked to be cut by the export's encoder tokenizer at its segment length."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    from arctrain.data.shards import check_tokenizers, read_manifest
+
+    manifest = read_manifest(shard_dir)
+    check_tokenizers(shard_dir, manifest, {"encoder": str(model_dir)})
+    if manifest["segment_tokens"] != segment_tokens:
+        raise DataError(
+            f"--input {shard_dir}: shards cut at {manifest['segment_tokens']} tokens, the export's encoder reads "
+            f"{segment_tokens}-token segments; compress the raw text instead"
+        )
+    paths = [
+        str(shard_dir / e["name"]) for split in manifest["splits"].values() for e in split["shards"] if e["samples"]
+    ]
+    doc_id, segments = None, []
+    for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
+        meta = json.loads(sample["json"])
+        if meta["doc_id"] != doc_id:
+            if doc_id is not None:
+                yield doc_id, segments
+            doc_id, segments = meta["doc_id"], []
+            tally.read += 1
+        ids = np.load(io.BytesIO(sample["encoder.ids.npy"]))
+        offsets = np.load(io.BytesIO(sample["encoder.offsets.npy"])).tolist()
+        segments += [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    if doc_id is not None:
+        yield doc_id, segments
 
 
 def _in_order(groups: Iterator[list], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
@@ -126,16 +180,18 @@ def _in_order(groups: Iterator[list], args: argparse.Namespace) -> Iterator[tupl
 def compress(args: argparse.Namespace) -> dict:
     """Run a compression; returns the manifest (also written to args.out/manifest.json)."""
     start = time.time()
-    files = expand_inputs(args.input)
+    raw = [p for p in args.input if not Path(p, "manifest.json").is_file()]
+    files = expand_inputs(raw) if raw else []
     fields = Fields(args.text_field, args.id_field, "global")
     check_inputs(files, fields)
     identity = encoder_identity(args.model)  # also checks that --model is an export
     config = json.loads((args.model / "config.json").read_text())
     prepare_out(args.out, args.overwrite)
     tally = Tally(strict=args.strict)
+    documents = read_inputs(args.input, fields, tally, args.model, config["segment_tokens"])
     writer = StoreWriter(args.out, int(args.shard_size_mb * (1 << 20)))
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
-        for group, samples in _in_order(_groups(read_documents(files, fields, tally), tally), args):
+        for group, samples in _in_order(_groups(documents, tally), args):
             for (doc_id, _), members in zip(group, samples, strict=True):
                 if members is None:
                     tally.skip("no_tokens", f"document {doc_id!r}")
@@ -150,7 +206,7 @@ def compress(args: argparse.Namespace) -> dict:
             "dtype": args.dtype,
             "bytes_per_vector": bytes_per_vector(dim, args.dtype),
             "docs": {"read": tally.read, "written": writer.docs, "skipped": dict(sorted(tally.skipped.items()))},
-            "sources": source_entries(files),
+            "sources": source_entries(files) + [{"path": p, "arc_shards": True} for p in args.input if p not in raw],
         }
     )
     print(_summary(manifest, time.time() - start, args.out))

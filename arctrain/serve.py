@@ -130,10 +130,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", help="vLLM's model dtype (float32, bfloat16)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (no graph capture or compilation)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="vLLM's gpu_memory_utilization (on its CPU backend: the share of RAM for the KV cache)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="token ids and texts as JSON")
     args = p.parse_args()
     prompts = torch.load(args.prompts, weights_only=True)
-    results = vllm_generate(args.decoder, prompts, args.max_tokens, args.dtype, enforce_eager=args.eager)
+    engine = {"gpu_memory_utilization": args.memory_fraction} if args.memory_fraction else {}
+    results = vllm_generate(args.decoder, prompts, args.max_tokens, args.dtype, enforce_eager=args.eager, **engine)
     for _, text in results:
         print(text)
     if args.out is not None:

@@ -1,4 +1,4 @@
-"""Time to first token with a compressed vs a full context, encoder included (not a test).
+"""Time to first token with a compressed vs a full context, encoder included, and from a vector store (not a test).
 
     python benchmarks/prefill.py                                   # lengths 512..8192, factors 4 and 8
     python benchmarks/prefill.py --lengths 512 2048 --repeats 3
@@ -15,10 +15,16 @@ timed end to end (best of --repeats rounds in which the modes take turns). FLOPs
 `FlopCounter.prefill`, the model that training MFU and `arctrain eval` use: 2N per token (N: linear weights, no
 embeddings; the pooled-query layer's q/o/MLP per vector), attention (4 x width per query-key pair: causal prefill
 T(T+1)/2 pairs, a bidirectional encoder segment L^2, the pooled layer m x L) and the LM head once.
+
+From the store (`x4 store`): the same context compressed once beforehand by `arctrain compress`'s writer
+(arctrain/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would; timed: reading
+the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The encoder's cost is gone.
 """
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -27,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from arctrain.flops import FlopCounter, matmul_params
 from arctrain.model import ARCEncoder, Projector
 from arctrain.model.batch import BatchStats
+from arctrain.store import StoreWriter, VectorStore, sample_members
 
 SEGMENT = 256
 QUESTION = 32
@@ -73,6 +80,28 @@ def compressed_prefill(encoder, projector, decoder, n: int) -> None:
     decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits.argmax(-1)
 
 
+@torch.no_grad()
+def write_store(out: Path, encoder, n: int, dtype: str) -> VectorStore:
+    """An n-token context compressed once into a store of one document, opened for reading."""
+    ids = torch.randint(0, VOCAB, (n // SEGMENT, SEGMENT))
+    out.mkdir(parents=True)
+    writer = StoreWriter(out, 1 << 30)
+    writer.write(sample_members("doc", encoder.compress(ids, torch.ones_like(ids)), [SEGMENT] * len(ids), dtype))
+    writer.close({"encoder": {"identity": "benchmark"}, "dtype": dtype})
+    return VectorStore(out)
+
+
+@torch.no_grad()
+def stored_prefill(store: VectorStore, projector, decoder) -> None:
+    vectors = torch.cat(store.get("doc").vectors)  # (n / x, De) read back from disk
+    special = torch.ones(1, vectors.shape[1])
+    memory = projector(torch.cat([vectors, special]))  # (n / x + 1, Dd)
+    embed = decoder.get_input_embeddings()
+    bos, question = embed(torch.randint(0, VOCAB, (1, 1))), embed(torch.randint(0, VOCAB, (1, QUESTION)))
+    embeds = torch.cat([bos, memory.unsqueeze(0), question], dim=1)  # (1, 1 + n/x + 1 + 32, Dd)
+    decoder(inputs_embeds=embeds, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+
+
 def prompt_stats(n: int, factor: int | None) -> BatchStats:
     """The sizes FlopCounter.prefill reads, for one prompt of an n-token context (full when `factor` is None)."""
     if factor is None:
@@ -90,7 +119,9 @@ def main() -> None:
     parser.add_argument("--factors", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--store-dtype", default="bf16", choices=["fp32", "bf16", "fp16", "int8"])
     args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="prefill_store_"))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -108,20 +139,29 @@ def main() -> None:
         f"total); encoder: {n_enc / 1e6:.1f}M ({n_enc / n_dec:.2f} of the decoder); projector "
         f"{matmul_params(projector) / 1e6:.1f}M; threads {torch.get_num_threads()}; best of {args.repeats}"
     )
-    print(f"{'context':>7} {'mode':>6} {'dec pos':>7} {'GFLOP':>8} {'TTFT s':>7} {'FLOP ratio':>10} {'time ratio':>10}")
+    print(f"{'context':>7} {'mode':>8} {'dec pos':>7} {'GFLOP':>8} {'TTFT s':>7} {'FLOP ratio':>10} {'time ratio':>10}")
     full_prefill(decoder, 512)  # warm-up: first calls pay for allocator growth and kernel selection
     compressed_prefill(encoders[args.factors[0]], projector, decoder, 512)
     for n in args.lengths:
         fns = {"full": lambda n=n: full_prefill(decoder, n)}
         fns |= {x: lambda e=encoders[x], n=n: compressed_prefill(e, projector, decoder, n) for x in args.factors}
+        stores = {x: write_store(root / f"{n}_x{x}", encoders[x], n, args.store_dtype) for x in args.factors}
+        fns |= {f"{x}s": lambda st=stores[x]: stored_prefill(st, projector, decoder) for x in args.factors}
         times = interleaved_best(fns, args.repeats)
         full_f = counters[args.factors[0]].prefill("d", prompt_stats(n, None), compressed=False)
         full_t = times["full"]
-        print(f"{n:>7} {'full':>6} {1 + n + QUESTION:>7} {full_f / 1e9:>8.1f} {full_t:>7.3f}")
+        print(f"{n:>7} {'full':>8} {1 + n + QUESTION:>7} {full_f / 1e9:>8.1f} {full_t:>7.3f}")
         for x in args.factors:
             f, t = counters[x].prefill("d", prompt_stats(n, x)), times[x]
             print(
-                f"{n:>7} {'x' + str(x):>6} {2 + n // x + QUESTION:>7} {f / 1e9:>8.1f} {t:>7.3f} "
+                f"{n:>7} {'x' + str(x):>8} {2 + n // x + QUESTION:>7} {f / 1e9:>8.1f} {t:>7.3f} "
+                f"{full_f / f:>9.2f}x {full_t / t:>9.2f}x"
+            )
+            stats = prompt_stats(n, x)  # from the store: the decoder and the projector only
+            f = counters[x].prefill("d", stats, compressed=False) + 2.0 * counters[x].proj["d"] * stats.vectors
+            t = times[f"{x}s"]
+            print(
+                f"{n:>7} {f'x{x} store':>8} {2 + n // x + QUESTION:>7} {f / 1e9:>8.1f} {t:>7.3f} "
                 f"{full_f / f:>9.2f}x {full_t / t:>9.2f}x"
             )
 

@@ -58,6 +58,23 @@ def test_compress_is_the_same_bytes_for_any_workers_and_counts_skips(arc, export
         compress(exported, inputs, two)
 
 
+def test_compress_reads_arc_data_shards_as_their_raw_text(arc, exported, tiny_models, docs, inputs, tmp_path, capsys):
+    """An `arc-data build` directory in: the same segments, so the same vectors as from the raw text."""
+    from conftest import build_shards
+
+    shards = build_shards(tmp_path / "shards", inputs, tiny_models / "encoder", {"llama": tiny_models / "llama"})
+    store = VectorStore(compress(exported, shards, tmp_path / "from_shards", "--dtype", "fp32"))
+    assert len(store) == 12
+    for doc in docs:
+        ours, theirs = store.get(doc["id"]), arc.store.get(doc["id"])
+        assert ours.tokens == theirs.tokens
+        assert all(torch.equal(a, b) for a, b in zip(ours.vectors, theirs.vectors, strict=True))
+    other = build_shards(tmp_path / "other", inputs, tiny_models / "llama", {"mistral": tiny_models / "mistral"})
+    with pytest.raises(SystemExit):
+        compress(exported, other, tmp_path / "refused")
+    assert "tokenizer 'encoder' differs" in capsys.readouterr().err
+
+
 def test_stored_vectors_are_the_encoders_of_each_segment(arc, docs, stores):
     encoder = arc.model.encoder
     for doc in docs[:4]:
