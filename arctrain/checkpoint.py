@@ -148,6 +148,7 @@ def resume_fingerprint(cfg) -> dict:
         "data.qa_shots": cfg.data.qa_shots,
         "data.task_ratio": cfg.data.task_ratio,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.shard_streams": cfg.data.shard_streams,
         "data.interleave_tokens": cfg.data.interleave_tokens,
         "data.chunk_tokens": cfg.data.chunk_tokens,
         "data.max_chunks": cfg.data.max_chunks,
