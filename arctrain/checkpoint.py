@@ -134,6 +134,7 @@ def resume_fingerprint(cfg) -> dict:
         "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],
         "data.qa": cfg.data.qa,
         "data.qa_shots": cfg.data.qa_shots,
+        "data.qa_max_passages": cfg.data.qa_max_passages,
         "data.task_ratio": cfg.data.task_ratio,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "decoders": [f"{d.name}:{d.weight:g}" for d in cfg.decoders],

@@ -111,15 +111,27 @@ def parse_source(entry: str) -> tuple[str, float]:
 class DataConfig:
     shards: list[str] = field(default_factory=list)
     """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
-    qa: str = ""
-    """QA fine-tuning instead of shards: a JSON-lines file of {"question", "answers", "passages"} records
-    (arctrain/data/qa.py); the passages are compressed, the loss is on the first answer."""
-    qa_val: str = ""
-    """QA records for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
+    qa: list[str] = field(default_factory=list)
+    """QA fine-tuning instead of shards: QA files (.jsonl, .jsonl.zst, .parquet; arctrain's records or the released
+    fine-tuning set's, arctrain/data/qa_records.py), one or a list / comma list of "path", "path:weight" or
+    "path:weight:shots", mixed by weight as shard sources are. The passages are compressed, the loss is on the
+    answer (one drawn per epoch from a list) and the decoder's EOS."""
+    qa_val: list[str] = field(default_factory=list)
+    """QA files for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
     qa_shots: int = 0
-    """Few-shot examples before each QA record, their passages compressed too."""
+    """Few-shot examples before each QA record (other records of its source, their passages compressed too), for
+    sources that do not give their own shots."""
+    qa_max_passages: int = 4
+    """A record's first 1..qa_max_passages passages (a seeded draw per epoch) are compressed together."""
+    qa_context: Literal["joint", "segments"] = "joint"
+    """joint: a record's passages compressed as one encoder sequence (the reference's fine-tuning); segments: cut
+    into segments of qa_segment_tokens as `arc-data build` cuts documents, each compressed on its own."""
+    qa_context_tokens: int = 2048
+    """At most this many encoder tokens of passages per record (longer ones are cut, and counted at the start)."""
     qa_segment_tokens: int = 256
-    """Passages are compressed in segments of about this many encoder tokens."""
+    """With qa_context=segments: passages are compressed in segments of about this many encoder tokens."""
+    qa_chat_template: bool = True
+    """Render QA prompts with a decoder's chat template when its tokenizer has one (arctrain/prompt.py)."""
     val_shards: list[str] | None = None
     """Directories whose val split is used for evaluation; default: the val split of `shards`."""
     task_ratio: float = 0.2
@@ -141,6 +153,16 @@ class DataConfig:
         _require(not (self.shards and self.qa), "qa", self.qa, "and data.shards are both set: train on one of them")
         _require(self.qa_shots >= 0, "qa_shots", self.qa_shots, "must be >= 0")
         _require(self.qa_segment_tokens >= 1, "qa_segment_tokens", self.qa_segment_tokens, "must be >= 1")
+        _require(self.qa_max_passages >= 1, "qa_max_passages", self.qa_max_passages, "must be >= 1")
+        _require(self.qa_context_tokens >= 1, "qa_context_tokens", self.qa_context_tokens, "must be >= 1")
+        from arctrain.data.qa_records import parse_qa_source  # here: arctrain.data imports this module
+
+        for key in ("qa", "qa_val"):
+            for entry in getattr(self, key):
+                try:
+                    parse_qa_source(entry)
+                except ValueError as err:
+                    _require(False, key, entry, str(err).partition(": ")[2])
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")
@@ -449,9 +471,13 @@ def check_paths(cfg: Config) -> None:
     for key, path in dirs:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
-    for key, path in [("data.qa", cfg.data.qa), ("data.qa_val", cfg.data.qa_val)]:
-        if path and not Path(path).is_file():
-            raise ConfigError(key, f"{path!r} is not a file")
+    from arctrain.data.qa_records import parse_qa_source
+
+    for key in ("qa", "qa_val"):
+        for entry in getattr(cfg.data, key):
+            path = parse_qa_source(entry).path
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{key}", f"{path!r} is not a file")
     if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
         raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
     if cfg.train.init_from:

@@ -35,6 +35,7 @@ from arctrain.export import load_export
 from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.model.batch import BatchStats
+from arctrain.prompt import Doc, Turn, chat_template_of, render
 from arctrain.tokenizer_id import tokenizer_hash
 
 
@@ -61,15 +62,15 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-class _LineDone(StoppingCriteria):
-    """A row is done once its new text holds a newline after some non-blank text (one answer line)."""
+class _TextDone(StoppingCriteria):
+    """A row is done once its new text holds `stop` (e.g. "\\n\\n", where a QA answer ends) after some text."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: str):
+        self.tokenizer, self.stop = tokenizer, stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)  # only new tokens (inputs_embeds)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+        return torch.tensor([self.stop in t.lstrip() for t in texts], device=input_ids.device)
 
 
 def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
@@ -102,6 +103,9 @@ class ARCGenerator:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         stop_token_ids: list[int] = (),
+        context: str = "segments",
+        context_tokens: int = 0,
+        chat_template: bool = True,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
@@ -123,7 +127,10 @@ class ARCGenerator:
         self.flops = FlopCounter(self.model)
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
-        self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens)  # the same as QA training
+        # The same pieces and prompt rendering as QA training: context "joint" or "segments", the chat template
+        # of an instruct decoder (chat_template=False: the plain layout).
+        self.pieces = TextPieces(self.enc_tok, self.dec_tok, config.segment_tokens, context, context_tokens)
+        self.chat = chat_template_of(self.dec_tok, chat_template)
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
             i for i in stop_token_ids if i not in stop_ids(decoder, self.dec_tok)
@@ -141,7 +148,11 @@ class ARCGenerator:
         return self.pieces.text(text, first)
 
     def context_example(self, context: str | list[str], prompt: str) -> Example:
-        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it."""
+        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it;
+        for a decoder with a chat template, one user message of the context and the prompt (arctrain/prompt.py)."""
+        context = [context] if isinstance(context, str) else context
+        if self.chat is not None:
+            return Example(render(self, self.chat, [Turn([Doc(context), "\n" + prompt.strip()])], answer_cue=""))
         pieces = [self.text(self.prefix, first=True)] if self.prefix else []
         return Example(pieces + [self.memory(context), self.text(prompt)])
 
@@ -179,11 +190,11 @@ class ARCGenerator:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int = 0,
-        stop_at_newline: bool = False,
+        stop_text: str | None = None,
     ) -> Generation:
         """Generate after each example (greedy unless `sample`) with the decoder's own `generate` and KV cache.
 
-        `stop_at_newline`: a row stops after its first non-blank line (QA answers).
+        A row stops at the decoder's EOS ids and, with `stop_text` (QA: "\\n\\n"), once its new text holds it.
         """
         start = time.perf_counter()
         first = _FirstLogits()
@@ -192,7 +203,7 @@ class ARCGenerator:
         if sample:
             torch.manual_seed(seed)
         tok, stop = self.dec_tok, self.stop_ids
-        criteria = StoppingCriteriaList([_LineDone(tok)] if stop_at_newline else [])
+        criteria = StoppingCriteriaList([_TextDone(tok, stop_text)] if stop_text else [])
         out = self.decoder.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
             logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
@@ -262,6 +273,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
     add_runtime_args(parser)
+    parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -279,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"--context-file {path}: no such file")
     contexts = [path.read_text(encoding="utf-8") for path in args.context_file]
     device, dtype = runtime(args)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
+                       chat_template=not args.plain_prompt)  # fmt: skip
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip
     texts = []

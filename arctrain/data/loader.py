@@ -12,7 +12,6 @@ turn, so a rank sees b = start, start + 1, ... whatever the number of workers (d
 
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -191,10 +190,9 @@ class TrainLoader:
 def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
     """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
     if cfg.data.qa:
-        from arctrain.data.qa import QABatches, read_qa
+        from arctrain.data.qa import build_qa_loader
 
-        records = read_qa(Path(cfg.data.qa))
-        dataset = QABatches(cfg, vocab or Vocab.from_config(cfg), records, schedule(cfg), rank, world_size)
+        dataset = build_qa_loader(cfg, vocab or Vocab.from_config(cfg), schedule(cfg), rank, world_size)
         return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)
     sources = [open_source(path, "train", paths) for path, _ in cfg.data.sources]
