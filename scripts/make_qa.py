@@ -8,10 +8,11 @@
 Documents are those `arc-data build --val-fraction` puts in the val split (the demo never trains on them), read the
 way it reads them, or with `--split train` those of the training split (QA fine-tuning data that shares no
 document with the held-out file). `--format released` writes the released fine-tuning set's fields
-({"question", "answer", "passage"}) instead of arctrain's ({"question", "answers", "passages"}). Each gives one record: the passage is its first `--passage-words` words; the question quotes
-five consecutive words of it and asks for the `--answer-words` words that follow, which no model knows without
-the passage (closed book) and any reader of the passage can copy (open book); where they start comes from a hash of
-the document id, so the file is the same on every machine.
+({"question", "answer", "passage"}) instead of arctrain's ({"question", "answers", "passages"}). Each document
+gives `--per-doc` records (default 1): the passage is its first `--passage-words` words; the question quotes five
+consecutive words of it and asks for the `--answer-words` words that follow, which no model knows without the
+passage (closed book) and any reader of the passage can copy (open book); where they start comes from a hash of
+the passage (and k for its k-th record), so the file is the same on every machine.
 """
 
 import argparse

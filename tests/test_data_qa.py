@@ -208,3 +208,18 @@ def test_memory_holds_the_passages_segments(tiny_models, tiny_qa):
     assert isinstance(memory, Memory) and len(memory.segments) >= 3 and memory.special == "cont"
     enc = AutoTokenizer.from_pretrained(tiny_models / "encoder")
     assert enc.decode([t for seg in memory.segments for t in seg]) == records[0]["passages"][0]
+
+
+def test_long_contexts_are_counted_before_training(tiny_models, tmp_path):
+    from arctrain.data.qa import check_qa
+
+    path = tmp_path / "qa.jsonl"
+    _write(path, [{"question": "q", "answer": "a", "passages": ["word " * 50, "more " * 50]},
+                  {"question": "q", "answer": "a", "passage": "short"}])  # fmt: skip
+    said = []
+    check_qa(qa_config(tiny_models, path, "data.qa_context_tokens=40"), said.append)
+    assert said == [f"data.qa {path}: 1 of 2 records have passages longer than data.qa_context_tokens=40 encoder "
+                    "tokens: cut to it"]  # fmt: skip
+    said.clear()
+    check_qa(qa_config(tiny_models, path, "data.qa_context_tokens=400"), said.append)
+    assert said == []
