@@ -98,6 +98,8 @@ def qa_record(raw: object, where: str, tally: Tally) -> dict | None:
     key = "passages" if raw.get("passages") is not None else "passage"
     passages = raw.get(key)
     passages = [passages] if isinstance(passages, str) else passages
+    if passages is None:
+        return tally.skip("no_passage", where, "no 'passage' or 'passages'")
     if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
         return tally.skip("invalid_passage", where, f"{key!r} must be a string or a list of strings")
     passages = [p for p in passages if p.strip()]
