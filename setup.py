@@ -28,6 +28,10 @@ setup(
         # OptimizerParamScheduler (arctrain/optim.py): pure Python, imports on CPU without Apex or Transformer
         # Engine; its own pins (torch, numpy, packaging) agree with ours. Exact: its APIs move between releases.
         "megatron-core==0.16.1",
+        # `arctrain eval` scores summaries and translations as the paper does (arctrain/qa_metrics.py)
+        "rouge-score==0.1.2",
+        "sacrebleu>=2.4,<3",
+        "regex>=2023",  # the reference's answer-in-output tokenizer (Unicode classes); transformers needs it too
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.8"],

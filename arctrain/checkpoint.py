@@ -146,6 +146,7 @@ def resume_fingerprint(cfg) -> dict:
         "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],
         "data.qa": cfg.data.qa,
         "data.qa_shots": cfg.data.qa_shots,
+        "data.qa_max_passages": cfg.data.qa_max_passages,
         "data.task_ratio": cfg.data.task_ratio,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "data.shard_streams": cfg.data.shard_streams,

@@ -111,18 +111,32 @@ def parse_source(entry: str) -> tuple[str, float]:
 class DataConfig:
     shards: list[str] = field(default_factory=list)
     """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
-    qa: str = ""
-    """QA fine-tuning instead of shards: a JSON-lines file of {"question", "answers", "passages"} records
-    (arctrain/data/qa.py); the passages are compressed, the loss is on the first answer."""
-    qa_val: str = ""
-    """QA records for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
+    qa: list[str] = field(default_factory=list)
+    """QA fine-tuning instead of shards: QA files (.jsonl, .jsonl.zst, .parquet; arctrain's records or the released
+    fine-tuning set's, arctrain/data/qa_records.py), one or a list / comma list of "path", "path:weight" or
+    "path:weight:shots", mixed by weight as shard sources are. The passages are compressed, the loss is on the
+    answer (one drawn per epoch from a list) and the decoder's EOS."""
+    qa_val: list[str] = field(default_factory=list)
+    """QA files for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
     qa_shots: int = 0
-    """Few-shot examples before each QA record, their passages compressed too."""
+    """Few-shot examples before each QA record (other records of its source, their passages compressed too), for
+    sources that do not give their own shots."""
+    qa_max_passages: int = 4
+    """A record's first 1..qa_max_passages passages (a seeded draw per epoch) are compressed together."""
+    qa_context: Literal["joint", "segments"] = "joint"
+    """joint: a record's passages compressed as one encoder sequence of at most qa_context_tokens (the reference's
+    fine-tuning); segments: cut into chunks of chunk_tokens as `arc-data build` cuts documents into segments, each
+    compressed on its own, at most max_chunks of them (the paper's long-context setting)."""
+    qa_context_tokens: int = 2048
+    """With qa_context=joint: at most this many encoder tokens of passages per record (longer ones are cut, and
+    counted at the start and in the context_tokens_dropped metric)."""
+    qa_chat_template: bool = True
+    """Render QA prompts with a decoder's chat template when its tokenizer has one (arctrain/prompt.py)."""
     chunk_tokens: int = 256
-    """A context given as text (QA passages; `arctrain generate`/`eval` take the export's value) is cut into chunks of
-    about this many encoder tokens at word boundaries, each compressed on its own (positions 0.. per chunk), their
-    vectors concatenated: the cut `arc-data build --segment-tokens` makes for shards (arctrain/data/chunks.py). The
-    paper's long-context setting: 1024."""
+    """A context given as text (QA passages with qa_context=segments; `arctrain generate`/`eval` take the export's
+    value) is cut into chunks of about this many encoder tokens at word boundaries, each compressed on its own
+    (positions 0.. per chunk), their vectors concatenated: the cut `arc-data build --segment-tokens` makes for
+    shards (arctrain/data/chunks.py). The paper's long-context setting: 1024."""
     max_chunks: int = 0
     """At most this many chunks of a context are compressed, the first ones; the rest is dropped and counted
     (0: no limit). Bounds the decoder positions of a long context (configs/llama_mistral_long_context.yaml)."""
@@ -152,10 +166,21 @@ class DataConfig:
         _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, "must be >= 1")
         _require(self.max_chunks >= 0, "max_chunks", self.max_chunks, "must be >= 0 (0: no limit)")
         _require(self.interleave_tokens >= 0, "interleave_tokens", self.interleave_tokens, "must be >= 0")
-        why = "applies to QA contexts (data.qa): shard segments are cut by arc-data build --segment-tokens"
-        _require(not self.max_chunks or bool(self.qa), "max_chunks", self.max_chunks, why)
+        why = "applies to QA contexts in chunks (data.qa with data.qa_context=segments): shard segments are cut by "
+        why += "arc-data build --segment-tokens, joint contexts by data.qa_context_tokens"
+        _require(not self.max_chunks or (bool(self.qa) and self.qa_context == "segments"), "max_chunks", self.max_chunks, why)
         why = "applies to continuation on shards, not to data.qa"
         _require(not self.interleave_tokens or not self.qa, "interleave_tokens", self.interleave_tokens, why)
+        _require(self.qa_max_passages >= 1, "qa_max_passages", self.qa_max_passages, "must be >= 1")
+        _require(self.qa_context_tokens >= 1, "qa_context_tokens", self.qa_context_tokens, "must be >= 1")
+        from arctrain.data.qa_records import parse_qa_source  # here: arctrain.data imports this module
+
+        for key in ("qa", "qa_val"):
+            for entry in getattr(self, key):
+                try:
+                    parse_qa_source(entry)
+                except ValueError as err:
+                    _require(False, key, entry, str(err).partition(": ")[2])
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")
@@ -472,9 +497,13 @@ def check_paths(cfg: Config) -> None:
     for key, path in dirs:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
-    for key, path in [("data.qa", cfg.data.qa), ("data.qa_val", cfg.data.qa_val)]:
-        if path and not Path(path).is_file():
-            raise ConfigError(key, f"{path!r} is not a file")
+    from arctrain.data.qa_records import parse_qa_source
+
+    for key in ("qa", "qa_val"):
+        for entry in getattr(cfg.data, key):
+            path = parse_qa_source(entry).path
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{key}", f"{path!r} is not a file")
     if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
         raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
     if cfg.train.init_from:

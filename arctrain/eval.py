@@ -1,71 +1,53 @@
-"""QA with compressed, full-text and no context, side by side; reconstruction quality; prefill cost.
+"""QA with compressed, full-text and no context, side by side, per dataset; reconstruction quality; prefill cost.
 
-    arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl --shots 5 --out results.json
+    arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data nq.jsonl tqa.jsonl --shots 5 \
+        --out results.json
     arctrain eval ... --heldout heldout.jsonl        # also: token accuracy / loss of reconstructing held-out text
     arctrain eval ... --vectors store/               # compressed passages read from a vector store by "doc_ids"
 
-`qa.jsonl` holds one record per line: {"question": str, "answers": [str, ...], "passages": [str, ...] or str}.
-Each record is asked in three modes, greedy, the answer being the first non-blank line generated:
+Each `--data` file is a dataset (its name: the file name without suffix) of QA records in arctrain's or the
+released format (arctrain/data/qa_records.py; .jsonl, .jsonl.zst or .parquet). Its first `--shots` records are
+the fixed in-context examples of every question (their documents compressed too in the compressed mode), the
+rest are asked in three modes, greedy, with the prompt of QA training (arctrain/prompt.py: the decoder's chat
+template when it has one, else the plain layout):
 
-    compressed   Document: <compressed passages>\\nQuestion: q\\nAnswer:     (few-shot documents compressed too)
-    open_book    Document: <passages as text>\\nQuestion: q\\nAnswer:
-    closed_book  Question: q\\nAnswer:
+    compressed   Document: <compressed passages>\nQuestion: q\nAnswer:
+    open_book    Document: <passages as text>\nQuestion: q\nAnswer:
+    closed_book  Question: q\nAnswer:
 
-preceded by `--shots` examples from the same file (the records after it, cyclically, never itself). Exact match
-and F1 use SQuAD's normalisation (lower case, no punctuation, no articles, single spaces), best over the answers.
-Prefill cost per mode, per question: decoder positions, FLOPs (arctrain/flops.py: 2N per token for the decoder, its
-causal attention and the LM head at the last position, plus the encoder and projector for compressed contexts; N
-excludes embedding tables) and measured time to the first token (compression included) of each batch, divided by
-the batch's questions.
+Generation stops at the decoder's EOS and at "\\n\\n"; the answer is the output cut at "\\n\\n", stripped (the
+reference's `truncate_line`). Scores per dataset and mode (arctrain/qa_metrics.py): exact match and F1 (SQuAD
+normalisation), approximate match, answer in output, and ROUGE-L / BLEU over the records that ask for them, beside
+the share of contexts that contain an answer. Prefill cost per question: decoder positions, FLOPs
+(arctrain/flops.py) and measured time to the first token (compression included).
+
+Joint contexts are cut at `--context-tokens`; in segments, a context is cut into chunks of `--chunk-tokens` and at
+most `--max-chunks` are kept (long contexts); what is cut is reported (JSON `context_cut`) and a note printed.
 
 With `--vectors DIR` (a store made by `arctrain compress` with this export's encoder) each record also names its
-documents, "doc_ids": [str, ...] or str, and the compressed mode reads their vectors from the store instead of
-running the encoder (its time to first token then excludes the encoder and the store read); the other modes still
-read "passages".
+documents, "doc_ids": [str, ...] or str, one per passage, and the compressed mode reads their vectors from the
+store instead of running the encoder (its time to first token then excludes the encoder and the store read); the
+other modes still read "passages".
 """
 
 import argparse
 import json
-import re
-import string
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from arctrain.data.qa import qa_example, read_jsonl, read_qa
+from arctrain.data.qa_records import QASource, read_qa
 from arctrain.model import Example, Text
+from arctrain.prompt import MODES, qa_prompt, qa_turn
+from arctrain.qa_metrics import answer_in, approx_match, bleu, exact_match, f1_score, normalize_answer, rouge_l
 
-MODES = ("compressed", "open_book", "closed_book")
-
-
-# --- SQuAD metrics ----------------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1 normalisation: lower case, drop punctuation and the articles a/an/the, collapse whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+__all__ = ["MODES", "answer_text", "evaluate_qa", "exact_match", "f1_score", "normalize_answer"]
+STOP = "\n\n"
 
 
-def exact_match(prediction: str, answers: list[str]) -> float:
-    return float(max(normalize_answer(prediction) == normalize_answer(a) for a in answers))
-
-
-def f1_score(prediction: str, answers: list[str]) -> float:
-    return max(_f1(normalize_answer(prediction).split(), normalize_answer(a).split()) for a in answers)
-
-
-def _f1(pred: list[str], gold: list[str]) -> float:
-    common = sum((Counter(pred) & Counter(gold)).values())
-    if common == 0:
-        return float(pred == gold)  # both empty: 1; one empty: 0
-    precision, recall = common / len(pred), common / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-# --- data ---------------------------------------------------------------------------------------------------
+def answer_text(generated: str) -> str:
+    """The answer in a generation: the text before its first blank line, stripped (the reference's cut)."""
+    return generated.split(STOP)[0].strip()
 
 
 def check_doc_ids(records: list[dict], store, path: Path) -> None:
@@ -81,51 +63,69 @@ def check_doc_ids(records: list[dict], store, path: Path) -> None:
         r["doc_ids"] = ids
 
 
-def answer_line(generated: str) -> str:
-    """The answer in a generation: its first non-blank line."""
-    return generated.strip().split("\n")[0].strip()
+def shots_and_questions(records: list[dict], shots: int, max_passages: int) -> tuple[list, list[dict]]:
+    """The first `shots` records as fixed in-context turns (first answer, first passages); the rest are asked."""
+    if len(records) <= shots:
+        raise ValueError(f"{len(records)} records: --shots {shots} leaves none to ask")
+    turns = [qa_turn(r, r["passages"][:max_passages], r["answers"][0]) for r in records[:shots]]
+    return turns, records[shots:]
 
 
-# Prompts (qa_example) and QA records (read_qa) live in arctrain/data/qa.py: QA fine-tuning builds the same ones.
-
-
-# --- cost ---------------------------------------------------------------------------------------------------
-
-
-# FLOPs: arctrain/flops.py (FlopCounter.prefill), the model the training metrics use too.
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------
-
-
-def evaluate_qa(arc, records: list[dict], shots: int, max_new_tokens: int, batch_size: int) -> dict:
+def evaluate_qa(
+    arc, records: list[dict], shots: int, max_new_tokens: int, batch_size: int, max_passages: int = 1
+) -> dict:
+    shot_turns, asked = shots_and_questions(records, shots, max_passages)
     predictions = {mode: [] for mode in MODES}
     cost = {
         mode: {"decoder_tokens": 0, "encoder_tokens": 0, "flops": 0.0, "seconds_to_first_token": 0.0} for mode in MODES
     }
     for mode in MODES:
-        for start in range(0, len(records), batch_size):
-            idx = range(start, min(start + batch_size, len(records)))
-            examples = [qa_example(arc, records, i, shots, mode) for i in idx]
-            out = arc.generate(examples, max_new_tokens=max_new_tokens, stop_at_newline=True)
-            predictions[mode] += [answer_line(t) for t in out.texts]
+        for start in range(0, len(asked), batch_size):
+            batch = asked[start : start + batch_size]
+            examples = [
+                qa_prompt(arc, arc.chat, shot_turns, qa_turn(r, r["passages"][:max_passages]), mode) for r in batch
+            ]
+            out = arc.generate(examples, max_new_tokens=max_new_tokens, stop_text=STOP)
+            predictions[mode] += [answer_text(t) for t in out.texts]
             c = cost[mode]
             c["decoder_tokens"] += sum(out.prompt_tokens)
             c["encoder_tokens"] += out.encoder_tokens
             c["flops"] += arc.flops.prefill(arc.name, out.stats)
             c["seconds_to_first_token"] += out.seconds_to_first_token
-    n = len(records)
-    summary = {}
-    for mode in MODES:
-        em = [exact_match(p, r["answers"]) for p, r in zip(predictions[mode], records, strict=True)]
-        f1 = [f1_score(p, r["answers"]) for p, r in zip(predictions[mode], records, strict=True)]
-        prefill = {k: v / n for k, v in cost[mode].items()}  # per question
-        summary[mode] = {"exact_match": 100 * sum(em) / n, "f1": 100 * sum(f1) / n, "prefill": prefill}
+    n = len(asked)
+    summary = {
+        mode: {**scores(predictions[mode], asked), "prefill": {k: v / n for k, v in cost[mode].items()}}
+        for mode in MODES
+    }
     rows = [
         {"question": r["question"], "answers": r["answers"], "predictions": {m: predictions[m][i] for m in MODES}}
-        for i, r in enumerate(records)
+        for i, r in enumerate(asked)
     ]
-    return {"modes": summary, "records": rows}
+    context = 100 * sum(answer_in(" ".join(r["passages"][:max_passages]), r["answers"]) for r in asked) / n
+    return {"n": n, "shots": shots, "context_has_answer": context, "modes": summary, "records": rows}
+
+
+def scores(predictions: list[str], records: list[dict]) -> dict:
+    """Percentages over the records: EM, F1, approx match, answer in output over the "em" records; ROUGE-L and
+    BLEU over those that ask for them (absent when none does)."""
+    out = {}
+    by_metric = {
+        m: [(p, r["answers"]) for p, r in zip(predictions, records, strict=True) if r["metric"] == m]
+        for m in ("em", "rougeL", "bleu")
+    }
+    if qa := by_metric["em"]:
+        for name, fn in [
+            ("exact_match", exact_match),
+            ("f1", f1_score),
+            ("approx_match", approx_match),
+            ("answer_in_output", answer_in),
+        ]:
+            out[name] = 100 * sum(fn(p, a) for p, a in qa) / len(qa)
+    if rouge := by_metric["rougeL"]:
+        out["rougeL"] = 100 * sum(rouge_l(p, a) for p, a in rouge) / len(rouge)
+    if pairs := by_metric["bleu"]:
+        out["bleu"] = bleu([p for p, _ in pairs], [a for _, a in pairs])
+    return out
 
 
 @torch.no_grad()
@@ -161,13 +161,31 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
 
 
 def table(result: dict) -> str:
-    lines = [f"{'mode':<12} {'EM':>6} {'F1':>6} {'dec tok':>8} {'GFLOPs':>8} {'TTFT s':>8}"]
-    for mode, m in result["modes"].items():
-        p = m["prefill"]
+    lines = []
+    for name, ds in result["datasets"].items():
+        context = ds["context_has_answer"]
+        lines.append(f"{name}: {ds['n']} questions, {ds['shots']} shots, answer in the context {context:.1f}%")
         lines.append(
-            f"{mode:<12} {m['exact_match']:6.1f} {m['f1']:6.1f} {p['decoder_tokens']:8.1f} "
-            f"{p['flops'] / 1e9:8.3f} {p['seconds_to_first_token']:8.3f}"
+            f"  {'mode':<12} {'EM':>6} {'F1':>6} {'approx':>6} {'in out':>6} {'ROUGE-L':>7} {'BLEU':>6} "
+            f"{'dec tok':>8} {'GFLOPs':>8} {'TTFT s':>8}"
         )
+        for mode, m in ds["modes"].items():
+            p = m["prefill"]
+            cells = [
+                f"{m[k]:{w}.1f}" if k in m else " " * (w - 1) + "-"
+                for k, w in [
+                    ("exact_match", 6),
+                    ("f1", 6),
+                    ("approx_match", 6),
+                    ("answer_in_output", 6),
+                    ("rougeL", 7),
+                    ("bleu", 6),
+                ]
+            ]
+            lines.append(
+                f"  {mode:<12} {' '.join(cells)} {p['decoder_tokens']:8.1f} {p['flops'] / 1e9:8.3f} "
+                f"{p['seconds_to_first_token']:8.3f}"
+            )
     if "reconstruction" in result:
         r = result["reconstruction"]
         lines.append(
@@ -183,19 +201,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
     parser.add_argument("--decoder-name", default=None)
-    parser.add_argument("--data", required=True, type=Path, help="QA records, JSON lines")
-    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--data", required=True, type=Path, nargs="+", help="QA files, one dataset each")
+    parser.add_argument("--shots", type=int, default=5, help="each dataset's first N records: the fixed examples")
+    parser.add_argument("--max-passages", type=int, default=1, help="compress a record's first N passages")
+    parser.add_argument(
+        "--context",
+        default="joint",
+        choices=["joint", "segments"],
+        help="passages compressed as one sequence (QA training's default) or in segments",
+    )
+    parser.add_argument("--context-tokens", type=int, default=2048, help="at most this many encoder tokens")
+    parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
-    add_context_args(parser)  # --chunk-tokens, --max-chunks (long contexts)
+    add_context_args(parser)  # --chunk-tokens, --max-chunks (long contexts, with --context segments)
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--vectors", type=Path, default=None, help="a vector store: compressed passages by doc_ids")
     args = parser.parse_args(argv)
-    if args.shots < 0 or args.max_new_tokens < 1 or args.batch_size < 1 or args.heldout_segments < 1:
-        raise ValueError("--shots must be >= 0, --max-new-tokens, --batch-size and --heldout-segments >= 1")
+    if (
+        args.shots < 0
+        or min(args.max_new_tokens, args.batch_size, args.heldout_segments, args.max_passages, args.context_tokens) < 1
+    ):
+        raise ValueError(
+            "--shots must be >= 0; --max-new-tokens, --batch-size, --heldout-segments, --max-passages "
+            "and --context-tokens >= 1"
+        )
     from arctrain.infer import check_context_args
 
     check_context_args(args)
@@ -204,23 +237,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     from arctrain.infer import ARCGenerator, context_note, runtime
+    from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
     args = parse_args(argv or [])
     device, dtype = runtime(args)
-    records = read_qa(args.data)
-    heldout = [r["text"] for r in read_jsonl(args.heldout, {"text": (str,)})] if args.heldout else None
+    datasets = {QASource(str(path)).name: read_qa(path) for path in args.data}
+    heldout = None
+    if args.heldout is not None:  # jsonl, jsonl.zst or parquet with a "text" field, as `arc-data build` reads them
+        heldout = [d.text for d in read_documents(expand_inputs([str(args.heldout)]), Fields(), Tally())]
     store = None
     if args.vectors is not None:
         from arctrain.store import VectorStore
 
         store = VectorStore(args.vectors)
-        check_doc_ids(records, store, args.data)
-    chunking = dict(chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, vectors=store, **chunking)
-    result = {"model": str(args.model), "decoder": arc.name, "data": str(args.data), "n": len(records)}
+        for path, records in zip(args.data, datasets.values(), strict=True):
+            check_doc_ids(records, store, path)
+    arc = ARCGenerator(
+        args.model,
+        args.decoder,
+        args.decoder_name,
+        dtype,
+        device,
+        chunk_tokens=args.chunk_tokens,
+        max_chunks=args.max_chunks,
+        vectors=store,
+        context=args.context,
+        context_tokens=args.context_tokens,
+        chat_template=not args.plain_prompt,
+    )
+    result = {"model": str(args.model), "decoder": arc.name, "chat_template": arc.chat is not None}
     result |= {"vectors": str(args.vectors)} if args.vectors else {}
-    result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens}
-    result |= evaluate_qa(arc, records, args.shots, args.max_new_tokens, args.batch_size)
+    result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens, "context": args.context, "datasets": {}}
+    for name, records in datasets.items():
+        result["datasets"][name] = evaluate_qa(
+            arc, records, args.shots, args.max_new_tokens, args.batch_size, args.max_passages
+        )
     if heldout is not None:
         result["reconstruction"] = reconstruction(arc, heldout, args.batch_size, args.heldout_segments)
     result["context_cut"] = vars(arc.pieces.cut) | {"chunk_tokens": arc.pieces.chunker.chunk_tokens,

@@ -265,7 +265,8 @@ def _pooling_words(config) -> str:
 
 def _data_lines(cfg: Config) -> str:
     if cfg.data.qa:
-        return f"QA fine-tuning on `{cfg.data.qa}` from `{cfg.train.init_from or 'its own initialisation'}`"
+        files = ", ".join(f"`{entry}`" for entry in cfg.data.qa)
+        return f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`"
     parts = []
     for directory, weight in cfg.data.sources:
         manifest = Path(directory) / "manifest.json"

@@ -45,6 +45,7 @@ from arctrain.export import load_export
 from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.model.batch import SPECIALS, BatchStats
+from arctrain.prompt import Doc, Turn, chat_template_of, render
 from arctrain.store import VectorStore
 from arctrain.tokenizer_id import tokenizer_hash
 
@@ -72,15 +73,15 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-class _LineDone(StoppingCriteria):
-    """A row is done once its new text holds a newline after some non-blank text (one answer line)."""
+class _TextDone(StoppingCriteria):
+    """A row is done once its new text holds `stop` (e.g. "\\n\\n", where a QA answer ends) after some text."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: str):
+        self.tokenizer, self.stop = tokenizer, stop
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)  # only new tokens (inputs_embeds)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], device=input_ids.device)
+        return torch.tensor([self.stop in t.lstrip() for t in texts], device=input_ids.device)
 
 
 def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
@@ -116,6 +117,9 @@ class ARCGenerator:
         chunk_tokens: int | None = None,
         max_chunks: int = 0,
         vectors: "str | Path | VectorStore | None" = None,
+        context: str = "segments",
+        context_tokens: int = 0,
+        chat_template: bool = True,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.store = None
@@ -143,8 +147,12 @@ class ARCGenerator:
         self.flops = FlopCounter(self.model)
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
-        chunk_tokens = chunk_tokens or config.segment_tokens  # the chunks QA training cuts, by default
-        self.pieces = TextPieces(self.enc_tok, self.dec_tok, chunk_tokens, max_chunks)
+        # The same pieces and prompt rendering as QA training: context "joint" or "segments" (chunks of
+        # chunk_tokens, by default the training segment length, at most max_chunks), the chat template of an
+        # instruct decoder (chat_template=False: the plain layout).
+        chunk_tokens = chunk_tokens or config.segment_tokens
+        self.pieces = TextPieces(self.enc_tok, self.dec_tok, chunk_tokens, max_chunks, context, context_tokens)
+        self.chat = chat_template_of(self.dec_tok, chat_template)
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
             i for i in stop_token_ids if i not in stop_ids(decoder, self.dec_tok)
@@ -166,19 +174,30 @@ class ARCGenerator:
         doc_ids = [doc_ids] if isinstance(doc_ids, str) else doc_ids
         return Memory([], special, vectors=[v for d in doc_ids for v in self.store.get(d).vectors])
 
-    def passages_memory(self, record: dict) -> Memory:
-        """A QA record's compressed passages: from the store by its `doc_ids` when there is one, else encoded."""
-        return self.stored_memory(record["doc_ids"]) if self.store is not None else self.memory(record["passages"])
+    def doc_memory(self, doc: Doc) -> Memory:
+        """A prompt's document (arctrain/prompt.py) compressed: its Memory when made already, its vectors from the
+        store by its `doc_ids` when there is a store, else its passages encoded."""
+        if doc.memory is not None:
+            return doc.memory
+        if self.store is not None and doc.doc_ids:
+            return self.stored_memory(doc.doc_ids)
+        return self.memory(doc.passages)
 
     def text(self, text: str, first: bool = False) -> Text:
         return self.pieces.text(text, first)
 
     def context_example(self, context: str | list[str] | Memory, prompt: str) -> Example:
-        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it.
+        """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it;
+        for a decoder with a chat template, one user message of the context and the prompt (arctrain/prompt.py).
         `context`: texts to compress, or a Memory already made (`stored_memory`)."""
+        if isinstance(context, Memory):
+            doc = Doc([], memory=context)
+        else:
+            doc = Doc([context] if isinstance(context, str) else context)
+        if self.chat is not None:
+            return Example(render(self, self.chat, [Turn([doc, "\n" + prompt.strip()])], answer_cue=""))
         pieces = [self.text(self.prefix, first=True)] if self.prefix else []
-        memory = context if isinstance(context, Memory) else self.memory(context)
-        return Example(pieces + [memory, self.text(prompt)])
+        return Example(pieces + [self.doc_memory(doc), self.text(prompt)])
 
     # --- running --------------------------------------------------------------------------------------------
 
@@ -216,11 +235,11 @@ class ARCGenerator:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int = 0,
-        stop_at_newline: bool = False,
+        stop_text: str | None = None,
     ) -> Generation:
         """Generate after each example (greedy unless `sample`) with the decoder's own `generate` and KV cache.
 
-        `stop_at_newline`: a row stops after its first non-blank line (QA answers).
+        A row stops at the decoder's EOS ids and, with `stop_text` (QA: "\\n\\n"), once its new text holds it.
         """
         start = time.perf_counter()
         first = _FirstLogits()
@@ -229,7 +248,7 @@ class ARCGenerator:
         if sample:
             torch.manual_seed(seed)
         tok, stop = self.dec_tok, self.stop_ids
-        criteria = StoppingCriteriaList([_LineDone(tok)] if stop_at_newline else [])
+        criteria = StoppingCriteriaList([_TextDone(tok, stop_text)] if stop_text else [])
         out = self.decoder.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
             logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
@@ -328,6 +347,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
     add_runtime_args(parser)
     add_context_args(parser)
+    parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -357,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         if doc_id not in store:
             raise ValueError(f"--doc-id {doc_id!r}: not in the --vectors store {store.root} ({len(store)} documents)")
     arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
-                       args.chunk_tokens, args.max_chunks, store)  # fmt: skip
+                       args.chunk_tokens, args.max_chunks, store, chat_template=not args.plain_prompt)  # fmt: skip
     if args.doc_id is not None:  # vectors from the store; the names printed are the ids
         names = ["+".join(args.doc_id)] if args.join else args.doc_id
         contexts = [arc.stored_memory(args.doc_id)] if args.join else [arc.stored_memory(d) for d in args.doc_id]

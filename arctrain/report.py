@@ -85,17 +85,22 @@ def plot_val_curves(lines: list[dict], png: Path) -> Path:
 
 def heldout_texts(inputs: list[str], val_fraction: float, limit: int) -> list[str]:
     """The documents `arc-data build --val-fraction` put in the val split, read the way it reads them."""
+    return split_texts(inputs, val_fraction, limit, "val")
+
+
+def split_texts(inputs: list[str], val_fraction: float, limit: int, split: str = "val") -> list[str]:
+    """The first `limit` documents `arc-data build --val-fraction` put in `split` ("val" or "train")."""
     from data_tools.build import is_val
     from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
     texts = []
     for doc in read_documents(expand_inputs(inputs), Fields(), Tally()):
-        if is_val(doc.digest, val_fraction):
+        if is_val(doc.digest, val_fraction) == (split == "val"):
             texts.append(doc.text)
             if len(texts) == limit:
                 break
     if not texts:
-        raise ValueError(f"--input {' '.join(inputs)}: no document falls in the val split of {val_fraction}")
+        raise ValueError(f"--input {' '.join(inputs)}: no document falls in the {split} split of {val_fraction}")
     return texts
 
 

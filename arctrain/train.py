@@ -49,11 +49,10 @@ def check_shards(cfg) -> None:
         open_source(path, "train", tokenizer_paths(cfg))
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
         open_source(path, "val", tokenizer_paths(cfg))
-    if cfg.data.qa:  # every record checked now: a bad line is one error here, not a crash in a loader worker
-        from arctrain.data.qa import read_qa
+    if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
+        from arctrain.data.qa import check_qa
 
-        for path in filter(None, (cfg.data.qa, cfg.data.qa_val)):
-            read_qa(Path(path))
+        check_qa(cfg)
 
 
 def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False):

@@ -119,6 +119,20 @@ def read_documents(files: list[Path], fields: Fields, tally: Tally) -> Iterator[
                 yield doc
 
 
+def read_records(path: Path, tally: Tally) -> Iterator[tuple[str, object]]:
+    """(where, record) of every record of one .jsonl, .jsonl.zst or .parquet file (a parquet row: a dict of all its
+    columns); lines that are not JSON are counted in `tally` and not yielded. For record formats other than
+    documents (arctrain/data/qa_records.py)."""
+    if path.name.endswith(".parquet"):
+        records = _parquet_records(path, None)
+    else:
+        lines = _zst_lines(path, tally) if path.name.endswith(".zst") else _plain_lines(path)
+        records = _json_records(path, lines, tally)
+    for where, record in records:
+        tally.read += 1
+        yield where, record
+
+
 def _plain_lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         yield from fh
@@ -179,21 +193,26 @@ def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[
         yield where, record
 
 
-def _parquet_records(path: Path, fields: Fields) -> Iterator[tuple[str, object]]:
-    """One row group in memory at a time; rows become {text, id, source} dicts like JSON records."""
+def _parquet_records(path: Path, fields: Fields | None) -> Iterator[tuple[str, object]]:
+    """One row group in memory at a time; rows become {text, id, source} dicts like JSON records (`fields` None:
+    every column)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    columns = [c for c in (fields.text, fields.id, "source") if c in names]
+    names = pf.schema_arrow.names
+    columns = names if fields is None else [c for c in (fields.text, fields.id, "source") if c in set(names)]
     row = 0
     for group in range(pf.num_row_groups):
         table = pf.read_row_group(group, columns=columns)
         values = {c: table.column(c).to_pylist() for c in columns}
         del table
-        for i in range(len(values[fields.text])):
+        for i in range(_table_rows(values)):
             row += 1
             yield f"{path}:row {row}", {c: values[c][i] for c in columns}
+
+
+def _table_rows(values: dict[str, list]) -> int:
+    return len(next(iter(values.values()))) if values else 0
 
 
 def _to_doc(record: object, where: str, path: Path, fields: Fields, tally: Tally) -> Doc | None:

@@ -77,6 +77,15 @@ def test_paper_configs_carry_the_paper_hyperparameters():
     assert (cfg.optim.encoder_lr, cfg.optim.projector_lr, cfg.optim.weight_decay) == (2e-6, 3e-5, 0.05)
     assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
     assert cfg.model.pooling_factor == 4 and cfg.data.qa_shots == 5  # x4 from the x8 encoder, 5-shot
+    # The reference's finetuning_ARC4_Encoder_multi.yaml: its sources, weights and shots; 8000 steps, 1024 tokens.
+    from arctrain.data.qa_records import parse_qa_source
+
+    sources = {Path(s.path).name: (s.weight, s.shots) for s in map(parse_qa_source, cfg.data.qa)}
+    assert len(sources) == 13 and sources["freebaseqa.jsonl"] == (27, 5) and sources["dialogsum.jsonl"] == (2.5, 3)
+    assert sources["low_res_mid_translation.jsonl"] == (0.5, 2) and sources["samsum.jsonl"] == (2.5, 4)
+    assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.data.micro_batch_size) == (
+        8000, 50, 0.0, 8)  # fmt: skip
+    assert (cfg.data.qa_max_passages, cfg.data.qa_context, cfg.data.qa_context_tokens) == (4, "joint", 1024)
 
 
 def test_the_long_context_config_cuts_1024_token_chunks_and_fits_the_window():

@@ -383,14 +383,15 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
     assert "QA fine-tuning on" in (tmp_path / "hf" / "README.md").read_text()
 
 
-def test_a_bad_qa_record_is_one_line_before_launch(tiny_models, tiny_shards, tmp_path):
+def test_qa_files_are_checked_before_launch(tiny_models, tiny_shards, tmp_path):
+    """A bad record is a counted skip named by file:line; a file without a usable record is one error line."""
     qa = tmp_path / "qa.jsonl"
-    qa.write_text('{"question": "q", "answers": ["a"], "passages": "p"}\n{"question": "q", "answers": ["a"]}\n')
+    qa.write_text('{"question": "q", "answers": ["a"]}\n')
     args = [a for a in overrides(tiny_models, tiny_shards, tmp_path / "run") if not a.startswith("data.shards")]
     result = train_cli(*args, "data.shards=[]", f"data.qa={qa}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    assert lines[0] == f"arctrain train: error: {qa}:2: record has no 'passages'"
+    assert result.returncode == 2 and lines[0].startswith(f"warning: skipped {qa}:1: no_passage"), result.stderr
+    assert lines[-1] == f"arctrain train: error: {qa}: no usable QA records (no_passage=1)"
     assert not (tmp_path / "run").exists()
 
 

@@ -13,7 +13,6 @@ micro-batch `Layout.global_batch(b)`, whose samples do not depend on the world s
 
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -206,10 +205,9 @@ class TrainLoader:
 def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
     """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
     if cfg.data.qa:
-        from arctrain.data.qa import QABatches, read_qa
+        from arctrain.data.qa import build_qa_loader
 
-        records = read_qa(Path(cfg.data.qa))
-        dataset = QABatches(cfg, vocab or Vocab.from_config(cfg), records, schedule(cfg, world_size), rank, world_size)
+        dataset = build_qa_loader(cfg, vocab or Vocab.from_config(cfg), schedule(cfg, world_size), rank, world_size)
         return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)
     sources = [open_source(path, "train", paths) for path, _ in cfg.data.sources]

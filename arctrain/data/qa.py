@@ -1,109 +1,83 @@
-"""QA fine-tuning data: question / answers / passages records -> batches with the passages compressed.
+"""QA fine-tuning data: QA records (arctrain/data/qa_records.py) -> batches with their passages compressed.
 
-    {"question": "...", "answers": ["...", ...], "passages": ["...", ...] or "..."}      one JSON object per line
+Each source (`data.qa` entries "path:weight:shots") is read whole in the main process (records are small next to
+pretraining shards) and tokenized in the loader workers. Position p of the global stream (global micro-batch g,
+`sampling.Layout`: local batch b of rank r, holds positions g * mbs ...; in fair mode the data batch of g) draws its source from the weights (`SourceMixer`, as for shard sources) and
+takes that source's next position j: epoch j // n is a permutation of its n records seeded by (seed, source,
+epoch). What else a record contributes in an epoch is drawn from (seed, source, epoch, record): which answer (of a
+list), how many of its passages (the first 1..data.qa_max_passages), and its few-shot examples (`shots` other
+records of the same source, each with its drawn answer and passages). All are pure functions of the position, so
+a resumed run, any number of workers and ranks, sees the same samples in the same steps.
 
-The prompt is the one `arctrain eval` asks (`qa_example`): `--shots` earlier examples, each with its own passages
-compressed, then
-
-    Document: <compressed passages, <Cont>>\\nQuestion: q\\nAnswer: a\\n
-
-with the loss on " a\\n" only (the first answer; the newline teaches where an answer ends). Records are small next
-to pretraining shards, so the file is read whole in the main process and tokenized in the loader workers.
-Global micro-batch g (`sampling.Layout`: local batch b of rank r) holds positions g * mbs ... of an endless stream
-of epochs, each a permutation of the records seeded by (seed, epoch): a pure function of g, so a resumed run sees
-the same records in the same steps, for any number of workers and ranks, as the shard loader
-(arctrain/data/loader.py) does.
+The prompt is arctrain/prompt.py's (the chat template of an instruct decoder, else the plain layout), the target
+the answer and the decoder's EOS. Passages are compressed jointly (data.qa_context="joint", the reference's way:
+one encoder sequence of the passages' tokens, cut at data.qa_context_tokens, pooled as usual) or in chunks of
+data.chunk_tokens as `arc-data build` cuts documents into segments ("segments", arctrain/data/chunks.py: at most
+data.max_chunks of them). What is cut is counted (`ContextCut`, Memory.dropped_tokens).
 """
 
 import functools
-import json
-from pathlib import Path
 
+import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
 from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.loader import collate_batch
-from arctrain.data.sampling import Layout, rng
-from arctrain.model.batch import ARCBatch, Example, Memory, Text
+from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
+from arctrain.data.sampling import Layout, SourceMixer, rng
+from arctrain.model.batch import ARCBatch, Memory, Text
+from arctrain.prompt import chat_template_of, qa_prompt, qa_turn
 
 QA = "qa"
-QA_ORDER = 0x51A  # rng stream of the record order
+QA_ORDER, QA_DRAW = 0x51A, 0x51B  # rng streams: record order; per-record draws (answer, passages, shots)
 QA_VAL_SEED = 0
+CONTEXTS = ("joint", "segments")
 
 
-def read_jsonl(path: Path, required: dict[str, tuple[type, ...]]) -> list[dict]:
-    """Records of a JSON-lines file; a bad line is a one-line error naming file:line and the key."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: a record must be a JSON object")
-        for key, types in required.items():
-            if key not in record:
-                raise ValueError(f"{path}:{n}: record has no {key!r}")
-            if not isinstance(record[key], types):
-                raise ValueError(f"{path}:{n}: {key!r} must be {' or '.join(t.__name__ for t in types)}")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
+def qa_sources(entries: list[str], default_shots: int) -> list[QASource]:
+    return [parse_qa_source(e, default_shots) for e in entries]
 
 
-def read_qa(path: Path) -> list[dict]:
-    records = read_jsonl(path, {"question": (str,), "answers": (list,), "passages": (list, str)})
-    for n, r in enumerate(records, 1):
-        if not r["answers"] or not all(isinstance(a, str) for a in r["answers"]):
-            raise ValueError(f"{path}: record {n}: 'answers' must be a non-empty list of strings")
-        r["passages"] = [r["passages"]] if isinstance(r["passages"], str) else r["passages"]
-        if not any(p.strip() for p in r["passages"]):
-            raise ValueError(f"{path}: record {n}: 'passages' has no text to compress")
-    return records
+def draw(seed: int, source: int, epoch: int, i: int, record: dict, n: int, shots: int, max_passages: int):
+    """(answer, passages, shot record indices) of record i of a source of n records in an epoch."""
+    g = rng(seed, QA_DRAW, source, epoch, i)
+    answer = record["answers"][int(g.integers(len(record["answers"])))]
+    passages = record["passages"][: int(g.integers(1, min(max_passages, len(record["passages"])) + 1))]
+    k = min(shots, n - 1)
+    others = g.choice(n - 1, size=k, replace=False) if k else np.zeros(0, dtype=np.int64)
+    return answer, passages, [int(j) + (j >= i) for j in others]  # never i itself
 
 
-def shot_indices(i: int, n: int, shots: int) -> list[int]:
-    """The few-shot examples of record i: the next `shots` records, cyclically, never i itself."""
-    return [(i + 1 + j) % n for j in range(min(shots, n - 1))]
+def record_order(seed: int, source: int, n: int, j: int) -> tuple[int, int]:
+    """(epoch, record index) at position j of a source's endless stream: each epoch a permutation of its records."""
+    epoch = j // n
+    return epoch, int(_permutation(seed, source, n, epoch)[j % n])
 
 
-def qa_example(pieces, records: list[dict], i: int, shots: int, mode: str, train: bool = False) -> Example:
-    """The few-shot prompt of record i in one mode; `pieces` makes decoder text (`.text`) and a record's compressed
-    passages (`.passages_memory`: encoded, or read from a vector store by `arctrain eval --vectors`). `train`: the
-    answer follows as the target (loss on it only)."""
-    out = []
-    for j in [*shot_indices(i, len(records), shots), i]:
-        r = records[j]
-        answer = "" if j == i else f" {r['answers'][0]}\n\n"
-        qa = f"Question: {r['question']}\nAnswer:{answer}"
-        first = not out  # the prompt's first piece is tokenized as a text start, later ones without a dummy prefix
-        if mode == "compressed":
-            out += [pieces.text("Document: ", first), pieces.passages_memory(r), pieces.text("\n" + qa)]
-        elif mode == "open_book":
-            out.append(pieces.text("Document: " + "\n".join(r["passages"]) + "\n" + qa, first))
-        else:
-            out.append(pieces.text(qa, first))
-    if train:
-        target = pieces.text(f" {records[i]['answers'][0]}\n")
-        out.append(Text(target.ids, loss=True))
-    return Example(out)
+@functools.lru_cache(maxsize=8)
+def _permutation(seed: int, source: int, n: int, epoch: int):
+    return rng(seed, QA_ORDER, source, epoch).permutation(n)
 
 
 class TextPieces:
-    """Decoder text and compressed memory from strings: contexts cut into chunks (arctrain/data/chunks.py) as
-    `arc-data build` cuts documents into segments; `cut` counts what `max_chunks` dropped."""
+    """Decoder text and compressed memory from strings: a context cut into chunks (arctrain/data/chunks.py) as
+    `arc-data build` cuts documents into segments (context "segments": at most `max_chunks`), or its passages as one
+    encoder sequence ("joint": at most `context_tokens` encoder tokens, 0: no limit). `cut` counts what was
+    dropped."""
 
-    def __init__(self, enc_tok, dec_tok, chunk_tokens: int, max_chunks: int = 0):
+    def __init__(
+        self, enc_tok, dec_tok, chunk_tokens: int, max_chunks: int = 0, context: str = "segments", context_tokens: int = 0
+    ):
         from data_tools.boundaries import PieceEncoder
 
-        self.enc_tok, self.dec_tok = enc_tok, dec_tok
-        self.dec_pieces = PieceEncoder(dec_tok.backend_tokenizer)
+        if context not in CONTEXTS:
+            raise ValueError(f"context {context!r}: expected one of {', '.join(CONTEXTS)}")
+        self.enc_tok, self.dec_tok, self.context, self.context_tokens = enc_tok, dec_tok, context, context_tokens
+        self.enc_pieces, self.dec_pieces = (
+            PieceEncoder(enc_tok.backend_tokenizer),
+            PieceEncoder(dec_tok.backend_tokenizer),
+        )
         self.chunker = Chunker(enc_tok, chunk_tokens, max_chunks)
         self.cut = ContextCut()
 
@@ -112,16 +86,36 @@ class TextPieces:
         return self.chunker.segments(text)
 
     def memory(self, texts: str | list[str], special: str | None = "cont") -> Memory:
-        """One or more passages compressed together: their chunks in order (at most max_chunks), one special."""
-        segments, cut = self.chunker.cut([texts] if isinstance(texts, str) else texts)
+        """One or more passages compressed together, then one special vector: jointly, one encoder sequence of
+        their tokens one after the other, or their chunks in order."""
+        texts = [texts] if isinstance(texts, str) else texts
+        if self.context == "joint":
+            segments, cut = [[t for text in texts for t in self.enc_pieces.ids(text.strip(), first=True)]], ContextCut(1)
+        else:
+            segments, cut = self.chunker.cut(texts)
+        segments = [seg for seg in segments if seg]
+        segments = self._limit(segments, cut) if self.context == "joint" else segments
         self.cut.add(cut)
         if not segments:
             raise ValueError("a context has no text to compress")
         return Memory(segments, special, cut.dropped_tokens)
 
-    def passages_memory(self, record: dict) -> Memory:
-        """A QA record's passages compressed together."""
-        return self.memory(record["passages"])
+    def doc_memory(self, doc) -> Memory:
+        """A prompt's document (arctrain/prompt.py `Doc`) compressed (or its Memory, when made already)."""
+        return doc.memory if doc.memory is not None else self.memory(doc.passages)
+
+    def _limit(self, segments: list[list[int]], cut: ContextCut) -> list[list[int]]:
+        """The first `context_tokens` encoder tokens of a context's chunks; what is cut is added to `cut`."""
+        total = sum(map(len, segments))
+        if not self.context_tokens or total <= self.context_tokens:
+            return segments
+        out, room = [], self.context_tokens
+        for seg in segments:
+            if room > 0:
+                out.append(seg[:room])
+                room -= len(out[-1])
+        cut.truncated, cut.dropped_tokens = 1, cut.dropped_tokens + total - self.context_tokens
+        return out
 
     def text(self, text: str, first: bool = False) -> Text:
         """Decoder ids of a piece of the prompt: `first` (its start) as the tokenizer encodes a text, a later piece
@@ -137,67 +131,122 @@ class QAMaker:
 
     def _pieces(self, decoder: str) -> TextPieces:
         if decoder not in self.pieces:
+            data = self.cfg.data
             self.enc_tok = self.enc_tok or AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
             dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
-            data = self.cfg.data
-            self.pieces[decoder] = TextPieces(self.enc_tok, dec, data.chunk_tokens, data.max_chunks)
+            self.pieces[decoder] = TextPieces(
+                self.enc_tok, dec, data.chunk_tokens, data.max_chunks, data.qa_context, data.qa_context_tokens
+            )
         return self.pieces[decoder]
 
-    def batch(self, records: list[dict], picks: list[int], decoder: str, keys: list[str]) -> ARCBatch:
+    def example(self, decoder: str, records: list[dict], i: int, epoch: int, source: int, seed: int, shots: int):
         pieces = self._pieces(decoder)
-        shots = self.cfg.data.qa_shots
-        examples = [qa_example(pieces, records, i, shots, "compressed", train=True) for i in picks]
+        n, max_passages = len(records), self.cfg.data.qa_max_passages
+        answer, passages, shot_ids = draw(seed, source, epoch, i, records[i], n, shots, max_passages)
+        shot_turns = []
+        for j in shot_ids:
+            shot_answer, shot_passages, _ = draw(seed, source, epoch, j, records[j], n, 0, max_passages)
+            shot_turns.append(qa_turn(records[j], shot_passages, shot_answer))
+        chat = chat_template_of(pieces.dec_tok, self.cfg.data.qa_chat_template)
+        turn = qa_turn(records[i], passages)
+        return qa_prompt(pieces, chat, shot_turns, turn, "compressed", answer, pieces.dec_tok.eos_token_id)
+
+    def collate(self, examples: list, decoder: str, keys: list[str]) -> ARCBatch:
         return collate_batch(self.cfg.model, self.vocab, examples, keys, decoder, QA)
-
-
-def record_order(seed: int, n: int, k: int) -> int:
-    """Record index at position k of the endless stream: epoch k // n is a permutation seeded by (seed, epoch)."""
-    return int(_permutation(seed, n, k // n)[k % n])
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, n: int, epoch: int):
-    return rng(seed, QA_ORDER, epoch).permutation(n)
 
 
 class QABatches(IterableDataset):
     """Endless QA batches (b, ARCBatch) of one rank from index `start`, split across DataLoader workers."""
 
-    def __init__(self, cfg, vocab, records: list[dict], schedule, rank: int, world_size: int, start: int = 0):
+    def __init__(
+        self,
+        cfg,
+        vocab,
+        sources: list[QASource],
+        records: list[list[dict]],
+        schedule,
+        rank: int,
+        world_size: int,
+        start: int = 0,
+    ):
         super().__init__()
-        self.cfg, self.vocab, self.records, self.schedule = cfg, vocab, records, schedule
+        self.cfg, self.vocab, self.sources, self.records, self.schedule = cfg, vocab, sources, records, schedule
         self.layout, self.start = Layout(rank, world_size, cfg.train.grad_accum), start
         self.seed = cfg.train.seed + cfg.data.seed_offset
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        maker = QAMaker(self.cfg, self.vocab)
+        maker, mixer = QAMaker(self.cfg, self.vocab), SourceMixer(self.seed, tuple(s.weight for s in self.sources))
         b = self.start + worker
         while True:
-            yield b, self.batch(b, maker)
+            yield b, self.batch(b, maker, mixer)
             b += n_workers
 
-    def batch(self, b: int, maker: QAMaker) -> ARCBatch:
+    def picks(self, d: int, mixer: SourceMixer) -> list[tuple[int, int, int]]:
+        """(source, epoch, record index) of each sample of global data batch d."""
+        mbs = self.cfg.data.micro_batch_size
+        first = d * mbs
+        out = []
+        for p in range(first, first + mbs):
+            source, j = mixer.locate(p)
+            out.append((source, *record_order(self.seed, source, len(self.records[source]), j)))
+        return out
+
+    def batch(self, b: int, maker: QAMaker, mixer: SourceMixer) -> ARCBatch:
         g = self.layout.global_batch(b)
         decoder, _ = self.schedule.plan(self.seed, g)
-        mbs, n = self.cfg.data.micro_batch_size, len(self.records)
-        first = self.schedule.data_batch(g) * mbs  # fair mode: the global batch shared by the decoders
-        picks = [record_order(self.seed, n, k) for k in range(first, first + mbs)]
-        return maker.batch(self.records, picks, decoder, [f"qa-{i:08d}" for i in picks])
+        examples, keys = [], []
+        for source, epoch, i in self.picks(self.schedule.data_batch(g), mixer):  # fair mode: shared by the decoders
+            shots = self.sources[source].shots
+            examples.append(maker.example(decoder, self.records[source], i, epoch, source, self.seed, shots))
+            keys.append(f"qa-{source}-{i:08d}")
+        return maker.collate(examples, decoder, keys)
+
+
+def build_qa_loader(cfg, vocab, schedule, rank: int, world_size: int) -> QABatches:
+    sources = qa_sources(cfg.data.qa, cfg.data.qa_shots)
+    return QABatches(cfg, vocab, sources, [read_qa(s.path) for s in sources], schedule, rank, world_size)
 
 
 class QAValBatches:
-    """The fixed QA validation batches (`data.qa_val`): the file is read and the tokenizers loaded once per run."""
+    """The fixed QA validation batches (`data.qa_val`): the files are read and the tokenizers loaded once per run.
+    Every record of every file once (epoch 0 of QA_VAL_SEED: answer, passages and shots fixed), in file order."""
 
     def __init__(self, cfg, vocab):
-        self.cfg, self.records, self.maker = cfg, read_qa(Path(cfg.data.qa_val)), QAMaker(cfg, vocab)
+        self.cfg, self.maker = cfg, QAMaker(cfg, vocab)
+        self.sources = qa_sources(cfg.data.qa_val, cfg.data.qa_shots)
+        self.records = [read_qa(s.path) for s in self.sources]
+        self.items = [(s, i) for s, recs in enumerate(self.records) for i in range(len(recs))]
 
     def batches(self, decoder: str, rank: int, world_size: int):
-        """Val batch v holds records v * mbs ... (wrapping); rank r takes v = r, r + world_size, ...
+        """Val batch v holds items v * mbs ... (wrapping); rank r takes v = r, r + world_size, ...
         (ceil(eval.batches / world_size) of them), as for the shards."""
         mbs = self.cfg.data.micro_batch_size
         for k in range(-(-self.cfg.eval.batches // world_size)):
             v = k * world_size + rank
-            picks = [g % len(self.records) for g in range(v * mbs, (v + 1) * mbs)]
-            yield self.maker.batch(self.records, picks, decoder, [f"qa-val-{i:08d}" for i in picks])
+            items = [self.items[g % len(self.items)] for g in range(v * mbs, (v + 1) * mbs)]
+            examples = [
+                self.maker.example(decoder, self.records[s], i, 0, s, QA_VAL_SEED, self.sources[s].shots)
+                for s, i in items
+            ]
+            yield self.maker.collate(examples, decoder, [f"qa-val-{s}-{i:08d}" for s, i in items])
+
+
+def check_qa(cfg, say=print) -> None:
+    """Read every QA file now (bad records: counted skips; no usable record: an error, before any process group)
+    and say how many records' passages (all qa_max_passages of them, the longest draw) exceed qa_context_tokens
+    encoder tokens and so are cut (joint contexts; chunks dropped by data.max_chunks are counted as training runs,
+    in the context_tokens_dropped metric)."""
+    enc = AutoTokenizer.from_pretrained(cfg.model.encoder_path).backend_tokenizer
+    limit, max_passages = cfg.data.qa_context_tokens, cfg.data.qa_max_passages
+    for key in ("qa", "qa_val"):
+        for source in qa_sources(getattr(cfg.data, key), cfg.data.qa_shots):
+            records = read_qa(source.path)
+            texts = [" ".join(r["passages"][:max_passages]) for r in records]
+            long = sum(len(e.ids) > limit for e in enc.encode_batch(texts, add_special_tokens=False))
+            if long and cfg.data.qa_context == "joint":
+                say(
+                    f"data.{key} {source.path}: {long} of {len(records)} records have passages longer than "
+                    f"data.qa_context_tokens={limit} encoder tokens: cut to it"
+                )

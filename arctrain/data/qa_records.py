@@ -1,0 +1,123 @@
+"""QA records: arctrain's format and the released one (kyutai's ARC fine-tuning set), read into one shape.
+
+    {"question": str, "answers": [str, ...], "passages": [str, ...] or str}                 arctrain (the eval format)
+    {"question": str, "answer": str or [str, ...], "passage" or "passages": str or [str, ...],
+     "instruction": str (optional)}                                                         the released files
+
+`question` may be empty or missing (the released summarisation and paraphrase sets have none). An optional
+`metric` ("em", the default: exact match and F1; "rougeL"; "bleu") says how `arctrain eval` scores a record.
+Files are .jsonl, .jsonl.zst or .parquet (data_tools/inputs.py reads all three). A record that cannot be used
+is a counted skip, warned about with its file:line; a file without any usable record is an error.
+
+A source is "path", "path:weight" or "path:weight:shots" (the reference's `train_data` entries): several QA
+sources are mixed by weight exactly as shard sources are (arctrain/data/sampling.py `SourceMixer`), and each
+takes its few-shot examples from its own other records.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_tools.inputs import SUFFIXES, Tally, read_records
+
+METRICS = ("em", "rougeL", "bleu")
+
+
+@dataclass(frozen=True)
+class QASource:
+    path: str
+    weight: float = 1.0
+    shots: int = 0
+
+    @property
+    def name(self) -> str:
+        """The file name without its format suffix: the dataset's name in eval tables and val metrics."""
+        name = Path(self.path).name
+        return next((name[: -len(s)] for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), name)
+
+
+def parse_qa_source(entry: str, default_shots: int = 0) -> QASource:
+    """ "path", "path:weight" or "path:weight:shots"; a tail that is not a number stays in the path."""
+    parts = entry.rsplit(":", 2)
+    numbers = []
+    while len(parts) > 1 and len(numbers) < 2 and _is_number(parts[-1]):
+        numbers.insert(0, parts.pop())
+    path = ":".join(parts)
+    if len(numbers) == 2 and not numbers[1].isdigit():
+        raise ValueError(f"{entry!r}: shots must be a whole number (path:weight:shots)")
+    weight = float(numbers[0]) if numbers else 1.0
+    shots = int(numbers[1]) if len(numbers) == 2 else default_shots
+    if not path:
+        raise ValueError(f"{entry!r}: no file")
+    if weight <= 0:
+        raise ValueError(f"{entry!r}: the weight must be > 0")
+    return QASource(path, weight, shots)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_qa(path: str | Path, strict: bool = False) -> list[dict]:
+    """The usable records of one file as {"question", "answers", "passages", "instruction", "metric"} (answers and
+    passages always lists); bad records are counted skips (`strict`: the first one is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not path.name.endswith(SUFFIXES):
+        raise ValueError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+    tally = Tally(strict=strict)
+    records = []
+    for where, raw in read_records(path, tally):
+        record = qa_record(raw, where, tally)
+        if record is not None:
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no usable QA records ({_skips(tally) or 'the file is empty'})")
+    if tally.skipped:
+        print(f"{path}: {len(records)} QA records read, skipped {_skips(tally)}", file=sys.stderr)
+    return records
+
+
+def _skips(tally: Tally) -> str:
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(tally.skipped.items()))
+
+
+def qa_record(raw: object, where: str, tally: Tally) -> dict | None:
+    """One record in the common shape, or None after counting why it cannot be used."""
+    if not isinstance(raw, dict):
+        return tally.skip("not_an_object", where, type(raw).__name__)
+    answers = raw["answers"] if raw.get("answers") is not None else raw.get("answer")  # a parquet row has both
+    answers = [answers] if isinstance(answers, str) else answers
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        return tally.skip("invalid_answer", where, "'answer(s)' must be a string or a non-empty list of strings")
+    key = "passages" if raw.get("passages") is not None else "passage"
+    passages = raw.get(key)
+    passages = [passages] if isinstance(passages, str) else passages
+    if passages is None:
+        return tally.skip("no_passage", where, "no 'passage' or 'passages'")
+    if not isinstance(passages, list) or not all(isinstance(p, str) for p in passages):
+        return tally.skip("invalid_passage", where, f"{key!r} must be a string or a list of strings")
+    passages = [p for p in passages if p.strip()]
+    if not passages:
+        return tally.skip("no_passage", where, "no 'passage' or 'passages' text to compress")
+    question = raw.get("question") or ""
+    instruction = raw.get("instruction")
+    metric = raw.get("metric") or "em"
+    if not isinstance(question, str):
+        return tally.skip("invalid_question", where, "'question' must be a string")
+    if instruction is not None and not isinstance(instruction, str):
+        return tally.skip("invalid_instruction", where, "'instruction' must be a string")
+    if metric not in METRICS:
+        return tally.skip("invalid_metric", where, f"'metric' {metric!r} is not one of {', '.join(METRICS)}")
+    return {
+        "question": question.strip(),
+        "answers": answers,
+        "passages": passages,
+        "instruction": instruction,
+        "metric": metric,
+    }
