@@ -168,7 +168,9 @@ class DataConfig:
         _require(self.interleave_tokens >= 0, "interleave_tokens", self.interleave_tokens, "must be >= 0")
         why = "applies to QA contexts in chunks (data.qa with data.qa_context=segments): shard segments are cut by "
         why += "arc-data build --segment-tokens, joint contexts by data.qa_context_tokens"
-        _require(not self.max_chunks or (bool(self.qa) and self.qa_context == "segments"), "max_chunks", self.max_chunks, why)
+        _require(
+            not self.max_chunks or (bool(self.qa) and self.qa_context == "segments"), "max_chunks", self.max_chunks, why
+        )
         why = "applies to continuation on shards, not to data.qa"
         _require(not self.interleave_tokens or not self.qa, "interleave_tokens", self.interleave_tokens, why)
         _require(self.qa_max_passages >= 1, "qa_max_passages", self.qa_max_passages, "must be >= 1")

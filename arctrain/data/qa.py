@@ -2,8 +2,8 @@
 
 Each source (`data.qa` entries "path:weight:shots") is read whole in the main process (records are small next to
 pretraining shards) and tokenized in the loader workers. Position p of the global stream (global micro-batch g,
-`sampling.Layout`: local batch b of rank r, holds positions g * mbs ...; in fair mode the data batch of g) draws its source from the weights (`SourceMixer`, as for shard sources) and
-takes that source's next position j: epoch j // n is a permutation of its n records seeded by (seed, source,
+`sampling.Layout`: local batch b of rank r, holds positions g * mbs ...; in fair mode the data batch of g) draws
+its source from the weights (`SourceMixer`, as for shard sources) and takes that source's next position j: epoch j // n is a permutation of its n records seeded by (seed, source,
 epoch). What else a record contributes in an epoch is drawn from (seed, source, epoch, record): which answer (of a
 list), how many of its passages (the first 1..data.qa_max_passages), and its few-shot examples (`shots` other
 records of the same source, each with its drawn answer and passages). All are pure functions of the position, so
@@ -67,7 +67,13 @@ class TextPieces:
     dropped."""
 
     def __init__(
-        self, enc_tok, dec_tok, chunk_tokens: int, max_chunks: int = 0, context: str = "segments", context_tokens: int = 0
+        self,
+        enc_tok,
+        dec_tok,
+        chunk_tokens: int,
+        max_chunks: int = 0,
+        context: str = "segments",
+        context_tokens: int = 0,
     ):
         from data_tools.boundaries import PieceEncoder
 
@@ -90,7 +96,10 @@ class TextPieces:
         their tokens one after the other, or their chunks in order."""
         texts = [texts] if isinstance(texts, str) else texts
         if self.context == "joint":
-            segments, cut = [[t for text in texts for t in self.enc_pieces.ids(text.strip(), first=True)]], ContextCut(1)
+            segments, cut = (
+                [[t for text in texts for t in self.enc_pieces.ids(text.strip(), first=True)]],
+                ContextCut(1),
+            )
         else:
             segments, cut = self.chunker.cut(texts)
         segments = [seg for seg in segments if seg]
