@@ -33,11 +33,14 @@ def test_chunks_cover_the_text_and_max_chunks_keeps_the_first(enc, tiny_models):
 def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counted(enc, tiny_models, tiny_qa):
     overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
                  f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={tiny_qa[0]}",
-                 "data.chunk_tokens=16", "data.max_chunks=2"]  # fmt: skip
+                 "data.chunk_tokens=16", "data.max_chunks=2", "data.qa_context=segments",
+                 "data.qa_max_passages=1"]  # fmt: skip
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
     records = read_qa(tiny_qa[0])
-    batch = QAMaker(cfg, Vocab.from_config(cfg)).batch(records, [0, 3], "llama", ["a", "b"])
-    chunks = [Chunker(enc, 16).cut(records[i]["passages"])[0] for i in (0, 3)]  # every chunk of each context
+    maker = QAMaker(cfg, Vocab.from_config(cfg))
+    examples = [maker.example("llama", records, i, 0, 0, 0, 0) for i in (0, 3)]
+    batch = maker.collate(examples, "llama", ["a", "b"])
+    chunks = [Chunker(enc, 16).cut(records[i]["passages"][:1])[0] for i in (0, 3)]  # every chunk of each context
     assert all(len(c) > 2 for c in chunks)  # 48 words are more than 2 chunks of 16 tokens
     rows = [batch.enc_ids[s][batch.enc_mask[s] == 1].tolist() for s in range(batch.enc_ids.shape[0])]
     assert rows == chunks[0][:2] + chunks[1][:2]
@@ -48,6 +51,10 @@ def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counte
     "data, message",
     [
         (["data.max_chunks=2"], "data.max_chunks: 2 applies to QA contexts"),
+        (
+            ["data.max_chunks=2", "data.shards=[]", "data.qa=qa.jsonl"],
+            "data.max_chunks: 2 applies to QA contexts in chunks",
+        ),
         (["data.shards=[]", "data.qa=qa.jsonl", "data.interleave_tokens=8"], "data.interleave_tokens: 8 applies to"),
         (["data.max_chunks=-1", "data.shards=[]", "data.qa=qa.jsonl"], "data.max_chunks: -1 must be >= 0"),
     ],
@@ -78,9 +85,10 @@ def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window
     qa.write_text(json.dumps({"question": "What is it about?", "answers": ["code"], "passages": document}) + "\n")
     overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
                  f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={qa}",
-                 "data.chunk_tokens=1024", "data.max_chunks=3"]  # fmt: skip
+                 "data.chunk_tokens=1024", "data.max_chunks=3", "data.qa_context=segments"]  # fmt: skip
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
-    batch = QAMaker(cfg, Vocab.from_config(cfg)).batch(read_qa(qa), [0], "llama", ["long"])
+    maker = QAMaker(cfg, Vocab.from_config(cfg))
+    batch = maker.collate([maker.example("llama", read_qa(qa), 0, 0, 0, 0, 0)], "llama", ["long"])
     chunks = Chunker(enc, 1024).segments(document)
     assert sum(map(len, chunks)) > 4 * window
     assert batch.enc_mask.sum(1).tolist() == [len(c) for c in chunks[:3]]

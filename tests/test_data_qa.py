@@ -191,12 +191,15 @@ def test_joint_passages_are_one_encoder_sequence_cut_at_context_tokens(tiny_mode
     dec = AutoTokenizer.from_pretrained(tiny_models / "llama")
     passages = ["The first passage has some words.", "A second one follows it."]
     expected = [t for p in passages for t in enc.encode(p, add_special_tokens=False)]
-    joint = TextPieces(enc, dec, 4, "joint", 1000).memory(passages)
-    assert joint.segments == [expected] and joint.special == "cont"
-    cut = TextPieces(enc, dec, 4, "joint", 5)
-    assert cut.memory(passages).segments == [expected[:5]] and cut.cut == 1
-    segments = TextPieces(enc, dec, 4, "segments", 6)
-    assert sum(map(len, segments.memory(passages).segments)) == 6 and segments.cut == 1
+    joint = TextPieces(enc, dec, 4, context="joint", context_tokens=1000).memory(passages)
+    assert joint.segments == [expected] and joint.special == "cont" and joint.dropped_tokens == 0
+    cut = TextPieces(enc, dec, 4, context="joint", context_tokens=5)
+    memory = cut.memory(passages)
+    assert memory.segments == [expected[:5]] and memory.dropped_tokens == len(expected) - 5
+    assert (cut.cut.contexts, cut.cut.truncated, cut.cut.dropped_tokens) == (1, 1, len(expected) - 5)
+    segments = TextPieces(enc, dec, 4, max_chunks=2, context="segments")  # chunks: at most max_chunks, no token cap
+    kept = segments.memory(passages).segments
+    assert len(kept) == 2 and all(len(c) <= 6 for c in kept) and segments.cut.truncated == 1
 
 
 def test_memory_holds_the_passages_segments(tiny_models, tiny_qa):

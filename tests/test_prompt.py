@@ -18,6 +18,9 @@ class Strings:
     def memory(self, passages, special="cont"):
         return Memory([passages], special)
 
+    def doc_memory(self, doc):
+        return self.memory(doc.passages)
+
 
 def layout(pieces) -> str:
     return "".join(p.ids[0] if isinstance(p, Text) else "<" + "|".join(p.segments[0]) + ">" for p in pieces)
@@ -64,7 +67,7 @@ def chat_llama(tiny_models):
 
 def test_a_chat_template_renders_the_prompt_with_the_vectors_at_the_placeholders(tiny_models, chat_llama):
     enc = AutoTokenizer.from_pretrained(tiny_models / "encoder")
-    pieces = TextPieces(enc, chat_llama, 16, "joint", 512)
+    pieces = TextPieces(enc, chat_llama, 16, context="joint", context_tokens=512)
     shot, asked = qa_turn(RECORDS[0], RECORDS[0]["passages"], "Ada"), qa_turn(RECORDS[1], RECORDS[1]["passages"])
     example = qa_prompt(pieces, chat_llama, [shot], asked, "compressed", "London", chat_llama.eos_token_id)
     kinds = [type(p) for p in example.pieces]
@@ -103,7 +106,7 @@ def test_smollm2_training_rows_are_its_chat_template(smollm2, tiny_models):
     from arctrain.model.batch import collate
 
     tok, enc = AutoTokenizer.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
-    pieces = TextPieces(enc, tok, 16, "joint", 512)
+    pieces = TextPieces(enc, tok, 16, context="joint", context_tokens=512)
     chat = chat_template_of(tok)
     example = qa_prompt(pieces, chat, [], qa_turn(RECORDS[0], ["Ada wrote it."]), "compressed", "Ada", tok.eos_token_id)
     batch = collate([example], pooling="mean_pooled_queries", factor=4, n_vectors=0, enc_pad_id=0,
