@@ -89,6 +89,12 @@ class Checkpointer:
         if state is None:
             return grad_accum
         where = self.dir / self.latest()
+        if "next_sample" not in state and state.get("world_size", 1) > 1:  # one rank: the old order is the new one
+            raise ValueError(
+                f"{where} was written before the data order was made independent of the world size: resumed now, "
+                f"its steps would hold other samples; start a new run directory (train.init_from={where} keeps the "
+                f"weights)"
+            )
         for key, value in state.get("fingerprint", {}).items():
             if key in fingerprint and fingerprint[key] != value:
                 raise ValueError(

@@ -247,7 +247,8 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps of the whole run."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (all of one decoder)."""
+    """Micro-batches per optimizer step and rank (all of one decoder). A resume at another world size sets it so that
+    ranks x grad_accum stays the checkpoint's (arctrain/elastic.py)."""
     seed: int = 0
     activation_checkpointing: bool = False
     precision: Literal["fp32", "bf16"] = "bf16"

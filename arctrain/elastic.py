@@ -58,7 +58,9 @@ def to_universal(ckpt: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(out), "--num_extract_workers", str(workers),
            "--num_merge_workers", str(max(1, workers // 2))]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # A file conversion: on a GPU node it must not open a CUDA context beside rank 0's training process.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         tail = " ".join((result.stderr.strip().splitlines() or ["no output"])[-1].split())
         raise ValueError(f"{ckpt}: DeepSpeed's ds_to_universal could not convert it for another world size: {tail}")

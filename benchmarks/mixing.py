@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from arctrain.data.loader import TrainBatches
-    from arctrain.data.sampling import RankStream, SourceMixer
+    from arctrain.data.sampling import Layout, SourceMixer, SourceStream
 
     sources = [layout(args.files, args.docs, args.shard_samples, seed) for seed in range(len(args.weights))]
     n_min = min(sum(s[0]) for s in sources)
@@ -87,11 +87,12 @@ def main() -> None:
                     return [(s, *streams[s].locate(j)) for j in range(earlier * mbs, (earlier + 1) * mbs)]
             else:
                 mixer = SourceMixer(seed, tuple(args.weights))
-                streams = [RankStream(seed, s, src[0], r, args.ranks, args.shuffle_buffer, args.shard_streams)
+                streams = [SourceStream(seed, s, src[0], args.shuffle_buffer, args.shard_streams)
                            for s, src in enumerate(sources)]  # fmt: skip
 
-                def picks(b, mixer=mixer, streams=streams):
-                    return TrainBatches.picks(types.SimpleNamespace(cfg=cfg), b, mixer, streams)
+                def picks(b, mixer=mixer, streams=streams, r=r):  # rank r's batch b: a global micro-batch
+                    g = Layout(r, args.ranks).global_batch(b)
+                    return TrainBatches.picks(types.SimpleNamespace(cfg=cfg), g, mixer, streams)
 
             per_rank.append(picks)
         loaders[name] = per_rank

@@ -19,8 +19,13 @@ def written(run_dir: Path, cfg, world_size: int = 2) -> Checkpointer:
     """A run dir whose latest checkpoint was written under `cfg` by `world_size` ranks."""
     tag = run_dir / "checkpoints" / "step_00000010"
     tag.mkdir(parents=True)
-    state = {"step": 10, "world_size": world_size, "grad_accum": cfg.train.grad_accum,
-             "fingerprint": resume_fingerprint(cfg)}  # fmt: skip
+    state = {
+        "step": 10,
+        "next_sample": 10 * world_size * cfg.train.grad_accum * cfg.data.micro_batch_size,
+        "world_size": world_size,
+        "grad_accum": cfg.train.grad_accum,
+        "fingerprint": resume_fingerprint(cfg),
+    }
     (tag / TRAINER_STATE).write_text(json.dumps(state))
     (run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
     return Checkpointer(run_dir, keep=2, rank=0)
@@ -105,3 +110,19 @@ def test_every_launch_keeps_its_config(tmp_path):
     assert sorted(p.name for p in (tmp_path / "launches").iterdir()) == ["config_001.yaml", "config_002.yaml"]
     assert load_config(tmp_path / "launches" / "config_001.yaml").train.steps == 10
     assert load_config(tmp_path / "config.yaml").train.steps == 20  # the newest launch's, read by export/eval
+
+
+def test_a_checkpoint_of_the_old_per_rank_data_order_is_refused_on_several_ranks(tmp_path):
+    """Before the data order was global (no next_sample in trainer_state.json) 2 ranks read other samples per step;
+    one rank read the same ones, so only that resumes."""
+    for world_size, refused in ((2, True), (1, False)):
+        ckpt = written(tmp_path / str(world_size), config(), world_size=world_size)
+        state_file = ckpt.dir / "step_00000010" / TRAINER_STATE
+        state = json.loads(state_file.read_text())
+        del state["next_sample"], state["grad_accum"]
+        state_file.write_text(json.dumps({**state, "next_batch": 10}))
+        if not refused:
+            assert ckpt.check_resumable(1, resume_fingerprint(config()), 1) == 1
+            continue
+        with pytest.raises(ValueError, match="was written before the data order was made independent of the world"):
+            ckpt.check_resumable(2, resume_fingerprint(config()), 1)
