@@ -124,12 +124,10 @@ def read_inputs(patterns: list[str], fields: Fields, tally: Tally, model_dir: Pa
 def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally: Tally) -> Iterator[tuple]:
     """The documents of an `arc-data build` directory as the encoder segments its samples hold (windows of one
     document are consecutive), checked to be cut by the export's encoder tokenizer at its segment length."""
-    import io
-
-    import numpy as np
     import webdataset as wds
 
     from arctrain.data.shards import check_tokenizers, read_manifest
+    from data_tools.sample_format import decode
 
     manifest = read_manifest(shard_dir)
     check_tokenizers(shard_dir, manifest, {"encoder": str(model_dir)})
@@ -143,14 +141,14 @@ def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally
     ]
     doc_id, segments = None, []
     for sample in wds.WebDataset(paths, shardshuffle=False, empty_check=False):
-        meta = json.loads(sample["json"])
+        meta, tokens = decode(sample)  # any shard format (data_tools/sample_format.py)
         if meta["doc_id"] != doc_id:
             if doc_id is not None:
                 yield doc_id, segments
             doc_id, segments = meta["doc_id"], []
             tally.read += 1
-        ids = np.load(io.BytesIO(sample["encoder.ids.npy"]))
-        offsets = np.load(io.BytesIO(sample["encoder.offsets.npy"])).tolist()
+        ids, offsets = tokens["encoder"]
+        offsets = offsets.tolist()
         segments += [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
     if doc_id is not None:
         yield doc_id, segments

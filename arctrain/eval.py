@@ -232,6 +232,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     from arctrain.infer import check_context_args
 
     check_context_args(args)
+    if args.max_chunks and args.context == "joint":
+        raise ValueError("--max-chunks applies with --context segments (a joint context is cut at --context-tokens)")
     return args
 
 

@@ -205,10 +205,11 @@ def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny
     16 encoder tokens per question), and the JSON and the table say how many contexts were cut and by how much."""
     out = tmp_path / "eval.json"
     arctrain(["eval", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--data", str(tiny_qa[1]),
-              "--shots", "0", "--max-new-tokens", "2", "--dtype", "fp32", "--chunk-tokens", "16", "--max-chunks", "1",
-              "--out", str(out)])  # fmt: skip
+              "--shots", "0", "--max-new-tokens", "2", "--dtype", "fp32", "--context", "segments",
+              "--chunk-tokens", "16", "--max-chunks", "1", "--out", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
-    cut, n = result["context_cut"], result["n"]
+    (dataset,) = result["datasets"].values()
+    cut, n = result["context_cut"], dataset["n"]
     assert (cut["chunk_tokens"], cut["max_chunks"], cut["contexts"], cut["truncated"]) == (16, 1, n, n)
-    assert 0 < result["modes"]["compressed"]["prefill"]["encoder_tokens"] <= 16  # per question
+    assert 0 < dataset["modes"]["compressed"]["prefill"]["encoder_tokens"] <= 16  # per question
     assert cut["dropped_tokens"] > 0 and f"{n} of {n} contexts cut short" in capsys.readouterr().out

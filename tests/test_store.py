@@ -120,7 +120,7 @@ def test_eval_reads_the_passages_from_the_store(arc, exported, tiny_models, docs
 
     records = [
         {"question": f"What is {d['id']}?", "answers": [d["text"].split()[0]], "passages": [d["text"]],
-         "doc_ids": [d["id"]]}
+         "doc_ids": [d["id"]], "metric": "em"}
         for d in docs[:4]
     ]  # fmt: skip
     check_doc_ids(records, arc.store, tmp_path / "qa.jsonl")

@@ -114,10 +114,17 @@ def qa_record(raw: object, where: str, tally: Tally) -> dict | None:
         return tally.skip("invalid_instruction", where, "'instruction' must be a string")
     if metric not in METRICS:
         return tally.skip("invalid_metric", where, f"'metric' {metric!r} is not one of {', '.join(METRICS)}")
-    return {
+    record = {
         "question": question.strip(),
         "answers": answers,
         "passages": passages,
         "instruction": instruction,
         "metric": metric,
     }
+    doc_ids = raw.get("doc_ids")  # the passages' ids in a vector store (`arctrain eval --vectors`), one each
+    if doc_ids is not None:
+        doc_ids = [doc_ids] if isinstance(doc_ids, str) else doc_ids
+        if not isinstance(doc_ids, list) or not all(isinstance(i, str) for i in doc_ids):
+            return tally.skip("invalid_doc_ids", where, "'doc_ids' must be a string or a list of strings")
+        record["doc_ids"] = doc_ids
+    return record
