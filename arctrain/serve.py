@@ -130,8 +130,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", help="vLLM's model dtype (float32, bfloat16)")
     p.add_argument("--eager", action="store_true", help="enforce_eager (no graph capture or compilation)")
-    p.add_argument("--memory-fraction", type=float, default=None,
-                   help="vLLM's gpu_memory_utilization (on its CPU backend: the share of RAM for the KV cache)")  # fmt: skip
+    fraction_help = "vLLM's gpu_memory_utilization (on its CPU backend: the share of RAM for the KV cache)"
+    p.add_argument("--memory-fraction", type=float, default=None, help=fraction_help)
     p.add_argument("--out", type=Path, default=None, help="token ids and texts as JSON")
     args = p.parse_args()
     prompts = torch.load(args.prompts, weights_only=True)

@@ -69,7 +69,11 @@ def test_compress_reads_arc_data_shards_as_their_raw_text(arc, exported, tiny_mo
         ours, theirs = store.get(doc["id"]), arc.store.get(doc["id"])
         assert ours.tokens == theirs.tokens
         assert all(torch.equal(a, b) for a, b in zip(ours.vectors, theirs.vectors, strict=True))
-    other = build_shards(tmp_path / "other", inputs, tiny_models / "llama", {"mistral": tiny_models / "mistral"})
+    other = tmp_path / "other"  # the same shards, as if cut by another encoder tokenizer
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizers"]["encoder"]["hash"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit):
         compress(exported, other, tmp_path / "refused")
     assert "tokenizer 'encoder' differs" in capsys.readouterr().err
