@@ -95,8 +95,10 @@ arc_forward() {  # $1 = signal name
 
 arc_launch() {  # runs srun in the background and waits for it, returning its exit status
     local port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
-    # srun does not inherit --cpus-per-task from sbatch on SLURM 22.05-23.02: pass it on explicitly.
-    srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    # srun does not inherit --cpus-per-task from sbatch on SLURM 22.05-23.02: pass it on explicitly. --ntasks too:
+    # a job requeued onto fewer nodes keeps its first allocation's SLURM_NTASKS in its environment.
+    srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+        --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         --kill-on-bad-exit=0 \
         torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$ARC_NPROC" --max_restarts=0 \
         --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="${ARC_NODES[0]}:$port" \

@@ -273,7 +273,8 @@ def step_keys(run_dir: Path) -> dict[int, list[str]]:
 def test_requeued_on_fewer_nodes_resumes_there(cluster, reference, tiny_models, shards, tmp_path):
     """A job on 2 nodes (1 rank each) gets USR1: it checkpoints and is requeued; it is then given 1 node, as a site
     does when it requeues onto what is free (`scontrol update NumNodes=1`: a `--nodes=1-2` range would start on 1
-    node here, sbatch's tasks being min nodes x --ntasks-per-node), and resumes there (train.grad_accum 1 -> 2)
+    node here, sbatch's tasks being min nodes x --ntasks-per-node; the job's CPUs are set to the one node's too), and
+    resumes there (train.grad_accum 1 -> 2)
     with no arctrain setting changed."""
     cluster.ensure(2)
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
@@ -282,7 +283,8 @@ def test_requeued_on_fewer_nodes_resumes_there(cluster, reference, tiny_models, 
     wait_for_step(run_dir, 4, cluster, job_id, log)
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
     requeued = cluster.wait(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", log, 240)
-    cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1")
+    # 1 node of 2 CPUs: the job record keeps the first allocation's 4 CPUs unless told (never runnable otherwise).
+    cluster.run("scontrol", "update", f"JobId={job_id}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=2")
     time.sleep(2)  # see test_usr1_checkpoints_requeues_and_resumes
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = cluster.wait_finished(job_id, log)
