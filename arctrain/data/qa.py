@@ -4,9 +4,10 @@ Each source (`data.qa` entries "path:weight:shots") is read whole in the main pr
 pretraining shards) and tokenized in the loader workers. Position p of the global stream (global micro-batch g,
 `sampling.Layout`: local batch b of rank r, holds positions g * mbs ...; in fair mode the data batch of g) draws
 its source from the weights (`SourceMixer`, as for shard sources) and takes that source's next position j: epoch
-j // n is a permutation of its n records seeded by (seed, source, epoch). What else a record contributes in an epoch is drawn from (seed, source, epoch, record): which answer (of a
-list), how many of its passages (the first 1..data.qa_max_passages), and its few-shot examples (`shots` other
-records of the same source, each with its drawn answer and passages). All are pure functions of the position, so
+j // n is a permutation of its n records seeded by (seed, source, epoch). What else a record contributes in an
+epoch is drawn from (seed, source, epoch, record): which answer (of a list), how many of its passages (the first
+1..data.qa_max_passages), and its few-shot examples (`shots` other records of the same source, each with its drawn
+answer and passages). All are pure functions of the position, so
 a resumed run, any number of workers and ranks, sees the same samples in the same steps.
 
 The prompt is arctrain/prompt.py's (the chat template of an instruct decoder, else the plain layout), the target
