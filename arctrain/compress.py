@@ -17,10 +17,8 @@ by this process: the store is the same bytes for any N (at the same --threads an
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from tqdm import tqdm
 
 from arctrain.store import DTYPES, SPLIT, StoreWriter, bytes_per_vector, doc_key, encoder_identity, sample_members
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
+from data_tools.pool import in_order
 
 GROUP_DOCS = 32  # documents per task sent to a worker (and per write)
 BATCH_SEGMENTS = 32  # segments compressed in one encoder forward (right-padded to the longest)
@@ -162,17 +161,7 @@ def _in_order(groups: Iterator[list], args: argparse.Namespace) -> Iterator[tupl
         for group in groups:
             yield group, _compress_group(group)
         return
-    # spawn: forking a process whose torch and tokenizers threads have run is unsafe.
-    with mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=init) as pool:
-        pending: deque = deque()
-        for group in groups:
-            pending.append((group, pool.apply_async(_compress_group, (group,))))
-            if len(pending) >= 2 * args.workers:
-                group, result = pending.popleft()
-                yield group, result.get()
-        while pending:
-            group, result = pending.popleft()
-            yield group, result.get()
+    yield from in_order(groups, _compress_group, args.workers, _init_worker, init)
 
 
 def compress(args: argparse.Namespace) -> dict:

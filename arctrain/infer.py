@@ -366,23 +366,35 @@ def check_context_args(args: argparse.Namespace) -> None:
         raise ValueError("--chunk-tokens must be >= 1 and --max-chunks >= 0 (0: every chunk)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv or [])
+def open_inputs(args: argparse.Namespace) -> VectorStore | None:
+    """Check the --context-file paths and the --doc-id ids (one line naming the bad one); the --vectors store."""
     for path in args.context_file or []:
         if not path.is_file():
             raise FileNotFoundError(f"--context-file {path}: no such file")
-    device, dtype = runtime(args)
     store = VectorStore(args.vectors) if args.vectors else None
     for doc_id in args.doc_id or []:
         if doc_id not in store:
             raise ValueError(f"--doc-id {doc_id!r}: not in the --vectors store {store.root} ({len(store)} documents)")
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
-                       args.chunk_tokens, args.max_chunks, store, chat_template=not args.plain_prompt)  # fmt: skip
-    if args.doc_id is not None:  # vectors from the store; the names printed are the ids
+    return store
+
+
+def read_contexts(arc: ARCGenerator, args: argparse.Namespace) -> tuple[list, list]:
+    """(names, contexts): the --doc-id documents' stored Memory (one joined with --join; the names are the ids), or
+    the --context-file texts."""
+    if args.doc_id is not None:
         names = ["+".join(args.doc_id)] if args.join else args.doc_id
         contexts = [arc.stored_memory(args.doc_id)] if args.join else [arc.stored_memory(d) for d in args.doc_id]
-    else:
-        names, contexts = args.context_file, [path.read_text(encoding="utf-8") for path in args.context_file]
+        return names, contexts
+    return args.context_file, [path.read_text(encoding="utf-8") for path in args.context_file]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv or [])
+    store = open_inputs(args)
+    device, dtype = runtime(args)
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
+                       args.chunk_tokens, args.max_chunks, store, chat_template=not args.plain_prompt)  # fmt: skip
+    names, contexts = read_contexts(arc, args)
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip
     texts = []

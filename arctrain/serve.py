@@ -83,23 +83,13 @@ def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prompts_main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator, runtime
-    from arctrain.store import VectorStore
+    from arctrain.infer import ARCGenerator, open_inputs, read_contexts, runtime
 
     args = parse_prompt_args(argv or [])
-    for path in args.context_file or []:
-        if not path.is_file():
-            raise FileNotFoundError(f"--context-file {path}: no such file")
+    store = open_inputs(args)
     device, dtype = runtime(args)
-    store = VectorStore(args.vectors) if args.vectors else None
-    for doc_id in args.doc_id or []:
-        if doc_id not in store:
-            raise ValueError(f"--doc-id {doc_id!r}: not in the --vectors store {store.root} ({len(store)} documents)")
     arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, vectors=store)
-    if args.doc_id is not None:
-        contexts = [arc.stored_memory(args.doc_id)] if args.join else [arc.stored_memory(d) for d in args.doc_id]
-    else:
-        contexts = [path.read_text(encoding="utf-8") for path in args.context_file]
+    _, contexts = read_contexts(arc, args)
     prompts = vllm_prompts(arc, [arc.context_example(c, args.prompt) for c in contexts], mixed=args.mixed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(prompts, args.out)

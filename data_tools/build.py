@@ -6,11 +6,9 @@ submission order, so the shards are byte-identical for every N. At most 2 batche
 which bounds memory however large the inputs.
 """
 
-import multiprocessing as mp
 import os
 import resource
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from data_tools.inputs import (
     source_entries,
 )
 from data_tools.manifest import make_manifest, write_manifest
+from data_tools.pool import in_order
 from data_tools.samples import SampleEncoder, encode_batch, init_worker
 from data_tools.shards import SPLITS, SplitWriter, prepare_out
 from data_tools.tokenizer_set import TokenizerInfo, load_tokenizers
@@ -166,20 +165,9 @@ def _encode_in_order(batches: Iterable[list[Doc]], tokenizers: list[TokenizerInf
         for batch in batches:
             yield [(d.doc_id, d.digest) for d in batch], encoder.encode(batch)
         return
-    # spawn: forking a process whose tokenizers have run is unsafe (the tokenizers library warns about it).
-    context = mp.get_context("spawn")
     initargs = (tokenizers, cfg.segment_tokens, cfg.window_segments)
-    with context.Pool(cfg.workers, initializer=init_worker, initargs=initargs) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(([(d.doc_id, d.digest) for d in batch], pool.apply_async(encode_batch, (batch,))))
-            del batch
-            if len(pending) >= 2 * cfg.workers:
-                ids, result = pending.popleft()
-                yield ids, result.get()
-        while pending:
-            ids, result = pending.popleft()
-            yield ids, result.get()
+    ids = lambda batch: [(d.doc_id, d.digest) for d in batch]  # noqa: E731
+    yield from in_order(batches, encode_batch, cfg.workers, init_worker, initargs, tag=ids)
 
 
 def _cpu_seconds() -> tuple[float, float]:

@@ -107,24 +107,18 @@ def check_inputs(files: list[Path], fields: Fields) -> None:
 def read_documents(files: list[Path], fields: Fields, tally: Tally) -> Iterator[Doc]:
     """All documents of all files in order; unusable records are counted in `tally` and not yielded."""
     for path in files:
-        if path.name.endswith(".parquet"):
-            records = _parquet_records(path, fields)
-        else:
-            lines = _zst_lines(path, tally) if path.name.endswith(".zst") else _plain_lines(path)
-            records = _json_records(path, lines, tally)
-        for where, record in records:
-            tally.read += 1
+        for where, record in read_records(path, tally, fields):
             doc = _to_doc(record, where, path, fields, tally)
             if doc is not None:
                 yield doc
 
 
-def read_records(path: Path, tally: Tally) -> Iterator[tuple[str, object]]:
-    """(where, record) of every record of one .jsonl, .jsonl.zst or .parquet file (a parquet row: a dict of all its
-    columns); lines that are not JSON are counted in `tally` and not yielded. For record formats other than
-    documents (arctrain/data/qa_records.py)."""
+def read_records(path: Path, tally: Tally, fields: Fields | None = None) -> Iterator[tuple[str, object]]:
+    """(where, record) of every record of one .jsonl, .jsonl.zst or .parquet file (a parquet row: a dict of the
+    `fields` columns, or of all its columns with `fields` None, as record formats other than documents read them:
+    arctrain/data/qa_records.py); lines that are not JSON are counted in `tally` and not yielded."""
     if path.name.endswith(".parquet"):
-        records = _parquet_records(path, None)
+        records = _parquet_records(path, fields)
     else:
         lines = _zst_lines(path, tally) if path.name.endswith(".zst") else _plain_lines(path)
         records = _json_records(path, lines, tally)
