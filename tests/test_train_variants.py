@@ -51,6 +51,7 @@ def test_x4_fine_tuning_from_the_x8_run_keeps_its_weights_and_pools_at_x4(fair_x
         f"data.qa={train}",
         "data.chunk_tokens=16",
         "data.max_chunks=2",
+        "data.qa_context=segments",
         "optim.encoder_lr=0",
         "optim.projector_lr=0",
     )
