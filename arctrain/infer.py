@@ -331,8 +331,9 @@ def context_note(arc: "ARCGenerator") -> str | None:
             f"{cut.dropped_chunks} chunks ({cut.dropped_tokens} encoder tokens) left out")  # fmt: skip
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="arctrain generate", description=__doc__.split("\n")[0])
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    """The model, the decoder and the contexts (texts, or documents of a vector store) and the prompt after them:
+    what `arctrain generate` and `arctrain vllm-prompts` (arctrain/serve.py) take alike."""
     parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
     parser.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")
@@ -342,6 +343,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vectors", type=Path, default=None, help="a vector store (arctrain compress) for --doc-id")
     parser.add_argument("--join", action="store_true", help="all --doc-id documents in one context, one prompt")
     parser.add_argument("--prompt", required=True, help="decoder text after each compressed context")
+
+
+def check_input_args(args: argparse.Namespace) -> None:
+    if (args.doc_id is None) != (args.vectors is None):
+        raise ValueError("--doc-id and --vectors go together (documents read from a vector store)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="arctrain generate", description=__doc__.split("\n")[0])
+    add_input_args(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
@@ -356,8 +367,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.batch_size < 1:
         raise ValueError("--max-new-tokens and --batch-size must be >= 1, --temperature > 0 and --top-p in (0, 1]")
     check_context_args(args)
-    if (args.doc_id is None) != (args.vectors is None):
-        raise ValueError("--doc-id and --vectors go together (documents read from a vector store)")
+    check_input_args(args)
     return args
 
 

@@ -58,18 +58,10 @@ def completion_request(prompts: list[dict], model: str, max_tokens: int) -> dict
 
 
 def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
-    from arctrain.infer import add_runtime_args
+    from arctrain.infer import add_input_args, add_runtime_args, check_input_args
 
     p = argparse.ArgumentParser(prog="arctrain vllm-prompts", description="prompts as vLLM inputs (prompt_embeds)")
-    p.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
-    p.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
-    p.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")
-    context = p.add_mutually_exclusive_group(required=True)
-    context.add_argument("--context-file", type=Path, nargs="+", help="UTF-8 texts, one per prompt")
-    context.add_argument("--doc-id", nargs="+", help="documents in the --vectors store, one per prompt")
-    p.add_argument("--vectors", type=Path, default=None, help="a vector store (arctrain compress) for --doc-id")
-    p.add_argument("--join", action="store_true", help="all --doc-id documents in one context, one prompt")
-    p.add_argument("--prompt", required=True, help="decoder text after each compressed context")
+    add_input_args(p)  # --model, --decoder, --context-file | --doc-id with --vectors, --join, --prompt
     p.add_argument("--mixed", action="store_true", help="token ids at text positions, embeddings at the vectors'")
     p.add_argument("--out", required=True, type=Path, help="the prompts, torch.save'd (python -m arctrain.serve)")
     p.add_argument("--request", type=Path, default=None, help="also a /v1/completions JSON body here")
@@ -77,8 +69,7 @@ def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens in --request")
     add_runtime_args(p)
     args = p.parse_args(argv)
-    if (args.doc_id is None) != (args.vectors is None):
-        raise ValueError("--doc-id and --vectors go together (documents read from a vector store)")
+    check_input_args(args)
     return args
 
 

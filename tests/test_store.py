@@ -168,3 +168,27 @@ def test_store_errors_are_one_line(exported, tiny_models, docs, stores, inputs, 
             arctrain(argv)
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_vllm_prompts_are_the_decoder_inputs_generate_feeds(arc, exported, tiny_models, docs, stores, tmp_path):
+    """`arctrain vllm-prompts` from the store: each prompt's embeddings are the rows `generate` feeds the decoder for
+    the same stored document and prompt; --mixed marks the vector positions; the request body round-trips them."""
+    import base64
+    import io
+
+    out, request = tmp_path / "prompts.pt", tmp_path / "request.json"
+    ids = [d["id"] for d in docs[:2]]
+    arctrain(["vllm-prompts", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "\nThe",
+              "--vectors", str(stores["fp32"]), "--doc-id", *ids, "--mixed", "--out", str(out),
+              "--request", str(request), "--served-model", "llama", "--dtype", "fp32"])  # fmt: skip
+    prompts = torch.load(out)
+    for doc_id, prompt in zip(ids, prompts, strict=True):
+        embeds, mask, batch = arc.embed([arc.context_example(arc.stored_memory(doc_id), "\nThe")])
+        assert torch.equal(prompt["prompt_embeds"], embeds[0, embeds.shape[1] - int(mask.sum()) :])
+        is_text = prompt["prompt_is_token_ids"]
+        assert len(is_text) == len(prompt["prompt_token_ids"]) == len(prompt["prompt_embeds"])
+        assert is_text.count(False) == int((batch.dec_slot[0] >= 0).sum()) > 0  # the vectors' positions
+    body = json.loads(request.read_text())
+    assert body["model"] == "llama" and body["temperature"] == 0.0
+    decoded = [torch.load(io.BytesIO(base64.b64decode(e))) for e in body["prompt_embeds"]]
+    assert all(torch.equal(d, p["prompt_embeds"]) for d, p in zip(decoded, prompts, strict=True))
