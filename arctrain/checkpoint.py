@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from arctrain.distributed import barrier
+from arctrain.distributed import barrier, broadcast_object
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -223,7 +222,7 @@ def initial_weights(source: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, consolidate(path)
 
 
-def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, say) -> None:
+def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, device: torch.device, say) -> None:
     """Copy another run's (or an export's) trainable weights into a model built under `deepspeed.zero.Init`,
     before the optimizer exists (DeepSpeed's optimizer takes its fp32 master copy from the parameters at
     `initialize`). The pooling settings may differ from the source's: they have no weights.
@@ -243,9 +242,7 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, say) -
             plan = [_init_plan(ckpt, state, {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable})]
         except (FileNotFoundError, ValueError) as err:  # every rank must hear of it, or they wait forever
             plan = [{"error": f"train.init_from: {err}"}]
-    if dist.is_initialized():
-        dist.broadcast_object_list(plan, src=0)
-    plan = plan[0]
+    plan = broadcast_object(plan[0], device)  # its bytes on the training device, as NCCL needs
     if plan["error"]:
         raise ValueError(plan["error"])
     load = set(plan["load"])

@@ -55,7 +55,9 @@ def check_shards(cfg) -> None:
         check_qa(cfg)
 
 
-def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False):
+def build_engine(
+    cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False, device=None
+):
     """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
     the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those);
@@ -86,7 +88,7 @@ def build_engine(cfg, world_size: int, init_from: Path | None = None, rank: int 
     if cfg.train.activation_checkpointing:
         model.enable_decoder_checkpointing()
     if init_from is not None:
-        load_initial_weights(model, init_from, rank, say)
+        load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
     optimizer = build_optimizer(model, cfg.optim, ds_config)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -176,7 +178,7 @@ def train(cfg) -> int:
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
     elastic = checkpointer.elastic(world_size)
-    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, universal=elastic)
+    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, universal=elastic, device=device)
     state = checkpointer.load(engine, world_size) or {"step": 0, "bad_steps": 0, "skipped_steps": 0}
     resumed = f"resumed from step {state['step']}" + (f" (written by {state['world_size']} ranks)" if elastic else "")
     say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, "
