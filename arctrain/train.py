@@ -147,8 +147,8 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
 
 
 def build_data(cfg, rank: int, world_size: int, next_batch: int):
-    """(vocab, the training loader at this rank's local batch `next_batch`, the val set: data.ValSet, QA val
-    batches, or None)."""
+    """(the training loader at this rank's local batch `next_batch`, the val set: data.ValSet, QA val batches, or
+    None)."""
     from arctrain.data import Vocab, build_train_loader
 
     vocab = Vocab.from_config(cfg)
@@ -163,7 +163,7 @@ def build_data(cfg, rank: int, world_size: int, next_batch: int):
         val = ValSet(cfg, vocab, rank, world_size)
     loader = build_train_loader(cfg, rank, world_size, vocab)
     loader.load_state_dict({"next_batch": next_batch})
-    return vocab, loader, val
+    return loader, val
 
 
 def train(cfg) -> int:
@@ -171,7 +171,7 @@ def train(cfg) -> int:
     from arctrain.flops import FlopCounter, peak_tflops
     from arctrain.metrics import LossMeter, MetricsLogger, Window
     from arctrain.optim import set_lr
-    from arctrain.validate import evaluate
+    from arctrain.validate import Validation
 
     rank, world_size, device = init_distributed()
     run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
@@ -183,7 +183,8 @@ def train(cfg) -> int:
     resumed = f"resumed from step {state['step']}" + (f" (written by {state['world_size']} ranks)" if elastic else "")
     say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, "
         f"{device.type})")  # fmt: skip
-    vocab, loader, val = build_data(cfg, rank, world_size, state["step"] * cfg.train.grad_accum)
+    loader, val = build_data(cfg, rank, world_size, state["step"] * cfg.train.grad_accum)
+    validation = Validation(cfg, rank, world_size, device, val)
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
     keys_log = SampleLog.open(run_dir / "logs", rank, world_size, state["step"]) if cfg.logging.sample_keys else None
     meter, window, peak = (
@@ -215,7 +216,7 @@ def train(cfg) -> int:
             meter.reset()
             window.reset()
         if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.train.steps):
-            logger.log(step, evaluate(engine, cfg, rank, world_size, device, vocab, val))
+            logger.log(step, validation(engine))
 
         tag = None
         if state["bad_steps"] >= cfg.train.max_bad_steps:

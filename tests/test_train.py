@@ -396,15 +396,23 @@ def test_qa_files_are_checked_before_launch(tiny_models, tiny_shards, tmp_path):
 
 
 def test_val_loss_is_reported_per_source_and_overall(tiny_models, tiny_shards, tmp_path):
+    """Per source and overall; the no-context losses of later evaluations are the first's, and equal what a fresh
+    evaluation after the same training steps computes (a run that evaluates only at its last step)."""
     import shutil
 
     other = tmp_path / "other"
     shutil.copytree(tiny_shards, other)
-    run_dir = tmp_path / "run"
-    args = overrides(tiny_models, f"{tiny_shards},{other}", run_dir, "train.steps=2", "eval.interval=2",
-                     "eval.batches=2", "checkpoint.interval=100")  # fmt: skip
-    assert run(args, 1, tmp_path / "log") == [0]
-    val = next(m for m in metrics(run_dir) if "val/llama/continuation/loss" in m)
+    rows = {}
+    for interval in (2, 4):
+        run_dir = tmp_path / f"run-{interval}"
+        args = overrides(tiny_models, f"{tiny_shards},{other}", run_dir, "train.steps=4", f"eval.interval={interval}",
+                         "eval.batches=2", "checkpoint.interval=100")  # fmt: skip
+        assert run(args, 1, tmp_path / f"log-{interval}") == [0]
+        rows[interval] = [m for m in metrics(run_dir) if "val/llama/continuation/loss" in m]
+    assert [m["step"] for m in rows[2]] == [2, 4] and [m["step"] for m in rows[4]] == [4]
+    val, fresh = ({k: v for k, v in row.items() if k != "time"} for row in (rows[2][-1], rows[4][0]))
+    assert val == fresh  # kept no-context losses, and with-context ones: evaluating does not change training
+    assert rows[2][0]["val/llama/continuation/loss"] != val["val/llama/continuation/loss"]  # trained in between
     for decoder in ("llama", "mistral"):
         for task in ("reconstruction", "continuation"):
             for suffix in ("loss", "loss_no_context"):
