@@ -22,11 +22,12 @@ import numpy as np
 MEMBER = "mp"  # the format-3 member suffix
 META = ("doc_id", "source", "window", "n_segments", "char_spans")
 OFFSET_DTYPES = tuple(np.dtype(d) for d in ("|u1", "<u2", "<u4"))
+_OFFSET_MAX = tuple((int(np.iinfo(d).max), d) for d in OFFSET_DTYPES)
 
 
 def offsets_dtype(n_ids: int) -> np.dtype:
     """The smallest unsigned dtype that holds offsets up to `n_ids`."""
-    return next(d for d in OFFSET_DTYPES if n_ids <= np.iinfo(d).max)
+    return next(d for top, d in _OFFSET_MAX if n_ids <= top)
 
 
 def pack(meta: dict, tokens: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
