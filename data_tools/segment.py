@@ -29,7 +29,7 @@ CHARS_PER_TOKEN = 4  # typical for text; a chunk that holds no whole segment is 
 ROUND_CHUNKS = 1  # characters per encode_batch call, in chunks: bounds the memory of one call
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     start: int  # character offsets into the document
     end: int
