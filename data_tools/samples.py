@@ -59,7 +59,8 @@ class SampleEncoder:
                 k += b - a
 
     def _encoder_ids(self, flat: list[tuple[Doc, Segment]]) -> list[np.ndarray]:
-        """Slices from the segmenter where exact; the rest encoded on their own."""
+        """Slices from the segmenter's chunks where exact; the rest from `segment_ids` (e.g. a SentencePiece-style
+        encoder: sliced from one encoding per run without the dummy prefix)."""
         alone = [(d, s) for d, s in flat if s.enc_ids is None]
         encoded = iter(segment_ids(self.pieces[0], alone, self.dtypes[0], self.sliced[0]))
         return [next(encoded) if s.enc_ids is None else s.enc_ids for _, s in flat]
