@@ -1,6 +1,6 @@
 """Shard building throughput: the tokenizers on their own vs `arc-data build` with 1 and 2 workers.
 
-    python benchmarks/shard_build.py --models artifacts/tiny --mb 10 --repeats 2
+    python benchmarks/shard_build.py --models artifacts/tiny --mb 10 --repeats 2 [--segment-tokens 16]
 
 On the same documents and tokenizers (encoder + every decoder), in one run:
   (a) each tokenizer's own `encode_batch` over the documents (batches of 256, no special tokens), timed around the
@@ -84,13 +84,17 @@ def time_tokenizers_parallel(paths: dict[str, Path], texts: list[str], n: int = 
     return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
-def time_build(paths: dict[str, Path], data: Path, out: Path, workers: int) -> tuple[float, float, str]:
+def time_build(
+    paths: dict[str, Path], data: Path, out: Path, workers: int, segment_tokens: int | None
+) -> tuple[float, float, str]:
     """(wall seconds, CPU seconds of the command and its worker processes, its summary line)."""
     decoders = [a for name, p in paths.items() if name != "encoder" for a in ("--decoder", f"{name}={p}")]
     cmd = [
         shutil.which("arc-data") or "arc-data", "build", "--input", str(data), "--out", str(out), "--overwrite",
         "--encoder-tokenizer", str(paths["encoder"]), *decoders, "--workers", str(workers), "--no-progress",
     ]  # fmt: skip
+    if segment_tokens is not None:
+        cmd += ["--segment-tokens", str(segment_tokens)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True)
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, help="dir with encoder/, llama/, mistral/, corpus.jsonl")
     parser.add_argument("--mb", type=float, default=10.0, help="megabytes of text")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--segment-tokens", type=int, help="passed to both builds (default: arc-data's)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="arc-shard-bench-"))
     models = args.models
@@ -120,7 +125,8 @@ def main() -> None:
     texts = make_docs(models / "corpus.jsonl", args.mb, work / "docs.jsonl")
     n_chars = sum(len(t) for t in texts)
     print(
-        f"{len(texts)} documents, {n_chars / 1e6:.1f}M characters; tokenizers {', '.join(paths)}; cpus {os.cpu_count()}"
+        f"{len(texts)} documents, {n_chars / 1e6:.1f}M characters; segment tokens {args.segment_tokens or 'default'}; "
+        f"tokenizers {', '.join(paths)}; cpus {os.cpu_count()}"
     )
 
     results = {"a": [], "a2": [], "b": [], "c": []}
@@ -131,13 +137,15 @@ def main() -> None:
         results["a2"].append(time_tokenizers_parallel(paths, texts))
         print(f"  (a) in 2 processes, half the documents each: {results['a2'][-1]:.2f}s wall")
         for key, workers in (("b", 1), ("c", 2)):
-            wall, cpu, summary = time_build(paths, work / "docs.jsonl", work / f"out-{workers}", workers)
+            wall, cpu, summary = time_build(
+                paths, work / "docs.jsonl", work / f"out-{workers}", workers, args.segment_tokens
+            )
             results[key].append((wall, cpu, summary))
             print(f"  ({key}) --workers {workers}: {wall:.2f}s wall, {cpu:.2f}s CPU")
     # The fixed cost of a build (interpreter, imports, loading tokenizers): a build of one short document.
     (work / "one.jsonl").write_text(json.dumps({"id": "one", "text": texts[0][:1000]}) + "\n")
     start_wall, start_cpu, _ = min(
-        time_build(paths, work / "one.jsonl", work / "out-one", 1) for _ in range(args.repeats)
+        time_build(paths, work / "one.jsonl", work / "out-one", 1, args.segment_tokens) for _ in range(args.repeats)
     )
     # Best of the repeats, wall and CPU each on its own: the least disturbed measurement of each.
     a, b, c = ((min(r[0] for r in results[k]), min(r[1] for r in results[k])) for k in "abc")

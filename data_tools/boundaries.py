@@ -6,12 +6,13 @@ document (`"\\n\\nNext ..."`), or a prompt piece after compressed vectors (`"\\n
 tokens the decoder never sees at that point of running text. `without_dummy_prefix` is the same tokenizer with
 the prefix turned off (Metaspace `prepend_scheme` "never", the Prepend normalizer dropped): pieces after the first
 are encoded with it, the first piece of a document or prompt with the tokenizer itself. `cut_exactness` measures,
-on a probe text, how often pieces encoded that way concatenate to the whole text's encoding.
+on a probe text, how often pieces encoded that way concatenate to the whole text's encoding; `slices_exactly`
+whether the ids of a piece can be sliced out of an encoding of a longer text holding it.
 """
 
 import json
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from data_tools.segment import PROBE
 
@@ -58,8 +59,11 @@ class PieceEncoder:
     def strips_prefix(self) -> bool:
         return self.rest is not self.tokenizer
 
-    def encode_batch(self, texts: list[str], first: bool) -> list:
+    def encode_batch(self, texts: list[str], first: bool) -> list[Encoding]:
         return (self.tokenizer if first else self.rest).encode_batch(texts, add_special_tokens=False)
+
+    def encode(self, text: str, first: bool) -> Encoding:
+        return (self.tokenizer if first else self.rest).encode(text, add_special_tokens=False)
 
     def ids(self, text: str, first: bool) -> list[int]:
         return (self.tokenizer if first else self.rest).encode(text, add_special_tokens=False).ids
@@ -69,6 +73,41 @@ def cut_exactness(pieces: PieceEncoder, text: str = PROBE) -> tuple[int, int]:
     """(exact, all) over the word boundaries of `text` (just before whitespace after a non-space): a cut is exact
     when the first part encoded as a first piece and the rest as a later piece concatenate to the whole's ids."""
     whole = pieces.ids(text, first=True)
-    cuts = [c for c in range(1, len(text)) if text[c].isspace() and not text[c - 1].isspace()]
+    cuts = word_cuts(text)
     exact = sum(pieces.ids(text[:c], first=True) + pieces.ids(text[c:], first=False) == whole for c in cuts)
     return exact, len(cuts)
+
+
+def word_cuts(text: str) -> list[int]:
+    """The word boundaries of `text`: offsets just before whitespace that follows a non-space."""
+    return [c for c in range(1, len(text)) if is_word_cut(text, c)]
+
+
+def is_word_cut(text: str, c: int) -> bool:
+    """Whether offset `c` is a word boundary of `text` or one of its ends."""
+    return c == 0 or c == len(text) or (text[c].isspace() and not text[c - 1].isspace())
+
+
+def token_cut(enc: Encoding, c: int) -> int | None:
+    """The index j of a token boundary of `enc` exactly at character offset c (0 < c < the text's length), or None:
+    token j starts at c and token j-1, not a zero-width one, ends there (no token straddles the offset)."""
+    j = enc.char_to_token(c)  # the first token holding character c
+    if not j or enc.token_to_chars(j)[0] != c:
+        return None
+    start, end = enc.token_to_chars(j - 1)
+    return j if end == c and start < c else None
+
+
+def slices_exactly(pieces: PieceEncoder, text: str = PROBE) -> bool:
+    """True when, at every word boundary of `text` where its encoding (as a first piece, and as a later one) has a
+    token boundary (`token_cut`), the ids on either side are those of the two parts encoded alone: the left part
+    as the whole was, the right one as a later piece. Then a segment's ids can be sliced out of an encoding of a
+    longer text that holds it, wherever that encoding has token boundaries at the segment's ends."""
+    for first in (True, False):
+        whole = pieces.encode(text, first)
+        for c, j in ((c, token_cut(whole, c)) for c in word_cuts(text)):
+            if j is not None and (
+                pieces.ids(text[:c], first) != whole.ids[:j] or pieces.ids(text[c:], False) != whole.ids[j:]
+            ):
+                return False
+    return True

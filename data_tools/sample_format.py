@@ -26,7 +26,7 @@ OFFSET_DTYPES = tuple(np.dtype(d) for d in ("|u1", "<u2", "<u4"))
 
 def offsets_dtype(n_ids: int) -> np.dtype:
     """The smallest unsigned dtype that holds offsets up to `n_ids`."""
-    return next(d for d in OFFSET_DTYPES if n_ids <= np.iinfo(d).max)
+    return OFFSET_DTYPES[0] if n_ids < 1 << 8 else OFFSET_DTYPES[1] if n_ids < 1 << 16 else OFFSET_DTYPES[2]
 
 
 def pack(meta: dict, tokens: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
@@ -34,7 +34,8 @@ def pack(meta: dict, tokens: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
     packed = {}
     for name, (ids, offsets) in tokens.items():
         off = offsets.astype(offsets_dtype(len(ids)), copy=False)
-        ids = ids.astype(ids.dtype.newbyteorder("<"), copy=False)
+        if ids.dtype.str[0] == ">":  # little-endian on disk
+            ids = ids.astype(ids.dtype.newbyteorder("<"))
         packed[name] = {
             "ids": ids.tobytes(), "dtype": ids.dtype.str, "offsets": off.tobytes(), "offsets_dtype": off.dtype.str,
         }  # fmt: skip

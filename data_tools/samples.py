@@ -7,17 +7,16 @@ shards are the same for any number of workers.
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import accumulate, chain
+from itertools import accumulate
 
 import numpy as np
 
-from data_tools.boundaries import PieceEncoder
+from data_tools.boundaries import PieceEncoder, slices_exactly
 from data_tools.inputs import Doc
 from data_tools.sample_format import MEMBER, offsets_dtype, pack
 from data_tools.segment import Segment, Segmenter
+from data_tools.segment_ids import GROUP_CHARS, segment_ids
 from data_tools.tokenizer_set import TokenizerInfo
-
-GROUP_CHARS = 1 << 16  # characters per decoder encode_batch call: bounds the memory of one call
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,7 @@ class SampleEncoder:
         self.dtypes = [np.dtype(t.dtype) for t in tokenizers]
         self.backends = [t.backend() for t in tokenizers]
         self.pieces = [PieceEncoder(b) for b in self.backends]  # segments after a document's first: no dummy prefix
+        self.sliced = [slices_exactly(p) for p in self.pieces]  # segment ids sliced from one encoding of a run
         self.segmenter = Segmenter(self.backends[0], segment_tokens, tokenizers[0].dtype)
         self.window_segments = window_segments
 
@@ -50,7 +50,8 @@ class SampleEncoder:
             flat = [(docs[i], s) for i, _, a, b in group for s in segments[i][a:b]]
             # ids[t][k]: ids of flat segment k for tokenizer t
             ids = [self._encoder_ids(flat)] + [
-                _encode_segments(pieces, flat, dtype) for pieces, dtype in zip(self.pieces[1:], self.dtypes[1:])
+                segment_ids(pieces, flat, dtype, sliced)
+                for pieces, dtype, sliced in zip(self.pieces[1:], self.dtypes[1:], self.sliced[1:])
             ]
             k = 0
             for i, w, a, b in group:
@@ -58,9 +59,10 @@ class SampleEncoder:
                 k += b - a
 
     def _encoder_ids(self, flat: list[tuple[Doc, Segment]]) -> list[np.ndarray]:
-        """Slices from the segmenter where exact; the rest encoded on their own."""
+        """Slices from the segmenter's chunks where exact; the rest from `segment_ids` (e.g. a SentencePiece-style
+        encoder: sliced from one encoding per run without the dummy prefix)."""
         alone = [(d, s) for d, s in flat if s.enc_ids is None]
-        encoded = iter(_encode_segments(self.pieces[0], alone, self.dtypes[0]))
+        encoded = iter(segment_ids(self.pieces[0], alone, self.dtypes[0], self.sliced[0]))
         return [next(encoded) if s.enc_ids is None else s.enc_ids for _, s in flat]
 
     def _sample(self, doc: Doc, w: int, segments: list[Segment], seg_ids: list[list[np.ndarray]]) -> Sample:
@@ -116,28 +118,3 @@ def windows(n_segments: int, window_segments: int) -> list[tuple[int, int]]:
     if len(starts) > 1 and n_segments - starts[-1] == 1 and window_segments > 1:
         starts.pop()
     return [(a, starts[i + 1] if i + 1 < len(starts) else n_segments) for i, a in enumerate(starts)]
-
-
-def _encode_segments(pieces: PieceEncoder, flat: list[tuple[Doc, Segment]], dtype: np.dtype) -> list[np.ndarray]:
-    """Ids per segment, encoded in groups of bounded size; each group's ids live in one array (views per segment).
-    A document's first segment is encoded as the tokenizer encodes a text, later ones without a dummy prefix."""
-    out: list[np.ndarray] = []
-    start = 0
-    while start < len(flat):
-        end, n_chars = start, 0
-        while end < len(flat) and (end == start or n_chars < GROUP_CHARS):
-            n_chars += flat[end][1].end - flat[end][1].start
-            end += 1
-        encodings: list = [None] * (end - start)
-        for first in (True, False):
-            picked = [k for k in range(end - start) if (flat[start + k][1].start == 0) == first]
-            texts = [flat[start + k][0].text[flat[start + k][1].start : flat[start + k][1].end] for k in picked]
-            for k, enc in zip(picked, pieces.encode_batch(texts, first) if texts else []):
-                encodings[k] = enc
-            del texts
-        lengths = [len(e) for e in encodings]
-        ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=sum(lengths))
-        bounds = np.cumsum([0, *lengths]).tolist()
-        out.extend(ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths)))
-        start = end
-    return out

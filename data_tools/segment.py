@@ -12,6 +12,7 @@ the tokenizer's pre-tokenization splits at whitespace without looking back (Byte
 "▁" to every input) or a segment had to be cut inside an overlong word, the segment is encoded on its own.
 """
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 
@@ -22,12 +23,13 @@ PROBE = (
     "Hello, world!  Two  spaces.\n\nA paragraph\twith a tab; numbers 1234567 and émigré café, ünïcödé 😀 end.\n"
     "   indented (line) 'quoted' \"double\" x=3.14 -- dash\r\nwindows line ok"
 )
+SPACE = np.array([chr(i).isspace() for i in range(0x3001)] + [False])  # is_space's table: none above U+3000
 CHUNK_SEGMENTS = 64  # a chunk holds about this many segments (64K characters for 256-token segments)
 CHARS_PER_TOKEN = 4  # typical for text; a chunk that holds no whole segment is read again at twice the size
 ROUND_CHUNKS = 1  # characters per encode_batch call, in chunks: bounds the memory of one call
 
 
-@dataclass
+@dataclass(slots=True)
 class Segment:
     start: int  # character offsets into the document
     end: int
@@ -57,6 +59,24 @@ def _word_boundary(enc: Encoding, text: str, base: int, j: int) -> int | None:
     if text[base + c].isspace() and not text[base + c - 1].isspace():
         return c
     return None
+
+
+def _word_boundaries(enc: Encoding, text: str, base: int) -> tuple[list[int], list[int]]:
+    """The token boundaries j of a chunk's encoding that `_word_boundary` accepts, ascending, and their
+    chunk-relative character offsets: all of them at once, with numpy."""
+    offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)  # (n_tokens, 2)
+    c = offsets[:-1, 1]  # the end of token j-1, for j = 1..n-1
+    space = is_space(text[base : min(len(text), base + int(c.max(initial=0)) + 1)])
+    inside = (c > 0) & (base + c < len(text))
+    at = np.where(inside, c, 1)
+    ok = inside & (offsets[1:, 0] >= c) & space[at] & ~space[at - 1]
+    return (np.flatnonzero(ok) + 1).tolist(), c[ok].tolist()
+
+
+def is_space(text: str) -> np.ndarray:
+    """str.isspace of every character of `text`, as a bool array."""
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    return SPACE[np.minimum(code_points, len(SPACE) - 1)]
 
 
 class Segmenter:
@@ -95,9 +115,15 @@ class Segmenter:
         """Segments of one chunk starting at `base`; for a non-final chunk also where the next chunk starts."""
         n_tok = len(enc)
         ids = np.array(enc.ids, dtype=self.dtype)
+        words, word_chars = _word_boundaries(enc, text, base) if n_tok > self.n else ([], [])
         starts, chars, hard = [0], [0], [hard_start]  # per segment: first token, first char, cut inside a word
         while n_tok - starts[-1] > self.n:
-            j, c, is_hard = self._next_cut(enc, text, base, starts[-1], chars[-1], n_tok)
+            a = starts[-1]
+            k = bisect_right(words, a + self.n) - 1  # the last word boundary within n tokens, if it is far enough
+            if k >= 0 and words[k] >= a + max(1, self.n // 2) and word_chars[k] > chars[-1]:
+                j, c, is_hard = words[k], word_chars[k], False
+            else:
+                j, c, is_hard = self._next_cut(enc, text, base, a, chars[-1], n_tok)
             if j is None:
                 break
             starts.append(j)
@@ -115,7 +141,8 @@ class Segmenter:
         return segments, base + chars[-1], hard[-1]
 
     def _next_cut(self, enc: Encoding, text: str, base: int, a: int, a_char: int, n_tok: int):
-        """(token index, char offset, inside-a-word) of the cut ending the segment that starts at token a."""
+        """(token index, char offset, inside-a-word) of the cut ending the segment that starts at token a (the
+        search `_cut` shortcuts with `_word_boundaries`)."""
         for j in range(a + self.n, a + max(1, self.n // 2) - 1, -1):
             c = _word_boundary(enc, text, base, j)
             if c is not None and c > a_char:

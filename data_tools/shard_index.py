@@ -28,7 +28,8 @@ def index_dtype(suffixes: list[str], key_bytes: int) -> np.dtype:
 
 def member_spans(start: int, members: dict[str, bytes]) -> dict[str, tuple[int, int]]:
     """(data offset, size) of each member of a sample whose first header is at byte `start` of the tar, written
-    the way webdataset's TarWriter writes it: members in sorted order, each a header plus its data padded to 512."""
+    the way data_tools.tar_writer (and webdataset's TarWriter) writes it: members in sorted order, each a header
+    plus its data padded to 512."""
     spans, pos = {}, start
     for suffix in sorted(k for k in members if k != "__key__"):
         size = len(members[suffix])

@@ -1,14 +1,13 @@
-"""Writing one split's shards with webdataset.ShardWriter, reproducibly, with per-shard counts and sha256."""
+"""Writing one split's shards (tars a plain `webdataset.WebDataset` reads), reproducibly, with per-shard counts,
+sha256 and index."""
 
 import hashlib
-import tarfile
 from pathlib import Path
-
-import webdataset as wds
 
 from data_tools.inputs import DataError
 from data_tools.samples import Sample
 from data_tools.shard_index import SUFFIX, index_bytes, index_name, make_index, member_spans
+from data_tools.tar_writer import TarWriter
 
 SPLITS = ("train", "val")
 # Fixed tar metadata: the same samples give the same bytes on every run and machine.
@@ -16,71 +15,58 @@ TAR_META = {"mtime": 0, "user": "arc", "group": "arc", "mode": 0o444}
 
 
 class SplitWriter:
-    """The shards `<split>-%06d.tar` of one split.
-
-    The ShardWriter is opened on the first sample, because it creates its first (here: otherwise empty) file when
-    constructed. Shards are rotated here rather than by ShardWriter's maxsize, which counts payload bytes only:
-    with tar's 512-byte header and padding per member, small samples would make files several times larger.
-    """
+    """The shards `<split>-%06d.tar` of one split, each with its index file; a shard is opened on the split's first
+    sample (an empty split writes no file) and closed once it holds at least `max_bytes`, counting each member's
+    512-byte header and padding. Members are written in sorted order, as webdataset's TarWriter writes them."""
 
     def __init__(self, out: Path, split: str, max_bytes: int, start_shard: int, token_names: list[str]):
         self.pattern = str(out / f"{split}-%06d.tar")
         self.max_bytes = max_bytes
-        self.start_shard = start_shard
+        self.shard = start_shard  # the number of the next shard to open
         self.token_names = token_names
-        self.writer: wds.ShardWriter | None = None
-        self.tar_bytes = 0  # of the current shard
+        self.tar: TarWriter | None = None
+        self.entry: dict = {}  # the open shard's manifest entry
         self.shards: dict[str, dict] = {}  # file name -> manifest entry, in writing order
-        self.rows: list[tuple[str, dict]] = []  # the current shard's index rows
+        self.rows: list[tuple[str, dict]] = []  # the open shard's index rows
 
     def write(self, sample: Sample) -> None:
-        if self.writer is None:
-            unlimited = 1 << 62
-            self.writer = wds.ShardWriter(
-                self.pattern, maxcount=unlimited, maxsize=unlimited, start_shard=self.start_shard, verbose=0,
-                post=self._finished, encoder=False, **TAR_META,
-            )  # fmt: skip
-            self._opened()
-        elif self.tar_bytes >= self.max_bytes:
-            self.writer.next_stream()
-            self._opened()
-        self.rows.append((sample.members["__key__"], member_spans(self.tar_bytes, sample.members)))
-        self.writer.write(sample.members)
-        # tarfile keeps a TarInfo per member for an index that a streamed write never uses: ~2.5 KB per sample,
-        # hundreds of MB over a large shard.
-        self.writer.tarstream.tarstream.members.clear()
-        self.tar_bytes += tar_size(sample.members)
-        entry = self.shards.setdefault(self.writer.fname, _empty_entry(self.writer.fname, self.token_names))
-        entry["samples"] += 1
+        if self.tar is not None and self.tar.offset >= self.max_bytes:
+            self._finish()
+        if self.tar is None:
+            self._open()
+        assert self.tar is not None
+        key = sample.members["__key__"]
+        self.rows.append((key, member_spans(self.tar.offset, sample.members)))
+        for suffix in sorted(k for k in sample.members if k != "__key__"):
+            self.tar.add(f"{key}.{suffix}", sample.members[suffix])
+        self.entry["samples"] += 1
+        tokens = self.entry["tokens"]
         for name, n in zip(self.token_names, sample.tokens):
-            entry["tokens"][name] += n
+            tokens[name] += n
 
     def close(self) -> list[dict]:
-        if self.writer is not None:
-            self.writer.close()
+        if self.tar is not None:
+            self._finish()
         return list(self.shards.values())
 
-    def _opened(self) -> None:
-        # webdataset 1.0.2's TarWriter ignores its `format` argument and gets tarfile's default, PAX. Our member
-        # names are short ASCII and mtimes integers, so USTAR writes the same bytes, 1.5x faster.
-        assert self.writer is not None and self.writer.tarstream is not None
-        self.writer.tarstream.tarstream.format = tarfile.USTAR_FORMAT
-        self.tar_bytes = 0
+    def _open(self) -> None:
+        fname = self.pattern % self.shard
+        self.shard += 1
+        self.tar = TarWriter(fname, **TAR_META)
+        self.entry = self.shards[fname] = _empty_entry(fname, self.token_names)
         self.rows = []
 
-    def _finished(self, fname: str) -> None:
-        """Called by ShardWriter after each shard is closed: the file is complete and still in the page cache."""
-        entry = self.shards[fname]
-        entry["bytes"], entry["sha256"] = file_digest(Path(fname))
-        index = Path(fname).with_name(index_name(Path(fname).name))
+    def _finish(self) -> None:
+        """Close the open shard and write its index."""
+        assert self.tar is not None
+        self.tar.close()
+        self.entry["bytes"], self.entry["sha256"] = self.tar.offset, self.tar.sha256.hexdigest()
+        fname = Path(self.tar.file.name)
+        index = fname.with_name(index_name(fname.name))
         data = index_bytes(make_index(self.rows))
         index.write_bytes(data)
-        entry["index"] = {"name": index.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def tar_size(members: dict) -> int:
-    """Bytes a sample adds to a tar: a 512-byte header per member plus its payload padded to 512."""
-    return sum(512 + -(-len(v) // 512) * 512 for k, v in members.items() if k != "__key__")
+        self.entry["index"] = {"name": index.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.tar = None
 
 
 def _empty_entry(fname: str, token_names: list[str]) -> dict:

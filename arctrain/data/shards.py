@@ -1,6 +1,6 @@
 """Shard directories on disk: the manifest, the tokenizer check, and random access into the tars.
 
-A shard is a plain tar written by `webdataset.ShardWriter` (docs/ARCHITECTURE.md §2) with, since format 2, a
+A shard is a plain tar, as `webdataset.ShardWriter` writes it (docs/ARCHITECTURE.md §2), with, since format 2, a
 compact index of its member offsets beside it (`data_tools/shard_index.py`); a sample's member (format 3: one `.mp`
 per sample, `data_tools/sample_format.py`; formats 1-2: `.npy` per tokenizer) is read by seeking. A shard without
 an index file is indexed from its tar headers on first use. Either way a worker keeps only the indexes of its most
