@@ -23,6 +23,8 @@ the share of contexts that contain an answer. Prefill cost per question: decoder
 
 Joint contexts are cut at `--context-tokens`; in segments, a context is cut into chunks of `--chunk-tokens` and at
 most `--max-chunks` are kept (long contexts); what is cut is reported (JSON `context_cut`) and a note printed.
+Unset, `--context`, `--context-tokens`, `--chunk-tokens` and `--max-chunks` are what the model's QA fine-tuning used
+(the export's `qa_context`); for other exports: joint, 2048 tokens.
 
 With `--vectors DIR` (a store made by `arctrain compress` with this export's encoder) each record also names its
 documents, "doc_ids": [str, ...] or str, one per passage, and the compressed mode reads their vectors from the
@@ -43,6 +45,9 @@ from arctrain.qa_metrics import answer_in, approx_match, bleu, exact_match, f1_s
 
 __all__ = ["MODES", "answer_text", "evaluate_qa", "exact_match", "f1_score", "normalize_answer"]
 STOP = "\n\n"
+# How a context is cut when neither a flag nor the export (a QA fine-tuning run's `qa_context`) says: jointly, as QA
+# fine-tuning does by default (arctrain.infer.context_options).
+EVAL_CONTEXT = {"context": "joint", "max_chunks": 0, "context_tokens": 2048}
 
 
 def answer_text(generated: str) -> str:
@@ -204,41 +209,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, type=Path, nargs="+", help="QA files, one dataset each")
     parser.add_argument("--shots", type=int, default=5, help="each dataset's first N records: the fixed examples")
     parser.add_argument("--max-passages", type=int, default=1, help="compress a record's first N passages")
-    parser.add_argument(
-        "--context",
-        default="joint",
-        choices=["joint", "segments"],
-        help="passages compressed as one sequence (QA training's default) or in segments",
-    )
-    parser.add_argument("--context-tokens", type=int, default=2048, help="at most this many encoder tokens")
     parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
-    add_context_args(parser)  # --chunk-tokens, --max-chunks (long contexts, with --context segments)
+    add_context_args(parser, EVAL_CONTEXT)  # --context, --context-tokens, --chunk-tokens, --max-chunks
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--vectors", type=Path, default=None, help="a vector store: compressed passages by doc_ids")
     args = parser.parse_args(argv)
-    if (
-        args.shots < 0
-        or min(args.max_new_tokens, args.batch_size, args.heldout_segments, args.max_passages, args.context_tokens) < 1
-    ):
+    if args.shots < 0 or min(args.max_new_tokens, args.batch_size, args.heldout_segments, args.max_passages) < 1:
         raise ValueError(
-            "--shots must be >= 0; --max-new-tokens, --batch-size, --heldout-segments, --max-passages "
-            "and --context-tokens >= 1"
+            "--shots must be >= 0; --max-new-tokens, --batch-size, --heldout-segments, --max-passages >= 1"
         )
     from arctrain.infer import check_context_args
 
     check_context_args(args)
-    if args.max_chunks and args.context == "joint":
-        raise ValueError("--max-chunks applies with --context segments (a joint context is cut at --context-tokens)")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator, context_note, runtime
+    from arctrain.infer import ARCGenerator, context_flags, context_note, runtime
     from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
     args = parse_args(argv or [])
@@ -260,24 +252,25 @@ def main(argv: list[str] | None = None) -> None:
         args.decoder_name,
         dtype,
         device,
-        chunk_tokens=args.chunk_tokens,
-        max_chunks=args.max_chunks,
         vectors=store,
-        context=args.context,
-        context_tokens=args.context_tokens,
         chat_template=not args.plain_prompt,
+        fallback=EVAL_CONTEXT,
+        **context_flags(args),
     )
     result = {"model": str(args.model), "decoder": arc.name, "chat_template": arc.chat is not None}
     result |= {"vectors": str(args.vectors)} if args.vectors else {}
-    result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens, "context": args.context, "datasets": {}}
+    result |= {"shots": args.shots, "max_new_tokens": args.max_new_tokens, "context": arc.pieces.context}
+    result["datasets"] = {}
     for name, records in datasets.items():
         result["datasets"][name] = evaluate_qa(
             arc, records, args.shots, args.max_new_tokens, args.batch_size, args.max_passages
         )
     if heldout is not None:
         result["reconstruction"] = reconstruction(arc, heldout, args.batch_size, args.heldout_segments)
-    result["context_cut"] = vars(arc.pieces.cut) | {"chunk_tokens": arc.pieces.chunker.chunk_tokens,
-                                                    "max_chunks": arc.pieces.chunker.max_chunks}  # fmt: skip
+    pieces = arc.pieces
+    result["context_cut"] = vars(pieces.cut) | {"chunk_tokens": pieces.chunker.chunk_tokens,
+                                                "max_chunks": pieces.chunker.max_chunks,
+                                                "context_tokens": pieces.context_tokens}  # fmt: skip
     print(table(result))
     if (note := context_note(arc)) is not None:
         print(note)

@@ -107,7 +107,17 @@ def export_config(cfg: Config, segment: int):
         decoders=decoders,
         encoder_tokenizer_hash=tokenizer_hash(cfg.model.encoder_path),
         rope=cfg.model.rope,
+        qa_context=qa_context(cfg),
     )
+
+
+def qa_context(cfg: Config) -> dict | None:
+    """How a QA fine-tuning run compressed its passages (`arctrain generate`/`eval` default to it); None for shards."""
+    if not cfg.data.qa:
+        return None
+    data = cfg.data
+    return {"context": data.qa_context, "chunk_tokens": data.chunk_tokens, "max_chunks": data.max_chunks,
+            "context_tokens": data.qa_context_tokens}  # fmt: skip
 
 
 def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -266,7 +276,13 @@ def _pooling_words(config) -> str:
 def _data_lines(cfg: Config) -> str:
     if cfg.data.qa:
         files = ", ".join(f"`{entry}`" for entry in cfg.data.qa)
-        return f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`"
+        d = cfg.data
+        if d.qa_context == "segments":
+            cut = f"passages in chunks of {d.chunk_tokens} encoder tokens, at most {d.max_chunks or 'all'}"
+        else:
+            cut = f"passages jointly, at most {d.qa_context_tokens} encoder tokens"
+        return (f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`; {cut} "
+                "(`qa_context` in config.json: what generate and eval do by default)")  # fmt: skip
     parts = []
     for directory, weight in cfg.data.sources:
         manifest = Path(directory) / "manifest.json"

@@ -18,12 +18,14 @@ In Python:
     out = arc.complete(["a long document ..."], ["\\nSummary:"], max_new_tokens=32)
     out.texts[0]
 
-A context is cut into chunks of about `--chunk-tokens` encoder tokens (default: the training segment length,
-`segment_tokens` in the export's config) at word boundaries, exactly as `arc-data build` cut the training data
-(arctrain/data/chunks.py); each chunk is compressed on its own and their vectors follow one another, then the
-decoder's <Cont> vector. `--max-chunks K` keeps the first K chunks (long contexts: the stderr line says what was
-dropped); a prompt longer than the decoder's window (max_position_embeddings) is refused in one line. Batched prompts
-are left-padded.
+A context is cut into chunks of about `--chunk-tokens` encoder tokens at word boundaries, exactly as `arc-data build`
+cut the training data (arctrain/data/chunks.py); each chunk is compressed on its own and their vectors follow one
+another, then the decoder's <Cont> vector. `--max-chunks K` keeps the first K chunks (long contexts: the stderr line
+says what was dropped); `--context joint` compresses it as one encoder sequence instead, its first `--context-tokens`.
+Unset, these are what the model's QA fine-tuning used (`qa_context` in the export's config: `data.qa_context`,
+`data.chunk_tokens`, `data.max_chunks`, `data.qa_context_tokens`); for other exports, chunks of the training segment
+length (`segment_tokens`), all of them. A prompt longer than the decoder's window (max_position_embeddings) is refused
+in one line. Batched prompts are left-padded.
 
 Where the vectors come from is one seam: `memory(texts)` runs the encoder, `stored_memory(doc_ids)` reads a vector
 store (`arctrain compress`, arctrain/store.py; `vectors=` / `--vectors`), refused unless made by this export's
@@ -84,6 +86,29 @@ class _TextDone(StoppingCriteria):
         return torch.tensor([self.stop in t.lstrip() for t in texts], device=input_ids.device)
 
 
+# How `arctrain generate` cuts a context that neither a flag nor the export (`qa_context`, recorded by a QA
+# fine-tuning run) says how to cut: chunks of the training segment length, every one of them (a pretraining export).
+GENERATE_CONTEXT = {"context": "segments", "max_chunks": 0, "context_tokens": 0}
+
+
+def context_options(config, given: dict, fallback: dict) -> dict:
+    """The context cut of generation and evaluation: each of context, chunk_tokens, max_chunks, context_tokens as
+    `given` when not None, else as the model's QA fine-tuning cut its passages (the export's `qa_context`), else
+    `fallback` (chunk_tokens: the training segment length). A trained max_chunks applies to contexts in segments
+    only; one given for a joint context is refused."""
+    trained = dict(getattr(config, "qa_context", None) or {})
+    fallback = {"chunk_tokens": config.segment_tokens, **fallback}
+    out = {k: given[k] if given.get(k) is not None else trained.get(k, fallback[k]) for k in fallback}
+    if out["context"] == "joint" and out["max_chunks"]:
+        if given.get("max_chunks") is not None:
+            raise ValueError(
+                f"--max-chunks {given['max_chunks']} applies with --context segments (a joint context is cut at "
+                f"--context-tokens, {out['context_tokens'] or 'no limit'})"
+            )
+        out["max_chunks"] = 0  # fine-tuned in chunks, asked for one joint sequence
+    return out
+
+
 def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
     """The export's decoder entry for `decoder_dir`: by `name`, else by tokenizer hash; checked against the hash."""
     by_name = {d["name"]: d for d in config.decoders}
@@ -115,11 +140,12 @@ class ARCGenerator:
         device: str | torch.device = "cpu",
         stop_token_ids: list[int] = (),
         chunk_tokens: int | None = None,
-        max_chunks: int = 0,
+        max_chunks: int | None = None,
         vectors: "str | Path | VectorStore | None" = None,
-        context: str = "segments",
-        context_tokens: int = 0,
+        context: str | None = None,
+        context_tokens: int | None = None,
         chat_template: bool = True,
+        fallback: dict | None = None,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.store = None
@@ -129,6 +155,10 @@ class ARCGenerator:
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
             self.store.check_encoder(encoder_identity(model_dir), model_dir)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
+        # How contexts are cut (see `pieces` below): each option as given, else as the model was fine-tuned, else
+        # `fallback`; refused here, before the decoder loads, if they do not go together.
+        given = dict(context=context, chunk_tokens=chunk_tokens, max_chunks=max_chunks, context_tokens=context_tokens)
+        cut = context_options(config, given, fallback or GENERATE_CONTEXT)
         self.config = config
         self.device = torch.device(device)
         entry = next(d for d in config.decoders if d["name"] == self.name)
@@ -148,10 +178,10 @@ class ARCGenerator:
         self.enc_tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.dec_tok = AutoTokenizer.from_pretrained(decoder_dir)
         # The same pieces and prompt rendering as QA training: context "joint" or "segments" (chunks of
-        # chunk_tokens, by default the training segment length, at most max_chunks), the chat template of an
-        # instruct decoder (chat_template=False: the plain layout).
-        chunk_tokens = chunk_tokens or config.segment_tokens
-        self.pieces = TextPieces(self.enc_tok, self.dec_tok, chunk_tokens, max_chunks, context, context_tokens)
+        # chunk_tokens, at most max_chunks), the chat template of an instruct decoder (chat_template=False: the plain
+        # layout).
+        self.pieces = TextPieces(self.enc_tok, self.dec_tok, cut["chunk_tokens"], cut["max_chunks"], cut["context"],
+                                 cut["context_tokens"])  # fmt: skip
         self.chat = chat_template_of(self.dec_tok, chat_template)
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
@@ -316,18 +346,37 @@ def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
     return out, out_mask
 
 
-def add_context_args(parser: argparse.ArgumentParser) -> None:
-    """--chunk-tokens and --max-chunks, shared by `arctrain generate` and `arctrain eval` (arctrain/data/chunks.py)."""
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="default: the export's segment_tokens")
-    parser.add_argument("--max-chunks", type=int, default=0, help="compress at most this many chunks (0: all)")
+def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
+    """--context, --context-tokens, --chunk-tokens and --max-chunks, shared by `arctrain generate` and `arctrain eval`
+    (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py). Unset, each is what the model's QA fine-tuning used
+    (the export's `qa_context`), else the command's `fallback` (context_options)."""
+    trained = "default: as the model was fine-tuned on QA, else"
+    parser.add_argument(
+        "--context",
+        default=None,
+        choices=["joint", "segments"],
+        help=f"passages compressed as one encoder sequence or in chunks ({trained} {fallback['context']})",
+    )
+    parser.add_argument(
+        "--context-tokens",
+        type=int,
+        default=None,
+        help=f"a joint context's first N encoder tokens ({trained} {fallback['context_tokens'] or 'all'})",
+    )
+    parser.add_argument("--chunk-tokens", type=int, default=None, help=f"{trained} the export's segment_tokens")
+    parser.add_argument("--max-chunks", type=int, default=None,
+                        help=f"compress at most this many chunks ({trained} all)")  # fmt: skip
 
 
 def context_note(arc: "ARCGenerator") -> str | None:
-    """One line on what --max-chunks dropped, or None."""
-    cut = arc.pieces.cut
+    """One line on what --max-chunks (a joint context: --context-tokens) dropped, or None."""
+    pieces, cut = arc.pieces, arc.pieces.cut
     if not cut.truncated:
         return None
-    return (f"--max-chunks {arc.pieces.chunker.max_chunks}: {cut.truncated} of {cut.contexts} contexts cut short, "
+    if pieces.context == "joint":
+        return (f"--context-tokens {pieces.context_tokens}: {cut.truncated} of {cut.contexts} contexts cut short, "
+                f"{cut.dropped_tokens} encoder tokens left out")  # fmt: skip
+    return (f"--max-chunks {pieces.chunker.max_chunks}: {cut.truncated} of {cut.contexts} contexts cut short, "
             f"{cut.dropped_chunks} chunks ({cut.dropped_tokens} encoder tokens) left out")  # fmt: skip
 
 
@@ -357,7 +406,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="contexts generated together (left-padded)")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
     add_runtime_args(parser)
-    add_context_args(parser)
+    add_context_args(parser, GENERATE_CONTEXT)
     parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -372,8 +421,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_context_args(args: argparse.Namespace) -> None:
-    if (args.chunk_tokens is not None and args.chunk_tokens < 1) or args.max_chunks < 0:
-        raise ValueError("--chunk-tokens must be >= 1 and --max-chunks >= 0 (0: every chunk)")
+    if any(v is not None and v < 1 for v in (args.chunk_tokens, args.context_tokens)) or (args.max_chunks or 0) < 0:
+        raise ValueError("--chunk-tokens and --context-tokens must be >= 1 and --max-chunks >= 0 (0: every chunk)")
+
+
+def context_flags(args: argparse.Namespace) -> dict:
+    """The context options given on the command line (None: not given), as ARCGenerator takes them."""
+    return dict(context=args.context, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
+                context_tokens=args.context_tokens)  # fmt: skip
 
 
 def open_inputs(args: argparse.Namespace) -> VectorStore | None:
@@ -402,8 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
     store = open_inputs(args)
     device, dtype = runtime(args)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id,
-                       args.chunk_tokens, args.max_chunks, store, chat_template=not args.plain_prompt)  # fmt: skip
+    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id, vectors=store,
+                       chat_template=not args.plain_prompt, **context_flags(args))  # fmt: skip
     names, contexts = read_contexts(arc, args)
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip

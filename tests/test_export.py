@@ -68,6 +68,7 @@ def test_export_directory(exported, trained_run, tiny_models, tiny_shards):
     }
     assert config["backbone"]["model_type"] == "llama" and config["backbone"]["num_hidden_layers"] == 6 - 2
     assert config["segment_tokens"] == json.loads((tiny_shards / "manifest.json").read_text())["segment_tokens"]
+    assert config.get("qa_context") is None  # pretraining: no QA contexts (a QA run's: tests/test_train_variants.py)
     assert [(d["name"], d["architecture"], d["hidden_size"]) for d in config["decoders"]] == [
         ("llama", "LlamaForCausalLM", 128),
         ("mistral", "MistralForCausalLM", 160),

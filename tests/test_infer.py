@@ -1,6 +1,7 @@
 """Compress + generate from an exported tiny model (arctrain.infer and `arctrain generate`); about 20 s."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,91 @@ def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny
     assert (cut["chunk_tokens"], cut["max_chunks"], cut["contexts"], cut["truncated"]) == (16, 1, n, n)
     assert 0 < dataset["modes"]["compressed"]["prefill"]["encoder_tokens"] <= 16  # per question
     assert cut["dropped_tokens"] > 0 and f"{n} of {n} contexts cut short" in capsys.readouterr().out
+
+
+# --- a decoder with a chat template (arctrain/prompt.py) ------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def linked_decoder(source: Path, out: Path, **configs: dict) -> Path:
+    """A decoder directory of `source`'s files (linked) with some JSON configs changed: `name={key: value}`."""
+    out.mkdir()
+    for file in source.iterdir():
+        if file.stem not in configs:
+            (out / file.name).symlink_to(file)
+    for stem, changes in configs.items():
+        path = source / f"{stem}.json"
+        (out / path.name).write_text(
+            json.dumps({**(json.loads(path.read_text()) if path.is_file() else {}), **changes})
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama with a Mistral-Instruct-style chat template: tokenizer_config.json is not among the files of
+    the tokenizer's hash, so the export still knows it as its decoder "llama"."""
+    out = tmp_path_factory.mktemp("chat") / "llama"
+    return linked_decoder(tiny_models / "llama", out, tokenizer_config={"chat_template": CHAT_TEMPLATE})
+
+
+def greedy_ids(decoder, embeds: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens after `embeds` (T, Dd), one full forward each: no generate, no cache, no stop."""
+    ids, x = [], embeds[None]
+    for _ in range(n):
+        ids.append(int(decoder(inputs_embeds=x).logits[0, -1].argmax()))
+        x = torch.cat([x, decoder.get_input_embeddings()(torch.tensor([[ids[-1]]]))], 1)
+    return ids
+
+
+@torch.no_grad()
+def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(arc, exported, chat_llama, documents,
+                                                                              tmp_path, capsys):  # fmt: skip
+    """`arctrain generate` with a decoder whose tokenizer has a chat template: the decoder reads the template's own
+    rendering of one user message (the context, then the prompt) with the context's vectors at the placeholder: the
+    input embeddings equal an independent assembly (apply_chat_template split at the placeholder; token embeddings
+    around each chunk's encoder vectors and <Cont>, projected). The command prints greedy decoding of those
+    embeddings, up to the decoder's EOS (its generation config's, as Llama 3.1 Instruct's <|eot_id|>), which it does
+    not print past. --plain-prompt gives the plain layout: what the same decoder without a template generates."""
+    from arctrain.prompt import PLACEHOLDER
+
+    text, prompt = documents[0][:300], "Question: what does it return?"
+    chat = ARCGenerator(exported, chat_llama)
+    assert chat.chat is not None and arc.chat is None  # the same tokenizer; only the template differs
+    embeds, mask, _ = chat.embed([chat.context_example(text, prompt)])  # (1, T, Dd): one row, no padding
+
+    tok, model = chat.dec_tok, chat.model
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = rendered.removeprefix(tok.bos_token).split(PLACEHOLDER)
+    assert (before, after) == ("[INST] ", f"\n{prompt} [/INST]")
+    table, projector = chat.decoder.get_input_embeddings(), model.projectors["llama"]
+    chunks = arc.segments(text)
+    assert len(chunks) > 1  # several chunks of the training segment length, one after the other
+    vectors = [projector(model.compress(torch.tensor([c]), torch.ones(1, len(c), dtype=torch.long))[0]) for c in chunks]
+    cont = projector(model.specials["llama"]()[1:])  # (1, Dd): <Cont> (the specials are <Rec>, <Cont>)
+    expected = torch.cat([
+        table(torch.tensor([tok.bos_token_id, *tok.encode(before, add_special_tokens=False)])), *vectors, cont,
+        table(torch.tensor(tok.encode(after, add_special_tokens=False))),
+    ])  # fmt: skip
+    assert mask.tolist() == [[1] * len(expected)]
+    torch.testing.assert_close(embeds[0], expected, atol=1e-5, rtol=1e-4)
+
+    # The decoder's EOS: a greedy token from the third on that did not come before (it stops there, not earlier).
+    ids = greedy_ids(chat.decoder, expected, 8)
+    k = next(i for i in range(2, 8) if ids[i] not in ids[:i])
+    assert not set(ids[: k + 1]) & set(chat.stop_ids)
+    eos = [*chat.stop_ids, ids[k]]
+    stopping = linked_decoder(chat_llama, tmp_path / "eos", generation_config={"eos_token_id": eos})
+    (tmp_path / "doc.txt").write_text(text)
+    argv = ["generate", "--model", str(exported), "--context-file", str(tmp_path / "doc.txt"), "--prompt", prompt,
+            "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu", "--decoder"]  # fmt: skip
+    arctrain([*argv, str(stopping)])
+    assert capsys.readouterr().out == tok.decode(ids[: k + 1], skip_special_tokens=True) + "\n"
+    arctrain([*argv, str(chat_llama), "--plain-prompt"])
+    assert capsys.readouterr().out == arc.complete([text], [prompt], max_new_tokens=8).texts[0] + "\n"

@@ -1,7 +1,7 @@
 """Configuration of an exported ARC encoder (standalone: imports nothing from arctrain).
 
 config = AutoConfig.from_pretrained("exported/tiny", trust_remote_code=True)
-config.decoders[0]["name"], config.pooling, config.pooling_factor, config.segment_tokens
+config.decoders[0]["name"], config.pooling, config.pooling_factor, config.segment_tokens, config.qa_context
 """
 
 from transformers import PretrainedConfig
@@ -22,6 +22,7 @@ class ARCEncoderConfig(PretrainedConfig):
         encoder_tokenizer_hash: str = "",
         rope: str = "checkpoint",
         source: str = "",
+        qa_context: dict | None = None,
         **kwargs,
     ):
         self.backbone = dict(backbone or {})
@@ -43,4 +44,8 @@ class ARCEncoderConfig(PretrainedConfig):
         rope_theta, as the reference ARC-Encoder). Each decoder entry has its own "rope" for whoever loads it."""
         self.source = source
         """Where the weights came from: an arctrain checkpoint, or a reference checkpoint (`arctrain import-arc`)."""
+        self.qa_context = dict(qa_context) if qa_context else None
+        """How QA fine-tuning compressed its passages, for generation and evaluation to do the same: {"context":
+        "joint" or "segments", "chunk_tokens", "max_chunks", "context_tokens"}; None when the model was not fine-tuned
+        on QA (pretraining: contexts were segments of segment_tokens) or the export is older than this field."""
         super().__init__(**kwargs)
