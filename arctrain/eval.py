@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype,
         device,
         vectors=store,
-        chat_template=not args.plain_prompt,
+        chat_template=False if args.plain_prompt else None,
         fallback=EVAL_CONTEXT,
         **context_flags(args),
     )

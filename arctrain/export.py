@@ -112,12 +112,13 @@ def export_config(cfg: Config, segment: int):
 
 
 def qa_context(cfg: Config) -> dict | None:
-    """How a QA fine-tuning run compressed its passages (`arctrain generate`/`eval` default to it); None for shards."""
+    """How a QA fine-tuning run compressed its passages and whether it rendered prompts with instruct decoders' chat
+    templates (`arctrain generate`/`eval` default to both); None for shards."""
     if not cfg.data.qa:
         return None
     data = cfg.data
     return {"context": data.qa_context, "chunk_tokens": data.chunk_tokens, "max_chunks": data.max_chunks,
-            "context_tokens": data.qa_context_tokens}  # fmt: skip
+            "context_tokens": data.qa_context_tokens, "chat_template": data.qa_chat_template}  # fmt: skip
 
 
 def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:

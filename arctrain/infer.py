@@ -144,7 +144,7 @@ class ARCGenerator:
         vectors: "str | Path | VectorStore | None" = None,
         context: str | None = None,
         context_tokens: int | None = None,
-        chat_template: bool = True,
+        chat_template: bool | None = None,
         fallback: dict | None = None,
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
@@ -182,6 +182,8 @@ class ARCGenerator:
         # layout).
         self.pieces = TextPieces(self.enc_tok, self.dec_tok, cut["chunk_tokens"], cut["max_chunks"], cut["context"],
                                  cut["context_tokens"])  # fmt: skip
+        if chat_template is None:  # as QA fine-tuning rendered its prompts (data.qa_chat_template), else the template
+            chat_template = (getattr(config, "qa_context", None) or {}).get("chat_template", True)
         self.chat = chat_template_of(self.dec_tok, chat_template)
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     store = open_inputs(args)
     device, dtype = runtime(args)
     arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id, vectors=store,
-                       chat_template=not args.plain_prompt, **context_flags(args))  # fmt: skip
+                       chat_template=False if args.plain_prompt else None, **context_flags(args))  # fmt: skip
     names, contexts = read_contexts(arc, args)
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip

@@ -1,6 +1,7 @@
 """Compress + generate from an exported tiny model (arctrain.infer and `arctrain generate`); about 20 s."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,10 @@ def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(
     assert capsys.readouterr().out == tok.decode(ids[: k + 1], skip_special_tokens=True) + "\n"
     arctrain([*argv, str(chat_llama), "--plain-prompt"])
     assert capsys.readouterr().out == arc.complete([text], [prompt], max_new_tokens=8).texts[0] + "\n"
+
+    # An export fine-tuned with data.qa_chat_template=false (its qa_context says so) renders plain by default.
+    plain = tmp_path / "plain-export"
+    shutil.copytree(exported, plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "qa_context": {"chat_template": False}}))
+    assert ARCGenerator(plain, chat_llama).chat is None and ARCGenerator(plain, chat_llama, chat_template=True).chat

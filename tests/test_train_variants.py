@@ -82,7 +82,7 @@ def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_tra
     config = json.loads((out / "config.json").read_text())
     assert (config["pooling_factor"], config["segment_tokens"]) == (4, 16)
     trained = {"context": "segments", "chunk_tokens": 16, "max_chunks": 2, "context_tokens": 2048}
-    assert config["qa_context"] == trained
+    assert config["qa_context"] == {**trained, "chat_template": True}  # data.qa_chat_template
     assert "passages in chunks of 16 encoder tokens, at most 2" in (out / "README.md").read_text()
     llama = tiny_models / "llama"
     passage = json.loads(tiny_qa[0].read_text().splitlines()[0])["passages"]
