@@ -209,11 +209,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, type=Path, nargs="+", help="QA files, one dataset each")
     parser.add_argument("--shots", type=int, default=5, help="each dataset's first N records: the fixed examples")
     parser.add_argument("--max-passages", type=int, default=1, help="compress a record's first N passages")
-    parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     add_runtime_args(parser)  # --device, --dtype (default bf16: Llama 3.1 8B is 16 GB, on a GPU or a CPU)
-    add_context_args(parser, EVAL_CONTEXT)  # --context, --context-tokens, --chunk-tokens, --max-chunks
+    add_context_args(parser, EVAL_CONTEXT)  # --context, --context-tokens, --chunk-tokens, --max-chunks, --plain-prompt
     parser.add_argument("--heldout", type=Path, default=None, help="text records ({'text': ...}) for reconstruction")
     parser.add_argument("--heldout-segments", type=int, default=64, help="at most this many segments reconstructed")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -253,7 +252,6 @@ def main(argv: list[str] | None = None) -> None:
         dtype,
         device,
         vectors=store,
-        chat_template=False if args.plain_prompt else None,
         fallback=EVAL_CONTEXT,
         **context_flags(args),
     )

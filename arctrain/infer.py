@@ -92,12 +92,12 @@ GENERATE_CONTEXT = {"context": "segments", "max_chunks": 0, "context_tokens": 0}
 
 
 def context_options(config, given: dict, fallback: dict) -> dict:
-    """The context cut of generation and evaluation: each of context, chunk_tokens, max_chunks, context_tokens as
-    `given` when not None, else as the model's QA fine-tuning cut its passages (the export's `qa_context`), else
-    `fallback` (chunk_tokens: the training segment length). A trained max_chunks applies to contexts in segments
-    only; one given for a joint context is refused."""
+    """The context cut and prompt rendering of generation and evaluation: each of context, chunk_tokens, max_chunks,
+    context_tokens and chat_template as `given` when not None, else as the model's QA fine-tuning did (the export's
+    `qa_context`), else `fallback` (chunk_tokens: the training segment length; chat_template: the decoder's
+    template). A trained max_chunks applies to contexts in segments only; one given for a joint context is refused."""
     trained = dict(getattr(config, "qa_context", None) or {})
-    fallback = {"chunk_tokens": config.segment_tokens, **fallback}
+    fallback = {"chunk_tokens": config.segment_tokens, "chat_template": True, **fallback}
     out = {k: given[k] if given.get(k) is not None else trained.get(k, fallback[k]) for k in fallback}
     if out["context"] == "joint" and out["max_chunks"]:
         if given.get("max_chunks") is not None:
@@ -155,9 +155,10 @@ class ARCGenerator:
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
             self.store.check_encoder(encoder_identity(model_dir), model_dir)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
-        # How contexts are cut (see `pieces` below): each option as given, else as the model was fine-tuned, else
-        # `fallback`; refused here, before the decoder loads, if they do not go together.
-        given = dict(context=context, chunk_tokens=chunk_tokens, max_chunks=max_chunks, context_tokens=context_tokens)
+        # How contexts are cut and prompts rendered (see `pieces` below): each option as given, else as the model was
+        # fine-tuned, else `fallback`; refused here, before the decoder loads, if they do not go together.
+        given = dict(context=context, chunk_tokens=chunk_tokens, max_chunks=max_chunks, context_tokens=context_tokens,
+                     chat_template=chat_template)  # fmt: skip
         cut = context_options(config, given, fallback or GENERATE_CONTEXT)
         self.config = config
         self.device = torch.device(device)
@@ -182,9 +183,7 @@ class ARCGenerator:
         # layout).
         self.pieces = TextPieces(self.enc_tok, self.dec_tok, cut["chunk_tokens"], cut["max_chunks"], cut["context"],
                                  cut["context_tokens"])  # fmt: skip
-        if chat_template is None:  # as QA fine-tuning rendered its prompts (data.qa_chat_template), else the template
-            chat_template = (getattr(config, "qa_context", None) or {}).get("chat_template", True)
-        self.chat = chat_template_of(self.dec_tok, chat_template)
+        self.chat = chat_template_of(self.dec_tok, cut["chat_template"])
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
             i for i in stop_token_ids if i not in stop_ids(decoder, self.dec_tok)
@@ -349,9 +348,10 @@ def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
-    """--context, --context-tokens, --chunk-tokens and --max-chunks, shared by `arctrain generate` and `arctrain eval`
-    (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py). Unset, each is what the model's QA fine-tuning used
-    (the export's `qa_context`), else the command's `fallback` (context_options)."""
+    """--context, --context-tokens, --chunk-tokens, --max-chunks and --plain-prompt, shared by `arctrain generate`
+    and `arctrain eval` (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py, arctrain/prompt.py). Unset, each is
+    what the model's QA fine-tuning used (the export's `qa_context`), else the command's `fallback`
+    (context_options)."""
     trained = "default: as the model was fine-tuned on QA, else"
     parser.add_argument(
         "--context",
@@ -368,6 +368,8 @@ def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=None, help=f"{trained} the export's segment_tokens")
     parser.add_argument("--max-chunks", type=int, default=None,
                         help=f"compress at most this many chunks ({trained} all)")  # fmt: skip
+    parser.add_argument("--plain-prompt", action="store_true",
+                        help=f"no chat template, even if the decoder has one ({trained} its template)")  # fmt: skip
 
 
 def context_note(arc: "ARCGenerator") -> str | None:
@@ -409,7 +411,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop at this id too")
     add_runtime_args(parser)
     add_context_args(parser, GENERATE_CONTEXT)
-    parser.add_argument("--plain-prompt", action="store_true", help="no chat template, even if the decoder has one")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -428,9 +429,9 @@ def check_context_args(args: argparse.Namespace) -> None:
 
 
 def context_flags(args: argparse.Namespace) -> dict:
-    """The context options given on the command line (None: not given), as ARCGenerator takes them."""
+    """The context and prompt options given on the command line (None: not given), as ARCGenerator takes them."""
     return dict(context=args.context, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
-                context_tokens=args.context_tokens)  # fmt: skip
+                context_tokens=args.context_tokens, chat_template=False if args.plain_prompt else None)  # fmt: skip
 
 
 def open_inputs(args: argparse.Namespace) -> VectorStore | None:
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     store = open_inputs(args)
     device, dtype = runtime(args)
     arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id, vectors=store,
-                       chat_template=False if args.plain_prompt else None, **context_flags(args))  # fmt: skip
+                       **context_flags(args))  # fmt: skip
     names, contexts = read_contexts(arc, args)
     options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)  # fmt: skip

@@ -25,12 +25,9 @@ def segment_ids(pieces: PieceEncoder, flat: list[tuple[Doc, Segment]], dtype: np
     out: list[np.ndarray | None] = [None] * len(flat)
     if sliced:
         runs = _runs(flat)
-        for first in (True, False):  # runs at a document's start are encoded as the tokenizer encodes a text
-            picked = [(a, b) for a, b in runs if (flat[a][1].start == 0) == first]
-            texts = [flat[a][0].text[flat[a][1].start : flat[b - 1][1].end] for a, b in picked]
-            for (a, b), enc in zip(picked, pieces.encode_batch(texts, first) if texts else []):
-                out[a:b] = _slices(enc, flat[a][0].text, [s for _, s in flat[a:b]], dtype)
-            del texts
+        spans = [(flat[a][0].text, flat[a][1].start, flat[b - 1][1].end) for a, b in runs]
+        for (a, b), enc in zip(runs, _encode(pieces, spans)):
+            out[a:b] = _slices(enc, flat[a][0].text, [s for _, s in flat[a:b]], dtype)
     alone = [k for k, ids in enumerate(out) if ids is None]
     for k, ids in zip(alone, encode_alone(pieces, [flat[k] for k in alone], dtype)):
         out[k] = ids
@@ -69,16 +66,23 @@ def encode_alone(pieces: PieceEncoder, flat: list[tuple[Doc, Segment]], dtype: n
         while end < len(flat) and (end == start or n_chars < GROUP_CHARS):
             n_chars += flat[end][1].end - flat[end][1].start
             end += 1
-        encodings: list = [None] * (end - start)
-        for first in (True, False):
-            picked = [k for k in range(end - start) if (flat[start + k][1].start == 0) == first]
-            texts = [flat[start + k][0].text[flat[start + k][1].start : flat[start + k][1].end] for k in picked]
-            for k, enc in zip(picked, pieces.encode_batch(texts, first) if texts else []):
-                encodings[k] = enc
-            del texts
+        encodings = _encode(pieces, [(d.text, seg.start, seg.end) for d, seg in flat[start:end]])
         lengths = [len(e) for e in encodings]
         ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=dtype, count=sum(lengths))
         bounds = np.cumsum([0, *lengths]).tolist()
         out.extend(ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths)))
         start = end
+    return out
+
+
+def _encode(pieces: PieceEncoder, spans: list[tuple[str, int, int]]) -> list[Encoding]:
+    """The encoding of text[a:b] for every (text, a, b), in order, in one encode_batch call per kind: a span at a
+    document's start (a == 0) as the tokenizer encodes a text, the others as later pieces (no dummy prefix)."""
+    out: list = [None] * len(spans)
+    for first in (True, False):
+        picked = [k for k, (_, a, _) in enumerate(spans) if (a == 0) == first]
+        if picked:
+            texts = [spans[k][0][spans[k][1] : spans[k][2]] for k in picked]
+            for k, enc in zip(picked, pieces.encode_batch(texts, first)):
+                out[k] = enc
     return out
