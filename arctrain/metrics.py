@@ -58,7 +58,7 @@ class Window:
 
     def reset(self) -> None:
         self.time = self.wait = self.flop = 0.0
-        self.samples = self.enc_tokens = self.dec_tokens = self.dropped_tokens = 0
+        self.samples = self.enc_tokens = self.dec_tokens = self.dropped_tokens = self.skipped_rows = 0
 
     def count(self, decoder: str, stats) -> None:
         """`stats`: a batch's `BatchStats` (arctrain/model/batch.py), computed in collate on the CPU."""
@@ -66,6 +66,7 @@ class Window:
         self.enc_tokens += stats.enc_tokens
         self.dec_tokens += stats.dec_tokens
         self.dropped_tokens += stats.dropped_tokens
+        self.skipped_rows += stats.skipped_rows
         self.flop += self.flops(decoder, stats)
 
     def rates(self, world_size: int, peak: float | None) -> dict[str, float]:
@@ -81,6 +82,8 @@ class Window:
         }
         if self.dropped_tokens:  # data.max_chunks cut contexts short: this rank's count over the window
             out["context_tokens_dropped"] = self.dropped_tokens
+        if self.skipped_rows:  # examples with no target left out of their batches: this rank's count over the window
+            out["rows_without_target_skipped"] = self.skipped_rows
         if peak is not None:
             out["mfu"] = out["tflops_per_rank"] / peak
         return out

@@ -410,3 +410,28 @@ def test_fair_and_interleaved_batches_resume_exactly_mid_pair(tiny_models, shard
     resumed = build_train_loader(cfg, 1, 2, vocab)
     resumed.load_state_dict({"next_batch": 5})  # step 5: the second decoder of a fair pair
     assert take(resumed, 5) == full[5:]
+
+
+def test_examples_without_a_target_are_left_out_and_counted(tmp_path, tiny_models, corpus, vocab):
+    # Documents of 5-11 words are one-segment samples (12-word segments): drawn for continuation they have no target.
+    # Documents of 36 words are one three-segment sample.
+    short = [{"id": f"short{j}", "text": " ".join(d["text"].split()[: 5 + j % 7])} for j, d in enumerate(corpus)]
+    long = [{"id": f"long{j}", "text": " ".join(d["text"].split()[:36])} for j, d in enumerate(corpus)]
+    metas = write_shards(tmp_path / "mixed", tiny_models, long[:13] + short[:12], per_shard=100, val_docs=1)
+    cfg = make_config(tiny_models, str(tmp_path / "mixed"), "data.num_workers=0", "data.micro_batch_size=4")
+    skipped = {"reconstruction": 0, "continuation": 0}
+    for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 40):
+        kept = batch.stats.samples
+        assert kept == len(batch.keys) and kept + batch.stats.skipped_rows == 4
+        if batch.stats.skipped_rows:
+            assert all(metas[key]["n_segments"] > 1 for key in batch.keys)
+            assert all((row != IGNORE).any() for row in batch.labels)  # every computed row has a target
+        skipped[batch.task] += batch.stats.skipped_rows
+    assert skipped["reconstruction"] == 0 and skipped["continuation"] > 0
+
+    # A batch of one-segment samples only is kept whole, without targets: every rank must still run the model.
+    write_shards(tmp_path / "short", tiny_models, short[:12], per_shard=100, val_docs=1)
+    cfg = make_config(tiny_models, str(tmp_path / "short"), "data.num_workers=0", "data.micro_batch_size=4")
+    for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 10):
+        assert len(batch.keys) == 4 and batch.stats.skipped_rows == 0
+        assert (batch.stats.targets == 0) == (batch.task == "continuation")

@@ -12,7 +12,7 @@ micro-batch `Layout.global_batch(b)`, whose samples do not depend on the world s
 """
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from arctrain.config import Config
 from arctrain.data.sampling import SEGMENT, Layout, Schedule, SourceMixer, SourceStream, rng
 from arctrain.data.shards import ShardReader, Source, open_source, shard_table
-from arctrain.model.batch import ARCBatch, Example, collate, pretraining_example
+from arctrain.model.batch import ARCBatch, Example, collate, has_target, pretraining_example
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class BatchMaker:
         dec = _segments(arrays[f"{decoder}.ids.npy"], arrays[f"{decoder}.offsets.npy"])
         if len(enc) != len(dec) or not enc:
             raise ValueError(f"{path}: sample {key} has {len(enc)} encoder but {len(dec)} {decoder} segments")
-        # Continuation needs a next segment when there is one; a one-segment sample gives an empty target.
+        # Continuation needs a next segment when there is one; a one-segment sample gives an empty target (left out
+        # by `collate`).
         # Interleaved continuation also wants text before the segment: it starts at segment 1 when that leaves a next.
         first = 1 if task == "continuation" and self.interleave and len(enc) >= 3 else 0
         choices = len(enc) if task == "reconstruction" else max(len(enc) - 1, 1)
@@ -98,7 +99,16 @@ class BatchMaker:
         return key, pretraining_example(task, enc, dec, seg, self.vocab.prefix_ids[decoder], self.interleave)
 
     def collate(self, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:
-        return collate_batch(self.model, self.vocab, examples, keys, decoder, task)
+        """The batch without the examples that have no target token (a continuation drawn from a one-segment
+        sample): they would cost an encoder pass and a decoder row for a loss of nothing. Leaving them out changes
+        no loss or gradient (the loss is averaged over target tokens); the count goes to `BatchStats.skipped_rows`.
+        A batch with no target at all is kept whole: under ZeRO-3 every rank runs the model every step."""
+        kept = [j for j, example in enumerate(examples) if has_target(example)] or list(range(len(examples)))
+        batch = collate_batch(
+            self.model, self.vocab, [examples[j] for j in kept], [keys[j] for j in kept], decoder, task
+        )
+        batch.stats = replace(batch.stats, skipped_rows=len(examples) - len(kept))
+        return batch
 
 
 def collate_batch(model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:

@@ -112,6 +112,12 @@ class BatchStats:
     dec_pairs: int  # sum over rows of T (T + 1) / 2: causal attention pairs per decoder layer
     targets: int  # target tokens (LM head positions)
     dropped_tokens: int = 0  # context tokens left out by data.max_chunks (arctrain/data/chunks.py)
+    skipped_rows: int = 0  # examples left out because they have no target token (arctrain/data/loader.py)
+
+
+def has_target(example: Example) -> bool:
+    """Whether the example has a token to score (a continuation of a sample's last segment has none)."""
+    return any(isinstance(piece, Text) and piece.loss and piece.ids for piece in example.pieces)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
