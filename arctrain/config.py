@@ -469,6 +469,8 @@ def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
     ds["gradient_clipping"] = cfg.optim.clip
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    if cfg.train.precision == "bf16":  # DeepSpeed reduces in the parameters' dtype otherwise: bf16 sums over 64 ranks
+        ds.setdefault("communication_data_type", "fp32")
     return ds
 
 

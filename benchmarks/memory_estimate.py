@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         decoders = {"llama": PUBLISHED["Llama-3.1-8B"], "mistral": PUBLISHED["Mistral-7B-v0.3"]}
     setup = Setup(
-        args.micro_batch, args.segment_tokens, args.factor, args.truncated_layers, args.projector_hidden,
-        args.loss_chunk_tokens, tuple(args.replicated),
-    )  # fmt: skip
+        micro_batch=args.micro_batch,
+        segment_tokens=args.segment_tokens,
+        factor=args.factor,
+        truncated_layers=args.truncated_layers,
+        projector_hidden=args.projector_hidden,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        replicated=tuple(args.replicated),
+    )
     print(
         f"micro-batch {args.micro_batch} x {args.segment_tokens} encoder tokens, x{args.factor} pooling, bf16, ZeRO-3"
     )

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from arctrain.config import (
@@ -195,6 +196,18 @@ def test_bad_yaml_fails_naming_file_line_and_key(tmp_path, old, new, message):
     if new:  # the offending key's own line
         line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if new.splitlines()[-1] == text)
         assert f"{path}:{line})" in str(err.value)
+
+
+def test_bf16_runs_reduce_gradients_in_fp32_unless_the_file_says_otherwise(tmp_path):
+    ds = json.loads((REPO_ROOT / "ds_configs/zero3_bf16.json").read_text())
+    ds.pop("communication_data_type", None)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = load_config(write(tmp_path), [f"deepspeed={tmp_path / 'ds.json'}", "train.precision=bf16"])
+    assert DeepSpeedConfig(deepspeed_config(cfg, world_size=1)).communication_data_type == torch.float32
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "communication_data_type": "bf16"}))  # an explicit choice
+    assert DeepSpeedConfig(deepspeed_config(cfg, world_size=1)).communication_data_type == torch.bfloat16
+    fp32 = load_config(write(tmp_path), ["train.precision=fp32"])  # zero3_cpu.json: the parameters are fp32 anyway
+    assert DeepSpeedConfig(deepspeed_config(fp32, world_size=1)).communication_data_type is None
 
 
 def test_deepspeed_file_must_agree_with_the_config(tmp_path):
