@@ -250,7 +250,16 @@ class TrainConfig:
     """Micro-batches per optimizer step and rank (all of one decoder). A resume at another world size sets it so that
     ranks x grad_accum stays the checkpoint's (arctrain/elastic.py)."""
     seed: int = 0
-    activation_checkpointing: bool = False
+    encoder_checkpointing: bool = False
+    """Activation checkpointing in the encoder's layers: each layer keeps only its input and is recomputed in
+    backward (about a third more encoder compute for much less activation memory; arctrain/memory.py)."""
+    decoder_checkpointing: bool = False
+    """Activation checkpointing in the frozen decoders' layers. Their activations are needed for the gradient that
+    flows through them into the projector and encoder; recomputing them costs about a third of the decoders'
+    compute, so turn it on only where `arctrain train --dry-run` says the step does not fit without it."""
+    activation_checkpointing: bool | None = None
+    """The earlier single switch (run directories written before the split carry it): true turns on both
+    encoder_checkpointing and decoder_checkpointing. Normalised to null once applied."""
     precision: Literal["fp32", "bf16"] = "bf16"
     decoder_schedule: Literal["random", "round_robin", "fair"] = "random"
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn; "fair" (the
@@ -274,6 +283,9 @@ class TrainConfig:
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _require(self.decoder_hold >= 1, "decoder_hold", self.decoder_hold, "must be >= 1")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
+        if self.activation_checkpointing:
+            self.encoder_checkpointing = self.decoder_checkpointing = True
+        self.activation_checkpointing = None
 
 
 @dataclass
@@ -474,15 +486,16 @@ def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def check_attention(cfg: Config) -> None:
-    """Every decoder's attention implementation can run here (flash-attention 2: the package, CUDA, bf16)."""
+def check_attention(cfg: Config, here: bool = True) -> None:
+    """Every decoder's attention implementation can run (flash-attention 2: bf16; `here`: also the package and CUDA
+    on this machine, which a dry run on a login node for the GPU nodes does not ask)."""
     for i, d in enumerate(cfg.decoders):
         if d.attn_implementation != "flash_attention_2":
             continue
         from transformers.utils import is_flash_attn_2_available
 
         key = f"decoders.{i}.attn_implementation"
-        if not is_flash_attn_2_available():
+        if here and not is_flash_attn_2_available():
             raise ConfigError(
                 key,
                 "'flash_attention_2' needs flash-attn (the package) and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
@@ -491,10 +504,10 @@ def check_attention(cfg: Config) -> None:
             raise ConfigError(key, f"'flash_attention_2' runs in bf16, but train.precision is {cfg.train.precision!r}")
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, attention_here: bool = True) -> None:
     """The model and shard directories exist and the attention kernels are installed (call before starting process
-    groups; configs may be templates)."""
-    check_attention(cfg)
+    groups; configs may be templates). `attention_here=False`: the kernels are for another machine (a dry run)."""
+    check_attention(cfg, here=attention_here)
     dirs = [("model.encoder_path", cfg.model.encoder_path)]
     dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
     dirs += [("data.shards", path) for path, _ in cfg.data.sources]

@@ -35,9 +35,10 @@ def parse_args(argv: list[str]):
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 decoders.1.path=…")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print sizes and memory, no training")
     parser.add_argument("--world-size", type=int, help="with --dry-run: ranks to size for (default $WORLD_SIZE or 8)")
+    parser.add_argument("--gpu", help="with --dry-run: the card to size for, e.g. h100-80gb (default: this one)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    check_paths(cfg, attention_here=not args.dry_run)  # a dry run checks the kernels where it can (dry_run.py)
     return cfg, args
 
 
@@ -67,8 +68,8 @@ def build_engine(
     from arctrain.checkpoint import load_initial_weights
     from arctrain.config import deepspeed_config
     from arctrain.memory import placement
-    from arctrain.model import build_model
     from arctrain.optim import build_optimizer, build_scheduler
+    from arctrain.zero_trace import keep_trace_per_decoder
 
     ds_config = deepspeed_config(cfg, world_size)
     if universal:
@@ -77,23 +78,32 @@ def build_engine(
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     replicated, why = placement(cfg, world_size, ds_config)
     say(f"frozen decoders: {'replicated' if replicated else 'partitioned by ZeRO-3'} ({why})")
-    model = build_model(
-        cfg.model,
-        cfg.decoders,
-        dtype,
-        ds_config=ds_config,
-        gradient_checkpointing=cfg.train.activation_checkpointing,
-        replicated=replicated,
-    )
-    if cfg.train.activation_checkpointing:
-        model.enable_decoder_checkpointing()
+    model = build_arc_model(cfg, dtype, ds_config, replicated)
     if init_from is not None:
         load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
     optimizer = build_optimizer(model, cfg.optim, ds_config)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    keep_trace_per_decoder(engine)  # a decoder switch keeps ZeRO-3's prefetch (arctrain/zero_trace.py)
     scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
     return engine, model, scheduler
+
+
+def build_arc_model(cfg, dtype: torch.dtype, ds_config: dict | None, replicated: tuple[str, ...] = ()):
+    """The ARC model, activation checkpointing switched on in the encoder and the decoders as configured."""
+    from arctrain.model import build_model
+
+    model = build_model(
+        cfg.model,
+        cfg.decoders,
+        dtype,
+        ds_config=ds_config,
+        gradient_checkpointing=cfg.train.encoder_checkpointing,
+        replicated=replicated,
+    )
+    if cfg.train.decoder_checkpointing:
+        model.enable_decoder_checkpointing()
+    return model
 
 
 class StepOutput(NamedTuple):
@@ -349,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             from arctrain.dry_run import default_world_size, dry_run
 
-            dry_run(cfg, args.world_size or default_world_size())
+            dry_run(cfg, args.world_size or default_world_size(), gpu=args.gpu)
             raise SystemExit(0)
     except ValueError as err:  # config and data errors: one line, before any process group
         print(f"arctrain train: error: {err}", file=sys.stderr)

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--projector-hidden", type=int, default=2048)
     p.add_argument("--loss-chunk-tokens", type=int, default=1024, help="0: the cross-entropy in one piece")
     p.add_argument("--replicated", nargs="*", default=[], metavar="NAME", help="decoders replicated, not partitioned")
+    p.add_argument("--no-encoder-checkpointing", action="store_true", help="train.encoder_checkpointing=false")
+    p.add_argument("--no-decoder-checkpointing", action="store_true", help="train.decoder_checkpointing=false")
     return p
 
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         projector_hidden=args.projector_hidden,
         loss_chunk_tokens=args.loss_chunk_tokens,
         replicated=tuple(args.replicated),
+        encoder_checkpointing=not args.no_encoder_checkpointing,
+        decoder_checkpointing=not args.no_decoder_checkpointing,
     )
     print(
         f"micro-batch {args.micro_batch} x {args.segment_tokens} encoder tokens, x{args.factor} pooling, bf16, ZeRO-3"

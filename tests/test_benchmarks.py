@@ -28,7 +28,7 @@ def _run(script: str, args: list[str], timeout: int = 300) -> str:
 def scale_dir(tiny_models, tmp_path_factory) -> Path:
     """The work directory of a tiny scale_run.py (its build log and memory samples feed scale_progress.py)."""
     work = tmp_path_factory.mktemp("scale")
-    _run("scale_run.py", ["--models", tiny_models, "--gb", "0.0005", "--files", 1, "--workers", 1, "--steps", 2,
+    _run("scale_run.py", ["--models", tiny_models, "--gb", "0.003", "--files", 1, "--workers", 1, "--steps", 2,
                           "--nproc", 1, "--dir", work], timeout=600)  # fmt: skip
     return work
 
@@ -44,7 +44,7 @@ SMOKE = {
     "context_use.py": ("--models {tiny_models} --texts 4 --steps 2 --factors 4", "verbatim"),
     "learning.py": (
         "--model {tiny_models}/llama --enc-layers 1 --steps 2 --eval-every 1 --val-segments 4 --batch 2 "
-        "--projector-hidden 32 --out {tmp_path}/curve.json",
+        "--projector-hidden 128 --out {tmp_path}/curve.json",
         "ratio",
     ),
     "loader.py": ("--models {tiny_models} --shards {tiny_shards} --batches 3 --micro-batch 2 --workers 0", "samples/s"),
@@ -59,12 +59,12 @@ SMOKE = {
     "scale_progress.py": ("--dir {scale_dir} --corpus {tiny_models}/corpus.jsonl", "docs/s"),
     "scale_run.py": (None, None),  # run once by the scale_dir fixture, whose output scale_progress.py reads
     "shard_build.py": ("--models {tiny_models} --mb 0.02 --repeats 1", "workers"),
-    "shard_size.py": ("--models {tiny_models} --docs 10 --segment-tokens 16", "bytes"),
+    "shard_size.py": ("--models {tiny_models} --docs 10 --segment-tokens 16", "smaller"),
     "store_quality.py": (
         "--model {exported} --decoder {tiny_models}/llama --input {docs} --segments 4 --generate 1",
         "bytes/token",
     ),
-    "train_step.py": ("--models {tiny_models} --shards {tiny_shards} --steps 2 --workers 0", "data-wait"),
+    "train_step.py": ("--models {tiny_models} --shards {tiny_shards} --steps 10 --workers 0", "data-wait"),
 }
 
 

@@ -122,7 +122,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 def test_cli_strings_are_coerced_to_field_types(tmp_path):
     overrides = [
-        "train.activation_checkpointing=true",
+        "train.decoder_checkpointing=true",
         "model.n_vectors=4",
         "optim.betas=[0.8,0.9]",
         "logging.wandb_entity=null",
@@ -133,7 +133,7 @@ def test_cli_strings_are_coerced_to_field_types(tmp_path):
         "decoders.0.prefix=Document: ",
     ]
     cfg = load_config(write(tmp_path), overrides)
-    assert cfg.train.activation_checkpointing is True and cfg.model.n_vectors == 4
+    assert cfg.train.decoder_checkpointing is True and cfg.model.n_vectors == 4
     assert cfg.optim.betas == [0.8, 0.9] and cfg.logging.wandb_entity is None and cfg.train.steps == 1000
     assert cfg.data.val_dirs == ["/v1", "/v2"] and cfg.decoders[2].name == "qwen"
     assert cfg.decoders[0].prefix == "Document: "
