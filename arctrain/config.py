@@ -10,6 +10,7 @@ Every user error is a `ConfigError` (a ValueError) whose one-line message names 
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -265,6 +266,14 @@ class TrainConfig:
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn; "fair" (the
     reference's `fair_instruct`): in turn, and the n decoders' consecutive steps read the same batches (each
     sample trains every decoder)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (fills zero_optimization.stage of the DeepSpeed file, which says "auto" or the same):
+    3 partitions weights, gradients and optimizer state over all ranks (weights all-gathered in every forward and
+    backward); 2 keeps the trainable weights whole on every rank and partitions gradients and optimizer state (no
+    gathering; the frozen decoders are then replicated). `arctrain train --dry-run` estimates each choice."""
+    zero_hpz: bool = False
+    """With zero_stage 3: hpZ (ZeRO++'s hierarchical partitioning), a second copy of the weights partitioned within
+    each node (zero_hpz_partition_size = GPUs per node), so backward's all-gathers stay inside the node."""
     decoder_hold: int = 1
     """Keep each chosen decoder for this many consecutive optimizer steps (a decoder switch invalidates ZeRO-3's
     prefetch trace); the choice is made per block of steps, the same on every rank."""
@@ -282,6 +291,8 @@ class TrainConfig:
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _require(self.decoder_hold >= 1, "decoder_hold", self.decoder_hold, "must be >= 1")
+        _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "must be 2 or 3")
+        _require(not self.zero_hpz or self.zero_stage == 3, "zero_hpz", self.zero_hpz, "needs zero_stage 3")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
         if self.activation_checkpointing:
             self.encoder_checkpointing = self.decoder_checkpointing = True
@@ -348,6 +359,9 @@ class Config:
         names = [d.name for d in self.decoders]
         for i, name in enumerate(names):
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+        if self.train.zero_stage == 2:
+            why = "must be replicated or auto with train.zero_stage=2 (ZeRO-2 partitions no weights)"
+            _require(self.model.frozen_decoders != "partitioned", "model.frozen_decoders", "partitioned", why)
         if self.train.decoder_schedule == "fair":
             why = "must be 1 with train.decoder_schedule=fair (each step's batches go to every decoder in turn)"
             _require(self.train.decoder_hold == 1, "train.decoder_hold", self.train.decoder_hold, why)
@@ -451,8 +465,11 @@ def _check_deepspeed(cfg: Config) -> None:
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError("deepspeed", f"{name} has an {section!r} section; arctrain builds it from optim.*")
-    if ds.get("zero_optimization", {}).get("stage") != 3:
-        raise ConfigError("deepspeed", f"{name} must set zero_optimization.stage to 3")
+    stage = ds.get("zero_optimization", {}).get("stage", "auto")
+    if stage not in ("auto", cfg.train.zero_stage):
+        raise ConfigError(
+            "train.zero_stage", f"{cfg.train.zero_stage} disagrees with zero_optimization.stage={stage!r} in {name}"
+        )
     from deepspeed.runtime.config import DeepSpeedConfig  # heavy import, only once a file has passed the above
 
     try:  # DeepSpeed's own validation (unknown keys, bad values) before any process group exists
@@ -461,8 +478,14 @@ def _check_deepspeed(cfg: Config) -> None:
         raise ConfigError("deepspeed", f"{name} is rejected by DeepSpeed: {' '.join(str(err).split())}") from None
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip and precision."""
+def gpus_per_node(world_size: int) -> int:
+    """Ranks per node: torchrun's LOCAL_WORLD_SIZE, else 8 (or the world, if smaller)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", min(8, world_size)))
+
+
+def deepspeed_config(cfg: Config, world_size: int, per_node: int | None = None) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip, precision and the ZeRO
+    stage (`per_node`: ranks per node, for hpZ; default `gpus_per_node`)."""
     ds = _read_ds(cfg)
     global_batch = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
@@ -471,16 +494,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             f"train_batch_size={ds['train_batch_size']!r} in {cfg.deepspeed} is not "
             f"micro_batch_size * grad_accum * world_size = {global_batch}",
         )
-    return _fill(ds, cfg, world_size)
+    return _fill(ds, cfg, world_size, per_node or gpus_per_node(world_size))
 
 
-def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
+def _fill(ds: dict, cfg: Config, world_size: int, per_node: int = 1) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.clip
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.train.zero_stage
+    if cfg.train.zero_hpz:
+        zero["zero_hpz_partition_size"] = per_node
     if cfg.train.precision == "bf16":  # DeepSpeed reduces in the parameters' dtype otherwise: bf16 sums over 64 ranks
         ds.setdefault("communication_data_type", "fp32")
     return ds

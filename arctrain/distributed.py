@@ -10,6 +10,7 @@ device is an argument, never guessed, so a CPU test can check that it is honoure
 (`.item()`, `.tolist()`) only by the caller, at a logging interval, not per micro-batch.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -79,6 +80,29 @@ def barrier(device: torch.device) -> None:
         dist.barrier(device_ids=[device.index])
     else:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def hpz_group_once():
+    """Build a model for ZeRO-3 with hpZ (zero_hpz_partition_size > 1) from several `from_pretrained` calls.
+
+    Every `deepspeed.zero.Init` without an explicit `zero_param_parallel_group` creates DeepSpeed's node-local
+    parameter group, and the second creation fails ("ZeRO parameter intra parallel group is already initialized");
+    transformers' `from_pretrained` opens its own zero.Init and cannot pass the group. Inside this context the group
+    is created by the first zero.Init and reused by the others (DeepSpeed 0.19)."""
+    from deepspeed.utils import groups
+
+    create = groups._create_zero_param_parallel_group
+
+    def once(group_size: int) -> None:
+        if groups._get_zero_param_intra_parallel_group() is None:
+            create(group_size)
+
+    groups._create_zero_param_parallel_group = once
+    try:
+        yield
+    finally:
+        groups._create_zero_param_parallel_group = create
 
 
 class Preemption:

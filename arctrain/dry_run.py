@@ -67,7 +67,8 @@ def dry_run(cfg: Config, world_size: int, say=print, gpu: str | None = None) -> 
     ds_config = deepspeed_config(cfg, world_size)  # train_batch_size against micro-batch x accumulation x ranks
     Vocab.from_config(cfg)  # every tokenizer loads and gives the ids the batches need
     model = meta_model(cfg)
-    say(f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, ZeRO-3 "
+    zero = f"ZeRO-{cfg.train.zero_stage}" + (" + hpZ" if cfg.train.zero_hpz else "")
+    say(f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, {zero} "
         f"(global batch {ds_config['train_batch_size']} sequences), sized for {card}: {gpu_gib:.1f} GiB")  # fmt: skip
     for line in attention_report(cfg):
         say(line)
@@ -191,7 +192,33 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
     return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
             f"memory per GPU (arctrain/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
             f"  peak over decoders: {est.peak():.2f} GiB\n"
-            f"{checkpointing_table(cfg, world_size, ds_config, replicated)}")  # fmt: skip
+            f"{checkpointing_table(cfg, world_size, ds_config, replicated)}\n"
+            f"{zero_table(cfg, world_size, ds_config, replicated, gpu_gib)}")  # fmt: skip
+
+
+def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
+    """Each ZeRO choice (train.zero_stage, train.zero_hpz): peak GiB per GPU, whether it fits the card, and the GB
+    each GPU exchanges with other nodes per micro-batch step (the largest decoder's)."""
+    from arctrain.config import gpus_per_node
+    from arctrain.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
+
+    per_node = gpus_per_node(world_size)
+    everything = tuple(d.name for d in cfg.decoders)
+    choices = [("ZeRO-3", 3, 0, replicated), (f"ZeRO-3 + hpZ ({per_node} per node)", 3, per_node, replicated),
+               ("ZeRO-2 (decoders replicated)", 2, 0, everything)]  # fmt: skip
+    budget = REPLICATE_FRACTION * gpu_gib
+    lines = [f"ZeRO choices at {world_size} GPUs, {per_node} per node (train.zero_stage, train.zero_hpz): peak GiB "
+             f"per GPU, fits {budget:.1f} GiB?, GB per GPU across nodes per micro-batch step"]  # fmt: skip
+    for label, stage, hpz, held in choices:
+        encoder, decoders, setup = run_setup(cfg, ds_config, held, zero_stage=stage, hpz_partition=hpz)
+        peak = estimate(encoder, decoders, setup, world_size).peak()
+        moved = max(
+            sum(parts.values()) for parts in cross_node_bytes(encoder, decoders, setup, world_size, per_node).values()
+        )
+        mine = (stage, bool(hpz)) == (cfg.train.zero_stage, cfg.train.zero_hpz)
+        lines.append(f"  {label:<34} {peak:7.2f}  {'fits' if peak <= budget else 'no  '}  {moved / 1e9:8.2f}"
+                     + ("  <- this config" if mine else ""))  # fmt: skip
+    return "\n".join(lines)
 
 
 def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...]) -> str:

@@ -18,7 +18,15 @@ from typing import NamedTuple
 
 import torch
 
-from arctrain.distributed import MAX, Preemption, all_reduce, init_distributed, on_device, reduce_floats
+from arctrain.distributed import (
+    MAX,
+    Preemption,
+    all_reduce,
+    hpz_group_once,
+    init_distributed,
+    on_device,
+    reduce_floats,
+)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
@@ -78,12 +86,13 @@ def build_engine(
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     replicated, why = placement(cfg, world_size, ds_config)
     say(f"frozen decoders: {'replicated' if replicated else 'partitioned by ZeRO-3'} ({why})")
-    model = build_arc_model(cfg, dtype, ds_config, replicated)
-    if init_from is not None:
-        load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
-    optimizer = build_optimizer(model, cfg.optim, ds_config)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    with hpz_group_once():  # several zero.Init contexts under hpZ (train.zero_hpz)
+        model = build_arc_model(cfg, dtype, ds_config, replicated)
+        if init_from is not None:
+            load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
+        optimizer = build_optimizer(model, cfg.optim, ds_config)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     keep_trace_per_decoder(engine)  # a decoder switch keeps ZeRO-3's prefetch (arctrain/zero_trace.py)
     scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
     return engine, model, scheduler

@@ -88,4 +88,4 @@ def test_benchmark_runs_at_tiny_size(script, request, tmp_path):
 def test_scale_run_leaves_what_scale_progress_reads(scale_dir):
     assert "enc tok/s" in (scale_dir / "build.log").read_text()
     rows = [json.loads(line) for line in (scale_dir / "build.rss.jsonl").read_text().splitlines()]
-    assert rows and all("t" in row for row in rows)
+    assert rows and all("s" in row for row in rows)  # seconds since the start, per sample

@@ -210,6 +210,21 @@ def test_bf16_runs_reduce_gradients_in_fp32_unless_the_file_says_otherwise(tmp_p
     assert DeepSpeedConfig(deepspeed_config(fp32, world_size=1)).communication_data_type is None
 
 
+def test_the_zero_stage_is_the_configs(tmp_path):
+    cfg = load_config(write(tmp_path), ["train.zero_stage=2"])
+    assert deepspeed_config(cfg, world_size=16, per_node=8)["zero_optimization"]["stage"] == 2
+    cfg = load_config(write(tmp_path), ["train.zero_hpz=true"])
+    zero = deepspeed_config(cfg, world_size=16, per_node=8)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 8
+    for overrides, message in [
+        (["train.zero_stage=1"], "train.zero_stage: 1 must be 2 or 3"),
+        (["train.zero_stage=2", "train.zero_hpz=true"], "train.zero_hpz: True needs zero_stage 3"),
+        (["train.zero_stage=2", "model.frozen_decoders=partitioned"], "model.frozen_decoders: 'partitioned' must be"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_config(write(tmp_path), overrides)
+
+
 def test_deepspeed_file_must_agree_with_the_config(tmp_path):
     ds = json.loads((REPO_ROOT / "ds_configs/zero3_cpu.json").read_text())
 
@@ -224,7 +239,7 @@ def test_deepspeed_file_must_agree_with_the_config(tmp_path):
         ({"gradient_clipping": 0.3}, "optim.clip: 1.0 disagrees with gradient_clipping=0.3"),
         ({"fp16": {"enabled": True}}, "enables fp16"),
         ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' section"),
-        ({"zero_optimization": {"stage": 2}}, "must set zero_optimization.stage to 3"),
+        ({"zero_optimization": {"stage": 2}}, "train.zero_stage: 3 disagrees with zero_optimization.stage=2"),
         ({"zero_optimization": {"stage": 3, "overlap_com": True}}, "is rejected by DeepSpeed"),
     ]
     for fields, message in cases:
