@@ -300,6 +300,22 @@ class TrainConfig:
 
 
 @dataclass
+class CommConfig:
+    """How long a collective may wait for the slowest rank (torchtitan's comm.*_timeout_seconds)."""
+
+    init_timeout_seconds: float = 300.0
+    """Start-up, checkpoint loading and saving: generous, rank 0 may convert a checkpoint alone meanwhile (a resume at
+    another world size, train.init_from)."""
+    train_timeout_seconds: float = 100.0
+    """Once training runs: a rank that stopped (a hung GPU, a stalled filesystem) or died ends every rank after
+    this long, the cause in the log, instead of a job that waits forever."""
+
+    def __post_init__(self) -> None:
+        for key in ("init_timeout_seconds", "train_timeout_seconds"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = "runs/arctrain"
     """The run directory: checkpoints/, metrics.jsonl, logs/, config.yaml (resolved)."""
@@ -351,6 +367,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     deepspeed: str = "ds_configs/zero3_bf16.json"
     """DeepSpeed JSON; batch sizes, clip and precision are filled in from this config (`deepspeed_config`)."""
 

@@ -22,14 +22,18 @@ from arctrain.distributed import (
     MAX,
     Preemption,
     all_reduce,
+    collective_timeout,
     hpz_group_once,
     init_distributed,
+    is_timeout,
     on_device,
     reduce_floats,
+    set_collective_timeout,
 )
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
+EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): another rank stopped or died
 
 
 def parse_args(argv: list[str]):
@@ -192,7 +196,7 @@ def train(cfg) -> int:
     from arctrain.optim import set_lr
     from arctrain.validate import Validation
 
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
@@ -212,6 +216,7 @@ def train(cfg) -> int:
         peak_tflops(),
     )
     preemption, batches, exit_code, step = Preemption(), iter(loader), 0, state["step"]
+    set_collective_timeout(cfg.comm.train_timeout_seconds)  # a stopped or dead rank now ends every rank
 
     engine.train()
     while step < cfg.train.steps:
@@ -252,7 +257,8 @@ def train(cfg) -> int:
             trainer_state = {**state, "next_sample": step * per_step * cfg.data.micro_batch_size,
                              "world_size": world_size, "grad_accum": cfg.train.grad_accum,
                              "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
-            say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
+            with collective_timeout(cfg.comm.init_timeout_seconds, then=cfg.comm.train_timeout_seconds):
+                say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
         if exit_code:
             break
     logger.close()
@@ -358,6 +364,13 @@ def _summary(run_dir: Path) -> None:
         print(f"  {key[4:-5]:<28} {val[key]:7.3f}{versus}")
 
 
+def _timeout_message(cfg, err: BaseException) -> str:
+    return (f"arctrain train: error: rank {os.environ.get('RANK', '0')}: a collective waited longer than "
+            f"comm.train_timeout_seconds={cfg.comm.train_timeout_seconds:g} (comm.init_timeout_seconds="
+            f"{cfg.comm.init_timeout_seconds:g} in start-up and saves): another rank stopped, died or fell far "
+            f"behind; no checkpoint was saved ({' '.join(str(err).split())[:200]})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
@@ -378,6 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # e.g. a checkpoint this run cannot resume: every rank says it and stops
         print(f"arctrain train: error: {err}", file=sys.stderr)
         code = 2
+    except RuntimeError as err:
+        if not is_timeout(err):
+            raise
+        # Another rank stopped or died: leave at once (tearing the process group down would wait for it); torchrun
+        # then ends this node's ranks and srun (--kill-on-bad-exit) the other nodes.
+        print(_timeout_message(cfg, err), file=sys.stderr, flush=True)
+        os._exit(EXIT_COLLECTIVE_TIMEOUT)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     raise SystemExit(code)
