@@ -10,6 +10,7 @@ Every user error is a `ConfigError` (a ValueError) whose one-line message names 
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -250,12 +251,29 @@ class TrainConfig:
     """Micro-batches per optimizer step and rank (all of one decoder). A resume at another world size sets it so that
     ranks x grad_accum stays the checkpoint's (arctrain/elastic.py)."""
     seed: int = 0
-    activation_checkpointing: bool = False
+    encoder_checkpointing: bool = False
+    """Activation checkpointing in the encoder's layers: each layer keeps only its input and is recomputed in
+    backward (about a third more encoder compute for much less activation memory; arctrain/memory.py)."""
+    decoder_checkpointing: bool = False
+    """Activation checkpointing in the frozen decoders' layers. Their activations are needed for the gradient that
+    flows through them into the projector and encoder; recomputing them costs about a third of the decoders'
+    compute, so turn it on only where `arctrain train --dry-run` says the step does not fit without it."""
+    activation_checkpointing: bool | None = None
+    """The earlier single switch (run directories written before the split carry it): true turns on both
+    encoder_checkpointing and decoder_checkpointing. Normalised to null once applied."""
     precision: Literal["fp32", "bf16"] = "bf16"
     decoder_schedule: Literal["random", "round_robin", "fair"] = "random"
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn; "fair" (the
     reference's `fair_instruct`): in turn, and the n decoders' consecutive steps read the same batches (each
     sample trains every decoder)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (fills zero_optimization.stage of the DeepSpeed file, which says "auto" or the same):
+    3 partitions weights, gradients and optimizer state over all ranks (weights all-gathered in every forward and
+    backward); 2 keeps the trainable weights whole on every rank and partitions gradients and optimizer state (no
+    gathering; the frozen decoders are then replicated). `arctrain train --dry-run` estimates each choice."""
+    zero_hpz: bool = False
+    """With zero_stage 3: hpZ (ZeRO++'s hierarchical partitioning), a second copy of the weights partitioned within
+    each node (zero_hpz_partition_size = GPUs per node), so backward's all-gathers stay inside the node."""
     decoder_hold: int = 1
     """Keep each chosen decoder for this many consecutive optimizer steps (a decoder switch invalidates ZeRO-3's
     prefetch trace); the choice is made per block of steps, the same on every rank."""
@@ -273,7 +291,28 @@ class TrainConfig:
         _require(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
         _require(self.seed >= 0, "seed", self.seed, "must be >= 0")
         _require(self.decoder_hold >= 1, "decoder_hold", self.decoder_hold, "must be >= 1")
+        _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "must be 2 or 3")
+        _require(not self.zero_hpz or self.zero_stage == 3, "zero_hpz", self.zero_hpz, "needs zero_stage 3")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
+        if self.activation_checkpointing:
+            self.encoder_checkpointing = self.decoder_checkpointing = True
+        self.activation_checkpointing = None
+
+
+@dataclass
+class CommConfig:
+    """How long a collective may wait for the slowest rank (torchtitan's comm.*_timeout_seconds)."""
+
+    init_timeout_seconds: float = 300.0
+    """Start-up, checkpoint loading and saving: generous, rank 0 may convert a checkpoint alone meanwhile (a resume at
+    another world size, train.init_from)."""
+    train_timeout_seconds: float = 100.0
+    """Once training runs: a rank that stopped (a hung GPU, a stalled filesystem) or died ends every rank after
+    this long, the cause in the log, instead of a job that waits forever."""
+
+    def __post_init__(self) -> None:
+        for key in ("init_timeout_seconds", "train_timeout_seconds"):
+            _require(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
 
 
 @dataclass
@@ -328,6 +367,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     deepspeed: str = "ds_configs/zero3_bf16.json"
     """DeepSpeed JSON; batch sizes, clip and precision are filled in from this config (`deepspeed_config`)."""
 
@@ -336,6 +376,9 @@ class Config:
         names = [d.name for d in self.decoders]
         for i, name in enumerate(names):
             _require(name not in names[:i], f"decoders.{i}.name", name, "is not unique")
+        if self.train.zero_stage == 2:
+            why = "must be replicated or auto with train.zero_stage=2 (ZeRO-2 partitions no weights)"
+            _require(self.model.frozen_decoders != "partitioned", "model.frozen_decoders", "partitioned", why)
         if self.train.decoder_schedule == "fair":
             why = "must be 1 with train.decoder_schedule=fair (each step's batches go to every decoder in turn)"
             _require(self.train.decoder_hold == 1, "train.decoder_hold", self.train.decoder_hold, why)
@@ -439,8 +482,11 @@ def _check_deepspeed(cfg: Config) -> None:
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError("deepspeed", f"{name} has an {section!r} section; arctrain builds it from optim.*")
-    if ds.get("zero_optimization", {}).get("stage") != 3:
-        raise ConfigError("deepspeed", f"{name} must set zero_optimization.stage to 3")
+    stage = ds.get("zero_optimization", {}).get("stage", "auto")
+    if stage not in ("auto", cfg.train.zero_stage):
+        raise ConfigError(
+            "train.zero_stage", f"{cfg.train.zero_stage} disagrees with zero_optimization.stage={stage!r} in {name}"
+        )
     from deepspeed.runtime.config import DeepSpeedConfig  # heavy import, only once a file has passed the above
 
     try:  # DeepSpeed's own validation (unknown keys, bad values) before any process group exists
@@ -449,8 +495,14 @@ def _check_deepspeed(cfg: Config) -> None:
         raise ConfigError("deepspeed", f"{name} is rejected by DeepSpeed: {' '.join(str(err).split())}") from None
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip and precision."""
+def gpus_per_node(world_size: int) -> int:
+    """Ranks per node: torchrun's LOCAL_WORLD_SIZE, else 8 (or the world, if smaller)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", min(8, world_size)))
+
+
+def deepspeed_config(cfg: Config, world_size: int, per_node: int | None = None) -> dict:
+    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip, precision and the ZeRO
+    stage (`per_node`: ranks per node, for hpZ; default `gpus_per_node`)."""
     ds = _read_ds(cfg)
     global_batch = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
@@ -459,28 +511,35 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
             f"train_batch_size={ds['train_batch_size']!r} in {cfg.deepspeed} is not "
             f"micro_batch_size * grad_accum * world_size = {global_batch}",
         )
-    return _fill(ds, cfg, world_size)
+    return _fill(ds, cfg, world_size, per_node or gpus_per_node(world_size))
 
 
-def _fill(ds: dict, cfg: Config, world_size: int) -> dict:
+def _fill(ds: dict, cfg: Config, world_size: int, per_node: int = 1) -> dict:
     ds["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.clip
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.train.zero_stage
+    if cfg.train.zero_hpz:
+        zero["zero_hpz_partition_size"] = per_node
+    if cfg.train.precision == "bf16":  # DeepSpeed reduces in the parameters' dtype otherwise: bf16 sums over 64 ranks
+        ds.setdefault("communication_data_type", "fp32")
     return ds
 
 
-def check_attention(cfg: Config) -> None:
-    """Every decoder's attention implementation can run here (flash-attention 2: the package, CUDA, bf16)."""
+def check_attention(cfg: Config, here: bool = True) -> None:
+    """Every decoder's attention implementation can run (flash-attention 2: bf16; `here`: also the package and CUDA
+    on this machine, which a dry run on a login node for the GPU nodes does not ask)."""
     for i, d in enumerate(cfg.decoders):
         if d.attn_implementation != "flash_attention_2":
             continue
         from transformers.utils import is_flash_attn_2_available
 
         key = f"decoders.{i}.attn_implementation"
-        if not is_flash_attn_2_available():
+        if here and not is_flash_attn_2_available():
             raise ConfigError(
                 key,
                 "'flash_attention_2' needs flash-attn (the package) and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
@@ -489,10 +548,10 @@ def check_attention(cfg: Config) -> None:
             raise ConfigError(key, f"'flash_attention_2' runs in bf16, but train.precision is {cfg.train.precision!r}")
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, attention_here: bool = True) -> None:
     """The model and shard directories exist and the attention kernels are installed (call before starting process
-    groups; configs may be templates)."""
-    check_attention(cfg)
+    groups; configs may be templates). `attention_here=False`: the kernels are for another machine (a dry run)."""
+    check_attention(cfg, here=attention_here)
     dirs = [("model.encoder_path", cfg.model.encoder_path)]
     dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
     dirs += [("data.shards", path) for path, _ in cfg.data.sources]

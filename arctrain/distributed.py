@@ -10,10 +10,12 @@ device is an argument, never guessed, so a CPU test can check that it is honoure
 (`.item()`, `.tolist()`) only by the caller, at a logging interval, not per micro-batch.
 """
 
+import contextlib
 import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,10 +24,12 @@ import torch.distributed as dist
 SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
     """The process group from torchrun's, srun + torchrun's or the deepspeed launcher's environment (RANK,
     LOCAL_RANK, WORLD_SIZE, MASTER_*); one process without them runs as a world of one. NCCL and the local GPU
-    when CUDA is there, gloo and the CPU otherwise."""
+    when CUDA is there, gloo and the CPU otherwise. Its collectives fail after `timeout_s` (comm.init_timeout_seconds:
+    start-up and checkpoint loading, where rank 0 may convert a checkpoint alone; `set_collective_timeout` then
+    shortens it for training)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `arctrain train`: a world of one
@@ -36,7 +40,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         wait_for_extension_locks()  # DeepSpeed JIT-builds its CPU comm op in init_distributed
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
@@ -79,6 +83,54 @@ def barrier(device: torch.device) -> None:
         dist.barrier(device_ids=[device.index])
     else:
         dist.barrier()
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Every later collective of the default process group fails after `seconds` instead of waiting on (torchtitan
+    sets its comm.train_timeout_seconds the same way once training runs): a rank that stopped or died ends the
+    others, whose error names the cause (`is_timeout`)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds), None)
+
+
+@contextlib.contextmanager
+def collective_timeout(seconds: float, then: float):
+    """`seconds` inside (a checkpoint save: ranks finish writing at different times), `then` after."""
+    set_collective_timeout(seconds)
+    try:
+        yield
+    finally:
+        set_collective_timeout(then)
+
+
+def is_timeout(err: BaseException) -> bool:
+    """A collective that gave up waiting: gloo's "Timed out", NCCL's watchdog timeout."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+@contextlib.contextmanager
+def hpz_group_once():
+    """Build a model for ZeRO-3 with hpZ (zero_hpz_partition_size > 1) from several `from_pretrained` calls.
+
+    Every `deepspeed.zero.Init` without an explicit `zero_param_parallel_group` creates DeepSpeed's node-local
+    parameter group, and the second creation fails ("ZeRO parameter intra parallel group is already initialized");
+    transformers' `from_pretrained` opens its own zero.Init and cannot pass the group. Inside this context the group
+    is created by the first zero.Init and reused by the others (DeepSpeed 0.19)."""
+    from deepspeed.utils import groups
+
+    create = groups._create_zero_param_parallel_group
+
+    def once(group_size: int) -> None:
+        if groups._get_zero_param_intra_parallel_group() is None:
+            create(group_size)
+
+    groups._create_zero_param_parallel_group = once
+    try:
+        yield
+    finally:
+        groups._create_zero_param_parallel_group = create
 
 
 class Preemption:

@@ -8,6 +8,10 @@ Here: the DeepSpeed config for the world size, the tokenizers, and the model bui
 config.json (real shapes, no weights read, no memory), with every weight file's safetensors header checked against
 the module's state dict (names and shapes: what `from_pretrained` would load). Then parameters per component and
 `arctrain.memory`'s per-GPU estimate for that world size.
+
+It runs where the GPU run will not (a login node: no GPU, no flash-attn): what only the GPU nodes have is reported,
+not required, and the sizes are for the card of `--gpu` (a name of CARDS; default the GPU here, else h100-80gb),
+whose memory decides model.frozen_decoders=auto exactly as the GPU run will (arctrain/memory.py `placement`).
 """
 
 import json
@@ -19,24 +23,71 @@ from torch import nn
 
 from arctrain.config import Config, ConfigError, deepspeed_config
 
+# --gpu names: (a substring of torch.cuda.get_device_name() in arctrain/flops.py's PEAK_TFLOPS, memory in GiB: the
+# total nvidia-smi reports, MiB / 1024, what torch's total_memory gives too).
+CARDS = {
+    "h100-80gb": ("H100", 79.6),
+    "h100-nvl-94gb": ("H100 NVL", 93.6),
+    "h200-141gb": ("H200", 140.4),
+    "gh200-96gb": ("GH200", 95.6),
+    "b200-180gb": ("B200", 179.1),
+    "a100-80gb": ("A100", 80.0),
+    "a100-40gb": ("A100", 40.0),
+    "l40s-48gb": ("L40S", 45.0),
+    "a10g-24gb": ("A10G", 22.5),
+    "a10-24gb": ("A10", 22.5),
+}
+DEFAULT_CARD = "h100-80gb"
+
+
+def target_card(gpu: str | None) -> tuple[str, float]:
+    """(what is sized for, its memory in GiB): `--gpu`, else the GPU of this machine, else DEFAULT_CARD."""
+    from arctrain.memory import gpu_memory_gib
+
+    if gpu is not None:
+        if gpu not in CARDS:
+            raise ValueError(f"--gpu {gpu!r}: expected one of {', '.join(CARDS)}")
+        return gpu, CARDS[gpu][1]
+    here = gpu_memory_gib()
+    if here is not None:
+        return f"this machine's {torch.cuda.get_device_name()}", here
+    return f"{DEFAULT_CARD} (no GPU here; --gpu chooses)", CARDS[DEFAULT_CARD][1]
+
 
 def default_world_size() -> int:
     """The launcher's world size when there is one (torchrun, srun), else one node of 8 GPUs."""
     return int(os.environ.get("WORLD_SIZE", "8"))
 
 
-def dry_run(cfg: Config, world_size: int, say=print) -> None:
+def dry_run(cfg: Config, world_size: int, say=print, gpu: str | None = None) -> None:
     """Raises ValueError (one line) at the first problem; prints what a real start would build."""
     from arctrain.data import Vocab
 
+    card, gpu_gib = target_card(gpu)
     ds_config = deepspeed_config(cfg, world_size)  # train_batch_size against micro-batch x accumulation x ranks
     Vocab.from_config(cfg)  # every tokenizer loads and gives the ids the batches need
     model = meta_model(cfg)
-    say(f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, ZeRO-3 "
-        f"(global batch {ds_config['train_batch_size']} sequences)")  # fmt: skip
+    zero = f"ZeRO-{cfg.train.zero_stage}" + (" + hpZ" if cfg.train.zero_hpz else "")
+    say(f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, {zero} "
+        f"(global batch {ds_config['train_batch_size']} sequences), sized for {card}: {gpu_gib:.1f} GiB")  # fmt: skip
+    for line in attention_report(cfg):
+        say(line)
     say(parameter_table(model))
-    say(memory_table(cfg, world_size, ds_config))
+    say(memory_table(cfg, world_size, ds_config, gpu_gib))
     say("dry run: every check passed; nothing was trained")
+
+
+def attention_report(cfg: Config) -> list[str]:
+    """flash-attention 2 (bf16 checked with the config) where this machine cannot run it: what the GPU nodes need."""
+    from transformers.utils import is_flash_attn_2_available
+
+    wanted = [f"decoders.{i}" for i, d in enumerate(cfg.decoders) if d.attn_implementation == "flash_attention_2"]
+    if not wanted or is_flash_attn_2_available():
+        return []
+    return [
+        f"attention: {', '.join(wanted)} use flash_attention_2, not runnable here (no flash-attn or no CUDA): "
+        "the GPU nodes need it (pip install -e .[gpu]); the model is sized with sdpa's shapes (the same)"
+    ]
 
 
 # --- the model on the meta device --------------------------------------------------------------------------
@@ -50,8 +101,12 @@ def meta_model(cfg: Config):
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
+    from transformers.utils import is_flash_attn_2_available
+
     def causal_lm(path: str, attn: str, key: str) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if attn == "flash_attention_2" and not is_flash_attn_2_available():
+            attn = "sdpa"  # the same parameters; the kernel is the GPU nodes' (attention_report)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         check_weights(Path(path), lm, key)
@@ -124,10 +179,10 @@ def parameter_table(model) -> str:
     return "\n".join(lines)
 
 
-def memory_table(cfg: Config, world_size: int, ds_config: dict) -> str:
+def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) -> str:
     from arctrain.memory import format_estimate, placement, run_estimate
 
-    replicated, why = placement(cfg, world_size, ds_config)
+    replicated, why = placement(cfg, world_size, ds_config, gpu_gib)  # as the GPU run decides, for its card
     try:
         est = run_estimate(cfg, world_size, ds_config, replicated)
     except KeyError as err:
@@ -136,4 +191,46 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict) -> str:
     table = format_estimate(est, world_size).split("\n\n", 1)[1]  # the parameters are printed above
     return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
             f"memory per GPU (arctrain/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
-            f"  peak over decoders: {est.peak():.2f} GiB")  # fmt: skip
+            f"  peak over decoders: {est.peak():.2f} GiB\n"
+            f"{checkpointing_table(cfg, world_size, ds_config, replicated)}\n"
+            f"{zero_table(cfg, world_size, ds_config, replicated, gpu_gib)}")  # fmt: skip
+
+
+def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
+    """Each ZeRO choice (train.zero_stage, train.zero_hpz): peak GiB per GPU, whether it fits the card, and the GB
+    each GPU exchanges with other nodes per micro-batch step (the largest decoder's)."""
+    from arctrain.config import gpus_per_node
+    from arctrain.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
+
+    per_node = gpus_per_node(world_size)
+    everything = tuple(d.name for d in cfg.decoders)
+    choices = [("ZeRO-3", 3, 0, replicated), (f"ZeRO-3 + hpZ ({per_node} per node)", 3, per_node, replicated),
+               ("ZeRO-2 (decoders replicated)", 2, 0, everything)]  # fmt: skip
+    budget = REPLICATE_FRACTION * gpu_gib
+    lines = [f"ZeRO choices at {world_size} GPUs, {per_node} per node (train.zero_stage, train.zero_hpz): peak GiB "
+             f"per GPU, fits {budget:.1f} GiB?, GB per GPU across nodes per micro-batch step"]  # fmt: skip
+    for label, stage, hpz, held in choices:
+        encoder, decoders, setup = run_setup(cfg, ds_config, held, zero_stage=stage, hpz_partition=hpz)
+        peak = estimate(encoder, decoders, setup, world_size).peak()
+        moved = max(
+            sum(parts.values()) for parts in cross_node_bytes(encoder, decoders, setup, world_size, per_node).values()
+        )
+        mine = (stage, bool(hpz)) == (cfg.train.zero_stage, cfg.train.zero_hpz)
+        lines.append(f"  {label:<34} {peak:7.2f}  {'fits' if peak <= budget else 'no  '}  {moved / 1e9:8.2f}"
+                     + ("  <- this config" if mine else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...]) -> str:
+    """The estimated peak for each choice of activation checkpointing, the configured one marked."""
+    from arctrain.memory import run_estimate
+
+    lines = ["activation checkpointing (train.encoder_checkpointing, train.decoder_checkpointing): peak GiB per GPU"]
+    for enc in (True, False):
+        for dec in (True, False):
+            peak = run_estimate(cfg, world_size, ds_config, replicated, encoder_checkpointing=enc,
+                                decoder_checkpointing=dec).peak()  # fmt: skip
+            mine = (enc, dec) == (cfg.train.encoder_checkpointing, cfg.train.decoder_checkpointing)
+            lines.append(f"  encoder {'on ' if enc else 'off'}  decoders {'on ' if dec else 'off'}  {peak:7.2f}"
+                         + ("  <- this config" if mine else ""))  # fmt: skip
+    return "\n".join(lines)

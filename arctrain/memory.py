@@ -11,13 +11,17 @@ What is counted, per GPU, with N GPUs (ZeRO-3 partitions every parameter, gradie
   per parameter on every GPU when they are replicated (model.frozen_decoders, arctrain/model/build.py);
 - gathered weights: ZeRO-3 materialises whole layers just in time, at most `stage3_max_live_parameters`
   (1e9 in ds_configs/zero3_bf16.json) in bf16, plus the reduce and prefetch buckets (5e7 elements each);
-- activations of one micro-batch, bf16 weights, sdpa/FlashAttention (no T x T scores), activation checkpointing
-  on: every layer keeps its input (2 x hidden bytes per token) and the layer recomputed in backward holds what
-  autograd saves for it, per token 12 h + 4 kv + 6 i bytes in a frozen layer (RMSNorm's fp32 upcasts, q, k, v,
-  attention output, gate, up, silu(gate); a frozen linear saves no input) and 20 h + 4 kv + 8 i in a trainable
-  one (h hidden, kv the k/v width, i intermediate). These are measured with torch's saved-tensor hooks on
-  transformers' LlamaDecoderLayer (tests/test_memory_estimate.py keeps them honest). The frozen decoder needs
-  its activations too: the loss's gradient flows through it into the projector and the encoder;
+- activations of one micro-batch, bf16 weights, sdpa/FlashAttention (no T x T scores). With activation
+  checkpointing (train.encoder_checkpointing, train.decoder_checkpointing: each part on or off) every layer keeps
+  its input (2 x hidden bytes per token) and the layer recomputed in backward holds what autograd saves for it,
+  per token 12 h + 4 kv + 6 i bytes in a frozen layer (RMSNorm's fp32 upcasts, q, k, v, attention output, gate,
+  up, silu(gate); a frozen linear saves no input) and 20 h + 4 kv + 8 i in a trainable one (h hidden, kv the k/v
+  width, i intermediate); without it every layer holds all of that at once. These are measured
+  with torch's saved-tensor hooks on transformers' LlamaDecoderLayer (tests/test_memory_estimate.py keeps them
+  honest). The frozen decoder needs its activations too: the loss's gradient flows through it into the
+  projector and the encoder;
+- the active decoder's LM head, partitioned: gathered whole in bf16 while its loss runs (arctrain/model/loss.py),
+  outside the live-parameter budget (it is not a module call ZeRO-3 traces); replicated, it is in the weights;
 - logits: computed only at target positions (the LM head runs on the target positions' hidden states alone,
   arctrain/model/arc.py), never at the memory vectors, BOS or prefix. In one piece: bf16 logits (2 bytes) + the
   fp32 log-softmax that cross-entropy saves (4) + its fp32 gradient in backward (4) = 10 bytes per (target,
@@ -28,7 +32,7 @@ The decoder of a step is one of the decoders: the peak is that of the decoder wi
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GB = 1024**3
@@ -111,9 +115,12 @@ def layer_saved_bytes(s: Shape, tokens: int, trainable: bool) -> int:
     return tokens * (12 * s.hidden + 4 * kv + 6 * s.intermediate)
 
 
-def activation_bytes(s: Shape, layers: int, tokens: int, trainable: bool) -> int:
-    """Activation checkpointing: every layer's input, plus the one layer being recomputed."""
-    return ACT_BYTES * tokens * s.hidden * layers + layer_saved_bytes(s, tokens, trainable)
+def activation_bytes(s: Shape, layers: int, tokens: int, trainable: bool, checkpointed: bool = True) -> int:
+    """With activation checkpointing: every layer's input, plus the one layer being recomputed. Without: what every
+    layer saves, all at once (a layer's bf16 input is not among it: RMSNorm saves its fp32 upcast, counted)."""
+    if checkpointed:
+        return ACT_BYTES * tokens * s.hidden * layers + layer_saved_bytes(s, tokens, trainable)
+    return layers * layer_saved_bytes(s, tokens, trainable)
 
 
 @dataclass(frozen=True)
@@ -131,6 +138,10 @@ class Setup:
     replicated: tuple[str, ...] = ()  # decoders held whole in bf16 on every GPU, outside ZeRO-3's partitioning
     max_live_parameters: int = MAX_LIVE_PARAMETERS  # the DeepSpeed config's stage3_max_live_parameters
     bucket_elements: int = BUCKET_ELEMENTS  # its reduce_bucket_size + stage3_prefetch_bucket_size
+    zero_stage: int = 3  # train.zero_stage
+    hpz_partition: int = 0  # train.zero_hpz: zero_hpz_partition_size, the GPUs of a node (0: no hpZ)
+    encoder_checkpointing: bool = True  # train.encoder_checkpointing
+    decoder_checkpointing: bool = True  # train.decoder_checkpointing
 
 
 @dataclass
@@ -169,14 +180,26 @@ def estimate(encoder: Shape, decoders: dict[str, Shape], setup: Setup, world_siz
     dec_tokens, targets = setup.micro_batch * dec_len, setup.micro_batch * setup.segment_tokens
     replicated = sum(p for name, p in frozen.items() if name in setup.replicated)
     partitioned = sum(frozen.values()) - replicated
-    static = {"trainable: weights, grads, Adam (16 B/param / N)": trainable * TRAINABLE_BYTES / n}
+    if setup.zero_stage == 2:  # bf16 weights whole on every GPU; gradients, master weights and Adam partitioned
+        assert not partitioned, "ZeRO-2 partitions no weights: the frozen decoders are replicated"
+        static = {"trainable: bf16 weights (2 B/param), grads + Adam (14 B/param / N)": trainable * (2 + 14 / n)}
+    else:
+        static = {"trainable: weights, grads, Adam (16 B/param / N)": trainable * TRAINABLE_BYTES / n}
     if partitioned:
         static["frozen decoders, partitioned: bf16 (2 B/param / N)"] = partitioned * FROZEN_BYTES / n
     if replicated:
         static["frozen decoders, replicated: bf16 (2 B/param)"] = replicated * FROZEN_BYTES
-    live = min(setup.max_live_parameters, trainable + partitioned)  # never more than what is partitioned
-    static["gathered layers + comm buckets"] = (live + setup.bucket_elements) * 2
-    static["encoder activations (checkpointed)"] = activation_bytes(encoder, kept, enc_tokens, trainable=True)
+    if setup.zero_stage == 3 and setup.hpz_partition:
+        static[f"hpZ: second bf16 copy within a node (2 B/param / {setup.hpz_partition})"] = (
+            (trainable + partitioned) * FROZEN_BYTES / setup.hpz_partition
+        )
+    if setup.zero_stage == 3:
+        live = min(setup.max_live_parameters, trainable + partitioned)  # never more than what is partitioned
+        static["gathered layers + comm buckets"] = (live + setup.bucket_elements) * 2
+    else:
+        static["comm buckets"] = setup.bucket_elements * 2
+    enc_ckpt, dec_ckpt = setup.encoder_checkpointing, setup.decoder_checkpointing
+    static[f"encoder activations ({_ckpt(enc_ckpt)})"] = activation_bytes(encoder, kept, enc_tokens, True, enc_ckpt)
     est = Estimate(rows)
     for name, d in decoders.items():
         if setup.loss_chunk_tokens:
@@ -184,13 +207,48 @@ def estimate(encoder: Shape, decoders: dict[str, Shape], setup: Setup, world_siz
             logit_line = f"decoder {name} logits + loss (chunks of {setup.loss_chunk_tokens} targets)"
         else:
             logits, logit_line = LOGIT_BYTES * targets * d.vocab, f"decoder {name} logits + loss (target positions)"
+        head = {}
+        if name not in setup.replicated:  # gathered whole (bf16) by the loss, outside the live-parameter budget
+            head = {f"decoder {name} LM head, gathered while its loss runs": FROZEN_BYTES * d.vocab * d.hidden}
         step = {
             **static,
-            f"decoder {name} activations (checkpointed)": activation_bytes(d, d.layers, dec_tokens, trainable=False),
+            **head,
+            f"decoder {name} activations ({_ckpt(dec_ckpt)})": activation_bytes(
+                d, d.layers, dec_tokens, False, dec_ckpt
+            ),
             logit_line: logits,
         }
         est.per_gpu[name] = {k: v / GB for k, v in step.items()}
     return est
+
+
+def cross_node_bytes(encoder: Shape, decoders: dict[str, Shape], setup: Setup, world_size: int, per_node: int) -> dict:
+    """Bytes each GPU exchanges with other nodes in one micro-batch step of each decoder, by collective.
+
+    A collective over all N ranks moves, per GPU, the (N - g) / N of the tensor held on other nodes (g GPUs per
+    node); one within a node moves nothing across. ZeRO-3: the forward and the backward all-gather every partitioned
+    weight they use in bf16 (hpZ: the backward's from the node's copy), and gradients are reduce-scattered in fp32
+    (communication_data_type); ZeRO-2: gradients reduce-scattered in fp32, then the updated bf16 weights
+    all-gathered after the optimizer step."""
+    n, g = world_size, per_node
+    outside = max(n - g, 0) / n
+    trainable = encoder_params(encoder, setup.truncated_layers) + 2 * encoder.hidden * len(decoders)
+    trainable += sum(projector_params(encoder, d, setup.projector_hidden) for d in decoders.values())
+    out = {}
+    for name, d in decoders.items():
+        gathered = trainable + (0 if name in setup.replicated else causal_lm_params(d))
+        if setup.zero_stage == 2:
+            parts = {"grad reduce-scatter (fp32)": 4 * trainable, "weight all-gather (bf16)": 2 * trainable}
+        else:
+            backward = 0 if setup.hpz_partition else 2 * gathered
+            parts = {"forward all-gather (bf16)": 2 * gathered, "backward all-gather (bf16)": backward,
+                     "grad reduce-scatter (fp32)": 4 * trainable}  # fmt: skip
+        out[name] = {k: v * outside for k, v in parts.items()}
+    return out
+
+
+def _ckpt(on: bool) -> str:
+    return "checkpointed" if on else "not checkpointed"
 
 
 def format_estimate(est: Estimate, world_size: int) -> str:
@@ -214,8 +272,15 @@ def segment_tokens(cfg) -> int:
     return int(json.loads((Path(cfg.data.sources[0][0]) / "manifest.json").read_text())["segment_tokens"])
 
 
-def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, ...] = ()) -> Estimate:
-    """The estimate for a run's config (arctrain.config.Config) and its DeepSpeed config."""
+def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, ...] = (), **setup_fields) -> Estimate:
+    """The estimate for a run's config (arctrain.config.Config) and its DeepSpeed config; `setup_fields` override
+    what the config says (e.g. encoder_checkpointing=False, to compare choices)."""
+    encoder, decoders, setup = run_setup(cfg, ds_config, replicated, **setup_fields)
+    return estimate(encoder, decoders, setup, world_size)
+
+
+def run_setup(cfg, ds_config: dict, replicated: tuple[str, ...] = (), **setup_fields):
+    """(encoder shape, decoder shapes, Setup) of a run's config and DeepSpeed config."""
     zero = ds_config.get("zero_optimization", {})
 
     def number(key: str, default: int) -> int:
@@ -235,9 +300,14 @@ def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, .
         max_live_parameters=number("stage3_max_live_parameters", MAX_LIVE_PARAMETERS),
         bucket_elements=number("reduce_bucket_size", BUCKET_ELEMENTS // 2)
         + number("stage3_prefetch_bucket_size", BUCKET_ELEMENTS // 2),
+        encoder_checkpointing=cfg.train.encoder_checkpointing,
+        decoder_checkpointing=cfg.train.decoder_checkpointing,
+        zero_stage=cfg.train.zero_stage,
+        hpz_partition=int(zero.get("zero_hpz_partition_size", 0) or 0) if cfg.train.zero_hpz else 0,
     )
+    setup = replace(setup, **setup_fields)
     encoder = shape_from_config(Path(cfg.model.encoder_path))
-    return estimate(encoder, {d.name: shape_from_config(Path(d.path)) for d in cfg.decoders}, setup, world_size)
+    return encoder, {d.name: shape_from_config(Path(d.path)) for d in cfg.decoders}, setup
 
 
 def gpu_memory_gib() -> float | None:
@@ -252,6 +322,8 @@ def placement(cfg, world_size: int, ds_config: dict, gpu_gib: float | None = Non
     """(decoders to replicate, why): model.frozen_decoders, "auto" decided by the estimate against the GPU."""
     names = tuple(d.name for d in cfg.decoders)
     mode = cfg.model.frozen_decoders
+    if cfg.train.zero_stage == 2:
+        return names, "ZeRO-2 partitions no weights (train.zero_stage=2)"
     if mode != "auto":
         return (names if mode == "replicated" else ()), "as configured"
     gpu_gib = gpu_memory_gib() if gpu_gib is None else gpu_gib

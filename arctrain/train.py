@@ -18,10 +18,22 @@ from typing import NamedTuple
 
 import torch
 
-from arctrain.distributed import MAX, Preemption, all_reduce, init_distributed, on_device, reduce_floats
+from arctrain.distributed import (
+    MAX,
+    Preemption,
+    all_reduce,
+    collective_timeout,
+    hpz_group_once,
+    init_distributed,
+    is_timeout,
+    on_device,
+    reduce_floats,
+    set_collective_timeout,
+)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
+EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): another rank stopped or died
 
 
 def parse_args(argv: list[str]):
@@ -35,9 +47,10 @@ def parse_args(argv: list[str]):
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 decoders.1.path=…")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print sizes and memory, no training")
     parser.add_argument("--world-size", type=int, help="with --dry-run: ranks to size for (default $WORLD_SIZE or 8)")
+    parser.add_argument("--gpu", help="with --dry-run: the card to size for, e.g. h100-80gb (default: this one)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    check_paths(cfg, attention_here=not args.dry_run)  # a dry run checks the kernels where it can (dry_run.py)
     return cfg, args
 
 
@@ -67,8 +80,8 @@ def build_engine(
     from arctrain.checkpoint import load_initial_weights
     from arctrain.config import deepspeed_config
     from arctrain.memory import placement
-    from arctrain.model import build_model
     from arctrain.optim import build_optimizer, build_scheduler
+    from arctrain.zero_trace import keep_trace_per_decoder
 
     ds_config = deepspeed_config(cfg, world_size)
     if universal:
@@ -77,23 +90,33 @@ def build_engine(
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     replicated, why = placement(cfg, world_size, ds_config)
     say(f"frozen decoders: {'replicated' if replicated else 'partitioned by ZeRO-3'} ({why})")
+    with hpz_group_once():  # several zero.Init contexts under hpZ (train.zero_hpz)
+        model = build_arc_model(cfg, dtype, ds_config, replicated)
+        if init_from is not None:
+            load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
+        optimizer = build_optimizer(model, cfg.optim, ds_config)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    keep_trace_per_decoder(engine)  # a decoder switch keeps ZeRO-3's prefetch (arctrain/zero_trace.py)
+    scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
+    return engine, model, scheduler
+
+
+def build_arc_model(cfg, dtype: torch.dtype, ds_config: dict | None, replicated: tuple[str, ...] = ()):
+    """The ARC model, activation checkpointing switched on in the encoder and the decoders as configured."""
+    from arctrain.model import build_model
+
     model = build_model(
         cfg.model,
         cfg.decoders,
         dtype,
         ds_config=ds_config,
-        gradient_checkpointing=cfg.train.activation_checkpointing,
+        gradient_checkpointing=cfg.train.encoder_checkpointing,
         replicated=replicated,
     )
-    if cfg.train.activation_checkpointing:
+    if cfg.train.decoder_checkpointing:
         model.enable_decoder_checkpointing()
-    if init_from is not None:
-        load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
-    optimizer = build_optimizer(model, cfg.optim, ds_config)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
-    return engine, model, scheduler
+    return model
 
 
 class StepOutput(NamedTuple):
@@ -173,7 +196,7 @@ def train(cfg) -> int:
     from arctrain.optim import set_lr
     from arctrain.validate import Validation
 
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
@@ -193,6 +216,7 @@ def train(cfg) -> int:
         peak_tflops(),
     )
     preemption, batches, exit_code, step = Preemption(), iter(loader), 0, state["step"]
+    set_collective_timeout(cfg.comm.train_timeout_seconds)  # a stopped or dead rank now ends every rank
 
     engine.train()
     while step < cfg.train.steps:
@@ -233,7 +257,8 @@ def train(cfg) -> int:
             trainer_state = {**state, "next_sample": step * per_step * cfg.data.micro_batch_size,
                              "world_size": world_size, "grad_accum": cfg.train.grad_accum,
                              "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
-            say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
+            with collective_timeout(cfg.comm.init_timeout_seconds, then=cfg.comm.train_timeout_seconds):
+                say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
         if exit_code:
             break
     logger.close()
@@ -339,6 +364,13 @@ def _summary(run_dir: Path) -> None:
         print(f"  {key[4:-5]:<28} {val[key]:7.3f}{versus}")
 
 
+def _timeout_message(cfg, err: BaseException) -> str:
+    return (f"arctrain train: error: rank {os.environ.get('RANK', '0')}: a collective waited longer than "
+            f"comm.train_timeout_seconds={cfg.comm.train_timeout_seconds:g} (comm.init_timeout_seconds="
+            f"{cfg.comm.init_timeout_seconds:g} in start-up and saves): another rank stopped, died or fell far "
+            f"behind; no checkpoint was saved ({' '.join(str(err).split())[:200]})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
@@ -349,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             from arctrain.dry_run import default_world_size, dry_run
 
-            dry_run(cfg, args.world_size or default_world_size())
+            dry_run(cfg, args.world_size or default_world_size(), gpu=args.gpu)
             raise SystemExit(0)
     except ValueError as err:  # config and data errors: one line, before any process group
         print(f"arctrain train: error: {err}", file=sys.stderr)
@@ -359,6 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # e.g. a checkpoint this run cannot resume: every rank says it and stops
         print(f"arctrain train: error: {err}", file=sys.stderr)
         code = 2
+    except RuntimeError as err:
+        if not is_timeout(err):
+            raise
+        # Another rank stopped or died: leave at once (tearing the process group down would wait for it); torchrun
+        # then ends this node's ranks and srun (--kill-on-bad-exit) the other nodes.
+        print(_timeout_message(cfg, err), file=sys.stderr, flush=True)
+        os._exit(EXIT_COLLECTIVE_TIMEOUT)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     raise SystemExit(code)

@@ -95,11 +95,14 @@ arc_forward() {  # $1 = signal name
 
 arc_launch() {  # runs srun in the background and waits for it, returning its exit status
     local port=${RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+    # --kill-on-bad-exit=1: a node whose torchrun fails (a rank raised, died or timed out in a collective) ends the
+    # others at once, instead of leaving them waiting in a collective. A preemption's ranks have all saved (the
+    # save ends with a barrier) before any of them exits.
     # srun does not inherit --cpus-per-task from sbatch on SLURM 22.05-23.02: pass it on explicitly. --ntasks too:
     # a job requeued onto fewer nodes keeps its first allocation's SLURM_NTASKS in its environment.
     srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
         --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-        --kill-on-bad-exit=0 \
+        --kill-on-bad-exit=1 \
         torchrun --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$ARC_NPROC" --max_restarts=0 \
         --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="${ARC_NODES[0]}:$port" \
         --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$SHUTDOWN_TIMEOUT" \

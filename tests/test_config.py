@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from arctrain.config import (
@@ -121,7 +122,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 def test_cli_strings_are_coerced_to_field_types(tmp_path):
     overrides = [
-        "train.activation_checkpointing=true",
+        "train.decoder_checkpointing=true",
         "model.n_vectors=4",
         "optim.betas=[0.8,0.9]",
         "logging.wandb_entity=null",
@@ -132,7 +133,7 @@ def test_cli_strings_are_coerced_to_field_types(tmp_path):
         "decoders.0.prefix=Document: ",
     ]
     cfg = load_config(write(tmp_path), overrides)
-    assert cfg.train.activation_checkpointing is True and cfg.model.n_vectors == 4
+    assert cfg.train.decoder_checkpointing is True and cfg.model.n_vectors == 4
     assert cfg.optim.betas == [0.8, 0.9] and cfg.logging.wandb_entity is None and cfg.train.steps == 1000
     assert cfg.data.val_dirs == ["/v1", "/v2"] and cfg.decoders[2].name == "qwen"
     assert cfg.decoders[0].prefix == "Document: "
@@ -197,6 +198,33 @@ def test_bad_yaml_fails_naming_file_line_and_key(tmp_path, old, new, message):
         assert f"{path}:{line})" in str(err.value)
 
 
+def test_bf16_runs_reduce_gradients_in_fp32_unless_the_file_says_otherwise(tmp_path):
+    ds = json.loads((REPO_ROOT / "ds_configs/zero3_bf16.json").read_text())
+    ds.pop("communication_data_type", None)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = load_config(write(tmp_path), [f"deepspeed={tmp_path / 'ds.json'}", "train.precision=bf16"])
+    assert DeepSpeedConfig(deepspeed_config(cfg, world_size=1)).communication_data_type == torch.float32
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "communication_data_type": "bf16"}))  # an explicit choice
+    assert DeepSpeedConfig(deepspeed_config(cfg, world_size=1)).communication_data_type == torch.bfloat16
+    fp32 = load_config(write(tmp_path), ["train.precision=fp32"])  # zero3_cpu.json: the parameters are fp32 anyway
+    assert DeepSpeedConfig(deepspeed_config(fp32, world_size=1)).communication_data_type is None
+
+
+def test_the_zero_stage_is_the_configs(tmp_path):
+    cfg = load_config(write(tmp_path), ["train.zero_stage=2"])
+    assert deepspeed_config(cfg, world_size=16, per_node=8)["zero_optimization"]["stage"] == 2
+    cfg = load_config(write(tmp_path), ["train.zero_hpz=true"])
+    zero = deepspeed_config(cfg, world_size=16, per_node=8)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 8
+    for overrides, message in [
+        (["train.zero_stage=1"], "train.zero_stage: 1 must be 2 or 3"),
+        (["train.zero_stage=2", "train.zero_hpz=true"], "train.zero_hpz: True needs zero_stage 3"),
+        (["train.zero_stage=2", "model.frozen_decoders=partitioned"], "model.frozen_decoders: 'partitioned' must be"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            load_config(write(tmp_path), overrides)
+
+
 def test_deepspeed_file_must_agree_with_the_config(tmp_path):
     ds = json.loads((REPO_ROOT / "ds_configs/zero3_cpu.json").read_text())
 
@@ -211,7 +239,7 @@ def test_deepspeed_file_must_agree_with_the_config(tmp_path):
         ({"gradient_clipping": 0.3}, "optim.clip: 1.0 disagrees with gradient_clipping=0.3"),
         ({"fp16": {"enabled": True}}, "enables fp16"),
         ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' section"),
-        ({"zero_optimization": {"stage": 2}}, "must set zero_optimization.stage to 3"),
+        ({"zero_optimization": {"stage": 2}}, "train.zero_stage: 3 disagrees with zero_optimization.stage=2"),
         ({"zero_optimization": {"stage": 3, "overlap_com": True}}, "is rejected by DeepSpeed"),
     ]
     for fields, message in cases:

@@ -17,13 +17,12 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
 
 def _overrides(cfg_path: Path, models: dict[str, Path], shards: Path, qa: tuple[Path, Path], run_dir: Path):
-    """Paths of the test models (by the config's decoder names; `encoder`: the config's encoder) and data."""
+    """Paths of the test models (by the config's decoder names; `encoder`: the config's encoder) and data. The
+    attention stays the config's: a dry run on a machine without flash-attn checks what it can."""
     cfg = load_config(cfg_path)
     out = [f"model.encoder_path={models['encoder']}", f"checkpoint.dir={run_dir}"]
     for i, d in enumerate(cfg.decoders):
         out.append(f"decoders.{i}.path={models[d.name]}")
-        if d.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
-            out.append(f"decoders.{i}.attn_implementation=sdpa")  # no flash-attn on a CPU (its error: test_config)
     if cfg.data.qa:
         out += [f"data.qa={qa[0]}", f"data.qa_val={qa[1]}"]
     else:
@@ -52,6 +51,44 @@ def test_every_shipped_config_dry_runs(cfg_path, tiny_models, tiny_shards, tiny_
     for line in expected:
         assert line in out.out
     assert not run_dir.exists()  # nothing written
+    if any(d.attn_implementation == "flash_attention_2" for d in load_config(cfg_path).decoders):
+        assert ("use flash_attention_2, not runnable here" in out.out) is not is_flash_attn_2_available()
+
+
+GPU_CONFIGS = [p for p in CONFIGS if load_config(p).train.precision == "bf16"]
+
+
+@pytest.mark.parametrize("gpu", ["h100-80gb", "a10g-24gb"])
+@pytest.mark.parametrize("cfg_path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_dry_run_sizes_for_the_target_card(cfg_path, gpu, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys):
+    """--gpu: the frozen decoders are placed as the GPU run on that card will place them (memory.placement with the
+    card's memory), not as on this GPU-less machine."""
+    from arctrain.config import deepspeed_config
+    from arctrain.dry_run import CARDS
+    from arctrain.memory import placement
+
+    models = {"encoder": tiny_models / "encoder", "llama": tiny_models / "llama", "mistral": tiny_models / "mistral"}
+    overrides = _overrides(cfg_path, models, tiny_shards, tiny_qa, tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(cfg_path), "--dry-run", "--world-size", "16", "--gpu", gpu, *overrides])
+    out = capsys.readouterr()
+    assert exit_.value.code == 0, out.err
+    cfg = load_config(cfg_path, overrides)
+    replicated, why = placement(cfg, 16, deepspeed_config(cfg, 16), CARDS[gpu][1])
+    assert f"sized for {gpu}: {CARDS[gpu][1]:.1f} GiB" in out.out
+    assert replicated and f"frozen decoders: replicated ({', '.join(replicated)}): {why}" in out.out
+
+
+def test_every_card_is_in_the_flops_table_and_a_wrong_one_is_one_line(tiny_models, tiny_shards, capsys):
+    from arctrain.dry_run import CARDS
+    from arctrain.flops import peak_tflops
+
+    assert all(peak_tflops(f"NVIDIA {name}") for name, _ in CARDS.values())
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(REPO_ROOT / "configs/tiny_cpu.yaml"), "--dry-run", "--gpu", "h100",
+              *tiny_paths(tiny_models, tiny_shards)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("arctrain train: error: --gpu 'h100': expected one of h100-80gb")
 
 
 def test_meta_model_has_the_real_parameter_counts(tiny_models, tiny_shards):

@@ -126,3 +126,32 @@ def test_chunks_and_interleaved_text_add_encoder_and_decoder_tokens():
     dec_tokens = 4 * (1 + 64 + 5 * 256 + 1 + 1024)
     expected = activation_bytes(dec, dec.layers, dec_tokens, trainable=False) / GB
     assert long.per_gpu["llama"]["decoder llama activations (checkpointed)"] == expected
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_activations_without_checkpointing_are_every_layer_at_once(trainable):
+    """A stack of 3 layers run without checkpointing saves what activation_bytes(checkpointed=False) counts: what
+    every layer saves, at once; with checkpointing the estimate is every layer's input and one layer's."""
+    from arctrain.memory import activation_bytes
+
+    s, batch, seq, layers = Shape(256, 704, 3, 4, 2, 64, tied=False), 2, 64, 3
+    model = LlamaForCausalLM(_hf_config(LlamaConfig, s)).to(torch.bfloat16).requires_grad_(trainable)
+    x = torch.randn(batch, seq, s.hidden, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    rotary = model.model.rotary_emb(x, positions)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary]}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = x
+        for layer in model.model.layers:
+            h = layer(h, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    tokens = batch * seq
+    assert sum(saved.values()) == pytest.approx(activation_bytes(s, layers, tokens, trainable, False), rel=0.01)
+    checkpointed = activation_bytes(s, layers, tokens, trainable, True)
+    assert checkpointed == layers * 2 * s.hidden * tokens + layer_saved_bytes(s, tokens, trainable)

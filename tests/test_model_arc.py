@@ -242,3 +242,34 @@ def test_encoder_insertion_and_loss_read_nothing_back_from_the_device(tiny_model
     loss = lm_head_loss(model.decoders["llama"].lm_head, hidden, batch.labels[:, 1:].flatten()[batch.target_index], 7)
     loss.backward()
     assert model.projectors["llama"][0].weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize(("encoder_on", "decoder_on"), [(True, False), (False, True), (True, True), (False, False)])
+def test_encoder_and_decoder_checkpointing_are_separate_switches(tiny_models, texts, encoder_on, decoder_on):
+    """train.encoder_checkpointing / train.decoder_checkpointing: a checkpointed layer runs twice per step (forward,
+    and again in backward), another once."""
+    from arctrain.config import REPO_ROOT, load_config
+    from arctrain.train import build_arc_model
+
+    paths = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+             f"decoders.1.path={tiny_models / 'mistral'}"]  # fmt: skip
+    switches = [f"train.encoder_checkpointing={encoder_on}", f"train.decoder_checkpointing={decoder_on}"]
+    cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", paths + switches)
+    model = build_arc_model(cfg, torch.float32, None).train()
+    calls = {"encoder": 0, "decoder": 0}
+    # On the layer's first op (transformers checkpoints a layer's forward, inside its hooks), before it runs: a
+    # recomputation stops as soon as it has what backward needs.
+    for part, layer in (("encoder", model.encoder.layers[0]), ("decoder", model.decoders["llama"].model.layers[0])):
+        layer.input_layernorm.register_forward_pre_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+    model(make_batch(tiny_models, cfg.model, "llama", "reconstruction", texts[:4]), "llama").loss.backward()
+    assert calls == {"encoder": 1 + encoder_on, "decoder": 1 + decoder_on}
+
+
+def test_the_earlier_single_switch_turns_on_both():
+    from arctrain.config import REPO_ROOT, load_config
+
+    cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", ["train.activation_checkpointing=true"])
+    assert cfg.train.encoder_checkpointing and cfg.train.decoder_checkpointing
+    assert cfg.train.activation_checkpointing is None  # normalised: a saved config.yaml says it with the two keys
+    with pytest.raises(ValueError, match="train.decoder_checkpointing"):
+        load_config(REPO_ROOT / "configs/tiny_cpu.yaml", ["train.decoder_checkpointing=sometimes"])

@@ -79,6 +79,10 @@ def worker(tiny: Path, out: Path) -> None:
     n_with_grad = sum(safe_get_full_grad(p) is not None for p in trainable)
     engine.step()
     after = engine(make_batch(tiny, model_cfg, "llama", "reconstruction", rank_texts(tiny, rank)), "llama").loss
+    # Parameters DeepSpeed gathers with ARCModel's every forward and backward, besides its own: after steps of both
+    # decoders, none (the LM head of the decoder in use is gathered by the loss alone, while it runs).
+    names = {id(p): n for n, p in model.named_parameters()}
+    external = sorted(names.get(id(p), "?") for _, p in engine.module.ds_external_parameters())
     if rank == 0:
         torch.save({n: g.clone() for n, g in grads.items()}, out / "grads.pt")
     result = {
@@ -87,6 +91,7 @@ def worker(tiny: Path, out: Path) -> None:
         "partitioned": partitioned,
         "n_trainable": len(trainable),
         "n_with_grad": n_with_grad,
+        "external": external,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
@@ -109,6 +114,7 @@ def test_zero3_two_processes_match_a_single_process(tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["partitioned"] and r["n_with_grad"] == r["n_trainable"] for r in ranks)
+    assert [r["external"] for r in ranks] == [[], []]  # no LM head stays gathered with the whole model
 
     # The same computation in one process, from the same initial weights.
     model_cfg, decoder_cfgs = configs(tiny_models)

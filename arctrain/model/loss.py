@@ -6,9 +6,11 @@ The unchunked loss materialises (N, V) logits in bf16, their fp32 copy and log-s
 fp32 gradient: ~10 bytes per (target, vocabulary entry), 6 GiB for 16 x 256 targets and Llama 3's 128k entries.
 Here each chunk's logits live only inside the loop, in forward and again (recomputed) in backward, so the peak is
 one chunk's. Under ZeRO-3 the head weight is gathered once for the whole forward loop and once for the backward
-loop (`deepspeed.zero.GatheredParameters` where ZeRO has not gathered it already; every rank runs both loops,
-whatever its number of targets, so the collectives match), where calling the head module per chunk would gather
-it per chunk.
+loop (`deepspeed.zero.GatheredParameters`; every rank runs both loops, whatever its number of targets, so the
+collectives match), where calling the head module per chunk would gather it per chunk. The weight is taken from
+the module without `head.weight`: that attribute read, inside the engine's forward, would make DeepSpeed register
+the head as an external parameter of the running module (ARCModel), and keep every head it has seen gathered for
+every forward and backward after; here only the active decoder's head is whole, and only while its loss runs.
 """
 
 import contextlib
@@ -21,16 +23,13 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, c
     """Summed cross-entropy of `head(hidden)` (N, V) against `targets` (N,), fp32 (fp64 inputs: fp64); chunk 0: one."""
     if head.bias is not None:
         raise ValueError("lm_head_loss: an LM head with a bias is not supported")
-    return _ChunkedCrossEntropy.apply(hidden, head.weight, targets, chunk)
+    weight = dict(head.named_parameters(recurse=False))["weight"]  # not head.weight: see the module docstring
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
 def _gathered(weight: torch.Tensor):
-    """The full weight inside the context, whether ZeRO-3 partitions it or not.
-
-    In forward, reading `head.weight` inside the engine's forward already makes ZeRO-3 gather it (it registers the
-    parameter as an external one of the running module and frees it after that module's forward): then there is
-    nothing to do, and freeing it here would be an error. In backward it is partitioned again: gather it for the
-    loop and free it after."""
+    """The full weight inside the context, whether ZeRO-3 partitions it or not. A weight something else holds
+    gathered already (a module running around this loss) is left to it: freeing it here would be an error."""
     if not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
