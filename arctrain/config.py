@@ -366,7 +366,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(str(path), f"invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the top level must be a mapping")
-        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}).items()}
+        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}, str(path)).items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -135,7 +135,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
-    accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum)
+    accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum, cfg.train.steps)
     if accum != cfg.train.grad_accum:
         say(f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
             f"{accum * world_size} micro-batches per step, this run has {world_size} ranks")  # fmt: skip

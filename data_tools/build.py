@@ -100,6 +100,10 @@ def build(cfg: BuildConfig) -> dict:
         written, enc_tokens = _write(_encode_in_order(batches, tokenizers, cfg), writers, cfg.val_fraction, tally, bar)
 
     splits = {split: writer.close() for split, writer in writers.items()}
+    if not written:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(tally.skipped.items()) if n)
+        raise DataError(f"--input: no document written ({tally.read} read, skipped: {skipped or 'none'}); "
+                        f"no shards and no manifest in {cfg.out}")  # fmt: skip
     docs = {"read": tally.read, "written": written, "skipped": {k: v for k, v in sorted(tally.skipped.items()) if v}}
     tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
     manifest = make_manifest(cfg.settings, tok_entries, splits, source_entries(files), docs)

@@ -86,7 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-tokenizer", required=True, help="Hugging Face tokenizer directory of the encoder")
     p.add_argument("--decoder", action="append", required=True, metavar="NAME=PATH", help="a decoder tokenizer")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--id-field", default="id", help="without it, the document id is the sha256 of its text")
+    p.add_argument(
+        "--id-field", default="id",
+        help="the document id; records without it are named by the sha256 of their text (a field other than 'id' "
+        "that none of a file's first 1000 records has is an error)",
+    )  # fmt: skip
     p.add_argument(
         "--id-scope", default="file", choices=("file", "global"),
         help="file: ids name documents within their input file (default); global: one id space for all inputs",
