@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arctrain.distributed import barrier, broadcast_object
+from arctrain.distributed import MAX, barrier, broadcast_object, reduce_floats
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -61,10 +61,16 @@ class Checkpointer:
         (e.g. diverged_step_N) is written beside them and leaves `latest` and pruning alone."""
         regular = tag is None
         tag = tag or f"step_{step:08d}"
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
-        torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            (self.dir / tag / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        failure = ""
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                (self.dir / tag / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        except (OSError, RuntimeError) as err:  # a full disk: OSError, or torch's "basic_ios::clear: iostream error"
+            failure = " ".join(str(err).split())[:200] or type(err).__name__
+        if reduce_floats([float(bool(failure))], self.device, MAX)[0]:  # every rank stops, not only the failed one
+            self._failed_save(tag, failure)
         barrier(self.device)  # every rank's partition is on disk before `latest` may point at it
         if self.rank == 0 and regular:
             tmp = self.dir / "latest.tmp"
@@ -75,6 +81,18 @@ class Checkpointer:
             self._latest = [tag]
         barrier(self.device)
         return self.dir / tag
+
+    def _failed_save(self, tag: str, failure: str) -> None:
+        """Remove what a failed save wrote (rank 0, once every rank has stopped writing) and stop in one line."""
+        barrier(self.device)
+        if self.rank == 0:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        latest = self.latest() if regular_tag(tag) else None
+        reason = f"this rank: {failure}" if failure else "another rank could not write its part"
+        raise ValueError(
+            f"{self.dir / tag}: the checkpoint could not be written ({reason}); is the disk full? The partial "
+            f"directory was removed; `latest` still names {latest or 'no checkpoint'}"
+        )
 
     def trainer_state(self) -> dict | None:
         """The trainer state of the newest checkpoint, or None for a fresh run."""
@@ -192,6 +210,10 @@ def resume_fingerprint(cfg) -> dict:
         **{key: getattr(cfg.model, key.split(".")[1]) for key in MODEL_SHAPE},
         **{f"decoders.{i}.projector_hidden": d.projector_hidden for i, d in enumerate(cfg.decoders)},
     }
+
+
+def regular_tag(tag: str) -> bool:
+    return tag.startswith("step_")
 
 
 def checkpoint_problem(path: Path) -> str | None:

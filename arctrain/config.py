@@ -158,6 +158,8 @@ class DataConfig:
     neighbouring samples (one global batch) come from that many shards and input files (arctrain/data/sampling.py)."""
     seed_offset: int = 0
     """Added to train.seed for the data order, to change the order without changing the initialisation."""
+    verify_shards: bool = False
+    """At start-up, check every shard's sha256 against manifest.json (reads every byte; sizes are always checked)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.shards or self.qa), "shards", self.shards, "must name a shard directory (or set data.qa)")

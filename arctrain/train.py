@@ -42,13 +42,14 @@ def parse_args(argv: list[str]):
 
 
 def check_shards(cfg) -> None:
-    """Refuse shards built with other tokenizers before any process group starts."""
+    """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
+    before any process group starts."""
     from arctrain.data import open_source, tokenizer_paths
 
     for path, _ in cfg.data.sources:
-        open_source(path, "train", tokenizer_paths(cfg))
+        open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
-        open_source(path, "val", tokenizer_paths(cfg))
+        open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
     if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
         from arctrain.data.qa import check_qa
 
