@@ -337,9 +337,11 @@ class ARCGenerator:
         """Refuse an encoder sequence (a joint context, or a chunk) longer than the encoder's positions."""
         window = (getattr(self.config, "backbone", None) or {}).get("max_position_embeddings")
         if window and tokens > window:
+            hint = (f"pass --context-tokens {window} or --context segments" if self.pieces.context == "joint" else
+                    f"lower --chunk-tokens to {window} or less")  # fmt: skip
             raise ValueError(
                 f"a context of {tokens} encoder tokens in one sequence is longer than the encoder's window "
-                f"(max_position_embeddings={window}): pass --context-tokens {window} or --context segments"
+                f"(max_position_embeddings={window}): {hint}"
             )
 
     def complete(self, contexts: list[str | list[str] | Memory], prompts: list[str], **options) -> Generation:
@@ -479,6 +481,7 @@ def open_inputs(args: argparse.Namespace) -> VectorStore | None:
     for path in args.context_file or []:
         if not path.is_file():
             raise FileNotFoundError(f"--context-file {path}: no such file")
+        read_context_file(path)  # before any model loads
     store = VectorStore(args.vectors) if args.vectors else None
     for doc_id in args.doc_id or []:
         if doc_id not in store:
