@@ -159,6 +159,8 @@ class DataConfig:
     neighbouring samples (one global batch) come from that many shards and input files (arctrain/data/sampling.py)."""
     seed_offset: int = 0
     """Added to train.seed for the data order, to change the order without changing the initialisation."""
+    verify_shards: bool = False
+    """At start-up, check every shard's sha256 against manifest.json (reads every byte; sizes are always checked)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.shards or self.qa), "shards", self.shards, "must name a shard directory (or set data.qa)")
@@ -409,7 +411,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(str(path), f"invalid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(str(path), "the top level must be a mapping")
-        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}).items()}
+        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}, str(path)).items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -84,17 +84,22 @@ def join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def yaml_key_lines(node: yaml.Node | None, prefix: str, out: dict[str, int]) -> dict[str, int]:
-    """Dotted key -> line number of every key in a composed YAML document (for error messages)."""
+def yaml_key_lines(node: yaml.Node | None, prefix: str, out: dict[str, int], source: str = "") -> dict[str, int]:
+    """Dotted key -> line number of every key in a composed YAML document (for error messages). A key given twice
+    in one mapping is an error (PyYAML would keep the last one silently); `source` names the file in it."""
     if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = join(prefix, str(key_node.value))
-            out[key] = key_node.start_mark.line + 1
-            yaml_key_lines(value_node, key, out)
+            key, line = join(prefix, str(key_node.value)), key_node.start_mark.line + 1
+            if key in seen:
+                where = f"{source}:{line}" if source else f"line {line}"
+                raise ConfigError(key, f"duplicate key at {where} (first at line {seen[key]}); keep one")
+            seen[key] = out[key] = line
+            yaml_key_lines(value_node, key, out, source)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[join(prefix, str(i))] = item.start_mark.line + 1
-            yaml_key_lines(item, join(prefix, str(i)), out)
+            yaml_key_lines(item, join(prefix, str(i)), out, source)
     return out
 
 

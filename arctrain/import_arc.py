@@ -260,6 +260,10 @@ def import_arc(src: Path, out: Path, backbone_dir: Path, decoders: list[str], ov
     backbone_dict = backbone.to_dict()
     backbone_dict["model_type"] = backbone.model_type
     backbone_dict.pop("architectures", None)
+    # The release's weights are float32; a backbone config saying bfloat16 (as the Hub's Llama-3.2-3B does) must
+    # not lower them (the vectors would no longer equal the reference's).
+    backbone_dict.pop("torch_dtype", None)
+    backbone_dict["dtype"] = "float32"
 
     state = convert(embedder, bridge, arch, n_kept, names, where)
     entries = []

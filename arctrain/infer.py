@@ -128,6 +128,20 @@ def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
     return name
 
 
+def check_decoder_width(config, decoder_dir: str | Path, name: str) -> None:
+    """Decoders sharing one tokenizer (Llama 3.2 3B and 3.1 8B) can differ in width; the projector of `name` writes
+    vectors of the width it was trained for (the export's hidden_size), so another is refused before loading."""
+    from transformers import AutoConfig
+
+    trained = next(d for d in config.decoders if d["name"] == name).get("hidden_size")
+    width = getattr(AutoConfig.from_pretrained(decoder_dir), "hidden_size", None)
+    if trained and width and width != trained:
+        raise ValueError(
+            f"--decoder {decoder_dir}: hidden_size {width}, but this model's projector for {name!r} was trained for "
+            f"a decoder of hidden_size {trained}; use that decoder (same tokenizer is not enough)"
+        )
+
+
 class ARCGenerator:
     """An exported encoder + its projector for one decoder + that decoder, ready to compress and generate."""
 
@@ -155,6 +169,7 @@ class ARCGenerator:
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
             self.store.check_encoder(encoder_identity(model_dir), model_dir)
         self.name = pick_decoder(config, decoder_dir, decoder_name)
+        check_decoder_width(config, decoder_dir, self.name)
         # How contexts are cut and prompts rendered (see `pieces` below): each option as given, else as the model was
         # fine-tuned, else `fallback`; refused here, before the decoder loads, if they do not go together.
         given = dict(context=context, chunk_tokens=chunk_tokens, max_chunks=max_chunks, context_tokens=context_tokens,
@@ -248,7 +263,11 @@ class ARCGenerator:
         """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch; refused first
         if a prompt and `new_tokens` do not fit the decoder's window."""
         batch = self.batch(examples)
-        self.check_window(int(batch.attention_mask.sum(1).max()), new_tokens)
+        self.check_encoder_window(batch.enc_ids.shape[-1] if batch.enc_ids.numel() else 0)
+        rows = batch.attention_mask.sum(1)  # (B,) positions per row
+        longest = int(rows.argmax())
+        vectors = int(((batch.dec_slot[longest] >= 0) & (batch.attention_mask[longest] > 0)).sum())
+        self.check_window(int(rows[longest]), new_tokens, vectors)
         stats, batch = batch.stats, batch.to(self.device)
         if stats.vectors > len(SPECIALS):  # compressed or stored memory somewhere in the batch
             embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
@@ -293,13 +312,36 @@ class ARCGenerator:
             texts, mask.sum(1).tolist(), n_enc, n_vec, (first.at or end) - start, end - start, batch.stats
         )
 
-    def check_window(self, prompt_positions: int, max_new_tokens: int) -> None:
-        """Refuse a prompt whose positions, with the new tokens, pass the decoder's window (max_position_embeddings)."""
+    def check_window(self, prompt_positions: int, max_new_tokens: int, vectors: int = 0) -> None:
+        """Refuse a prompt whose positions, with the new tokens, pass the decoder's window (max_position_embeddings);
+        the hint names what to cut: the new tokens, the prompt text, or the compressed context (`vectors` of the
+        positions, in the longest row at most)."""
         window = getattr(self.decoder.config, "max_position_embeddings", None)
-        if window and prompt_positions + max_new_tokens > window:
+        if not window or prompt_positions + max_new_tokens <= window:
+            return
+        if max_new_tokens >= window:
+            hint = f"lower --max-new-tokens below {window}"
+        elif prompt_positions - vectors + max_new_tokens > window:  # no context at all would fit either
+            hint = "shorten the prompt or lower --max-new-tokens"
+        elif self.pieces.context == "joint":
+            hint = "compress less context (--context-tokens) or lower --max-new-tokens"
+        else:
+            hint = "keep fewer chunks (--max-chunks) or lower --max-new-tokens"
+        raise ValueError(
+            f"a prompt takes {prompt_positions} decoder positions ({vectors} of them compressed context) + "
+            f"{max_new_tokens} new tokens, more than the window of decoder {self.name!r} "
+            f"(max_position_embeddings={window}): {hint}"
+        )
+
+    def check_encoder_window(self, tokens: int) -> None:
+        """Refuse an encoder sequence (a joint context, or a chunk) longer than the encoder's positions."""
+        window = (getattr(self.config, "backbone", None) or {}).get("max_position_embeddings")
+        if window and tokens > window:
+            hint = (f"pass --context-tokens {window} or --context segments" if self.pieces.context == "joint" else
+                    f"lower --chunk-tokens to {window} or less")  # fmt: skip
             raise ValueError(
-                f"a prompt takes {prompt_positions} decoder positions + {max_new_tokens} new tokens, more than the "
-                f"window of decoder {self.name!r} (max_position_embeddings={window}): keep fewer chunks (--max-chunks)"
+                f"a context of {tokens} encoder tokens in one sequence is longer than the encoder's window "
+                f"(max_position_embeddings={window}): {hint}"
             )
 
     def complete(self, contexts: list[str | list[str] | Memory], prompts: list[str], **options) -> Generation:
@@ -439,6 +481,7 @@ def open_inputs(args: argparse.Namespace) -> VectorStore | None:
     for path in args.context_file or []:
         if not path.is_file():
             raise FileNotFoundError(f"--context-file {path}: no such file")
+        read_context_file(path)  # before any model loads
     store = VectorStore(args.vectors) if args.vectors else None
     for doc_id in args.doc_id or []:
         if doc_id not in store:
@@ -453,7 +496,18 @@ def read_contexts(arc: ARCGenerator, args: argparse.Namespace) -> tuple[list, li
         names = ["+".join(args.doc_id)] if args.join else args.doc_id
         contexts = [arc.stored_memory(args.doc_id)] if args.join else [arc.stored_memory(d) for d in args.doc_id]
         return names, contexts
-    return args.context_file, [path.read_text(encoding="utf-8") for path in args.context_file]
+    return args.context_file, [read_context_file(path) for path in args.context_file]
+
+
+def read_context_file(path: Path) -> str:
+    """A --context-file's text; one that is not UTF-8 or holds no text is refused naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--context-file {path}: not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise ValueError(f"--context-file {path}: no text to compress (the file is empty)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:

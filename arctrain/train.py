@@ -55,13 +55,14 @@ def parse_args(argv: list[str]):
 
 
 def check_shards(cfg) -> None:
-    """Refuse shards built with other tokenizers before any process group starts."""
+    """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
+    before any process group starts."""
     from arctrain.data import open_source, tokenizer_paths
 
     for path, _ in cfg.data.sources:
-        open_source(path, "train", tokenizer_paths(cfg))
+        open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
-        open_source(path, "val", tokenizer_paths(cfg))
+        open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
     if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
         from arctrain.data.qa import check_qa
 
@@ -158,7 +159,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
-    accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum)
+    accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum, cfg.train.steps)
     if accum != cfg.train.grad_accum:
         say(f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
             f"{accum * world_size} micro-batches per step, this run has {world_size} ranks")  # fmt: skip

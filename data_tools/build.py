@@ -6,6 +6,7 @@ submission order, so the shards are byte-identical for every N. At most 2 batche
 which bounds memory however large the inputs.
 """
 
+import itertools
 import os
 import resource
 import time
@@ -26,10 +27,12 @@ from data_tools.inputs import (
     read_documents,
     source_entries,
 )
+from data_tools.journal import NAME as JOURNAL
+from data_tools.journal import Position, read_journal, write_journal
 from data_tools.manifest import make_manifest, write_manifest
 from data_tools.pool import in_order
 from data_tools.samples import SampleEncoder, encode_batch, init_worker
-from data_tools.shards import SPLITS, SplitWriter, prepare_out
+from data_tools.shards import SPLITS, SplitWriter, existing_outputs, prepare_out
 from data_tools.tokenizer_set import TokenizerInfo, load_tokenizers
 
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker
@@ -53,6 +56,7 @@ class BuildConfig:
     strict: bool = False
     overwrite: bool = False
     start_shard: int = 0  # first shard number of both splits; partial builds use distinct ranges (see merge)
+    resume: bool = False  # continue an unfinished build in `out` from its journal (data_tools/journal.py)
     progress: bool = True
     settings: dict = field(init=False)
 
@@ -81,13 +85,19 @@ class BuildConfig:
 
 
 def build(cfg: BuildConfig) -> dict:
-    """Run a build; returns the manifest (also written to cfg.out/manifest.json)."""
+    """Run a build; returns the manifest (also written to cfg.out/manifest.json). A write that fails (a full disk)
+    is one DataError naming the file; the directory then holds no manifest, and --resume continues it."""
     start, cpu_start = time.time(), _cpu_seconds()
     files = expand_inputs(cfg.inputs)
     fields = Fields(cfg.text_field, cfg.id_field, cfg.id_scope)
     check_inputs(files, fields)
     tokenizers = load_tokenizers(cfg.encoder_tokenizer, cfg.decoders)
-    prepare_out(cfg.out, cfg.overwrite)
+    tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
+    identity = {"options": {**cfg.settings, "shard_size_mb": cfg.shard_size_mb, "start_shard": cfg.start_shard,
+                            "text_field": cfg.text_field, "id_field": cfg.id_field},
+                "inputs": source_entries(files), "tokenizers": tok_entries}  # fmt: skip
+    journal = read_journal(cfg.out, identity) if cfg.resume and cfg.out.is_dir() else None
+    prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=journal is not None)
     # One worker is one core: encode_batch's own thread pool would oversubscribe the machine.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -95,36 +105,89 @@ def build(cfg: BuildConfig) -> dict:
     names = [t.name for t in tokenizers]
     max_bytes = int(cfg.shard_size_mb * (1 << 20))
     writers = {split: SplitWriter(cfg.out, split, max_bytes, cfg.start_shard, names) for split in SPLITS}
-    batches = _batches(_unique(read_documents(files, fields, tally), tally))
+    position = Position(identity=identity)
+    if journal is not None:
+        position, states = journal
+        for split, writer in writers.items():
+            writer.restore(states[split])
+        _remove_unlisted(cfg.out, writers)
+        tally.skipped["no_tokens"] += position.no_tokens
+    for writer in writers.values():
+        writer.on_finish = lambda: write_journal(cfg.out, position, {s: w.state() for s, w in writers.items()})
+    docs = _unique(read_documents(files, fields, tally), tally)
+    batches = _batches(itertools.islice(docs, position.doc, None))  # before position.doc: all written
     with tqdm(unit="doc", desc="arc-data build", disable=not cfg.progress, mininterval=1.0) as bar:
-        written, enc_tokens = _write(_encode_in_order(batches, tokenizers, cfg), writers, cfg.val_fraction, tally, bar)
-
-    splits = {split: writer.close() for split, writer in writers.items()}
+        try:
+            _write(_encode_in_order(batches, tokenizers, cfg), writers, cfg.val_fraction, tally, bar, position)
+            splits = {split: writer.close() for split, writer in writers.items()}
+        except OSError as err:
+            raise DataError(_write_error(err, writers, cfg.out)) from None
+    written = position.written
+    if not written:
+        skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(tally.skipped.items()) if n)
+        for path in existing_outputs(cfg.out):
+            path.unlink()
+        raise DataError(f"--input: no document written ({tally.read} read, skipped: {skipped or 'none'}); "
+                        f"no shards and no manifest in {cfg.out}")  # fmt: skip
     docs = {"read": tally.read, "written": written, "skipped": {k: v for k, v in sorted(tally.skipped.items()) if v}}
-    tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
     manifest = make_manifest(cfg.settings, tok_entries, splits, source_entries(files), docs)
-    write_manifest(cfg.out, manifest)
+    try:
+        write_manifest(cfg.out, manifest)
+    except OSError as err:
+        raise DataError(
+            f"{cfg.out / 'manifest.json'}: {err.strerror}; the shards are complete, rerun with --resume"
+        ) from None
+    (cfg.out / JOURNAL).unlink(missing_ok=True)
     cpu = [end - begin for begin, end in zip(cpu_start, _cpu_seconds())]
-    print(_summary(manifest, enc_tokens, time.time() - start, cpu, cfg.out))
+    print(_summary(manifest, position.enc_tokens, time.time() - start, cpu, cfg.out))
     return manifest
 
 
-def _write(results, writers: dict[str, SplitWriter], val_fraction: float, tally: Tally, bar: tqdm) -> tuple[int, int]:
-    """Write every sample to its split in order; returns (documents written, encoder tokens)."""
-    written = enc_tokens = 0
+def _write_error(err: OSError, writers: dict[str, SplitWriter], out: Path) -> str:
+    """One line for a write that failed (ENOSPC, EDQUOT, EIO): the file, the reason, and what is left."""
+    open_tars = [w.tar.file.name for w in writers.values() if w.tar is not None]
+    where = err.filename or (open_tars[0] if open_tars else out)
+    done = sum(1 for w in writers.values() for e in w.shards.values() if e.get("index"))
+    return (f"{where}: {err.strerror or err}; the build stopped with {done} complete shards in {out} and no manifest "
+            f"(not a finished build): free space and rerun with --resume, or remove {out}")  # fmt: skip
+
+
+def _remove_unlisted(out: Path, writers: dict[str, SplitWriter]) -> None:
+    """Shards a build wrote after its journal's last record: the resumed build writes them again."""
+    keep = set().union(*(w.files() for w in writers.values()))
+    for path in existing_outputs(out):
+        if path.name not in keep and path.name != JOURNAL:
+            path.unlink()
+
+
+def _write(results, writers: dict[str, SplitWriter], val_fraction: float, tally: Tally, bar: tqdm, pos: Position):
+    """Write every sample to its split in order, keeping `pos` (what the journal records) at the sample being
+    written; samples of a resumed build's first document that are written already (pos.skip) are passed over."""
+    first, skip = pos.doc, pos.skip
     for docs, samples in results:
+        base, written, no_tokens = pos.doc, pos.written, pos.no_tokens  # before this batch
         has_samples = [False] * len(docs)
+        n_with = 0  # documents of this batch so far that have samples
         for i, sample in samples:
-            has_samples[i] = True
+            if not has_samples[i]:  # a document's first sample: the documents before it are settled
+                pos.doc, pos.skip = base + i, 0
+                pos.written, pos.no_tokens = written + n_with, no_tokens + i - n_with
+                has_samples[i] = True
+                n_with += 1
+            if pos.doc == first and skip:
+                skip -= 1
+                pos.skip += 1
+                continue
             writers["val" if is_val(docs[i][1], val_fraction) else "train"].write(sample)
-            enc_tokens += sample.tokens[0]
+            pos.skip += 1
+            pos.enc_tokens += sample.tokens[0]
         for (doc_id, _), ok in zip(docs, has_samples):
-            written += ok
             if not ok:
                 tally.skip("no_tokens", f"document {doc_id!r}")
+        pos.doc, pos.skip = base + len(docs), 0
+        pos.written, pos.no_tokens = written + n_with, no_tokens + len(docs) - n_with
         bar.update(len(docs))
-        bar.set_postfix_str(f"{enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
-    return written, enc_tokens
+        bar.set_postfix_str(f"{pos.enc_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} enc tok/s", refresh=False)
 
 
 def is_val(digest: bytes, val_fraction: float) -> bool:

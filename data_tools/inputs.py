@@ -63,10 +63,14 @@ class Tally:
     read: int = 0
     skipped: Counter = field(default_factory=Counter)
     strict: bool = False
+    quiet: bool = False  # count only: a look ahead (`check_id_field`) that the real read reports again
 
     def skip(self, reason: str, where: str, detail: str = "", count: bool = True) -> None:
         """Count one unusable record (or, with count=False, only warn) unless --strict makes it an error."""
         message = f"{where}: {reason}{': ' + detail if detail else ''}"
+        if self.quiet:
+            self.skipped[reason] += count
+            return
         if self.strict:
             raise DataError(f"{message} (--strict)")
         self.skipped[reason] += count
@@ -93,15 +97,47 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return files
 
 
-def check_inputs(files: list[Path], fields: Fields) -> None:
-    """Fail before any work on what can be known up front: a parquet file without the text column."""
-    import pyarrow.parquet as pq  # here, not at the top: worker processes import this module too
+DEFAULT_ID_FIELD = "id"  # may be absent (ids are then text hashes); any other --id-field must be in the records
+ID_PEEK = 1000  # records of a JSON-lines file looked at for --id-field
 
+
+def check_inputs(files: list[Path], fields: Fields) -> None:
+    """Fail before any work on what can be known up front: a parquet file without the text column, or an --id-field
+    other than the default that a file does not have (`check_id_field`)."""
     for path in files:
         if path.name.endswith(".parquet"):
-            names = pq.ParquetFile(path).schema_arrow.names
+            names = _parquet_file(path).schema_arrow.names
             if fields.text not in names:
                 raise DataError(f"{path}: no column {fields.text!r} (columns: {', '.join(names)})")
+    check_id_field(files, fields)
+
+
+def check_id_field(files: list[Path], fields: Fields) -> None:
+    """A mistyped --id-field would silently name every document by its text hash, and lookups by id would find
+    nothing: a field other than the default must be a parquet file's column, or be in at least one of the first
+    ID_PEEK records of a JSON-lines file."""
+    if fields.id == DEFAULT_ID_FIELD:
+        return
+    for path in files:
+        if path.name.endswith(".parquet"):
+            names = _parquet_file(path).schema_arrow.names
+            if fields.id not in names:
+                raise DataError(f"--id-field {fields.id!r}: {path} has no such column (columns: {', '.join(names)})")
+            continue
+        found, n, keys = False, 0, set()
+        for _, record in read_records(path, Tally(quiet=True)):
+            n += 1
+            if isinstance(record, dict):
+                if fields.id in record:
+                    found = True
+                    break
+                keys.update(map(str, record))
+            if n >= ID_PEEK:
+                break
+        if n and not found:
+            which = f"none of the first {n} records" if n >= ID_PEEK else "no record"
+            shown = ", ".join(sorted(keys)[:12]) or "none"
+            raise DataError(f"--id-field {fields.id!r}: {which} of {path} has it (record keys: {shown})")
 
 
 def read_documents(files: list[Path], fields: Fields, tally: Tally) -> Iterator[Doc]:
@@ -190,19 +226,33 @@ def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[
 def _parquet_records(path: Path, fields: Fields | None) -> Iterator[tuple[str, object]]:
     """One row group in memory at a time; rows become {text, id, source} dicts like JSON records (`fields` None:
     every column)."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    pf = pq.ParquetFile(path)
+    pf = _parquet_file(path)
     names = pf.schema_arrow.names
     columns = names if fields is None else [c for c in (fields.text, fields.id, "source") if c in set(names)]
     row = 0
     for group in range(pf.num_row_groups):
-        table = pf.read_row_group(group, columns=columns)
+        try:
+            table = pf.read_row_group(group, columns=columns)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: row group {group} (after row {row}) is not readable: {err}") from err
         values = {c: table.column(c).to_pylist() for c in columns}
         del table
         for i in range(_table_rows(values)):
             row += 1
             yield f"{path}:row {row}", {c: values[c][i] for c in columns}
+
+
+def _parquet_file(path: Path):
+    """The opened parquet file; a corrupt or truncated one is a DataError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file: {err}") from err
 
 
 def _table_rows(values: dict[str, list]) -> int:

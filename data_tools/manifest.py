@@ -8,7 +8,7 @@ from pathlib import Path
 
 from data_tools.inputs import DataError
 from data_tools.shard_index import load_index
-from data_tools.shards import prepare_out
+from data_tools.shards import file_digest, prepare_out
 
 FORMAT = "arc-shards"
 # 2: a sample index per shard (`index` in each shard entry); 3: one `.mp` member per sample
@@ -83,9 +83,13 @@ def merge_builds(out: Path, part_dirs: list[Path], overwrite: bool) -> dict:
     files = [(path, shard) for path, shard in shards] + [
         (path.with_name(shard["index"]["name"]), shard["index"]) for path, shard in shards if "index" in shard
     ]
-    for path, entry in files:
+    for path, entry in files:  # every byte is read: a part corrupted since its build must not be merged
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise DataError(f"{path}: missing or not {entry['bytes']} bytes as its manifest says")
+        if file_digest(path)[1] != entry["sha256"]:
+            raise DataError(
+                f"{path}: sha256 differs from its manifest's (changed since it was built); rebuild that part"
+            )
     _check_no_shared_documents(shards)
     prepare_out(out, overwrite)
     for path, entry in files:

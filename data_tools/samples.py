@@ -5,6 +5,7 @@ shards are the same for any number of workers.
 """
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -103,6 +104,7 @@ _WORKER_ENCODER: SampleEncoder | None = None
 def init_worker(tokenizers: list[TokenizerInfo], segment_tokens: int, window_segments: int) -> None:
     global _WORKER_ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process stops the pool
     _WORKER_ENCODER = SampleEncoder(tokenizers, segment_tokens, window_segments)
 
 

@@ -20,6 +20,8 @@ class SplitWriter:
     512-byte header and padding. Members are written in sorted order, as webdataset's TarWriter writes them."""
 
     def __init__(self, out: Path, split: str, max_bytes: int, start_shard: int, token_names: list[str]):
+        self.out = out
+        self.on_finish = None  # called after a shard is complete, before the next sample (the build's journal)
         self.pattern = str(out / f"{split}-%06d.tar")
         self.max_bytes = max_bytes
         self.shard = start_shard  # the number of the next shard to open
@@ -32,6 +34,8 @@ class SplitWriter:
     def write(self, sample: Sample) -> None:
         if self.tar is not None and self.tar.offset >= self.max_bytes:
             self._finish()
+            if self.on_finish is not None:
+                self.on_finish()
         if self.tar is None:
             self._open()
         assert self.tar is not None
@@ -48,6 +52,40 @@ class SplitWriter:
         if self.tar is not None:
             self._finish()
         return list(self.shards.values())
+
+    def state(self) -> dict:
+        """The journal's record of this split (data_tools/journal.py): complete shards, the open one synced."""
+        open_entry = self.entry if self.tar is not None else None
+        done = [e for e in self.shards.values() if e is not open_entry]
+        state: dict = {"shard": self.shard, "done": done, "open": None}
+        if self.tar is not None:
+            state["open"] = {**self.entry, "offset": self.tar.sync(), "rows": self.rows}
+        return state
+
+    def restore(self, state: dict) -> None:
+        """Continue from a journal's record: its complete shards checked on disk, the open one cut back."""
+        self.shard = state["shard"]
+        for entry in state["done"]:
+            for file in [entry, entry["index"]]:
+                path = self.out / file["name"]
+                if not path.is_file() or path.stat().st_size != file["bytes"]:
+                    raise DataError(
+                        f"--resume: {path} is missing or not {file['bytes']} bytes; rebuild with --overwrite"
+                    )
+            self.shards[str(self.out / entry["name"])] = entry
+        if state["open"] is not None:
+            entry = dict(state["open"])
+            offset, rows = entry.pop("offset"), entry.pop("rows")
+            path = self.out / entry["name"]
+            if not path.is_file() or path.stat().st_size < offset:
+                raise DataError(f"--resume: {path} is missing or shorter than {offset} bytes; rebuild with --overwrite")
+            self.tar = TarWriter.reopen(path, offset, **TAR_META)
+            self.entry = self.shards[str(path)] = entry
+            self.rows = [(key, {s: tuple(span) for s, span in spans.items()}) for key, spans in rows]
+
+    def files(self) -> set[str]:
+        """Names of the shards and indexes this writer has (complete or open)."""
+        return {n for e in self.shards.values() for n in (e["name"], e.get("index", {}).get("name")) if n}
 
     def _open(self) -> None:
         fname = self.pattern % self.shard
@@ -87,18 +125,24 @@ def file_digest(path: Path) -> tuple[int, str]:
 def existing_outputs(out: Path) -> list[Path]:
     """What a build writes into `out`: shards of either split, their indexes and the manifest."""
     found = [sorted(p for split in SPLITS for p in out.glob(f"{split}-*{suffix}")) for suffix in (".tar", SUFFIX)]
-    manifest = out / "manifest.json"
-    return found[0] + found[1] + ([manifest] if manifest.exists() else [])
+    others = [out / name for name in ("manifest.json", "build.journal.json") if (out / name).exists()]
+    return found[0] + found[1] + others
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Create `out`; refuse one that already holds shards or a manifest unless `overwrite` (then remove them)."""
+def prepare_out(out: Path, overwrite: bool, keep: bool = False) -> None:
+    """Create `out`; refuse one that already holds shards or a manifest unless `overwrite` (then remove them), or
+    `keep` them (a resumed build)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    if keep:
+        return
     existing = existing_outputs(out)
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise DataError(f"--out {out}: already holds {existing[0].name}{more}; use --overwrite to replace")
+        raise DataError(
+            f"--out {out}: already holds {existing[0].name}{more}; use --overwrite to replace (--resume to continue "
+            f"an unfinished build)"
+        )
     for path in existing:
         path.unlink()

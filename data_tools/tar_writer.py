@@ -7,6 +7,7 @@ long-name or PAX records; sample keys are ~20 characters).
 """
 
 import hashlib
+import os
 import tarfile
 from pathlib import Path
 
@@ -30,6 +31,25 @@ class TarWriter:
         self.file = open(path, "wb")
         self.sha256 = hashlib.sha256()
         self.offset = 0  # bytes written so far: where the next header goes
+
+    @classmethod
+    def reopen(cls, path: str | Path, offset: int, mtime: int, user: str, group: str, mode: int) -> "TarWriter":
+        """An unfinished tar cut back to `offset` (a sample boundary), to write on (arc-data build --resume)."""
+        writer = cls.__new__(cls)
+        writer.header = _template(mtime, user, group, mode)
+        writer.file = open(path, "r+b")  # noqa: SIM115 (closed by close())
+        writer.file.truncate(offset)
+        writer.sha256, writer.offset = hashlib.sha256(), offset
+        while block := writer.file.read(1 << 20):
+            writer.sha256.update(block)
+        writer.file.seek(offset)
+        return writer
+
+    def sync(self) -> int:
+        """Flush what was written to the disk; returns the offset it reaches."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return self.offset
 
     def add(self, name: str, data: bytes) -> None:
         raw = name.encode("ascii")

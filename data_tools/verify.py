@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.inputs import DataError
+from data_tools.layout import Layout
 from data_tools.manifest import FORMAT_VERSION, load_manifest
 from data_tools.sample_format import MEMBER, decode
 from data_tools.shard_index import index_from_tar, load_index
-from data_tools.shards import file_digest
+from data_tools.shards import existing_outputs, file_digest
 
 
 def read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -72,18 +74,35 @@ def check_sample(
 
 
 def verify(directory: Path) -> list[str]:
-    """All mismatches between the shards in `directory` and its manifest, one line each naming the shard."""
+    """All mismatches between the shards in `directory` and its manifest, one line each naming the shard: the
+    shards' bytes, samples and counts, no shard listed twice or present unlisted, and samples laid out as the
+    manifest's segment_tokens and window_segments say (data_tools/layout.py)."""
     manifest = load_manifest(directory)
-    problems = []
+    problems, listed = [], {}
+    layout = Layout(manifest["segment_tokens"], manifest["window_segments"])
     for split, entry in manifest["splits"].items():
         if entry["samples"] != sum(s["samples"] for s in entry["shards"]):
             problems.append(f"split {split}: {entry['samples']} samples, but its shards list a different total")
         for shard in entry["shards"]:
-            problems += [f"{shard['name']}: {p}" for p in verify_shard(directory / shard["name"], shard, manifest)]
-    return problems
+            if shard["name"] in listed:
+                problems.append(f"{shard['name']}: listed under both {listed[shard['name']]} and {split}")
+                continue
+            listed[shard["name"]] = split
+            problems += [
+                f"{shard['name']}: {p}" for p in verify_shard(directory / shard["name"], shard, manifest, layout)
+            ]
+    known = {"manifest.json"} | {n for s in manifest["splits"].values() for x in s["shards"] for n in _files(x)}
+    problems += [
+        f"{p.name}: on disk but not in the manifest" for p in existing_outputs(directory) if p.name not in known
+    ]
+    return problems + layout.problems()
 
 
-def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
+def _files(shard: dict) -> list[str]:
+    return [shard["name"]] + ([shard["index"]["name"]] if "index" in shard else [])
+
+
+def verify_shard(path: Path, shard: dict, manifest: dict, layout: Layout | None = None) -> list[str]:
     if not path.is_file():
         return ["missing"]
     size, sha = file_digest(path)
@@ -91,6 +110,7 @@ def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
         return [f"size/sha256 {size}/{sha[:12]}… differ from the manifest's {shard['bytes']}/{shard['sha256'][:12]}…"]
     problems, n_samples, keys = [], 0, set()
     tokens, version = dict.fromkeys(manifest["tokenizers"], 0), manifest["format_version"]
+    encoder = next(iter(manifest["tokenizers"]))
     try:
         for key, members in read_shard(path):
             n_samples += 1
@@ -101,6 +121,9 @@ def verify_shard(path: Path, shard: dict, manifest: dict) -> list[str]:
             problems += sample_problems
             for name, n in sample_tokens.items():
                 tokens[name] += n
+            if layout is not None and not sample_problems:
+                meta, arrays = decode(members)
+                layout.add(key, meta["n_segments"], arrays[encoder][1])
     except tarfile.TarError as err:
         return [f"not a readable tar: {err}"]
     if n_samples != shard["samples"]:
@@ -144,7 +167,7 @@ def inspect(directory: Path, max_samples: int = 1000) -> str:
     samples = list(_first_samples(directory, manifest, max_samples))
     if not samples:
         return "\n".join(lines + ["no samples"])
-    decoded = [decode(members) for _, members in samples]
+    decoded = [_decoded(path, key, members) for path, key, members in samples]
     lines.append(f"per segment, over the first {len(samples)} samples:")
     for name, info in manifest["tokenizers"].items():
         lengths = np.concatenate([np.diff(arrays[name][1].astype(np.int64)) for _, arrays in decoded])
@@ -152,7 +175,7 @@ def inspect(directory: Path, max_samples: int = 1000) -> str:
             f"  {name:>10}: mean {lengths.mean():.1f} tokens, min {lengths.min()}, max {lengths.max()} "
             f"(vocab {info['vocab_size']}, {info['dtype']}, hash {info['hash'][:12]}…)"
         )
-    key, (_, arrays) = samples[0][0], decoded[0]
+    key, (_, arrays) = samples[0][1], decoded[0]
     lines.append(f"sample {key}, first segment, decoded by each tokenizer:")
     for name, info in manifest["tokenizers"].items():
         ids, offsets = arrays[name]
@@ -160,15 +183,28 @@ def inspect(directory: Path, max_samples: int = 1000) -> str:
     return "\n".join(lines)
 
 
-def _first_samples(directory: Path, manifest: dict, limit: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _first_samples(directory: Path, manifest: dict, limit: int) -> Iterator[tuple[Path, str, dict[str, bytes]]]:
+    """(shard, key, members) of the first `limit` samples; a shard that is not a readable tar is a DataError
+    naming it."""
     n = 0
     for entry in manifest["splits"].values():
         for shard in entry["shards"]:
-            for sample in read_shard(directory / shard["name"]):
-                yield sample
-                n += 1
-                if n >= limit:
-                    return
+            path = directory / shard["name"]
+            try:
+                for key, members in read_shard(path):
+                    yield path, key, members
+                    n += 1
+                    if n >= limit:
+                        return
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise DataError(f"{path}: not a readable tar ({err}); arc-data verify checks every shard") from None
+
+
+def _decoded(path: Path, key: str, members: dict[str, bytes]) -> tuple[dict, dict]:
+    try:
+        return decode(members)
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: sample {key}: {err}; arc-data verify checks every shard") from None
 
 
 def _decode(path: str, ids: list[int]) -> str:
