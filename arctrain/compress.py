@@ -26,7 +26,6 @@ when H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vecto
 """
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -34,13 +33,13 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from arctrain import store_codec
 from arctrain.store import (
     DTYPES,
+    MEMBER,
     PQ_DTYPES,
     SPLIT,
     StoreWriter,
@@ -52,6 +51,7 @@ from arctrain.store import (
     projector_first_layer,
     sample_members,
     tensor_sha256,
+    unpack_member,
 )
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.pool import in_order
@@ -232,7 +232,7 @@ def compress(args: argparse.Namespace) -> dict:
                     continue
                 writer.write(members, text_bytes)
                 if pq:
-                    reservoir.add(np.load(io.BytesIO(members["vectors.npy"])))
+                    reservoir.add(unpack_member(members[MEMBER])[1]["vectors"])
                     order.append((doc_id, text_bytes))
             bar.update(len(group))
     meta = {

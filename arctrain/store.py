@@ -5,14 +5,15 @@
     DIR/vectors-000000.tar        WebDataset shards, one sample per document, written by data_tools' SplitWriter
     DIR/vectors-000000.idx.npy    member offsets of every sample (data_tools/shard_index.py): lookups seek
 
-A sample holds one document: `id.txt` (its id), `counts.npy` (S,) vectors per segment and `tokens.npy` (S,) encoder
-tokens per segment, `vectors.npy` (sum counts, D) in encoder space, in the store's dtype (bf16 as its raw uint16
-bits: numpy has no bfloat16), and for int8 `scales.npy` (sum counts,) float32, one scale per vector. Segment i
-of a document is rows counts[:i].sum() ... of its vectors. The vectors are the encoder's pooled output, before
+A sample holds one document in one member, `doc.mp` (MessagePack: one tar header per document, not one per array):
+`id` (its id), `counts` (S,) vectors per segment and `tokens` (S,) encoder tokens per segment (int32), `vectors`
+(sum counts, W) in the store's dtype (bf16 as its raw uint16 bits: numpy has no bfloat16), and for int8 `scales`
+(sum counts,) float32, one scale per vector; each array as {"dtype", "shape", "data": raw bytes}. Segment i of a
+document is rows counts[:i].sum() ... of its vectors. The vectors are the encoder's pooled output (W = D), before
 any projector, so one store serves every decoder the encoder was trained with, and a decoder added later with the
-encoder frozen too.
+encoder frozen too. Stores of format 1 (one .npy member per array and `id.txt`) are still read.
 
-Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/store_codec.py) hold `vectors.npy` as (sum counts, M) uint8
+Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/store_codec.py) hold `vectors` as (sum counts, M) uint8
 codes and DIR/codebook.faiss, the faiss codec they decode with (its sha256 in the manifest).
 
 A bottleneck store (`compress --bottleneck DECODER`) holds, instead of each vector x, h = W1 x: the output of that
@@ -31,23 +32,25 @@ pooling settings, segment length and tokenizer: a store made by another encoder 
 """
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import torch
 
 from arctrain import store_codec
 from arctrain.data.shards import ShardReader
 
-FORMAT = "arctrain-vectors/1"
+FORMAT = "arctrain-vectors/2"
+FORMATS = ("arctrain-vectors/1", FORMAT)  # read
+MEMBER = "doc.mp"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 PQ_DTYPES = "pq<M>, opq<M>"  # product-quantized: M one-byte codes per vector (arctrain/store_codec.py)
 SPLIT = "vectors"
-MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # read by seeking (id.txt is for other readers)
+MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeking (id.txt is for other readers)
 
 
 def encoder_identity(model_dir: str | Path) -> str:
@@ -101,9 +104,9 @@ def dequantize(arrays: dict[str, np.ndarray], dtype: str, codec: "store_codec.Co
     """The stored arrays -> (N, D) float32 vectors."""
     if codec is not None:
         return torch.from_numpy(codec.decode(arrays["vectors"]))
-    v = torch.from_numpy(np.ascontiguousarray(arrays["vectors"]))
+    v = torch.from_numpy(np.array(arrays["vectors"]))  # a writable copy
     if dtype == "int8":
-        return v.float() * torch.from_numpy(arrays["scales"]).float()[:, None]
+        return v.float() * torch.from_numpy(np.array(arrays["scales"])).float()[:, None]
     if dtype == "bf16":
         v = v.view(torch.bfloat16)
     return v.float()
@@ -113,12 +116,6 @@ def bytes_per_vector(dim: int, dtype: str) -> int:
     if (pq := store_codec.parse(dtype)) is not None:
         return pq[1]
     return dim * torch.empty((), dtype=DTYPES[dtype]).element_size() + (4 if dtype == "int8" else 0)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def doc_key(doc_id: str) -> str:
@@ -131,11 +128,21 @@ def sample_members(
 ) -> dict[str, bytes]:
     """The WebDataset members of one document: its segments' vectors, (m_s, D) each, stored in `dtype`."""
     arrays = quantize(torch.cat(segments), dtype, codec)
-    members = {"__key__": doc_key(doc_id), "id.txt": doc_id.encode("utf-8")}
-    members["counts.npy"] = npy(np.array([len(s) for s in segments], dtype=np.int32))
-    members["tokens.npy"] = npy(np.array(tokens, dtype=np.int32))
-    members |= {f"{name}.npy": npy(a) for name, a in arrays.items()}
-    return members
+    arrays["counts"] = np.array([len(s) for s in segments], dtype=np.int32)
+    arrays["tokens"] = np.array(tokens, dtype=np.int32)
+    packed = {k: {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
+    return {"__key__": doc_key(doc_id), MEMBER: msgpack.packb({"id": doc_id, **packed})}
+
+
+def unpack_member(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
+    """A `doc.mp` member -> (document id, its arrays); a ValueError says what is wrong."""
+    try:
+        sample = msgpack.unpackb(data)
+        doc_id = sample.pop("id")
+        arrays = {k: np.frombuffer(a["data"], np.dtype(a["dtype"])).reshape(a["shape"]) for k, a in sample.items()}
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as err:
+        raise ValueError(f"{MEMBER} does not decode ({type(err).__name__}: {err})") from None
+    return doc_id, arrays
 
 
 class StoreWriter:
@@ -151,10 +158,11 @@ class StoreWriter:
     def write(self, members: dict[str, bytes], text_bytes: int = 0) -> None:
         from data_tools.samples import Sample
 
-        tokens = int(np.load(io.BytesIO(members["tokens.npy"])).sum())
+        _, arrays = unpack_member(members[MEMBER])
+        tokens = int(arrays["tokens"].sum())
         self.writer.write(Sample(members, (tokens,)))
         self.docs, self.tokens, self.text_bytes = self.docs + 1, self.tokens + tokens, self.text_bytes + text_bytes
-        self.vectors += int(np.load(io.BytesIO(members["counts.npy"])).sum())
+        self.vectors += int(arrays["counts"].sum())
 
     def close(self, meta: dict) -> dict:
         """Write manifest.json: `meta` (encoder, pooling, dtype, codec, docs, sources), counts and the shards. `bytes`
@@ -212,7 +220,7 @@ class VectorStore:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{manifest_path}: not valid JSON ({err.msg})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
             raise ValueError(f"{manifest_path}: not a vector store manifest (format {FORMAT!r})")
         return manifest
 
@@ -247,18 +255,15 @@ class VectorStore:
         if doc_id not in self:
             raise ValueError(f"--vectors {self.root}: no document {doc_id!r} ({len(self)} documents stored)")
         path, i = self.where[doc_key(doc_id)]
-        suffixes = MEMBERS + (["scales.npy"] if self.dtype == "int8" else [])
         where = f"--vectors {self.root}: document {doc_id!r} ({Path(path).name})"
         try:
-            _, arrays = self.reader.read(path, i, suffixes)
-            vectors = dequantize({k.removesuffix(".npy"): v for k, v in arrays.items()}, self.dtype, self.codec)
-        except (ValueError, OSError, RuntimeError) as err:  # a damaged member: npy header, shape, dtype
+            arrays = self._arrays(path, i)
+            vectors = dequantize(arrays, self.dtype, self.codec)
+        except (ValueError, OSError, RuntimeError) as err:  # a damaged member: header, shape, dtype
             raise ValueError(f"{where}: unreadable ({err}); run arctrain verify-store {self.root}") from None
-        counts = arrays["counts.npy"].tolist()
-        if sum(counts) != len(vectors) or len(counts) != len(arrays["tokens.npy"]):
-            raise ValueError(
-                f"{where}: {len(vectors)} vectors for counts summing to {sum(counts)}; the store is corrupt"
-            )
+        counts = arrays["counts"].tolist()
+        if sum(counts) != len(vectors) or len(counts) != len(arrays["tokens"]):
+            raise ValueError(f"{where}: {len(vectors)} vectors, counts sum to {sum(counts)}; the store is corrupt")
         bad = (~torch.isfinite(vectors)).any(dim=1).nonzero()  # (n_bad, 1)
         if len(bad):
             raise ValueError(
@@ -269,7 +274,16 @@ class VectorStore:
             if self.lift is None:
                 raise ValueError(f"--vectors {self.root}: a bottleneck store is read with its export (check_encoder)")
             vectors = vectors @ self.lift.T  # (N, H) -> (N, D), the projector's first layer maps it back to h
-        return StoredDoc(doc_id, list(torch.split(vectors, counts)), arrays["tokens.npy"].tolist())
+        return StoredDoc(doc_id, list(torch.split(vectors, counts)), arrays["tokens"].tolist())
+
+    def _arrays(self, path: str, i: int) -> dict[str, np.ndarray]:
+        """Sample `i` of shard `path`: one seek and read of its `doc.mp` (format 1: of each .npy member)."""
+        if self.manifest["format"] == FORMAT:
+            row = self.reader._index(path)[i]
+            return unpack_member(self.reader._member(path, row["key"].decode(), row, MEMBER))[1]
+        suffixes = MEMBERS + (["scales.npy"] if self.dtype == "int8" else [])
+        _, arrays = self.reader.read(path, i, suffixes)
+        return {k.removesuffix(".npy"): v for k, v in arrays.items()}
 
 
 def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:

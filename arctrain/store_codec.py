@@ -73,6 +73,14 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     dim = sample.shape[1]
     check(dtype, dim)
     index = faiss.index_factory(dim, KINDS[kind].format(m=m))
+    # faiss warns on every k-means below 39 points per centroid (per sub-quantizer, per OPQ iteration); the summary
+    # says instead when the codebook saw fewer than --train-vectors.
+    faiss.downcast_index(index.index if kind == "opq" else index).pq.cp.min_points_per_centroid = 1
+    if kind == "opq":
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        pq = faiss.ProductQuantizer(dim, m, 8)  # the one OPQ alternates with (held here: the matrix does not own it)
+        pq.cp.min_points_per_centroid = 1
+        rotation.pq = pq
     index.train(sample)
     path = out / CODEBOOK
     faiss.write_index(index, str(path))

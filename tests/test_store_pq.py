@@ -1,12 +1,12 @@
 """Product-quantized stores (faiss) and store integrity: `arctrain compress --dtype pq<M>/opq<M>`, `verify-store`."""
 
 import hashlib
-import io
 import json
 import shutil
 import tarfile
 
 import faiss
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -45,15 +45,22 @@ def stores(exported, inputs, tmp_path_factory) -> dict:
     return out
 
 
-def stored_codes(store_dir, doc_id) -> np.ndarray:
-    """A document's codes as the shard holds them, read with tarfile (not the store's reader)."""
+def stored_member(store_dir, doc_id) -> tuple:
+    """(shard, tar member, its MessagePack content) of a document, read with tarfile (not the store's reader)."""
     key = doc_key(doc_id)
     for shard in sorted(store_dir.glob("vectors-*.tar")):
         with tarfile.open(shard) as tar:
-            names = tar.getnames()
-            if f"{key}.vectors.npy" in names:
-                return np.load(io.BytesIO(tar.extractfile(f"{key}.vectors.npy").read()))
+            if f"{key}.doc.mp" in tar.getnames():
+                member = tar.getmember(f"{key}.doc.mp")
+                return shard, member, msgpack.unpackb(tar.extractfile(member).read())
     raise KeyError(doc_id)
+
+
+def stored_codes(store_dir, doc_id) -> np.ndarray:
+    """A document's stored vectors array (pq: its codes), (N, W)."""
+    v = stored_member(store_dir, doc_id)[2]["vectors"]
+    assert stored_member(store_dir, doc_id)[2]["id"] == doc_id
+    return np.frombuffer(v["data"], v["dtype"]).reshape(v["shape"])
 
 
 @pytest.mark.parametrize("dtype", ["pq8", "opq8"])
@@ -144,15 +151,12 @@ def test_verify_store_names_a_changed_file(stores, tmp_path, capsys):
 
 def test_generate_refuses_a_stored_nan_naming_the_document(exported, tiny_models, docs, stores, tmp_path, capsys):
     bad = shutil.copytree(stores["fp32"], tmp_path / "nan")
-    doc_id, key = docs[3]["id"], doc_key(docs[3]["id"])
-    for shard in sorted(bad.glob("vectors-*.tar")):
-        with tarfile.open(shard) as tar:
-            if f"{key}.vectors.npy" in tar.getnames():
-                member = tar.getmember(f"{key}.vectors.npy")
-                break
+    doc_id = docs[3]["id"]
+    shard, member, sample = stored_member(bad, doc_id)
     data = bytearray(shard.read_bytes())
-    end = member.offset_data + member.size  # the last float32 of the document's vectors
-    data[end - 4 : end] = np.array([np.nan], dtype=np.float32).tobytes()
+    body = data[member.offset_data : member.offset_data + member.size]
+    start = bytes(body).index(sample["vectors"]["data"]) + member.offset_data  # the float32 rows in the shard
+    data[start : start + 4] = np.array([np.nan], dtype=np.float32).tobytes()
     shard.write_bytes(bytes(data))
     gen = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "x"]
     err = run_error([*gen, "--vectors", str(bad), "--doc-id", doc_id], capsys)
