@@ -19,6 +19,7 @@ store in the page cache (VectorStore.get: seek, read, decode, finite check), med
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -82,6 +83,8 @@ def read_docs(path: Path) -> list[dict]:
 
 
 def fp32_store(model: Path, docs: Path, out: Path) -> VectorStore:
+    if (out / "manifest.json").is_file():  # --work kept from an earlier run: the same documents, already compressed
+        return VectorStore(out)
     arctrain(["compress", "--model", str(model), "--input", str(docs), "--out", str(out), "--dtype", "fp32",
               "--no-progress"])  # fmt: skip
     return VectorStore(out)
@@ -98,10 +101,14 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "int8", "pq96", "pq48", "opq48"])
     parser.add_argument("--speed-vectors", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="the stores' directory (its fp32 stores are reused)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    root = Path(tempfile.mkdtemp(prefix="store_quality_"))
+    root = args.work or Path(tempfile.mkdtemp(prefix="store_quality_"))
+    for old in root.glob("*"):
+        if old.name not in ("fp32", "train"):
+            shutil.rmtree(old)
     docs = read_docs(args.input)
     ids, text_bytes = [d["id"] for d in docs], {d["id"]: len(d["text"].encode()) for d in docs}
     exact = fp32_store(args.model, args.input, root / "fp32")
@@ -109,17 +116,6 @@ def main() -> None:
     reservoir = store_codec.Reservoir(args.train_vectors)
     for doc_id in [d["id"] for d in read_docs(args.train_input)] if args.train_input else ids:
         reservoir.add(torch.cat(train_store.get(doc_id).vectors).numpy())
-    stores, codecs, train_seconds = {"fp32": exact}, {}, {}
-    for dtype in args.dtypes:
-        codec = None
-        if store_codec.parse(dtype):
-            (root / dtype).mkdir()
-            start = time.perf_counter()
-            entry = store_codec.train(dtype, reservoir.sample(), root / dtype, args.threads)
-            train_seconds[dtype] = time.perf_counter() - start
-            codecs[dtype] = codec = (store_codec.Codec(root / dtype, entry), entry)
-        recode(exact, ids, root / dtype, dtype, codec, text_bytes)
-        stores[dtype] = VectorStore(root / dtype)
     arc = ARCGenerator(args.model, args.decoder, dtype=torch.float32)
     targets = []  # (doc id, segment index, decoder tokens of that segment)
     for doc in docs:
@@ -131,23 +127,30 @@ def main() -> None:
     print(f"{len(docs)} held-out docs, {texts:,} bytes of text, {tokens:,} encoder tokens ({texts / tokens:.2f} "
           f"bytes/token), {exact.manifest['vectors']:,} vectors (x{arc.config.pooling_factor}); codebooks trained on "
           f"{reservoir.sample().shape[0]:,} vectors; {len(targets)} segments reconstructed")  # fmt: skip
-    rows = {}
-    for dtype, store in stores.items():
-        loss, acc, no_context = reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets])
-        m = store.manifest
-        shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])
-        rows[dtype] = (m["bytes_per_vector"], shards / texts, loss, acc)
-    base = rows["fp32"][2]
+    base, acc, no_context = reconstruction(arc, [(exact.get(d).vectors[i], t) for d, i, t in targets])
     gain = no_context - base
-    print(
-        f"{'store':>6} {'B/vector':>8} {'B/text B':>8} {'rec loss':>9} {'vs fp32':>8} {'gain lost':>9} {'tok acc':>7}"
-    )
-    for name, (bpv, bpb, loss, acc) in rows.items():
-        print(f"{name:>6} {bpv:>8} {bpb:>8.3f} {loss:>9.4f} {loss - base:>+8.4f} {(loss - base) / gain:>9.1%} "
-              f"{acc:>7.3f}")  # fmt: skip
     print(f"(no context: loss {no_context:.4f}; the context is worth {gain:.4f} nats)")
-    for dtype, (_, entry) in codecs.items():
-        print(f"{dtype}: codebook {entry['bytes']:,} bytes, trained in {train_seconds[dtype]:.1f}s")
+    header = ("store", "B/vector", "B/text B", "codes B/B", "rec loss", "vs fp32", "gain lost", "tok acc", "codebook")
+    print("{:>6} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>7} {:>9}".format(*header))
+    stores, codecs = {"fp32": exact}, {}
+    for dtype in ["fp32", *args.dtypes]:
+        codec, trained = None, ""
+        if store_codec.parse(dtype):
+            (root / dtype).mkdir()
+            start = time.perf_counter()
+            entry = store_codec.train(dtype, reservoir.sample(), root / dtype, args.threads)
+            trained = f"{entry['bytes']:,} B, trained in {time.perf_counter() - start:.0f}s"
+            codecs[dtype] = codec = (store_codec.Codec(root / dtype, entry), entry)
+        if dtype != "fp32":
+            recode(exact, ids, root / dtype, dtype, codec, text_bytes)
+            stores[dtype] = VectorStore(root / dtype)
+        store = stores[dtype]
+        loss, acc, _ = reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets])
+        m = store.manifest
+        shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])  # on disk, the codebook aside
+        codes = m["bytes_per_vector"] * m["vectors"] / texts  # the vectors alone: long documents, at scale
+        print(f"{dtype:>6} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
+              f"{loss - base:>+8.4f} {(loss - base) / gain:>9.1%} {acc:>7.3f} {trained}", flush=True)  # fmt: skip
     speed(args, stores, codecs, reservoir.sample())
 
 
@@ -155,23 +158,24 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    n = args.speed_vectors
-    vectors = np.ascontiguousarray(np.resize(sample, (n, sample.shape[1])))  # (n, D) float32, tiled
+    n, chunk = args.speed_vectors, min(args.speed_vectors, 100_000)
+    block = np.ascontiguousarray(np.resize(sample, (chunk, sample.shape[1])))  # (chunk, D) float32, tiled
     for dtype, (codec, _) in codecs.items():
-        start = time.perf_counter()
-        codes = codec.encode(vectors)
-        encode = time.perf_counter() - start
-        start = time.perf_counter()
-        codec.decode(codes)
-        decode = time.perf_counter() - start
+        encode = decode = 0.0
+        for _ in range(n // chunk):  # in blocks: a million 3072-wide float32 vectors would be 12 GB
+            start = time.perf_counter()
+            codes = codec.encode(block)
+            encode += time.perf_counter() - start
+            start = time.perf_counter()
+            codec.decode(codes)
+            decode += time.perf_counter() - start
+        n = n // chunk * chunk
         print(f"{dtype}: {n:,} vectors encoded in {encode:.1f}s ({n / encode:,.0f}/s), decoded in {decode:.2f}s "
               f"({n / decode:,.0f}/s), {args.threads} threads")  # fmt: skip
     for dtype, store in stores.items():
-        ids = [store.reader._index(p)["key"] for p in store.reader.shards]  # warm: every shard read once
-        del ids
         doc_ids = [json.loads(line)["id"] for line in args.input.read_text().splitlines() if line.strip()]
         for d in doc_ids:
-            store.get(d)
+            store.get(d)  # into the page cache
         times = []
         for d in doc_ids:
             start = time.perf_counter()

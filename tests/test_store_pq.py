@@ -124,9 +124,10 @@ def run_error(argv, capsys) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         arctrain(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code != 0 and len(err.splitlines()) == 1, err
-    return err
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("arctrain: error:")]  # also on stderr: transformers' progress
+    assert exit_info.value.code != 0 and len(errors) == 1 and errors[0] == err[-1], err
+    return errors[0]
 
 
 def test_verify_store_names_a_changed_file(stores, tmp_path, capsys):
