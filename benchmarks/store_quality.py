@@ -36,9 +36,11 @@ from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, sample_me
 
 
 @torch.no_grad()
-def reconstruction(arc: ARCGenerator, items: list[tuple[torch.Tensor, list[int]]]) -> tuple[float, float, float]:
-    """(token loss, token accuracy, no-context token loss) of reconstructing each segment's decoder tokens from its
-    vectors (m, D), as `arctrain eval --heldout` scores them from the encoder."""
+def reconstruction(
+    arc: ARCGenerator, items: list[tuple[torch.Tensor, list[int]]], without: bool = False
+) -> tuple[float, float, float]:
+    """(token loss, token accuracy, no-context token loss if `without`) of reconstructing each segment's decoder
+    tokens from its vectors (m, D), as `arctrain eval --heldout` scores them from the encoder."""
     loss_sum = no_context = 0.0
     correct = total = 0
     for start in range(0, len(items), 16):
@@ -58,7 +60,8 @@ def reconstruction(arc: ARCGenerator, items: list[tuple[torch.Tensor, list[int]]
         correct += int((logits.argmax(-1) == targets[selected]).sum())
         n = int(selected.sum())
         total += n
-        no_context += float(arc.model(batch, arc.name, use_context=False).loss) * n
+        if without:
+            no_context += float(arc.model(batch, arc.name, use_context=False).loss) * n
     return loss_sum / total, correct / total, no_context / total
 
 
@@ -127,7 +130,7 @@ def main() -> None:
     print(f"{len(docs)} held-out docs, {texts:,} bytes of text, {tokens:,} encoder tokens ({texts / tokens:.2f} "
           f"bytes/token), {exact.manifest['vectors']:,} vectors (x{arc.config.pooling_factor}); codebooks trained on "
           f"{reservoir.sample().shape[0]:,} vectors; {len(targets)} segments reconstructed")  # fmt: skip
-    base, acc, no_context = reconstruction(arc, [(exact.get(d).vectors[i], t) for d, i, t in targets])
+    base, acc, no_context = reconstruction(arc, [(exact.get(d).vectors[i], t) for d, i, t in targets], True)
     gain = no_context - base
     print(f"(no context: loss {no_context:.4f}; the context is worth {gain:.4f} nats)")
     header = ("store", "B/vector", "B/text B", "codes B/B", "rec loss", "vs fp32", "gain lost", "tok acc", "codebook")
@@ -145,7 +148,11 @@ def main() -> None:
             recode(exact, ids, root / dtype, dtype, codec, text_bytes)
             stores[dtype] = VectorStore(root / dtype)
         store = stores[dtype]
-        loss, acc, _ = reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets])
+        loss, acc = (
+            (base, acc)
+            if dtype == "fp32"
+            else reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets])[:2]
+        )
         m = store.manifest
         shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])  # on disk, the codebook aside
         codes = m["bytes_per_vector"] * m["vectors"] / texts  # the vectors alone: long documents, at scale

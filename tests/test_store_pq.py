@@ -195,7 +195,7 @@ def test_a_bottleneck_store_feeds_its_decoder_what_the_full_vectors_do(narrow_ex
         embeds, mask, _ = arc.embed([arc.context_example(arc.stored_memory(d["id"]), "\nThe") for d in docs[:3]])
         rows[name] = embeds  # (B, T, Dd)
     torch.testing.assert_close(rows["neck"], rows["full"], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="holds decoder 'llama's projector bottleneck"):
+    with pytest.raises(ValueError, match="holds the projector bottleneck of decoder 'llama'"):
         ARCGenerator(narrow_export, tiny_models / "mistral", vectors=neck)
     err = run_error(["compress", "--model", str(narrow_export), "--input", str(inputs), "--out", str(tmp_path / "m"),
                      "--bottleneck", "mistral"], capsys)  # fmt: skip
