@@ -240,7 +240,7 @@ class VectorStore:
         if decoder != neck["decoder"] or tensor_sha256(first) != neck["sha256"]:
             raise ValueError(
                 f"--vectors {self.root}: holds the projector bottleneck of decoder {neck['decoder']!r} "
-                f"({neck['hidden']} values per vector); only that decoder, with the projector it was made with, reads it"
+                f"({neck['hidden']} values per vector); only that decoder, with its projector then, reads it"
                 + (f", not {decoder!r}" if decoder != neck["decoder"] else " (this export's projector differs)")
             )
         self.lift = torch.linalg.pinv(first.double()).float()  # (D, H): W1 @ lift = I_H
