@@ -32,7 +32,7 @@ from arctrain import store_codec
 from arctrain.cli import main as arctrain
 from arctrain.infer import ARCGenerator
 from arctrain.model import Example, Memory, Text
-from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, sample_members
+from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, dequantize, quantize, sample_members
 
 
 @torch.no_grad()
@@ -105,7 +105,13 @@ def main() -> None:
     parser.add_argument("--speed-vectors", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="the stores' directory (its fp32 stores are reused)")
+    parser.add_argument("--speed-only", action="store_true", help="only the rates, of the --dtypes stores in --work")
     args = parser.parse_args()
+    if args.speed_only:
+        stores = {d: VectorStore(args.work / d) for d in ["fp32", *args.dtypes]}
+        sample = torch.cat([v for d in read_docs(args.input) for v in stores["fp32"].get(d["id"]).vectors]).numpy()
+        speed(args, stores, {d: (s.codec, None) for d, s in stores.items() if s.codec}, sample)
+        return
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     root = args.work or Path(tempfile.mkdtemp(prefix="store_quality_"))
@@ -167,6 +173,11 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
     faiss.omp_set_num_threads(args.threads)
     n, chunk = args.speed_vectors, min(args.speed_vectors, 100_000)
     block = np.ascontiguousarray(np.resize(sample, (chunk, sample.shape[1])))  # (chunk, D) float32, tiled
+    start = time.perf_counter()
+    for _ in range(n // chunk):  # the baseline: int8 with a per-vector scale (arctrain/store.py)
+        dequantize(quantize(torch.from_numpy(block), "int8"), "int8")
+    seconds = time.perf_counter() - start
+    print(f"int8: {n // chunk * chunk:,} vectors encoded and decoded in {seconds:.1f}s, {args.threads} threads")
     for dtype, (codec, _) in codecs.items():
         encode = decode = 0.0
         for _ in range(n // chunk):  # in blocks: a million 3072-wide float32 vectors would be 12 GB
@@ -178,7 +189,8 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
             decode += time.perf_counter() - start
         n = n // chunk * chunk
         print(f"{dtype}: {n:,} vectors encoded in {encode:.1f}s ({n / encode:,.0f}/s), decoded in {decode:.2f}s "
-              f"({n / decode:,.0f}/s), {args.threads} threads")  # fmt: skip
+              f"({n / decode:,.0f}/s), {args.threads} threads; "
+              f"{(encode + decode) / seconds:.1f}x int8's time")  # fmt: skip
     for dtype, store in stores.items():
         doc_ids = [json.loads(line)["id"] for line in args.input.read_text().splitlines() if line.strip()]
         for d in doc_ids:
