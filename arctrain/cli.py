@@ -6,6 +6,7 @@
     arctrain import-arc ARC8_Encoder_Llama --out imported/arc8 --backbone models/Llama-3.2-3B --decoders llama
     arctrain generate --model exported/tiny --decoder artifacts/tiny/llama --context-file doc.txt --prompt "…"
     arctrain compress --model exported/tiny --input docs.jsonl --out store/ --dtype int8
+    arctrain verify-store store/
     arctrain vllm-prompts --model exported/tiny --decoder artifacts/tiny/llama --vectors store/ --doc-id D --prompt "…"
     arctrain eval --model exported/tiny --decoder artifacts/tiny/llama --data qa.jsonl
     arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
@@ -65,6 +66,7 @@ COMMANDS = [
     ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
     ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
     ("compress", "arctrain.compress", "compress documents once into a vector store (generate/eval --vectors)"),
+    ("verify-store", "arctrain.store:verify_main", "hash every file of a vector store against its manifest"),
     ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
     ("vllm-prompts", "arctrain.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server"),
     ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),

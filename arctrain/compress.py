@@ -13,11 +13,22 @@ compressed on its own. Unusable records and repeated ids are counted skips, list
 `--workers N` runs N processes of `--threads` torch threads each (default 1). Documents go to the workers in fixed
 groups, each group compressed in the same batches whoever computes it, and the shards are written in input order
 by this process: the store is the same bytes for any N (at the same --threads and --device).
+
+`--dtype pq<M>` / `opq<M>` (arctrain/store_codec.py): the documents are compressed once into a staging store of fp32
+vectors inside --out (4 x width bytes per vector on disk while it runs, removed at the end), while a uniform sample
+of up to --train-vectors of their vectors is drawn (seeded); the codebook is trained on that sample, then every
+document is read back from the staging store in order and written as codes. With fewer vectors than asked the
+codebook is trained on all of them, and the summary says so.
+
+`--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer,
+when H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
+(arctrain/store.py). It pays for a store that one decoder reads; a store for several decoders keeps encoder space.
 """
 
 import argparse
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,18 +36,35 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from arctrain.store import DTYPES, SPLIT, StoreWriter, bytes_per_vector, doc_key, encoder_identity, sample_members
+from arctrain import store_codec
+from arctrain.store import (
+    DTYPES,
+    MEMBER,
+    PQ_DTYPES,
+    SPLIT,
+    StoreWriter,
+    VectorStore,
+    bytes_per_vector,
+    check_dtype,
+    doc_key,
+    encoder_identity,
+    projector_first_layer,
+    sample_members,
+    tensor_sha256,
+    unpack_member,
+)
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.pool import in_order
 
 GROUP_DOCS = 32  # documents per task sent to a worker (and per write)
 BATCH_SEGMENTS = 32  # segments compressed in one encoder forward (right-padded to the longest)
+STAGING = ".staging"  # the fp32 store a product-quantized store is coded from, inside --out while it is made
 
 
 class Compressor:
     """An export's encoder and tokenizer: documents -> pooled vectors per segment (the worker's state)."""
 
-    def __init__(self, model_dir: str | Path, dtype: str, device: str, threads: int):
+    def __init__(self, model_dir: str | Path, dtype: str, device: str, threads: int, bottleneck: str | None = None):
         from transformers import AutoTokenizer
 
         from arctrain.data.qa import TextPieces
@@ -48,12 +76,15 @@ class Compressor:
         self.encoder.to(self.device)
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.pieces = TextPieces(tok, tok, config.segment_tokens)  # the cut `arctrain generate` makes
+        self.tok = tok
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.dtype = dtype
+        self.first = projector_first_layer(model_dir, bottleneck).to(self.device) if bottleneck else None  # (H, D)
 
     @torch.no_grad()
-    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[dict[str, bytes] | None]:
-        """(id, text or its encoder segments) pairs -> each document's sample members (None: no encoder tokens)."""
+    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[tuple[dict[str, bytes] | None, int]]:
+        """(id, text or its encoder segments) pairs -> each document's sample members (None: no encoder tokens) and
+        its bytes of UTF-8 text (of shard segments: their tokens decoded)."""
         segments = [self.pieces.segments(text) if isinstance(text, str) else text for _, text in docs]
         flat = [seg for segs in segments for seg in segs]
         vectors = []
@@ -64,11 +95,16 @@ class Compressor:
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for i, seg in enumerate(batch):
                 ids[i, : len(seg)], mask[i, : len(seg)] = torch.tensor(seg), 1
-            vectors += [v.cpu() for v in self.encoder.compress(ids.to(self.device), mask.to(self.device))]
+            pooled = self.encoder.compress(ids.to(self.device), mask.to(self.device))  # (m_s, D) per segment
+            vectors += [(v if self.first is None else v @ self.first.T).cpu() for v in pooled]  # (m_s, D or H)
         out, k = [], 0
-        for (doc_id, _), segs in zip(docs, segments, strict=True):
+        for (doc_id, text), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)
-            out.append(sample_members(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None)
+            members = sample_members(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None
+            if members is not None and not all(torch.isfinite(v).all() for v in doc_vectors):
+                raise ValueError(f"document {doc_id!r}: the encoder gave non-finite vectors; nothing is stored")
+            raw = text if isinstance(text, str) else "".join(self.tok.decode(s) for s in segs)
+            out.append((members, len(raw.encode("utf-8"))))
         return out
 
 
@@ -81,7 +117,7 @@ def _init_worker(*args) -> None:
     _WORKER = Compressor(*args)
 
 
-def _compress_group(docs: list[tuple[str, str]]) -> list[dict[str, bytes] | None]:
+def _compress_group(docs: list[tuple[str, str]]) -> list[tuple[dict[str, bytes] | None, int]]:
     return _WORKER.compress(docs)
 
 
@@ -155,7 +191,8 @@ def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally
 
 def _in_order(groups: Iterator[list], args: argparse.Namespace) -> Iterator[tuple[list, list]]:
     """(group, its samples) in input order, computed here (one worker) or by a pool of spawned processes."""
-    init = (args.model, args.dtype, args.device, args.threads)
+    dtype = "fp32" if store_codec.parse(args.dtype) else args.dtype
+    init = (args.model, dtype, args.device, args.threads, args.bottleneck)
     if args.workers == 1:
         _init_worker(*init)
         for group in groups:
@@ -176,28 +213,79 @@ def compress(args: argparse.Namespace) -> dict:
     prepare_out(args.out, args.overwrite)
     tally = Tally(strict=args.strict)
     documents = read_inputs(args.input, fields, tally, args.model, config["segment_tokens"])
-    writer = StoreWriter(args.out, int(args.shard_size_mb * (1 << 20)))
+    pq = store_codec.parse(args.dtype) is not None
+    dim = config["backbone"]["hidden_size"]
+    neck = bottleneck_entry(args.model, args.bottleneck, dim) if args.bottleneck else None
+    dim = neck["hidden"] if neck else dim
+    if pq:
+        store_codec.check(args.dtype, dim)
+    staging = args.out / STAGING if pq else args.out
+    staging.mkdir(exist_ok=True)
+    writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)))
+    reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
+    order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
         for group, samples in _in_order(_groups(documents, tally), args):
-            for (doc_id, _), members in zip(group, samples, strict=True):
+            for (doc_id, _), (members, text_bytes) in zip(group, samples, strict=True):
                 if members is None:
                     tally.skip("no_tokens", f"document {doc_id!r}")
                     continue
-                writer.write(members)
+                writer.write(members, text_bytes)
+                if pq:
+                    reservoir.add(unpack_member(members[MEMBER])[1]["vectors"])
+                    order.append((doc_id, text_bytes))
             bar.update(len(group))
-    dim = config["backbone"]["hidden_size"]
-    manifest = writer.close(
-        {
-            "encoder": {"identity": identity, "model": str(args.model), "hidden_size": dim},
-            **{k: config[k] for k in ("pooling", "pooling_factor", "n_vectors", "segment_tokens")},
-            "dtype": args.dtype,
-            "bytes_per_vector": bytes_per_vector(dim, args.dtype),
-            "docs": {"read": tally.read, "written": writer.docs, "skipped": dict(sorted(tally.skipped.items()))},
-            "sources": source_entries(files) + [{"path": p, "arc_shards": True} for p in args.input if p not in raw],
-        }
-    )
+    meta = {
+        "encoder": {"identity": identity, "model": str(args.model), "hidden_size": config["backbone"]["hidden_size"]},
+        **({"bottleneck": neck} if neck else {}),
+        "stored_width": dim,
+        **{k: config[k] for k in ("pooling", "pooling_factor", "n_vectors", "segment_tokens")},
+        "dtype": args.dtype,
+        "bytes_per_vector": bytes_per_vector(dim, args.dtype),
+        "docs": {"read": tally.read, "written": writer.docs, "skipped": dict(sorted(tally.skipped.items()))},
+        "sources": source_entries(files) + [{"path": p, "arc_shards": True} for p in args.input if p not in raw],
+    }
+    if not pq:
+        manifest = writer.close(meta)
+    else:
+        writer.close(meta | {"dtype": "fp32"})
+        if reservoir.seen < 256:  # 256 centroids per sub-quantizer
+            raise DataError(f"--dtype {args.dtype}: {reservoir.seen} vectors, at least 256 are needed to train it")
+        meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads)
+        meta["codec"]["train_vectors"] = args.train_vectors  # asked for; `trained_on`: drawn (all when fewer)
+        manifest = code_store(staging, args.out, order, args, meta)
+        shutil.rmtree(staging)
     print(_summary(manifest, time.time() - start, args.out))
     return manifest
+
+
+def bottleneck_entry(model_dir: Path, decoder: str, width: int) -> dict:
+    """The manifest entry of a bottleneck store, once W1 is checked to pay (H < D) and to be invertible on the right."""
+    first = projector_first_layer(model_dir, decoder)  # (H, D)
+    hidden = first.shape[0]
+    if hidden >= width:
+        raise ValueError(
+            f"--bottleneck {decoder}: its projector's hidden width {hidden} is not smaller than the encoder's {width}; "
+            "storing it would not save bytes"
+        )
+    error = float((first.double() @ torch.linalg.pinv(first.double()) - torch.eye(hidden).double()).abs().max())
+    if error > 1e-4:
+        raise ValueError(
+            f"--bottleneck {decoder}: its projector's first layer is rank-deficient (|W1 W1+ - I| {error:.1e})"
+        )
+    return {"decoder": decoder, "hidden": hidden, "sha256": tensor_sha256(first)}
+
+
+def code_store(staging: Path, out: Path, order: list[tuple[str, int]], args: argparse.Namespace, meta: dict) -> dict:
+    """The fp32 staging store's documents, in order, coded with the trained codebook into `out`'s shards."""
+    source = VectorStore(staging)
+    codec = store_codec.Codec(out, meta["codec"])
+    writer = StoreWriter(out, int(args.shard_size_mb * (1 << 20)))
+    for doc_id, text_bytes in order:
+        doc = source.get(doc_id)
+        writer.write(sample_members(doc_id, doc.vectors, doc.tokens, args.dtype, codec), text_bytes)
+    source.reader.close()
+    return writer.close(meta)
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
@@ -205,21 +293,31 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{SPLIT}-*")) + [p for p in [out / "manifest.json"] if p.exists()]
+    names = ["manifest.json", store_codec.CODEBOOK]
+    existing = sorted(out.glob(f"{SPLIT}-*")) + [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise DataError(f"--out {out}: already holds {existing[0].name}; use --overwrite to replace the store")
     for path in existing:
         path.unlink()
+    if (out / STAGING).exists():  # left by an interrupted pq compression
+        shutil.rmtree(out / STAGING)
 
 
 def _summary(manifest: dict, seconds: float, out: Path) -> str:
     docs = manifest["docs"]
+    codec = manifest.get("codec")
+    trained = ""
+    if codec:
+        n = codec["trained_on"]
+        sample = f"all {n:,} vectors (fewer than --train-vectors)" if n < codec["train_vectors"] else f"{n:,} sampled"
+        trained = f"; codebook {codec['factory']} trained on {sample}"
     skipped = ", ".join(f"{reason} {n}" for reason, n in docs["skipped"].items())
     return (
         f"arctrain compress: {docs['read']} docs read, {docs['written']} stored, "
         f"{sum(docs['skipped'].values())} skipped{f' ({skipped})' if skipped else ''}; "
         f"{manifest['encoder_tokens']:,} encoder tokens -> {manifest['vectors']:,} {manifest['dtype']} vectors in "
-        f"{len(manifest['shards'])} shards, {manifest['bytes_per_token']:.1f} bytes per token, {seconds:.1f}s -> {out}"
+        f"{len(manifest['shards'])} shards, {manifest['bytes_per_token']:.1f} bytes per token, "
+        f"{manifest['bytes_per_text_byte']:.2f} per byte of text{trained}, {seconds:.1f}s -> {out}"
     )
 
 
@@ -228,7 +326,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
     p.add_argument("--input", action="append", required=True, help="a .jsonl, .jsonl.zst or .parquet file or glob")
     p.add_argument("--out", required=True, type=Path, help="the store's directory")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="stored vectors (int8: per-vector scale)")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        help=f"stored vectors: {', '.join(DTYPES)} (int8: per-vector scale), "
+        f"{PQ_DTYPES} (M one-byte codes per vector, faiss)",
+    )
+    p.add_argument(
+        "--bottleneck", metavar="DECODER", help="store after this decoder's projector first layer (only it reads it)"
+    )
+    p.add_argument("--train-vectors", type=int, default=100_000, help="pq/opq: codebook training sample size")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="the document id (unique across inputs); default: text sha256")
     p.add_argument("--workers", type=int, default=1, help="compressing processes")
@@ -239,8 +346,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a store already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.threads < 1 or args.shard_size_mb <= 0:
-        raise ValueError("--workers and --threads must be >= 1, --shard-size-mb > 0")
+    if args.workers < 1 or args.threads < 1 or args.shard_size_mb <= 0 or args.train_vectors < 256:
+        raise ValueError("--workers and --threads must be >= 1, --shard-size-mb > 0, --train-vectors >= 256")
+    check_dtype(args.dtype)
     return args
 
 

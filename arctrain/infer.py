@@ -163,12 +163,12 @@ class ARCGenerator:
     ):
         encoder, projectors, specials, config = load_export(model_dir, dtype)
         self.store = None
+        self.name = pick_decoder(config, decoder_dir, decoder_name)
         if vectors is not None:
             from arctrain.store import encoder_identity
 
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
-            self.store.check_encoder(encoder_identity(model_dir), model_dir)
-        self.name = pick_decoder(config, decoder_dir, decoder_name)
+            self.store.check_encoder(encoder_identity(model_dir), model_dir, self.name)
         check_decoder_width(config, decoder_dir, self.name)
         # How contexts are cut and prompts rendered (see `pieces` below): each option as given, else as the model was
         # fine-tuned, else `fallback`; refused here, before the decoder loads, if they do not go together.

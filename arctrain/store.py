@@ -5,33 +5,52 @@
     DIR/vectors-000000.tar        WebDataset shards, one sample per document, written by data_tools' SplitWriter
     DIR/vectors-000000.idx.npy    member offsets of every sample (data_tools/shard_index.py): lookups seek
 
-A sample holds one document: `id.txt` (its id), `counts.npy` (S,) vectors per segment and `tokens.npy` (S,) encoder
-tokens per segment, `vectors.npy` (sum counts, D) in encoder space, in the store's dtype (bf16 as its raw uint16
-bits: numpy has no bfloat16), and for int8 `scales.npy` (sum counts,) float32, one scale per vector. Segment i
-of a document is rows counts[:i].sum() ... of its vectors. The vectors are the encoder's pooled output, before
+A sample holds one document in one member, `doc.mp` (MessagePack: one tar header per document, not one per array):
+`id` (its id), `counts` (S,) vectors per segment and `tokens` (S,) encoder tokens per segment (int32), `vectors`
+(sum counts, W) in the store's dtype (bf16 as its raw uint16 bits: numpy has no bfloat16), and for int8 `scales`
+(sum counts,) float32, one scale per vector; each array as {"dtype", "shape", "data": raw bytes}. Segment i of a
+document is rows counts[:i].sum() ... of its vectors. The vectors are the encoder's pooled output (W = D), before
 any projector, so one store serves every decoder the encoder was trained with, and a decoder added later with the
-encoder frozen too.
+encoder frozen too. Stores of format 1 (one .npy member per array and `id.txt`) are still read.
+
+Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/store_codec.py) hold `vectors` as (sum counts, M) uint8
+codes and DIR/codebook.faiss, the faiss codec they decode with (its sha256 in the manifest).
+
+A bottleneck store (`compress --bottleneck DECODER`) holds, instead of each vector x, h = W1 x: the output of that
+decoder's projector first layer (W1: (H, D), H < D; the projector is two bias-free linears W2 W1, no activation), H
+values per vector instead of D. A reader of that decoder turns h back into the encoder-space vector pinv(W1) h,
+which the projector maps to W2 W1 pinv(W1) h = W2 h (W1 has full row rank, checked when the store is made): exactly
+the second layer applied to the stored h. Only that decoder (with those projector weights, hashed in the manifest)
+can read it; any other decoder is refused.
+
+Integrity: opening a store checks that every file the manifest lists is there with its size (a stat per file) and
+the codebook's sha256; `arctrain verify-store DIR` hashes every file against the manifest; a document whose decoded
+vectors are not all finite is refused, naming it.
 
 The encoder identity is a sha256 over the encoder's weights (names, dtypes, shapes, bytes), its backbone config,
 pooling settings, segment length and tokenizer: a store made by another encoder is refused in one line.
 """
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import torch
 
+from arctrain import store_codec
 from arctrain.data.shards import ShardReader
 
-FORMAT = "arctrain-vectors/1"
+FORMAT = "arctrain-vectors/2"
+FORMATS = ("arctrain-vectors/1", FORMAT)  # read
+MEMBER = "doc.mp"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+PQ_DTYPES = "pq<M>, opq<M>"  # product-quantized: M one-byte codes per vector (arctrain/store_codec.py)
 SPLIT = "vectors"
-MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # read by seeking (id.txt is for other readers)
+MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeking (id.txt is for other readers)
 
 
 def encoder_identity(model_dir: str | Path) -> str:
@@ -59,12 +78,20 @@ def encoder_identity(model_dir: str | Path) -> str:
 # --- quantization -----------------------------------------------------------------------------------------------
 
 
-def quantize(vectors: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
-    """(N, D) float vectors -> the arrays stored for them: `vectors` (and `scales` for int8).
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES and store_codec.parse(dtype) is None:
+        raise ValueError(f"--dtype {dtype!r}: not a store dtype ({', '.join(DTYPES)}, {PQ_DTYPES})")
+    return dtype
+
+
+def quantize(vectors: torch.Tensor, dtype: str, codec: "store_codec.Codec | None" = None) -> dict[str, np.ndarray]:
+    """(N, D) float vectors -> the arrays stored for them: `vectors` (and `scales` for int8; codes for pq).
 
     int8: symmetric, one float32 scale per vector, max |v| / 127; v is stored as round(v / scale), so every
     element comes back within scale / 2 of its value."""
     v = vectors.detach().float().cpu()
+    if codec is not None:
+        return {"vectors": codec.encode(v.numpy())}  # (N, M) uint8
     if dtype == "int8":
         scales = (v.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (N,)
         q = torch.round(v / scales[:, None]).clamp(-127, 127).to(torch.int8)
@@ -73,24 +100,22 @@ def quantize(vectors: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
     return {"vectors": t.view(torch.uint16).numpy() if dtype == "bf16" else t.numpy()}
 
 
-def dequantize(arrays: dict[str, np.ndarray], dtype: str) -> torch.Tensor:
+def dequantize(arrays: dict[str, np.ndarray], dtype: str, codec: "store_codec.Codec | None" = None) -> torch.Tensor:
     """The stored arrays -> (N, D) float32 vectors."""
-    v = torch.from_numpy(np.ascontiguousarray(arrays["vectors"]))
+    if codec is not None:
+        return torch.from_numpy(codec.decode(arrays["vectors"]))
+    v = torch.from_numpy(np.array(arrays["vectors"]))  # a writable copy
     if dtype == "int8":
-        return v.float() * torch.from_numpy(arrays["scales"]).float()[:, None]
+        return v.float() * torch.from_numpy(np.array(arrays["scales"])).float()[:, None]
     if dtype == "bf16":
         v = v.view(torch.bfloat16)
     return v.float()
 
 
 def bytes_per_vector(dim: int, dtype: str) -> int:
+    if (pq := store_codec.parse(dtype)) is not None:
+        return pq[1]
     return dim * torch.empty((), dtype=DTYPES[dtype]).element_size() + (4 if dtype == "int8" else 0)
-
-
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def doc_key(doc_id: str) -> str:
@@ -98,14 +123,26 @@ def doc_key(doc_id: str) -> str:
     return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:32]
 
 
-def sample_members(doc_id: str, segments: list[torch.Tensor], tokens: list[int], dtype: str) -> dict[str, bytes]:
+def sample_members(
+    doc_id: str, segments: list[torch.Tensor], tokens: list[int], dtype: str, codec: "store_codec.Codec | None" = None
+) -> dict[str, bytes]:
     """The WebDataset members of one document: its segments' vectors, (m_s, D) each, stored in `dtype`."""
-    arrays = quantize(torch.cat(segments), dtype)
-    members = {"__key__": doc_key(doc_id), "id.txt": doc_id.encode("utf-8")}
-    members["counts.npy"] = npy(np.array([len(s) for s in segments], dtype=np.int32))
-    members["tokens.npy"] = npy(np.array(tokens, dtype=np.int32))
-    members |= {f"{name}.npy": npy(a) for name, a in arrays.items()}
-    return members
+    arrays = quantize(torch.cat(segments), dtype, codec)
+    arrays["counts"] = np.array([len(s) for s in segments], dtype=np.int32)
+    arrays["tokens"] = np.array(tokens, dtype=np.int32)
+    packed = {k: {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
+    return {"__key__": doc_key(doc_id), MEMBER: msgpack.packb({"id": doc_id, **packed})}
+
+
+def unpack_member(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
+    """A `doc.mp` member -> (document id, its arrays); a ValueError says what is wrong."""
+    try:
+        sample = msgpack.unpackb(data)
+        doc_id = sample.pop("id")
+        arrays = {k: np.frombuffer(a["data"], np.dtype(a["dtype"])).reshape(a["shape"]) for k, a in sample.items()}
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as err:
+        raise ValueError(f"{MEMBER} does not decode ({type(err).__name__}: {err})") from None
+    return doc_id, arrays
 
 
 class StoreWriter:
@@ -116,24 +153,27 @@ class StoreWriter:
 
         self.out = out
         self.writer = SplitWriter(out, SPLIT, shard_bytes, 0, ["encoder"])
-        self.docs = self.tokens = self.vectors = 0
+        self.docs = self.tokens = self.vectors = self.text_bytes = 0
 
-    def write(self, members: dict[str, bytes]) -> None:
+    def write(self, members: dict[str, bytes], text_bytes: int = 0) -> None:
         from data_tools.samples import Sample
 
-        tokens = int(np.load(io.BytesIO(members["tokens.npy"])).sum())
+        _, arrays = unpack_member(members[MEMBER])
+        tokens = int(arrays["tokens"].sum())
         self.writer.write(Sample(members, (tokens,)))
-        self.docs, self.tokens = self.docs + 1, self.tokens + tokens
-        self.vectors += int(np.load(io.BytesIO(members["counts.npy"])).sum())
+        self.docs, self.tokens, self.text_bytes = self.docs + 1, self.tokens + tokens, self.text_bytes + text_bytes
+        self.vectors += int(arrays["counts"].sum())
 
     def close(self, meta: dict) -> dict:
-        """Write manifest.json: `meta` (encoder, pooling, dtype, docs, sources), counts and the shards."""
+        """Write manifest.json: `meta` (encoder, pooling, dtype, codec, docs, sources), counts and the shards. `bytes`
+        is everything on disk (shards, indexes, codebook); per token and per byte of (UTF-8) text."""
         shards = self.writer.close()
         for shard in shards:
             shard["tokens"] = shard["tokens"]["encoder"]
-        stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards)
+        stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards) + meta.get("codec", {}).get("bytes", 0)
         manifest = {"format": FORMAT, **meta, "encoder_tokens": self.tokens, "vectors": self.vectors}
-        manifest |= {"bytes": stored, "bytes_per_token": stored / max(self.tokens, 1), "shards": shards}
+        manifest |= {"text_bytes": self.text_bytes, "bytes": stored, "bytes_per_token": stored / max(self.tokens, 1),
+                     "bytes_per_text_byte": stored / max(self.text_bytes, 1), "shards": shards}  # fmt: skip
         (self.out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(self.out / "manifest.json.tmp", self.out / "manifest.json")  # last: a finished store
         return manifest
@@ -154,31 +194,39 @@ class VectorStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"--vectors {self.root}: not a vector store (no manifest.json)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{manifest_path}: not valid JSON ({err.msg})") from None
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: not a vector store manifest (format {FORMAT!r})")
+        self.manifest = self.read_manifest(self.root)
         self.dtype = self.manifest["dtype"]
+        self.lift = None  # (D, H) for a bottleneck store, set by check_encoder
         shards = {}
         for entry in self.manifest["shards"]:
             path, index = self.root / entry["name"], self.root / entry["index"]["name"]
-            for p in (path, index):
-                if not p.is_file():
-                    raise ValueError(f"{self.root}: {p.name} is listed in manifest.json but missing")
+            for p, size in ((path, entry["bytes"]), (index, entry["index"]["bytes"])):
+                check_size(self.root, p, size)  # a stat each: truncated or grown files, before any read
             shards[str(path)] = (entry["samples"], str(index))
+        codec = self.manifest.get("codec")
+        self.codec = store_codec.Codec(self.root, codec) if codec else None  # checks the codebook's sha256
         self.reader = ShardReader(shards, max_indexes=len(shards) or 1)
         self.where = {}  # sample key -> (shard path, sample index)
         for path in shards:
             for i, key in enumerate(self.reader._index(path)["key"]):
                 self.where[key.decode()] = (path, i)
 
-    def check_encoder(self, identity: str, model_dir: str | Path) -> None:
-        """Refuse vectors made by another encoder than the export's."""
+    @staticmethod
+    def read_manifest(root: Path) -> dict:
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"--vectors {root}: not a vector store (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{manifest_path}: not valid JSON ({err.msg})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
+            raise ValueError(f"{manifest_path}: not a vector store manifest (format {FORMAT!r})")
+        return manifest
+
+    def check_encoder(self, identity: str, model_dir: str | Path, decoder: str | None = None) -> None:
+        """Refuse vectors made by another encoder than the export's; a bottleneck store also for another decoder
+        (or other projector weights) than the one it was made for."""
         made_by = self.manifest["encoder"]["identity"]
         if made_by != identity:
             raise ValueError(
@@ -186,6 +234,16 @@ class VectorStore:
                 f"{self.manifest['encoder']['model']}) than --model {model_dir} ({identity[:12]}...); "
                 f"compress the documents again with arctrain compress --model {model_dir}"
             )
+        if (neck := self.manifest.get("bottleneck")) is None:
+            return
+        first = projector_first_layer(model_dir, neck["decoder"])
+        if decoder != neck["decoder"] or tensor_sha256(first) != neck["sha256"]:
+            raise ValueError(
+                f"--vectors {self.root}: holds the projector bottleneck of decoder {neck['decoder']!r} "
+                f"({neck['hidden']} values per vector); only that decoder, with its projector then, reads it"
+                + (f", not {decoder!r}" if decoder != neck["decoder"] else " (this export's projector differs)")
+            )
+        self.lift = torch.linalg.pinv(first.double()).float()  # (D, H): W1 @ lift = I_H
 
     def __contains__(self, doc_id: str) -> bool:
         return doc_key(doc_id) in self.where
@@ -197,8 +255,107 @@ class VectorStore:
         if doc_id not in self:
             raise ValueError(f"--vectors {self.root}: no document {doc_id!r} ({len(self)} documents stored)")
         path, i = self.where[doc_key(doc_id)]
+        where = f"--vectors {self.root}: document {doc_id!r} ({Path(path).name})"
+        try:
+            arrays = self._arrays(path, i)
+            vectors = dequantize(arrays, self.dtype, self.codec)
+        except (ValueError, OSError, RuntimeError) as err:  # a damaged member: header, shape, dtype
+            raise ValueError(f"{where}: unreadable ({err}); run arctrain verify-store {self.root}") from None
+        counts = arrays["counts"].tolist()
+        if sum(counts) != len(vectors) or len(counts) != len(arrays["tokens"]):
+            raise ValueError(f"{where}: {len(vectors)} vectors, counts sum to {sum(counts)}; the store is corrupt")
+        bad = (~torch.isfinite(vectors)).any(dim=1).nonzero()  # (n_bad, 1)
+        if len(bad):
+            raise ValueError(
+                f"{where}: {len(bad)} of its {len(vectors)} vectors are not finite (first: row {int(bad[0])}); the "
+                f"store is corrupt: run arctrain verify-store {self.root}"
+            )
+        if "bottleneck" in self.manifest:
+            if self.lift is None:
+                raise ValueError(f"--vectors {self.root}: a bottleneck store is read with its export (check_encoder)")
+            vectors = vectors @ self.lift.T  # (N, H) -> (N, D), the projector's first layer maps it back to h
+        return StoredDoc(doc_id, list(torch.split(vectors, counts)), arrays["tokens"].tolist())
+
+    def _arrays(self, path: str, i: int) -> dict[str, np.ndarray]:
+        """Sample `i` of shard `path`: one seek and read of its `doc.mp` (format 1: of each .npy member)."""
+        if self.manifest["format"] == FORMAT:
+            row = self.reader._index(path)[i]
+            return unpack_member(self.reader._member(path, row["key"].decode(), row, MEMBER))[1]
         suffixes = MEMBERS + (["scales.npy"] if self.dtype == "int8" else [])
         _, arrays = self.reader.read(path, i, suffixes)
-        vectors = dequantize({k.removesuffix(".npy"): v for k, v in arrays.items()}, self.dtype)
-        counts = arrays["counts.npy"].tolist()
-        return StoredDoc(doc_id, list(torch.split(vectors, counts)), arrays["tokens.npy"].tolist())
+        return {k.removesuffix(".npy"): v for k, v in arrays.items()}
+
+
+def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:
+    """W1, (H, D) float32: the first linear of `decoder`'s projector in an export."""
+    from safetensors import safe_open
+
+    from arctrain.export import export_weight_files
+
+    name = f"projectors.{decoder}.0.weight"
+    for path in export_weight_files(Path(model_dir)):
+        with safe_open(path, framework="pt") as f:
+            if name in f.keys():  # noqa: SIM118 (not a dict)
+                return f.get_tensor(name).float()
+    raise ValueError(f"--bottleneck {decoder}: the export {model_dir} has no decoder of that name ({name})")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_size(root: Path, path: Path, size: int) -> None:
+    if not path.is_file():
+        raise ValueError(f"{root}: {path.name} is listed in manifest.json but missing")
+    if path.stat().st_size != size:
+        raise ValueError(
+            f"{path}: {path.stat().st_size} bytes, manifest.json says {size}: the store is damaged "
+            f"(arctrain verify-store {root})"
+        )
+
+
+def store_files(manifest: dict) -> list[tuple[str, int, str]]:
+    """(name, bytes, sha256) of every file the manifest lists: shards, their indexes, the codebook."""
+    files = [(s["name"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
+    files += [(s["index"]["name"], s["index"]["bytes"], s["index"]["sha256"]) for s in manifest["shards"]]
+    if codec := manifest.get("codec"):
+        files.append((codec["file"], codec["bytes"], codec["sha256"]))
+    return files
+
+
+def verify_store(root: str | Path) -> list[str]:
+    """Every file the manifest lists, hashed and compared; files of the store's names that it does not list. The
+    problems found, one line each (empty: the store is intact)."""
+    root = Path(root)
+    manifest = VectorStore.read_manifest(root)
+    problems = []
+    listed = set()
+    for name, size, sha in store_files(manifest):
+        listed.add(name)
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in manifest.json)")
+        elif path.stat().st_size != size:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest.json says {size}")
+        elif store_codec.sha256_file(path) != sha:
+            problems.append(f"{path}: sha256 differs from manifest.json (the file's content changed)")
+    for path in sorted(root.glob(f"{SPLIT}-*")):
+        if path.name not in listed:
+            problems.append(f"{path}: not listed in manifest.json")
+    return problems
+
+
+def verify_main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="arctrain verify-store", description="hash every file of a vector store")
+    p.add_argument("store", type=Path, help="the store's directory (arctrain compress --out)")
+    args = p.parse_args(argv or [])
+    problems = verify_store(args.store)
+    if problems:
+        raise ValueError(f"{problems[0]}" + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    manifest = VectorStore.read_manifest(args.store)
+    files = store_files(manifest)
+    size = sum(f[1] for f in files)
+    print(f"arctrain verify-store: {args.store}: {len(files)} files ({size:,} bytes) match manifest.json; "
+          f"{manifest['docs']['written']} documents, {manifest['vectors']:,} {manifest['dtype']} vectors")  # fmt: skip
