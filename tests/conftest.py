@@ -22,7 +22,7 @@ def _source_digest() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """DIR with encoder/, llama/, mistral/ (briefly pretrained) and corpus.jsonl.
+    """DIR with encoder/, llama/, mistral/, gemma/ (briefly pretrained) and corpus.jsonl.
 
     Built once and cached under $ARCTRAIN_TEST_CACHE (default /tmp/arctrain-test-cache), keyed by the source of
     the builder, so parallel and repeated test sessions share one build; a file lock keeps builds single.
@@ -73,8 +73,9 @@ def tiny_shards(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_shards(smollm2, tiny_models, tmp_path_factory) -> Path:
-    """Shards of the embedded corpus for configs/smollm2_cpu.yaml: SmolLM2 encoder and decoder, the tiny Mistral."""
-    decoders = {"smollm2": smollm2, "mistral": tiny_models / "mistral"}
+    """Shards of the embedded corpus for configs/smollm2_cpu.yaml: SmolLM2 encoder and decoder, and the tiny Gemma 3
+    standing in for Gemma 3 270M (the same family, no download)."""
+    decoders = {"smollm2": smollm2, "gemma": tiny_models / "gemma"}
     return build_shards(tmp_path_factory.mktemp("smollm2_shards"), tiny_models / "corpus.jsonl", smollm2, decoders)
 
 
