@@ -19,7 +19,7 @@ from conftest import build_shards
 from test_model_arc import configs, corpus_texts, make_batch, tokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import is_heldout, read_corpus
+from arctrain.corpus import is_heldout, read_corpus, write_corpus
 from arctrain.infer import ARCGenerator
 from arctrain.model import build_model, load_causal_lm
 from arctrain.tiny_models import GEMMA_SLIDING_WINDOW
@@ -125,7 +125,7 @@ def test_llama_and_gemma_train_export_and_generate(tiny_models, tmp_path):
     assert first.texts[0].strip() and 0 < first.memory_vectors < first.encoder_tokens
 
 
-def test_fetched_gemma3_is_the_270m_base_model_and_copies_from_its_context(gemma3, tiny_models):
+def test_fetched_gemma3_is_the_270m_base_model_and_copies_from_its_context(gemma3, tmp_path):
     """The converted Gemma 3 270M: its architecture, its licence beside it, and that it reads its context: a 48-token
     held-out passage repeated is predicted far better the second time, with BOS (as collate lays rows out)
     better than without."""
@@ -140,7 +140,8 @@ def test_fetched_gemma3_is_the_270m_base_model_and_copies_from_its_context(gemma
 
     torch.set_num_threads(2)
     model, tok = AutoModelForCausalLM.from_pretrained(gemma3).eval(), AutoTokenizer.from_pretrained(gemma3)
-    passages = [r["text"] for r in read_corpus(tiny_models / "corpus.jsonl") if is_heldout(r["id"])][:4]
+    write_corpus(tmp_path / "corpus.jsonl")
+    passages = [r["text"] for r in read_corpus(tmp_path / "corpus.jsonl") if is_heldout(r["id"])][:4]
     ratios = {True: [], False: []}
     for text in passages:
         passage = tok(text, add_special_tokens=False).input_ids[:48]
