@@ -2,12 +2,13 @@
 
     python -m arctrain.report --run runs/smollm2_cpu --png runs/smollm2_cpu/val_curves.png \
         --export runs/smollm2_cpu/export --decoder smollm2=artifacts/smollm2-135m \
-        --input artifacts/tiny/corpus.jsonl --val-fraction 0.05
+        --decoder gemma=artifacts/gemma3-270m --input artifacts/corpus.jsonl --val-fraction 0.05
 
 The table and the curves come from RUN/metrics.jsonl (the trainer's `val/<decoder>/<task>/loss` and
-`..._loss_no_context`). With --export and --decoder, the held-out documents of --input (the shards' own val split:
-`data_tools.build.is_val` on the same document ids) give the decoder's reconstruction token accuracy (teacher
-forcing) and one passage reconstructed greedily from its vectors, printed under the original.
+`..._loss_no_context`). With --export and --decoder (one or more), the held-out documents of --input (the shards'
+own val split: `data_tools.build.is_val` on the same document ids) give each decoder's reconstruction token
+accuracy (teacher forcing) and one passage reconstructed greedily from its vectors, printed under the original:
+the same passage for every decoder (chosen from the encoder's segments), so the decoders compare line by line.
 """
 
 import argparse
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", required=True, type=Path, help="the run directory")
     parser.add_argument("--png", type=Path, help="write the val curves here (default: RUN/val_curves.png)")
     parser.add_argument("--export", type=Path, help="the run's export (arctrain export), for the reconstruction")
-    parser.add_argument("--decoder", help="NAME=DIR of the decoder that reconstructs")
+    parser.add_argument("--decoder", action="append", default=[], help="NAME=DIR of a decoder that reconstructs")
     parser.add_argument("--input", action="append", default=[], help="the text the shards were built from")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="the shards' --val-fraction")
     args = parser.parse_args(argv)
@@ -151,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.run / 'metrics.jsonl'}: no val rows to report (was eval.interval 0?)")
     print(val_table(lines))
     if args.export and args.decoder and args.input:
-        print(reconstruction_report(args.export, args.decoder, heldout_texts(args.input, args.val_fraction, 64)))
+        texts = heldout_texts(args.input, args.val_fraction, 64)
+        for decoder in args.decoder:
+            print(reconstruction_report(args.export, decoder, texts))
     print(f"val curves: {plot_val_curves(lines, args.png or args.run / 'val_curves.png')}")
 
 

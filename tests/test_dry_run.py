@@ -36,7 +36,7 @@ def _overrides(cfg_path: Path, models: dict[str, Path], shards: Path, qa: tuple[
 def test_every_shipped_config_dry_runs(cfg_path, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys, request):
     run_dir = tmp_path / "run"
     names = [d.name for d in load_config(cfg_path).decoders]
-    models = {"encoder": tiny_models / "encoder", "llama": tiny_models / "llama", "mistral": tiny_models / "mistral"}
+    models = {name: tiny_models / name for name in ("encoder", "llama", "mistral", "gemma")}
     shards = tiny_shards
     if "smollm2" in names:  # the real-LLM demo: its encoder is SmolLM2's first layers (fetched once per machine)
         models["encoder"] = models["smollm2"] = request.getfixturevalue("smollm2")

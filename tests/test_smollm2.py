@@ -66,11 +66,11 @@ def test_the_demo_config_builds_the_recipe(smollm2, tiny_models):
 
     cfg = load_config(
         REPO / "configs/smollm2_cpu.yaml",
-        [f"model.encoder_path={smollm2}", f"decoders.0.path={smollm2}", f"decoders.1.path={tiny_models / 'mistral'}"],
+        [f"model.encoder_path={smollm2}", f"decoders.0.path={smollm2}", f"decoders.1.path={tiny_models / 'gemma'}"],
     )
     model = build_model(cfg.model, cfg.decoders)
     assert len(model.encoder.layers) == 4 and not model.encoder.embed_tokens.weight.requires_grad
     x = torch.randn(2, 576)
     with torch.no_grad():
         assert torch.equal(model.projectors["smollm2"](x), x)  # identity init, through build_model
-        assert model.projectors["mistral"](x).shape == (2, 160)
+        assert model.projectors["gemma"](x).shape == (2, 144)  # the tiny Gemma 3 in place of Gemma 3 270M

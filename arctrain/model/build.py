@@ -35,10 +35,17 @@ def plain_rope(config) -> None:
     """RoPE without frequency scaling (e.g. no Llama-3 `rope_type: llama3`), with the config's own rope_theta:
     what the reference ARC-Encoder applies to its encoder and decoders. Changes `config` in place."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if params and all(isinstance(p, dict) for p in params.values()):  # one set per layer type (Gemma 3: local, global)
+        config.rope_parameters = {kind: _plain(p, config) for kind, p in params.items()}
+    else:
+        config.rope_parameters = _plain(params, config)
+
+
+def _plain(params: dict, config) -> dict:
     plain = {"rope_type": "default", "rope_theta": params.get("rope_theta", getattr(config, "rope_theta", None))}
     if "partial_rotary_factor" in params:
         plain["partial_rotary_factor"] = params["partial_rotary_factor"]
-    config.rope_parameters = plain
+    return plain
 
 
 def load_causal_lm(
