@@ -48,7 +48,6 @@ class Compressor:
         self.encoder.to(self.device)
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.pieces = TextPieces(tok, tok, config.segment_tokens)  # the cut `arctrain generate` makes
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.dtype = dtype
 
     @torch.no_grad()
@@ -58,13 +57,8 @@ class Compressor:
         flat = [seg for segs in segments for seg in segs]
         vectors = []
         for start in range(0, len(flat), BATCH_SEGMENTS):
-            batch = flat[start : start + BATCH_SEGMENTS]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, seg in enumerate(batch):
-                ids[i, : len(seg)], mask[i, : len(seg)] = torch.tensor(seg), 1
-            vectors += [v.cpu() for v in self.encoder.compress(ids.to(self.device), mask.to(self.device))]
+            packed = self.encoder.compress_segments(flat[start : start + BATCH_SEGMENTS])  # no padding computed
+            vectors += [v.cpu() for v in packed]
         out, k = [], 0
         for (doc_id, _), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)

@@ -47,12 +47,14 @@ def meta_model(cfg: Config):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from arctrain.model import ARCEncoder, ARCModel, Projector, SpecialVectors
+    from arctrain.model.attention import check_implementation
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
     def causal_lm(path: str, attn: str, key: str) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
+            attn = check_implementation(attn, key)
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         check_weights(Path(path), lm, key)
         return lm

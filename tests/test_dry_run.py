@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_paths
-from transformers.utils import is_flash_attn_2_available
 
 from arctrain.config import REPO_ROOT, load_config
 from arctrain.dry_run import meta_model
@@ -22,8 +21,6 @@ def _overrides(cfg_path: Path, models: dict[str, Path], shards: Path, qa: tuple[
     out = [f"model.encoder_path={models['encoder']}", f"checkpoint.dir={run_dir}"]
     for i, d in enumerate(cfg.decoders):
         out.append(f"decoders.{i}.path={models[d.name]}")
-        if d.attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
-            out.append(f"decoders.{i}.attn_implementation=sdpa")  # no flash-attn on a CPU (its error: test_config)
     if cfg.data.qa:
         out += [f"data.qa={qa[0]}", f"data.qa_val={qa[1]}"]
     else:
