@@ -82,8 +82,8 @@ def varlen_attention(
 ) -> torch.Tensor:
     """q (Nq, H, hd), k/v (Nk, Hkv, hd), boundaries (n + 1,) int32 -> (Nq, H, hd); sequence i of the queries attends
     to sequence i of the keys only. `window` w: a query sees the w keys ending at itself (transformers' rule)."""
-    if q.device.type == "cuda":
-        return _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale)
+    if q.device.type != "cpu":  # CUDA; and the meta device, where varlen_attn infers shapes
+        return _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale)
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # CPU tensors: no device read
     out = q.new_empty(q.shape)
     for i in range(len(bounds_q) - 1):
@@ -108,11 +108,11 @@ def _sdpa(q, k, v, causal: bool, window: int | None, scale: float | None) -> tor
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal and n > 1, scale=scale, enable_gqa=gqa)
 
 
-def _cuda_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale) -> torch.Tensor:
+def _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale) -> torch.Tensor:
     left = window - 1 if window is not None else -1
     right = 0 if causal else -1
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    flash = _flash_attn()
+    flash = _flash_attn() if q.device.type == "cuda" else None
     if flash is not None:
         return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, window_size=(left, right))
     from torch.nn.attention.varlen import varlen_attn
