@@ -247,7 +247,7 @@ def test_config_objects_validate_on_construction():
 
 
 def test_attention_is_packed_and_other_values_are_refused(tmp_path):
-    """One attention path (packed varlen, arctrain/model/attention.py); a padded implementation is refused in one line."""
+    """One attention path (packed, arctrain/model/attention.py); a padded implementation is refused in one line."""
     for key in ("model.attn_implementation", "decoders.1.attn_implementation"):
         with pytest.raises(
             ConfigError, match=rf"^{key.replace('.', '[.]')}: 'flash_attention_2' is not one of 'packed'"

@@ -166,6 +166,11 @@ class ARCModel(nn.Module):
     @staticmethod
     def decoder_hidden(model: nn.Module, embeds: torch.Tensor, batch: ARCBatch) -> torch.Tensor:
         """The decoder's last hidden states (1, N_dec, Dd) of packed rows (causal inside each row)."""
+        if model.config._attn_implementation != PACKED:  # any other would attend across the packed rows
+            raise ValueError(
+                f"decoder attention {model.config._attn_implementation!r}: packed rows need {PACKED!r} "
+                f"(load_causal_lm, or decoder.set_attn_implementation({PACKED!r}))"
+            )
         kwargs = packed_kwargs(batch.dec_cu_seqlens, batch.dec_max_len)
         out = model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **kwargs)
         return out.last_hidden_state
