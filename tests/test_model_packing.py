@@ -236,3 +236,24 @@ def test_smollm2_packed_equals_examples_alone(smollm2):
     cont = [pretraining_example("continuation", enc, dec, i, prefix_ids=dec[0][:2]) for i in range(2)]
     assert_packed_equals_alone(model, rec + cont, "smollm2", kw)
     assert_packed_equals_alone(model, [Example([Text(dec[0])] + e.pieces) for e in cont], "smollm2", kw, False)
+
+
+def test_padding_metrics_count_computed_positions():
+    """padding/encoder and padding/decoder: the fraction of computed positions that are padding, per window."""
+    from arctrain.metrics import Window
+    from arctrain.model.batch import BatchStats
+
+    window = Window(lambda decoder, stats: 0.0)
+    packed = collate(
+        [Example([Memory([[5] * 9, [6] * 3], "cont"), Text([7, 8], loss=True)])],
+        pooling="mean", factor=4, n_vectors=0, dec_pad_id=0, bos_id=1,
+    )  # fmt: skip
+    window.count("llama", packed.stats)
+    window.time = 1.0
+    rates = window.rates(1, None)
+    assert rates["padding/encoder"] == 0.0 and rates["padding/decoder"] == 0.0
+    padded = BatchStats(2, 12, 0, 0, 0, 6, 0, 1, enc_computed=18, dec_computed=8)  # what right-padding would run
+    window.count("llama", padded)
+    rates = window.rates(1, None)
+    assert rates["padding/encoder"] == pytest.approx(1 - 24 / 30)
+    assert rates["padding/decoder"] == pytest.approx(1 - (packed.stats.dec_tokens + 6) / (packed.stats.dec_tokens + 8))

@@ -74,7 +74,9 @@ class ARCEncoder(nn.Module):
         for layer in self.layers[:n_full]:
             hidden = self._run(_full_layer, layer, hidden, positions, cos, sin, enc.cu_seqlens, enc.max_len)
         if pooled_last:
-            return self._run(pooled_query_layer, self.layers[-1], hidden[0], enc, cos[0], sin[0])  # (M, D)
+            q_cos, q_sin = self.rotary_emb(hidden, enc.pool_positions.unsqueeze(0))  # (1, M, head_dim): 0..m-1
+            rope = (cos[0], sin[0], q_cos[0], q_sin[0])
+            return self._run(pooled_query_layer, self.layers[-1], hidden[0], enc, *rope)  # (M, D)
         return group_means(hidden[0], enc)
 
     def compress(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -109,11 +111,12 @@ def group_means(hidden: torch.Tensor, enc: PackedSegments) -> torch.Tensor:
 
 
 def pooled_query_layer(
-    layer: nn.Module, hidden: torch.Tensor, enc: PackedSegments, cos: torch.Tensor, sin: torch.Tensor
+    layer: nn.Module, hidden: torch.Tensor, enc: PackedSegments, cos, sin, q_cos, q_sin
 ) -> torch.Tensor:
     """A decoder layer whose queries are group means: (N, D) -> (M, D), with the layer's own modules.
 
-    Each segment's m queries attend to that segment's L tokens (different query and key boundaries)."""
+    Each segment's m queries attend to that segment's L tokens (different query and key boundaries). cos/sin
+    (N, hd) are the keys' rotary tables, q_cos/q_sin (M, hd) the queries' (positions 0..m-1 per segment)."""
     attn = layer.self_attn
     means = group_means(hidden, enc)  # (M, D) group means of the residual stream: the residual of this layer
     queries = layer.input_layernorm(means)  # (M, D) RMSNorm(mean(h)), as the reference (not mean(RMSNorm(h)))
@@ -121,7 +124,7 @@ def pooled_query_layer(
     q = attn.q_proj(queries).view(means.shape[0], -1, attn.head_dim)  # (M, H, hd)
     k = attn.k_proj(normed).view(hidden.shape[0], -1, attn.head_dim)  # (N, Hkv, hd)
     v = attn.v_proj(normed).view(hidden.shape[0], -1, attn.head_dim)  # (N, Hkv, hd)
-    q = apply_rope(q, cos[enc.pool_positions], sin[enc.pool_positions])  # pooled queries sit at positions 0..m-1
+    q = apply_rope(q, q_cos, q_sin)  # pooled queries sit at positions 0..m-1
     k = apply_rope(k, cos, sin)
     out = varlen_attention(
         q, k, v, enc.pool_cu_seqlens, enc.cu_seqlens, enc.max_vectors, enc.max_len, causal=False, scale=attn.scaling
