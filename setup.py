@@ -38,7 +38,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.8"],
-        # decoders.N.attn_implementation=flash_attention_2 (CUDA only). flash-attn compiles against the installed torch:
+        # flash-attn's varlen kernel for packed attention on CUDA (else torch's varlen_attn). It compiles against torch:
         # install the CUDA torch first, then `pip install -e .[gpu] --no-build-isolation`.
         "gpu": ["flash-attn>=2.6"],
     },

@@ -77,7 +77,6 @@ class Compressor:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.pieces = TextPieces(tok, tok, config.segment_tokens)  # the cut `arctrain generate` makes
         self.tok = tok
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.dtype = dtype
         self.first = projector_first_layer(model_dir, bottleneck).to(self.device) if bottleneck else None  # (H, D)
 
@@ -89,14 +88,7 @@ class Compressor:
         flat = [seg for segs in segments for seg in segs]
         vectors = []
         for start in range(0, len(flat), BATCH_SEGMENTS):
-            batch = flat[start : start + BATCH_SEGMENTS]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, seg in enumerate(batch):
-                ids[i, : len(seg)], mask[i, : len(seg)] = torch.tensor(seg), 1
-            pooled = self.encoder.compress(ids.to(self.device), mask.to(self.device))  # (m_s, D) per segment
-            vectors += [(v if self.first is None else v @ self.first.T).cpu() for v in pooled]  # (m_s, D or H)
+        self.tok = tok
         out, k = [], 0
         for (doc_id, text), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)

@@ -40,10 +40,10 @@ class ModelConfig:
     """Compression factor x: about x tokens per memory vector."""
     n_vectors: int = 0
     """When > 0, every segment is compressed into exactly this many vectors instead of len/pooling_factor."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """The encoder's attention: its bidirectional attention over right-padded segments takes a 4-D padding mask,
-    which sdpa and eager accept (flash_attention_2 is for the decoders: decoders.N.attn_implementation). The
-    weights' dtype is train.precision's."""
+    attn_implementation: Literal["packed"] = "packed"
+    """The encoder's attention: packed segments, no padding (arctrain/model/attention.py picks the kernel: flash-attn
+    or PyTorch's varlen_attn on CUDA, exact per-segment attention on the CPU). The weights' dtype is
+    train.precision's."""
     loss_chunk_tokens: int = 1024
     """Cross-entropy over the vocabulary in chunks of this many target tokens (the LM head weight gathered once):
     the (targets, vocab) fp32 logits never exist at once. 0: all targets in one piece."""
@@ -82,9 +82,9 @@ class DecoderConfig:
     rope: Literal["checkpoint", "plain"] = "checkpoint"
     """This decoder's RoPE: its config's scaling ("checkpoint") or unscaled with its rope_theta ("plain", the
     reference's choice; use it with a projector trained by the reference)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """This decoder's attention in transformers (`attn_implementation`); flash_attention_2 needs the flash-attn
-    package (`pip install -e .[gpu]`), a CUDA GPU and train.precision=bf16."""
+    attn_implementation: Literal["packed"] = "packed"
+    """This decoder's attention: packed rows, no padding, through transformers' AttentionInterface (the decoder stays
+    its stock class); flash-attn's varlen kernel when that package is installed (`pip install -e .[gpu]`)."""
     projector_init: Literal["random", "identity"] = "random"
     """"identity": the projector starts as the identity map; for an encoder cut from this very decoder (same
     width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning"."""
@@ -532,28 +532,8 @@ def _fill(ds: dict, cfg: Config, world_size: int, per_node: int = 1) -> dict:
     return ds
 
 
-def check_attention(cfg: Config, here: bool = True) -> None:
-    """Every decoder's attention implementation can run (flash-attention 2: bf16; `here`: also the package and CUDA
-    on this machine, which a dry run on a login node for the GPU nodes does not ask)."""
-    for i, d in enumerate(cfg.decoders):
-        if d.attn_implementation != "flash_attention_2":
-            continue
-        from transformers.utils import is_flash_attn_2_available
-
-        key = f"decoders.{i}.attn_implementation"
-        if here and not is_flash_attn_2_available():
-            raise ConfigError(
-                key,
-                "'flash_attention_2' needs flash-attn (the package) and a CUDA GPU (pip install -e .[gpu]); or 'sdpa'",
-            )
-        if cfg.train.precision != "bf16":
-            raise ConfigError(key, f"'flash_attention_2' runs in bf16, but train.precision is {cfg.train.precision!r}")
-
-
-def check_paths(cfg: Config, attention_here: bool = True) -> None:
-    """The model and shard directories exist and the attention kernels are installed (call before starting process
-    groups; configs may be templates). `attention_here=False`: the kernels are for another machine (a dry run)."""
-    check_attention(cfg, here=attention_here)
+def check_paths(cfg: Config) -> None:
+    """The model and shard directories exist (call before starting process groups; configs may be templates)."""
     dirs = [("model.encoder_path", cfg.model.encoder_path)]
     dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
     dirs += [("data.shards", path) for path, _ in cfg.data.sources]

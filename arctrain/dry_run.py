@@ -78,15 +78,10 @@ def dry_run(cfg: Config, world_size: int, say=print, gpu: str | None = None) -> 
 
 
 def attention_report(cfg: Config) -> list[str]:
-    """flash-attention 2 (bf16 checked with the config) where this machine cannot run it: what the GPU nodes need."""
-    from transformers.utils import is_flash_attn_2_available
-
-    wanted = [f"decoders.{i}" for i, d in enumerate(cfg.decoders) if d.attn_implementation == "flash_attention_2"]
-    if not wanted or is_flash_attn_2_available():
-        return []
+    """The kernel the packed attention will use on the GPU nodes (arctrain/model/attention.py)."""
     return [
-        f"attention: {', '.join(wanted)} use flash_attention_2, not runnable here (no flash-attn or no CUDA): "
-        "the GPU nodes need it (pip install -e .[gpu]); the model is sized with sdpa's shapes (the same)"
+        "attention: packed (no padding computed); on CUDA flash_attn_varlen_func where flash-attn is installed, "
+        "else torch.nn.attention.varlen.varlen_attn (no build step)"
     ]
 
 
@@ -98,16 +93,14 @@ def meta_model(cfg: Config):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from arctrain.model import ARCEncoder, ARCModel, Projector, SpecialVectors
+    from arctrain.model.attention import check_implementation
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
-    from transformers.utils import is_flash_attn_2_available
-
     def causal_lm(path: str, attn: str, key: str) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        if attn == "flash_attention_2" and not is_flash_attn_2_available():
-            attn = "sdpa"  # the same parameters; the kernel is the GPU nodes' (attention_report)
         with torch.device("meta"):
+            attn = check_implementation(attn, key)
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         check_weights(Path(path), lm, key)
         return lm

@@ -147,15 +147,12 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
     loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = arc.batch(examples[start : start + batch_size]).to(arc.device)
-        embeds = arc.model.embed(batch, arc.name)  # (B, T, Dd)
-        hidden = arc.decoder.base_model(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).last_hidden_state[:, :-1]  # (B, T-1, Dd) position t predicts token t+1
-        targets = batch.labels[:, 1:]  # (B, T-1)
-        selected = targets != -100
-        logits = arc.decoder.get_output_embeddings()(hidden[selected]).float()  # (N, V)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum"))
-        correct += int((logits.argmax(-1) == targets[selected]).sum())
+        embeds = arc.model.embed(batch, arc.name)  # (1, N_dec, Dd) packed rows
+        hidden = arc.model.decoder_hidden(arc.decoder, embeds, batch)[0]  # (N_dec, Dd) position p predicts p + 1
+        targets = batch.labels[0, batch.target_index + 1]  # (N_t,)
+        logits = arc.decoder.get_output_embeddings()(hidden[batch.target_index]).float()  # (N_t, V)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
         total += batch.stats.targets
     return {
         "segments": len(examples),

@@ -46,6 +46,7 @@ from arctrain.data.qa import TextPieces
 from arctrain.export import load_export
 from arctrain.flops import FlopCounter
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
+from arctrain.model.attention import PACKED
 from arctrain.model.batch import SPECIALS, BatchStats
 from arctrain.prompt import Doc, Turn, chat_template_of, render
 from arctrain.store import VectorStore
@@ -248,7 +249,7 @@ class ARCGenerator:
     # --- running --------------------------------------------------------------------------------------------
 
     def batch(self, examples: list[Example]) -> ARCBatch:
-        """The examples collated for this decoder (BOS first, right-padded), as in training."""
+        """The examples collated for this decoder (BOS first, packed), as in training."""
         tok = self.dec_tok
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         enc_pad = self.enc_tok.pad_token_id if self.enc_tok.pad_token_id is not None else 0
@@ -263,17 +264,16 @@ class ARCGenerator:
         """Left-padded decoder inputs (B, T, Dd), their attention mask (B, T), and the collated batch; refused first
         if a prompt and `new_tokens` do not fit the decoder's window."""
         batch = self.batch(examples)
-        self.check_encoder_window(batch.enc_ids.shape[-1] if batch.enc_ids.numel() else 0)
-        rows = batch.attention_mask.sum(1)  # (B,) positions per row
-        longest = int(rows.argmax())
-        vectors = int(((batch.dec_slot[longest] >= 0) & (batch.attention_mask[longest] > 0)).sum())
-        self.check_window(int(rows[longest]), new_tokens, vectors)
+        self.check_encoder_window(batch.enc.max_len)
+        longest = max(range(len(batch.row_lengths)), key=batch.row_lengths.__getitem__)
+        vectors = int((batch.rows(batch.dec_slot)[longest] >= 0).sum())  # compressed positions of the longest row
+        self.check_window(batch.dec_max_len, new_tokens, vectors)
         stats, batch = batch.stats, batch.to(self.device)
         if stats.vectors > len(SPECIALS):  # compressed or stored memory somewhere in the batch
-            embeds = self.model.embed(batch, self.name)  # (B, T, Dd) right-padded
+            embeds = self.model.embed(batch, self.name)  # (1, N, Dd) packed
         else:  # no compressed piece anywhere (closed book): plain token embeddings
             embeds = self.decoder.get_input_embeddings()(batch.dec_ids)
-        return *left_pad(embeds, batch.attention_mask), batch
+        return *left_pad(batch.rows(embeds)), batch
 
     @torch.no_grad()
     def generate(
@@ -299,12 +299,18 @@ class ARCGenerator:
             torch.manual_seed(seed)
         tok, stop = self.dec_tok, self.stop_ids
         criteria = StoppingCriteriaList([_TextDone(tok, stop_text)] if stop_text else [])
-        out = self.decoder.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-            logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
-            eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
-            top_k=None, **options,
-        )  # fmt: skip
+        # Generation appends to left-padded rows with a KV cache: transformers' own sdpa (with its padding mask)
+        # runs it; the packed implementation (no mask) stays for scoring and training.
+        self.decoder.set_attn_implementation("sdpa")
+        try:
+            out = self.decoder.generate(
+                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
+                eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+                top_k=None, **options,
+            )  # fmt: skip
+        finally:
+            self.decoder.set_attn_implementation(PACKED)
         texts = tok.batch_decode(out, skip_special_tokens=True)  # with inputs_embeds only new tokens come back
         end = time.perf_counter()
         n_enc, n_vec = batch.stats.enc_tokens, batch.stats.vectors - 2
@@ -379,14 +385,15 @@ def runtime(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES["bf16" if args.dtype == "auto" else args.dtype]
 
 
-def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T, D) + mask (B, T) -> left-padded: generation appends after each row's last token."""
-    out, out_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
-    width = mask.shape[1]
-    for i, n in enumerate(mask.sum(1).tolist()):
-        out[i, width - n :] = embeds[i, :n]
-        out_mask[i, width - n :] = 1
-    return out, out_mask
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (n_i, D) -> left-padded (B, T, D) and mask (B, T): generation appends after each row's last token."""
+    width = max(len(r) for r in rows)
+    out = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
+    for i, row in enumerate(rows):
+        out[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return out, mask
 
 
 def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:

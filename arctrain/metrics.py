@@ -59,6 +59,7 @@ class Window:
     def reset(self) -> None:
         self.time = self.wait = self.flop = 0.0
         self.samples = self.enc_tokens = self.dec_tokens = self.dropped_tokens = self.skipped_rows = 0
+        self.enc_computed = self.dec_computed = 0  # positions the kernels ran, padding included
 
     def count(self, decoder: str, stats) -> None:
         """`stats`: a batch's `BatchStats` (arctrain/model/batch.py), computed in collate on the CPU."""
@@ -67,7 +68,9 @@ class Window:
         self.dec_tokens += stats.dec_tokens
         self.dropped_tokens += stats.dropped_tokens
         self.skipped_rows += stats.skipped_rows
-        self.flop += self.flops(decoder, stats)
+        self.enc_computed += stats.enc_computed if stats.enc_computed >= 0 else stats.enc_tokens
+        self.dec_computed += stats.dec_computed if stats.dec_computed >= 0 else stats.dec_tokens
+        self.flop += self.flops(decoder, stats)  # real tokens only (BatchStats counts no padding)
 
     def rates(self, world_size: int, peak: float | None) -> dict[str, float]:
         """Per-rank rates averaged over the window, and the fraction of step time spent waiting for data."""
@@ -79,6 +82,9 @@ class Window:
             "tflops_per_rank": self.flop / seconds / 1e12,
             "data_wait_fraction": self.wait / seconds,
             "peak_memory_gb": peak_memory_gb(),
+            # Fraction of computed positions that are padding (packed micro-batches: 0).
+            "padding/encoder": 1 - self.enc_tokens / max(self.enc_computed, 1) if self.enc_computed else 0.0,
+            "padding/decoder": 1 - self.dec_tokens / max(self.dec_computed, 1) if self.dec_computed else 0.0,
         }
         if self.dropped_tokens:  # data.max_chunks cut contexts short: this rank's count over the window
             out["context_tokens_dropped"] = self.dropped_tokens

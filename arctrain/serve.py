@@ -28,14 +28,15 @@ import torch
 
 def vllm_prompts(arc, examples: list, mixed: bool = False, dtype: torch.dtype | None = None) -> list[dict]:
     """vLLM prompt dicts for `examples` (arctrain.model.Example, e.g. `arc.context_example(memory, prompt)`)."""
-    embeds, mask, batch = arc.embed(examples)  # (B, T, Dd) left-padded; batch right-padded
+    embeds, mask, batch = arc.embed(examples)  # (B, T, Dd) left-padded; batch packed
     prompts = []
+    ids, slots = batch.rows(batch.dec_ids), batch.rows(batch.dec_slot)
     for i, n in enumerate(mask.sum(1).tolist()):
         row = embeds[i, embeds.shape[1] - n :].to(dtype or embeds.dtype).cpu()  # (n, Dd)
         prompt = {"prompt_embeds": row}
         if mixed:
-            prompt["prompt_token_ids"] = batch.dec_ids[i, :n].tolist()  # vector positions hold the pad id
-            prompt["prompt_is_token_ids"] = (batch.dec_slot[i, :n] == -1).tolist()
+            prompt["prompt_token_ids"] = ids[i].tolist()  # vector positions hold the pad id
+            prompt["prompt_is_token_ids"] = (slots[i] == -1).tolist()
         prompts.append(prompt)
     return prompts
 

@@ -50,7 +50,7 @@ def parse_args(argv: list[str]):
     parser.add_argument("--gpu", help="with --dry-run: the card to size for, e.g. h100-80gb (default: this one)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg, attention_here=not args.dry_run)  # a dry run checks the kernels where it can (dry_run.py)
+    check_paths(cfg)
     return cfg, args
 
 

@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from arctrain.corpus import is_heldout, read_corpus
-from arctrain.model import ARCModel, collate
+from arctrain.model import ARCModel, collate, load_causal_lm
 from arctrain.model.batch import Example, Memory, Text
 
 
@@ -93,7 +93,7 @@ def main() -> None:
         name, _, path = entry.partition("=")
         path = Path(path) if path else args.models / name
         tok = AutoTokenizer.from_pretrained(path)
-        decoder = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+        decoder = load_causal_lm(path, torch.float32).eval().requires_grad_(False)  # packed attention
         ids = [tok(c, add_special_tokens=False).input_ids for c in chunks]
         row = {
             "no_context": loss_of(decoder, batch_of([Example([Text(t, loss=True)]) for t in ids], tok)),

@@ -57,17 +57,12 @@ def evaluate(model, batches) -> dict:
     loss, base, correct, total = 0.0, 0.0, 0, 0
     decoder = model.decoders["smollm2"]
     for batch in batches:
-        hidden = decoder.base_model(
-            inputs_embeds=model.embed(batch, "smollm2"),
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).last_hidden_state[:, :-1]  # (B, T-1, D)
-        targets = batch.labels[:, 1:]
-        selected = targets != -100
-        logits = decoder.get_output_embeddings()(hidden[selected]).float()  # (N, V)
-        n = int(selected.sum())
-        loss += float(torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum"))
-        correct += int((logits.argmax(-1) == targets[selected]).sum())
+        hidden = model.decoder_hidden(decoder, model.embed(batch, "smollm2"), batch)[0]  # (N_dec, D) packed rows
+        targets = batch.labels[0, batch.target_index + 1]  # (N_t,)
+        logits = decoder.get_output_embeddings()(hidden[batch.target_index]).float()  # (N_t, V)
+        n = len(targets)
+        loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
         base += model(batch, "smollm2", use_context=False).loss.item() * n
         total += n
     model.train()
@@ -115,7 +110,7 @@ def train_curve(args: argparse.Namespace) -> list[dict]:
     n_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
     model_cfg = SimpleNamespace(
         encoder_path=str(args.model), n_truncated_layers=n_layers - args.enc_layers, pooling="mean_pooled_queries",
-        pooling_factor=args.factor, n_vectors=0, attn_implementation="sdpa",
+        pooling_factor=args.factor, n_vectors=0, attn_implementation="packed",
         freeze_encoder_embeddings=not args.train_embeddings,
     )  # fmt: skip
     dec_cfg = SimpleNamespace(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: models of real shapes with random weights (no hub), 30 steps of ZeRO-3 in bf16 over NCCL with
-# flash-attention 2 in the decoders when it is installed, then export and generate on the GPU. One command:
+# packed attention (flash-attn's varlen kernel when installed, else PyTorch's varlen_attn), then export and generate
+# on the GPU. One command:
 #
 #   scripts/gpu_check.sh            # on a machine with a CUDA GPU (NPROC=8 for all of a node's GPUs)
 #   scripts/gpu_check.sh --tiny     # the same steps at tiny dimensions on CPU (tests/test_gpu_check.py runs it)
@@ -28,13 +29,12 @@ if [[ $TINY == 0 ]]; then
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
     DEVICE=cuda DTYPE=bf16 SEGMENT=256 MICRO=8 SIZE=() DOCS=100000
     PRECISION=(train.precision=bf16 deepspeed=ds_configs/zero3_bf16.json)
-    ATTN=$(python -c "from transformers.utils import is_flash_attn_2_available as a; print('flash_attention_2' if a() else 'sdpa')")
 else
     export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-    DEVICE=cpu DTYPE=fp32 SEGMENT=16 MICRO=4 SIZE=(--tiny) DOCS=300 ATTN=sdpa
+    DEVICE=cpu DTYPE=fp32 SEGMENT=16 MICRO=4 SIZE=(--tiny) DOCS=300
     PRECISION=(train.precision=fp32 deepspeed=ds_configs/zero3_cpu.json)
 fi
-say "decoder attention: $ATTN"
+say "attention kernel: $(python -c "from arctrain.model.attention import kernel_name; print(kernel_name('$DEVICE'))")"
 
 if [[ ! -f $TOKENIZERS/mistral/tokenizer.json ]]; then
     say "tokenizers (arctrain make-tiny-models --pretrain-steps 0)"
@@ -51,8 +51,7 @@ arc-data build --input "$OUT/corpus.jsonl" --out "$SHARDS" --segment-tokens "$SE
 ARGS=(--config configs/llama_mistral_1node.yaml "model.encoder_path=$MODELS/encoder" "decoders.0.path=$MODELS/llama"
       "decoders.1.path=$MODELS/mistral" "data.shards=$SHARDS" "checkpoint.dir=$RUN" "train.steps=$STEPS"
       optim.warmup_steps=5 eval.interval=0 "checkpoint.interval=$STEPS" "data.micro_batch_size=$MICRO"
-      data.num_workers=2 data.shuffle_buffer=64 logging.interval=5 logging.wandb_mode=disabled
-      "decoders.0.attn_implementation=$ATTN" "decoders.1.attn_implementation=$ATTN" "${PRECISION[@]}")
+      data.num_workers=2 data.shuffle_buffer=64 logging.interval=5 logging.wandb_mode=disabled "${PRECISION[@]}")
 say "dry run"
 arctrain train --dry-run --world-size "$NPROC" "${ARGS[@]}"
 

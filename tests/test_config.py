@@ -274,25 +274,21 @@ def test_config_objects_validate_on_construction():
         Config(model=cfg.model, decoders=[], data=cfg.data)
 
 
-def test_encoder_and_decoder_attention_are_separate_keys(tmp_path):
-    """The encoder takes sdpa/eager only; decoders may ask for flash_attention_2, which is checked before launch."""
-    with pytest.raises(ConfigError, match=r"model\.attn_implementation: 'flash_attention_2' is not one of 'sdpa'"):
-        load_config(write(tmp_path), ["model.attn_implementation=flash_attention_2"])
-    cfg = load_config(write(tmp_path), ["decoders.1.attn_implementation=flash_attention_2", "train.precision=bf16",
-                                        "deepspeed=ds_configs/zero3_bf16.json"])  # fmt: skip
-    assert [d.attn_implementation for d in cfg.decoders] == ["sdpa", "flash_attention_2"]
-    from transformers.utils import is_flash_attn_2_available
-
-    if is_flash_attn_2_available():
-        pytest.skip("flash-attn is installed here: the missing-package error cannot show")
-    with pytest.raises(ConfigError, match=r"^decoders\.1\.attn_implementation: 'flash_attention_2' needs flash-attn"):
-        check_paths(cfg)  # before any directory is looked at
+def test_attention_is_packed_and_other_values_are_refused(tmp_path):
+    """One attention path (packed, arctrain/model/attention.py); a padded implementation is refused in one line."""
+    for key in ("model.attn_implementation", "decoders.1.attn_implementation"):
+        with pytest.raises(
+            ConfigError, match=rf"^{key.replace('.', '[.]')}: 'flash_attention_2' is not one of 'packed'"
+        ):
+            load_config(write(tmp_path), [f"{key}=flash_attention_2"])
+    cfg = load_config(write(tmp_path))
+    assert cfg.model.attn_implementation == "packed" and {d.attn_implementation for d in cfg.decoders} == {"packed"}
 
 
 @pytest.mark.parametrize(
     "name", ["llama_mistral_1node.yaml", "llama_mistral_8node.yaml", "llama_mistral_finetune.yaml"]
 )
-def test_gpu_configs_use_flash_attention_in_the_decoders_only(name):
+def test_gpu_configs_use_packed_attention(name):
     cfg = load_config(REPO_ROOT / "configs" / name)
-    assert cfg.model.attn_implementation == "sdpa"
-    assert {d.attn_implementation for d in cfg.decoders} == {"flash_attention_2"}
+    assert cfg.model.attn_implementation == "packed"
+    assert {d.attn_implementation for d in cfg.decoders} == {"packed"}

@@ -42,7 +42,7 @@ def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counte
     batch = maker.collate(examples, "llama", ["a", "b"])
     chunks = [Chunker(enc, 16).cut(records[i]["passages"][:1])[0] for i in (0, 3)]  # every chunk of each context
     assert all(len(c) > 2 for c in chunks)  # 48 words are more than 2 chunks of 16 tokens
-    rows = [batch.enc_ids[s][batch.enc_mask[s] == 1].tolist() for s in range(batch.enc_ids.shape[0])]
+    rows = batch.segments()
     assert rows == chunks[0][:2] + chunks[1][:2]
     assert batch.stats.dropped_tokens == sum(len(c) for context in chunks for c in context[2:])
 
@@ -91,6 +91,6 @@ def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window
     batch = maker.collate([maker.example("llama", read_qa(qa), 0, 0, 0, 0, 0)], "llama", ["long"])
     chunks = Chunker(enc, 1024).segments(document)
     assert sum(map(len, chunks)) > 4 * window
-    assert batch.enc_mask.sum(1).tolist() == [len(c) for c in chunks[:3]]
+    assert batch.enc.cu_seqlens.diff().tolist() == [len(c) for c in chunks[:3]]
     assert batch.n_vectors.tolist() == [-(-len(c) // 4) for c in chunks[:3]]
-    assert batch.dec_ids.shape[1] < window and batch.stats.dropped_tokens == sum(map(len, chunks[3:]))
+    assert batch.dec_max_len < window and batch.stats.dropped_tokens == sum(map(len, chunks[3:]))

@@ -265,14 +265,14 @@ def test_examples_compress_segment_i_and_target_i_or_the_next(tiny_models, shard
         for row, key in enumerate(batch.keys):
             meta = shards["metas"][key]
             text, spans = shards["docs"][meta["doc_id"]], meta["char_spans"]
-            memory = toks["encoder"].decode(batch.enc_ids[row][batch.enc_mask[row] == 1].tolist())
+            memory = toks["encoder"].decode(batch.segments()[row])
             i = next(j for j, (a, b) in enumerate(spans) if text[a:b] == memory)
-            ids = batch.dec_ids[row]
-            target = dec.decode(batch.labels[row][batch.labels[row] != IGNORE].tolist())
+            ids, slots, labels = (batch.rows(x)[row] for x in (batch.dec_ids, batch.dec_slot, batch.labels))
+            target = dec.decode(labels[labels != IGNORE].tolist())
             j = i if batch.task == "reconstruction" else i + 1
             assert target == (text[spans[j][0] : spans[j][1]] if j < len(spans) else "")
             assert ids[0] == dec.bos_token_id
-            text_ids = ids[(batch.dec_slot[row] == -1) & (batch.labels[row] == IGNORE)][1:].tolist()
+            text_ids = ids[(slots == -1) & (labels == IGNORE)][1:].tolist()
             prefix = dec.encode("Document: ", add_special_tokens=False) if batch.decoder == "mistral" else []
             assert text_ids[: len(prefix)] == prefix
     assert seen == {"reconstruction", "continuation"}
@@ -297,8 +297,9 @@ def test_the_val_set_is_fixed_spread_over_every_source_and_shard_for_any_world_s
         # Every rank runs the same number of batches, source by source (ZeRO-3).
         assert len({tuple(source for source, _ in run) for run in runs}) == 1
         rows = sorted(
-            (source, key, b.dec_ids[row][b.attention_mask[row] == 1].tolist(), b.labels[row][b.labels[row] != IGNORE])
-            for run in runs for source, b in run for row, key in enumerate(b.keys) if key != "pad"
+            (source, key, ids.tolist(), labels[labels != IGNORE])
+            for run in runs for source, b in run
+            for key, ids, labels in zip(b.keys, b.rows(b.dec_ids), b.rows(b.labels), strict=True) if key != "pad"
         )  # fmt: skip
         rows = [(*r[:3], r[3].tolist()) for r in rows]
         per_world[world_size] = rows
@@ -358,7 +359,7 @@ def test_fair_mode_sends_each_steps_batches_to_every_decoder_in_turn(tiny_models
     for s in range(0, 8, 2):
         for k in (0, 1):
             a, b = got[2 * s + k], got[2 * s + 2 + k]
-            assert a.keys == b.keys and a.task == b.task and torch.equal(a.enc_ids, b.enc_ids)
+            assert a.keys == b.keys and a.task == b.task and torch.equal(a.enc.ids, b.enc.ids)
             assert a.dec_ids.tolist() != b.dec_ids.tolist()  # each decoder's own tokens
     plain = make_config(tiny_models, root, "train.grad_accum=2", "data.num_workers=0")
     data = [batch for _, batch in take_batches(build_train_loader(plain, 0, 1, vocab), 8)]
@@ -390,13 +391,14 @@ def test_interleaved_continuation_puts_the_text_before_the_compressed_segment(ti
         for row, key in enumerate(batch.keys):
             meta = shards["metas"][key]
             text, spans = shards["docs"][meta["doc_id"]], meta["char_spans"]
-            memory = toks["encoder"].decode(batch.enc_ids[row][batch.enc_mask[row] == 1].tolist())
+            memory = toks["encoder"].decode(batch.segments()[row])
             assert memory == text[spans[1][0] : spans[1][1]]
-            slots = batch.dec_slot[row].tolist()
-            before = batch.dec_ids[row][1 : slots.index(next(s for s in slots if s >= 0))].tolist()  # after BOS
+            ids, labels = batch.rows(batch.dec_ids)[row], batch.rows(batch.labels)[row]
+            slots = batch.rows(batch.dec_slot)[row].tolist()
+            before = ids[1 : slots.index(next(s for s in slots if s >= 0))].tolist()  # after BOS
             assert len(before) == n and text[spans[0][0] : spans[0][1]].endswith(dec.decode(before))
-            assert (batch.labels[row, : len(before) + 1] == IGNORE).all()  # no loss on the text before
-            target = dec.decode(batch.labels[row][batch.labels[row] != IGNORE].tolist())
+            assert (labels[: len(before) + 1] == IGNORE).all()  # no loss on the text before
+            target = dec.decode(labels[labels != IGNORE].tolist())
             assert target == text[spans[2][0] : spans[2][1]]
             rows += 1
     assert rows == 18

@@ -44,9 +44,10 @@ def test_batches_hold_the_segments_the_manifest_describes(tiny_models, tiny_shar
             meta = metas[key]
             text, spans = docs[meta["doc_id"]], meta["char_spans"]
             segs = [text[s:e] for s, e in spans]
-            memory = toks["encoder"].decode(batch.enc_ids[row][batch.enc_mask[row] == 1].tolist())
+            memory = toks["encoder"].decode(batch.segments()[row])
             i = segs.index(memory)  # the compressed segment is one of the window's segments, exactly
-            target = toks[batch.decoder].decode(batch.labels[row][batch.labels[row] != IGNORE].tolist())
+            labels = batch.rows(batch.labels)[row]
+            target = toks[batch.decoder].decode(labels[labels != IGNORE].tolist())
             j = i if batch.task == "reconstruction" else i + 1
             assert target == (segs[j] if j < len(segs) else "")
             checked[batch.task] += 1

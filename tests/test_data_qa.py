@@ -42,10 +42,11 @@ def test_targets_are_the_answer_and_eos(tiny_models, tiny_qa):
     batch = maker.collate(examples, "mistral", ["a", "b"])
     tok = AutoTokenizer.from_pretrained(tiny_models / "mistral")
     for row, i in enumerate([0, 5]):
-        target = batch.labels[row][batch.labels[row] != IGNORE].tolist()
+        ids, slots, labels = (batch.rows(x)[row] for x in (batch.dec_ids, batch.dec_slot, batch.labels))
+        target = labels[labels != IGNORE].tolist()
         assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == f" {records[i]['answers'][0]}"
-        text = (batch.dec_slot[row] < 0) & (batch.labels[row] == IGNORE)
-        prompt = tok.decode(batch.dec_ids[row][text].tolist(), skip_special_tokens=True)
+        text = (slots < 0) & (labels == IGNORE)
+        prompt = tok.decode(ids[text].tolist(), skip_special_tokens=True)
         assert prompt.count("Document: ") == 2 and prompt.endswith(f"Question: {records[i]['question']}\nAnswer:")
     assert batch.task == "qa" and (batch.dec_slot >= 0).any()
 

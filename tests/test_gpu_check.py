@@ -17,8 +17,8 @@ def test_gpu_check_runs_end_to_end_at_tiny_size(tiny_models, tmp_path):
                           text=True, timeout=900)  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    for line in ("decoder attention: sdpa", "dry run: every check passed", "frozen decoders: partitioned",
-                 "starting at step 0", "loss "):  # fmt: skip
+    for line in ("attention kernel: per-sequence scaled_dot_product_attention (CPU)", "dry run: every check passed",
+                 "frozen decoders: partitioned", "starting at step 0", "loss "):  # fmt: skip
         assert line in out, line
     report = out[out.index(" step     loss") :].splitlines()
     assert report[1].split()[0] == "5"  # the logged step: 5 steps, every 5

@@ -64,8 +64,7 @@ def test_sampling_follows_the_seed(arc, documents):
 
 def test_left_pad_moves_each_row_to_the_end():
     embeds = torch.arange(12.0).view(2, 3, 2)  # (B, T, D)
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    out, out_mask = left_pad(embeds, mask)
+    out, out_mask = left_pad([embeds[0, :2], embeds[1]])  # packed rows of 2 and 3 positions
     assert out_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
     assert out[0].tolist() == [[0.0, 0.0], [0.0, 1.0], [2.0, 3.0]] and torch.equal(out[1], embeds[1])
 

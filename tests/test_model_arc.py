@@ -25,7 +25,7 @@ def configs(tiny: Path, decoders=DECODERS, projector_hidden: int = 64, **model):
         pooling="mean_pooled_queries",
         pooling_factor=4,
         n_vectors=0,
-        attn_implementation="sdpa",
+        attn_implementation="packed",
     )
     vars(model_cfg).update(model)
     decoder_cfgs = [
@@ -86,10 +86,11 @@ def texts(tiny_models):
     return corpus_texts(tiny_models, heldout=False, limit=4)
 
 
-def manual_embeds(model: ARCModel, batch, decoder: str) -> torch.Tensor:
-    """Decoder inputs built position by position from the token table, the pooled vectors and the projector."""
+def manual_embeds(model: ARCModel, batch, decoder: str) -> list[torch.Tensor]:
+    """Decoder inputs of each row, built position by position from the token table, the pooled vectors (each
+    segment compressed alone) and the projector."""
     vectors = torch.cat(
-        model.compress(batch.enc_ids, batch.enc_mask)
+        [model.encoder.compress_segments([seg])[0] for seg in batch.segments()]
         + [model.specials[decoder].rec[None], model.specials[decoder].cont[None]]
     )
     first, second = model.projectors[decoder]
@@ -97,9 +98,9 @@ def manual_embeds(model: ARCModel, batch, decoder: str) -> torch.Tensor:
     table = model.decoders[decoder].get_input_embeddings().weight
     rows = [
         [projected[s] if s >= 0 else table[t] for t, s in zip(ids.tolist(), slots.tolist(), strict=True)]
-        for ids, slots in zip(batch.dec_ids, batch.dec_slot, strict=True)
+        for ids, slots in zip(batch.rows(batch.dec_ids), batch.rows(batch.dec_slot), strict=True)
     ]
-    return torch.stack([torch.stack(r) for r in rows])
+    return [torch.stack(r) for r in rows]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -109,14 +110,12 @@ def test_loss_equals_manual_computation_from_inputs_embeds(built, tiny_models, t
     batch = make_batch(tiny_models, model_cfg, decoder, task, texts)
     with torch.no_grad():
         out = model(batch, decoder)
-        embeds = manual_embeds(model, batch, decoder)
-        torch.testing.assert_close(model.embed(batch, decoder), embeds)
-        logits = model.decoders[decoder](
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits  # (B, T, V) in full
-    targets = batch.labels[:, 1:]
-    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
-    assert out.n_tokens == (targets != -100).sum() > 0
+        rows = manual_embeds(model, batch, decoder)
+        torch.testing.assert_close(model.embed(batch, decoder)[0], torch.cat(rows))
+        logits = [model.decoders[decoder](inputs_embeds=row[None]).logits[0] for row in rows]  # (n, V) each, alone
+    targets = [labels[1:] for labels in batch.rows(batch.labels)]
+    expected = F.cross_entropy(torch.cat([lg[:-1] for lg in logits]), torch.cat(targets), ignore_index=-100)
+    assert out.n_tokens == sum(int((t != -100).sum()) for t in targets) > 0
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -223,25 +222,23 @@ def test_build_model_rejects_bad_input(tiny_models, tmp_path):
         build_model(model_cfg, decoder_cfgs)
 
 
-def test_encoder_insertion_and_loss_read_nothing_back_from_the_device(tiny_models):
+def test_forward_and_backward_read_nothing_back_from_the_device(tiny_models):
     """On the meta device any `.item()`, `.tolist()`, `int(t)` or boolean-mask index raises: the encoder, the
-    insertion of the vectors and the chunked loss run there, so they never wait for the device (collate computed
-    the counts and indices on the CPU). The decoder's own forward is transformers' (its sdpa mask creation reads
-    `mask.all()` once per forward)."""
-    from arctrain.model.loss import lm_head_loss
-
+    insertion of the vectors, the decoder (packed attention: no mask is created, PyTorch's varlen kernel infers
+    shapes there) and the chunked loss run there, forward and backward, so they never wait for the device (collate
+    computed every size on the CPU)."""
     model_cfg, decoder_cfgs = configs(tiny_models)
     model = build_model(model_cfg, decoder_cfgs).train()
     batch = make_batch(tiny_models, model_cfg, "llama", "reconstruction", corpus_texts(tiny_models, heldout=False))
     model.to("meta")
     batch = batch.to("meta")
-    embeds = model.embed(batch, "llama")  # (B, T, Dd)
-    assert embeds.device.type == "meta"
+    embeds = model.embed(batch, "llama")  # (1, N_dec, Dd)
     assert embeds.shape == (*batch.dec_ids.shape, model.decoders["llama"].config.hidden_size)
-    hidden = embeds[:, :-1].flatten(0, 1)[batch.target_index]  # as decoder_loss indexes its hidden states
-    loss = lm_head_loss(model.decoders["llama"].lm_head, hidden, batch.labels[:, 1:].flatten()[batch.target_index], 7)
-    loss.backward()
+    out = model(batch, "llama")
+    assert out.loss.device.type == "meta"
+    out.loss.backward()
     assert model.projectors["llama"][0].weight.grad.device.type == "meta"
+    assert model.encoder.layers[0].self_attn.q_proj.weight.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize(("encoder_on", "decoder_on"), [(True, False), (False, True), (True, True), (False, False)])

@@ -53,33 +53,50 @@ def test_collate_layout_with_several_segments_between_text():
     rec = Example([Memory([[7] * 5], "rec"), Text([16, 17, 18], loss=True)])
     b = _collate([qa, rec])
     assert b.n_vectors.tolist() == [3, 1, 2]  # 10 tokens -> 3, 3 -> 1, 5 -> 2
-    assert b.enc_ids.shape == (3, 10) and b.enc_mask.sum(1).tolist() == [10, 3, 5]
+    # Encoder: 18 tokens end to end, no padding; positions restart per segment; each token's pooled vector.
+    assert b.enc.ids.tolist() == [5] * 10 + [6] * 3 + [7] * 5 and b.segments() == [[5] * 10, [6] * 3, [7] * 5]
+    assert b.enc.cu_seqlens.tolist() == [0, 10, 13, 18] and b.enc.cu_seqlens.dtype == torch.int32
+    assert b.enc.max_len == 10 and b.enc.max_vectors == 3 and b.enc.n_vectors == 6
+    assert b.enc.positions.tolist() == list(range(10)) + [0, 1, 2] + [0, 1, 2, 3, 4]
+    assert b.enc.pool_group.tolist() == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 3 + [5] * 2
+    assert b.enc.pool_cu_seqlens.tolist() == [0, 3, 4, 6] and b.enc.pool_positions.tolist() == [0, 1, 2, 0, 0, 1]
+    # Decoder: rows of 12 and 7 positions end to end as one (1, 19) sequence.
     n_memory = 6  # specials come after the memory vectors: <Rec> = 6, <Cont> = 7
-    assert b.dec_slot[0].tolist() == [-1, -1, -1, 0, 1, 2, 3, 7, -1, -1, -1, -1]
-    assert b.dec_ids[0].tolist() == [1, 10, 11, 2, 2, 2, 2, 2, 12, 13, 14, 15]
-    assert b.labels[0].tolist() == [IGNORE] * 10 + [14, 15]
-    assert b.dec_slot[1].tolist() == [-1, 4, 5, n_memory, -1, -1, -1, -1, -1, -1, -1, -1]
-    assert b.labels[1].tolist() == [IGNORE] * 4 + [16, 17, 18] + [IGNORE] * 5
-    assert b.attention_mask.sum(1).tolist() == [12, 7]
-    assert b.position_ids[1, :7].tolist() == list(range(7))
+    assert b.dec_ids.shape == (1, 19) and b.row_lengths == [12, 7] and b.dec_max_len == 12
+    assert b.dec_cu_seqlens.tolist() == [0, 12, 19]
+    slots, ids, labels = b.rows(b.dec_slot), b.rows(b.dec_ids), b.rows(b.labels)
+    assert slots[0].tolist() == [-1, -1, -1, 0, 1, 2, 3, 7, -1, -1, -1, -1]
+    assert ids[0].tolist() == [1, 10, 11, 2, 2, 2, 2, 2, 12, 13, 14, 15]
+    assert labels[0].tolist() == [IGNORE] * 10 + [14, 15]
+    assert slots[1].tolist() == [-1, 4, 5, n_memory, -1, -1, -1]
+    assert labels[1].tolist() == [IGNORE] * 4 + [16, 17, 18]
+    assert b.position_ids[0].tolist() == list(range(12)) + list(range(7))
+    assert b.target_index.tolist() == [9, 10, 12 + 3, 12 + 4, 12 + 5]  # p predicts p + 1, same row
     assert b.n_target_tokens() == 5
 
 
 def test_collate_without_bos_and_fixed_vectors():
     b = _collate([Example([Memory([[5] * 9], "rec"), Text([3], loss=True)])], n_vectors=2, bos_id=None)
     assert b.dec_slot[0].tolist() == [0, 1, 2, -1]
-    assert b.dec_ids[0, 3] == 3
+    assert b.dec_ids[0, 3] == 3 and b.target_index.tolist() == [2]
+
+
+def test_a_target_starting_a_row_has_no_predictor():
+    """Without BOS a row may start with a target: nothing predicts it, and it never borrows the previous row."""
+    b = _collate([Example([Text([3, 4], loss=True)]), Example([Text([5, 6], loss=True)])], bos_id=None)
+    assert b.target_index.tolist() == [0, 2] and b.labels[0, b.target_index + 1].tolist() == [4, 6]
 
 
 def test_drop_memory_keeps_the_same_targets():
     ex = Example([Text([10]), Memory([[5] * 10], "cont"), Text([14, 15, 16], loss=True)])
     short = Example([Memory([[5] * 2], "rec"), Text([17], loss=True)])
     b = drop_memory(_collate([ex, short]))
-    assert b.dec_ids[0].tolist() == [1, 10, 14, 15, 16]
-    assert b.labels[0].tolist() == [IGNORE, IGNORE, 14, 15, 16]
-    assert b.dec_ids[1, :2].tolist() == [1, 17] and b.attention_mask[1].tolist() == [1, 1, 0, 0, 0]
-    assert (b.dec_slot == -1).all()
-    assert b.n_target_tokens() == 4
+    assert b.row_lengths == [5, 2] and b.dec_cu_seqlens.tolist() == [0, 5, 7] and b.dec_max_len == 5
+    assert b.rows(b.dec_ids)[0].tolist() == [1, 10, 14, 15, 16]
+    assert b.rows(b.labels)[0].tolist() == [IGNORE, IGNORE, 14, 15, 16]
+    assert b.rows(b.dec_ids)[1].tolist() == [1, 17] and b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert (b.dec_slot == -1).all() and b.enc.ids.numel() == 0
+    assert b.n_target_tokens() == 4 and b.labels[0, b.target_index + 1].tolist() == [14, 15, 16, 17]
 
 
 def test_pretraining_examples():
@@ -124,8 +141,8 @@ def test_batch_crosses_a_worker_process_intact():
     batch = _example_batch()
     (received,) = list(torch.utils.data.DataLoader(_Repeat(batch), batch_size=None, num_workers=1))
     assert type(received) is type(batch)
-    for name, value in vars(batch).items():
-        got = getattr(received, name)
+    fields = [(vars(batch), vars(received))] + [(vars(batch.enc), vars(received.enc))]
+    for name, value, got in [(n, v, got[n]) for sent, got in fields for n, v in sent.items() if n != "enc"]:
         if isinstance(value, torch.Tensor):
             assert isinstance(got, torch.Tensor) and got.dtype == value.dtype and torch.equal(got, value), name
             got.add_(0)  # writable, like any tensor
@@ -142,24 +159,26 @@ def test_data_loader_pins_every_tensor_of_the_batch(monkeypatch):
     batch = _example_batch()
     out = pin_memory(batch)
     tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
-    assert len(pinned) == len(tensors) == 10
+    tensors += [v for v in vars(batch.enc).values() if isinstance(v, torch.Tensor)]
+    assert len(pinned) == len(tensors) == 13
     assert type(out) is type(batch) and out.keys == batch.keys and torch.equal(out.dec_slot, batch.dec_slot)
 
 
 def test_collate_carries_the_metadata_the_model_would_read_from_the_device():
-    """Counts' maximum, real-vector and target indices, and the FLOP sizes, against a direct computation."""
+    """Maxima, target indices and the FLOP sizes, against a direct computation; nothing computed is padding."""
     qa = Example([Text([10, 11]), Memory([[5] * 10, [6] * 3], "cont"), Text([12, 13]), Text([14, 15], loss=True)])
     rec = Example([Memory([[7] * 5], "rec"), Text([16, 17, 18], loss=True)])
     b = _collate([qa, rec])
     assert b.pooled_with == (4, 0) and b.max_vectors == int(b.n_vectors.max()) == 3
-    valid = torch.arange(b.max_vectors) < b.n_vectors.unsqueeze(1)  # (S, M)
-    assert b.vector_index.tolist() == valid.flatten().nonzero().squeeze(1).tolist()
-    selected = (b.labels[:, 1:] != IGNORE).flatten()
-    assert b.target_index.tolist() == selected.nonzero().squeeze(1).tolist()
-    lengths, rows = b.enc_mask.sum(1), b.attention_mask.sum(1)
+    lengths, rows = b.enc.cu_seqlens.diff(), torch.tensor(b.row_lengths)
+    assert b.enc.max_len == int(lengths.max()) and b.dec_max_len == int(rows.max())
+    starts = set(b.dec_cu_seqlens.tolist())
+    selected = [p - 1 for p in range(b.labels.shape[1]) if b.labels[0, p] != IGNORE and p not in starts]
+    assert b.target_index.tolist() == selected
     s = b.stats
     assert (s.samples, s.enc_tokens, s.dec_tokens, s.targets) == (2, 18, int(rows.sum()), 5)
+    assert (s.enc_computed, s.dec_computed) == (s.enc_tokens, s.dec_tokens)  # no padding
     assert s.enc_pairs == int((lengths**2).sum()) and s.pooled_pairs == int((lengths * b.n_vectors).sum())
     assert s.vectors == 6 + 2 and s.dec_pairs == int((rows * (rows + 1) // 2).sum())
     dropped = drop_memory(b)
-    assert dropped.target_index is None and dropped.pooled_with == b.pooled_with
+    assert dropped.pooled_with == b.pooled_with and dropped.stats is None

@@ -1,4 +1,4 @@
-"""The encoder (arctrain/model/encoder.py): shapes, bidirectionality, padding, and the pooling math checked against
+"""The encoder (arctrain/model/encoder.py): shapes, bidirectionality, packing, and the pooling math checked against
 a straightforward per-token implementation written here from the layer weights, on tiny Llama, Mistral and Qwen2
 backbones (grouped-query attention: 4 heads, 2 key/value heads)."""
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from arctrain.model.batch import pack_segments
 from arctrain.model.encoder import ARCEncoder
 
 FAMILIES = {
@@ -162,14 +163,14 @@ def test_matches_reference_on_a_one_layer_backbone():
 def test_shapes_for_many_lengths(pooling, factor):
     enc = make_encoder(pooling=pooling, factor=factor)
     lengths = [1, 3, 4, 5, 7, 8, 9, 10, 16, 17, 31, 64]
-    ids, mask = batch_of([[7] * n for n in lengths])
+    segments = [[7] * n for n in lengths]
+    packed = pack_segments(segments, factor, 0)
     with torch.no_grad():
-        pooled, counts = enc(ids, mask)
+        pooled = enc(packed)  # (M, D): every segment's vectors, one after the other
     expected = [max(1, math.ceil(n / factor)) for n in lengths]
-    assert counts.tolist() == expected
-    assert pooled.shape == (len(lengths), max(expected), enc.hidden_size)
-    for row, m in zip(pooled, expected, strict=True):
-        assert row[:m].abs().sum(-1).gt(0).all() and row[m:].eq(0).all()
+    assert packed.pool_cu_seqlens.diff().tolist() == expected and packed.max_vectors == max(expected)
+    assert pooled.shape == (sum(expected), enc.hidden_size) and pooled.abs().sum(-1).gt(0).all()
+    assert [v.shape[0] for v in enc.compress_segments(segments)] == expected
 
 
 def test_fixed_number_of_vectors():
@@ -190,8 +191,8 @@ def test_bidirectional(pooling):
     assert not torch.allclose(first, changed, atol=1e-4)
 
 
-def test_padding_does_not_leak():
-    """A segment pools to the same vectors alone and next to a longer one."""
+def test_segments_do_not_leak():
+    """A segment pools to the same vectors alone and packed next to a longer one (a tokenizer's padded output)."""
     enc = make_encoder()
     seg = [11, 12, 13, 14, 15]
     with torch.no_grad():
@@ -202,12 +203,12 @@ def test_padding_does_not_leak():
 
 def test_checkpointing_gives_the_same_gradients():
     enc = make_encoder().train()
-    ids, mask = batch_of([list(range(3, 13)), [4, 5, 6]])
+    packed = pack_segments([list(range(3, 13)), [4, 5, 6]], enc.factor, enc.n_vectors)
     grads = []
     for flag in (False, True):
         enc.gradient_checkpointing = flag
         enc.zero_grad()
-        enc(ids, mask)[0].square().sum().backward()
+        enc(packed).square().sum().backward()
         grads.append([p.grad.clone() for p in enc.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

@@ -87,7 +87,7 @@ def test_stored_vectors_are_the_encoders_of_each_segment(arc, docs, stores):
         assert stored.tokens == [len(s) for s in segments]
         for seg, vectors in zip(segments, stored.vectors, strict=True):
             alone = encoder.compress(torch.tensor([seg]), torch.ones(1, len(seg), dtype=torch.long))[0]
-            torch.testing.assert_close(vectors, alone, atol=1e-5, rtol=1e-5)  # batched with padding vs alone
+            torch.testing.assert_close(vectors, alone, atol=1e-5, rtol=1e-5)  # batched (packed) vs alone
     exact = torch.cat(arc.store.get(docs[5]["id"]).vectors)
     bf16 = torch.cat(VectorStore(stores["bf16"]).get(docs[5]["id"]).vectors)
     assert torch.equal(bf16, exact.to(torch.bfloat16).float())  # bf16 is the rounding of the fp32 vectors

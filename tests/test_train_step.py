@@ -41,7 +41,6 @@ def worker(models: str, out: str) -> None:
     from arctrain.data.loader import Vocab, collate_batch
     from arctrain.distributed import init_distributed
     from arctrain.model import build_model
-    from arctrain.model.batch import IGNORE
     from arctrain.train import train_step
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
@@ -79,7 +78,7 @@ def worker(models: str, out: str) -> None:
     plain.load_state_dict(before, strict=False)
     plain.train()
     batches = [batch(r, m) for r in range(2) for m in range(2)]
-    counts = [int((b.labels[:, 1:] != IGNORE).sum()) for b in batches]
+    counts = [b.n_target_tokens() for b in batches]
     total, means = 0.0, []
     for b, n in zip(batches, counts, strict=True):
         loss = plain(b, "llama").loss

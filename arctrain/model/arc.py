@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from arctrain.model.batch import ARCBatch, drop_memory, target_positions
+from arctrain.model.attention import PACKED, packed_kwargs
+from arctrain.model.batch import ARCBatch, drop_memory
 from arctrain.model.encoder import ARCEncoder
 from arctrain.model.loss import lm_head_loss
 
@@ -82,6 +83,7 @@ class ARCModel(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens  # 0: the cross-entropy in one piece
         for decoder in self.all_decoders.values():
             decoder.requires_grad_(False)
+            decoder.set_attn_implementation(PACKED)  # packed rows (arctrain/model/attention.py), the stock class
         self.train(False)
 
     @property
@@ -109,7 +111,7 @@ class ARCModel(nn.Module):
         self.train(self.training)
 
     def compress(self, enc_ids: torch.Tensor, enc_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Pooled vectors per segment, (m_s, D) each, in encoder space."""
+        """Pooled vectors per segment of a tokenizer's right-padded (S, L) output, (m_s, D) each, in encoder space."""
         return self.encoder.compress(enc_ids, enc_mask)
 
     def forward(self, batch: ARCBatch, decoder: str, *, use_context: bool = True) -> ARCOutput:
@@ -119,7 +121,7 @@ class ARCModel(nn.Module):
         model = decoders[decoder]
         if not use_context:
             batch = drop_memory(batch)
-            embeds = model.get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
+            embeds = model.get_input_embeddings()(batch.dec_ids)  # (1, N, Dd)
         else:
             embeds = self.embed(batch, decoder)
         out = self.decoder_loss(model, embeds, batch, self.loss_chunk_tokens)
@@ -139,10 +141,9 @@ class ARCModel(nn.Module):
         return 0.0 * torch.stack(terms).sum() if terms else torch.zeros(())
 
     def embed(self, batch: ARCBatch, decoder: str) -> torch.Tensor:
-        """Decoder input embeddings (B, T, Dd): token embeddings, memory and special slots replaced.
+        """Decoder input embeddings (1, N_dec, Dd), packed: token embeddings, memory and special slots replaced.
 
-        The batch's counts, their maximum and the indices of the real vectors come from `collate` (CPU): nothing
-        here waits for the device."""
+        Every size comes from `collate` (CPU): nothing here waits for the device."""
         enc = self.encoder
         if batch.pooled_with != (enc.factor, enc.n_vectors):
             raise ValueError(
@@ -151,32 +152,36 @@ class ARCModel(nn.Module):
             )
         special = self.specials[decoder]()  # (2, D)
         parts = []
-        if batch.n_vectors.numel() > 0:  # segments to compress (none when every memory comes from a store)
-            pooled, _ = enc(batch.enc_ids, batch.enc_mask, batch.max_vectors)  # (S, M, D)
-            vector_index = batch.vector_index
-            if vector_index is None:  # a batch not made by collate: find the real vectors on the device
-                valid = torch.arange(pooled.shape[1], device=pooled.device) < batch.n_vectors.unsqueeze(1)  # (S, M)
-                vector_index = valid.flatten().nonzero().squeeze(1)
-            parts.append(pooled.flatten(0, 1)[vector_index])  # (N, D)
+        if batch.enc.n_vectors > 0:  # segments to compress (none when every memory comes from a store)
+            parts.append(enc(batch.enc))  # (N, D) in slot order
         if batch.stored is not None:
             parts.append(batch.stored.to(special.dtype))  # (N_s, D) compressed earlier, dequantized by the store
         vectors = torch.cat([*parts, special.to(parts[0].dtype if parts else special.dtype)])  # (N + N_s + 2, D)
-        projected = self.projectors[decoder](vectors)  # (N + 2, Dd)
-        tokens = self.all_decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (B, T, Dd)
-        slot = batch.dec_slot.unsqueeze(-1)  # (B, T, 1)
-        inserted = projected.to(tokens.dtype)[batch.dec_slot.clamp(min=0)]  # (B, T, Dd)
+        projected = self.projectors[decoder](vectors)  # (N + N_s + 2, Dd)
+        tokens = self.all_decoders[decoder].get_input_embeddings()(batch.dec_ids)  # (1, N_dec, Dd)
+        slot = batch.dec_slot.unsqueeze(-1)  # (1, N_dec, 1)
+        inserted = projected.to(tokens.dtype)[batch.dec_slot.clamp(min=0)]  # (1, N_dec, Dd)
         return torch.where(slot >= 0, inserted, tokens)
 
     @staticmethod
-    def decoder_loss(model: nn.Module, embeds: torch.Tensor, batch: ARCBatch, chunk: int = 0) -> ARCOutput:
-        """Cross-entropy on target tokens; the LM head runs only where there is a target (no (B, T, V) logits), in
+    def decoder_hidden(model: nn.Module, embeds: torch.Tensor, batch: ARCBatch) -> torch.Tensor:
+        """The decoder's last hidden states (1, N_dec, Dd) of packed rows (causal inside each row)."""
+        if model.config._attn_implementation != PACKED:  # any other would attend across the packed rows
+            raise ValueError(
+                f"decoder attention {model.config._attn_implementation!r}: packed rows need {PACKED!r} "
+                f"(load_causal_lm, or decoder.set_attn_implementation({PACKED!r}))"
+            )
+        kwargs = packed_kwargs(batch.dec_cu_seqlens, batch.dec_max_len)
+        out = model.base_model(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False, **kwargs)
+        return out.last_hidden_state
+
+    @classmethod
+    def decoder_loss(cls, model: nn.Module, embeds: torch.Tensor, batch: ARCBatch, chunk: int = 0) -> ARCOutput:
+        """Cross-entropy on target tokens; the LM head runs only where there is a target (no (N, V) logits), in
         chunks of `chunk` target tokens (0: one piece; arctrain/model/loss.py)."""
-        out = model.base_model(
-            inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-        )
-        hidden = out.last_hidden_state[:, :-1].flatten(0, 1)  # (B * (T-1), Dd) position t predicts token t+1
-        index = batch.target_index if batch.target_index is not None else target_positions(batch.labels)
-        targets = batch.labels[:, 1:].flatten()[index]  # (N,)
+        hidden = cls.decoder_hidden(model, embeds, batch)[0]  # (N_dec, Dd) position p predicts token p + 1
+        index = batch.target_index  # (N_t,) never a row's last position: its next token is in the same row
+        targets = batch.labels[0, index + 1]  # (N_t,)
         loss_sum = lm_head_loss(model.get_output_embeddings(), hidden[index], targets, chunk)
         n = index.shape[0]  # known on the host: the index's shape
         n_tokens = torch.full((), n, dtype=torch.long, device=hidden.device)

@@ -1,27 +1,37 @@
 """Examples and batches: what the loader hands the model (see docs/ARCHITECTURE.md §4).
 
 An `Example` is a list of pieces: decoder text (`Text`) and compressed memory (`Memory`: encoder segments, each
-compressed on its own, then one special vector). `collate` lays the pieces of many examples out as tensors:
+compressed on its own, then one special vector). `collate` lays the pieces of many examples end to end, with no
+padding anywhere (packed sequences, as varlen attention kernels read them):
 
-    dec_ids   (B, T)  decoder token ids; memory positions hold the pad id
-    dec_slot  (B, T)  -1 for a text position, else an index into the flat vector list
-                      [vectors of segment 0, vectors of segment 1, ..., stored vectors ..., <Rec>, <Cont>]
-    labels    (B, T)  -100 except target tokens, aligned with dec_ids (the model shifts, as in Hugging Face)
+    enc_ids        (N_enc,)  every segment's encoder tokens, one after the other
+    enc_positions  (N_enc,)  0..len-1 within each segment
+    enc_cu_seqlens (S + 1,)  segment boundaries (int32), enc_max_len the longest segment (a plain int)
+    pool_group     (N_enc,)  each token's pooled vector: an index into the flat vector list below
+    pool_positions (N_vec,)  0..m-1 within each segment (the pooled queries' positions)
+    pool_cu_seqlens (S + 1,) boundaries of each segment's vectors, max_vectors the largest count
+    dec_ids        (1, N_dec) every decoder row, one after the other; memory positions hold the pad id
+    dec_slot       (1, N_dec) -1 for a text position, else an index into the flat vector list
+                              [vectors of segment 0, vectors of segment 1, ..., stored vectors ..., <Rec>, <Cont>]
+    position_ids   (1, N_dec) 0..len-1 within each row; dec_cu_seqlens (B + 1,), dec_max_len (a plain int)
+    labels         (1, N_dec) -100 except target tokens, aligned with dec_ids (position p predicts p + 1)
+    target_index   (N_t,)     positions p whose next token, in the same row, is a target
 
-so the model only compresses `enc_ids`, projects the flat list and scatters it by `dec_slot`. A `Memory` may carry
+so the model compresses `enc_ids`, projects the flat vector list and scatters it by `dec_slot`. A `Memory` may carry
 vectors compressed earlier (`vectors`, read from a vector store: arctrain/store.py) instead of encoder segments:
 they travel as `stored` (N_s, D) and take the slots after the encoder's, so the encoder never sees them. `collate`
-runs in loader workers and never tokenizes. It also computes, on the CPU, what the model would otherwise read back
-from the device (a host-device sync per micro-batch): the pooling the counts were made with, the largest count, the
-flat indices of the real vectors and of the target positions, and the sizes the FLOP counter needs (`BatchStats`).
+runs in loader workers and never tokenizes; everything a kernel needs as a size (boundaries, maxima, counts) is
+computed here on the CPU, so no forward reads a size back from the device. `row_lengths`, `text_index` and
+`label_index` are host lists (never moved) that `rows` and `drop_memory` use.
 """
 
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
 
 import numpy as np
 import torch
 
-from arctrain.model.pooling import POOLING_MODES, n_pooled
+from arctrain.model.pooling import POOLING_MODES, group_sizes, n_pooled
 
 IGNORE = -100
 SPECIALS = ("rec", "cont")  # their order after the memory vectors in the flat list
@@ -51,37 +61,86 @@ class Example:
 
 
 @dataclass
+class PackedSegments:
+    """Encoder segments laid end to end: the encoder's input (arctrain/model/encoder.py)."""
+
+    ids: torch.Tensor  # (N,) encoder token ids
+    positions: torch.Tensor  # (N,) 0..len-1 within each segment
+    cu_seqlens: torch.Tensor  # (S + 1,) int32 segment boundaries
+    max_len: int  # longest segment
+    pool_group: torch.Tensor  # (N,) index of each token's vector in the flat (sum m, D) output
+    pool_positions: torch.Tensor  # (M,) 0..m-1 within each segment
+    pool_cu_seqlens: torch.Tensor  # (S + 1,) int32 boundaries of each segment's vectors
+    max_vectors: int  # largest count
+    n_vectors: int  # M = sum of counts (the output's length)
+
+
+def pack_segments(segments: list[list[int]], factor: int, n_vectors: int) -> PackedSegments:
+    """Segments (token id lists, none empty) -> the packed encoder input, on the CPU."""
+    if any(len(seg) == 0 for seg in segments):
+        raise ValueError("a Memory segment is empty: every compressed segment needs at least one encoder token")
+    lengths = [len(seg) for seg in segments]
+    counts = [n_pooled(n, factor, n_vectors) for n in lengths]
+    groups, first = [], 0
+    for n, m in zip(lengths, counts, strict=True):
+        groups += [first + g for g, size in enumerate(group_sizes(n, m)) for _ in range(size)]
+        first += m
+    return PackedSegments(
+        ids=torch.tensor([t for seg in segments for t in seg], dtype=torch.long),
+        positions=torch.tensor([p for n in lengths for p in range(n)], dtype=torch.long),
+        cu_seqlens=_cu(lengths),
+        max_len=max(lengths, default=0),
+        pool_group=torch.tensor(groups, dtype=torch.long),
+        pool_positions=torch.tensor([p for m in counts for p in range(m)], dtype=torch.long),
+        pool_cu_seqlens=_cu(counts),
+        max_vectors=max(counts, default=0),
+        n_vectors=first,
+    )
+
+
+def unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """A tokenizer's right-padded (S, L) ids and mask -> one id list per segment (the real tokens)."""
+    return [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+
+
+def _cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)
+
+
+@dataclass
 class ARCBatch:
-    enc_ids: torch.Tensor  # (S, L) encoder ids of every segment, right-padded
-    enc_mask: torch.Tensor  # (S, L) 1 for real tokens
+    enc: PackedSegments  # the encoder segments, packed (no segment: S = 0)
     n_vectors: torch.Tensor  # (S,) pooled vectors per segment
-    dec_ids: torch.Tensor  # (B, T)
-    dec_slot: torch.Tensor  # (B, T) -1 text, else index into [memory vectors..., <Rec>, <Cont>]
-    attention_mask: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T) -100 except targets
+    dec_ids: torch.Tensor  # (1, N_dec)
+    dec_slot: torch.Tensor  # (1, N_dec) -1 text, else index into [memory vectors..., <Rec>, <Cont>]
+    position_ids: torch.Tensor  # (1, N_dec) restarting at 0 in every row
+    dec_cu_seqlens: torch.Tensor  # (B + 1,) int32 row boundaries
+    dec_max_len: int  # longest row
+    labels: torch.Tensor  # (1, N_dec) -100 except targets
+    target_index: torch.Tensor  # (N_t,) positions whose next token (same row) is a target
+    row_lengths: list[int]  # host copy of the row lengths
+    text_index: list[int]  # host: positions of text tokens (what drop_memory keeps)
+    label_index: list[int]  # host: positions of target tokens
     task: str = ""
     decoder: str = ""
     keys: list[str] = field(default_factory=list)
     pooled_with: tuple[int, int] = (0, 0)  # (factor, n_vectors) that n_vectors was computed with
-    max_vectors: int = 0  # n_vectors.max(): the M of the encoder's (S, M, D) output
-    vector_index: torch.Tensor | None = None  # (N,) flat indices into (S * M) of the real vectors, in slot order
-    target_index: torch.Tensor | None = None  # (N_t,) flat indices into (B * (T - 1)) of positions predicting a target
     stats: "BatchStats | None" = None
     stored: torch.Tensor | None = None  # (N_s, D) vectors of stored memories, in slot order after the encoder's
 
+    @property
+    def max_vectors(self) -> int:
+        return self.enc.max_vectors
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ARCBatch":
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return ARCBatch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "ARCBatch":
         """Called by DataLoader(pin_memory=True): pinned tensors make the `to(device, non_blocking=True)` async."""
-        return ARCBatch(**{name: _map_tensor(value, torch.Tensor.pin_memory) for name, value in vars(self).items()})
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> "ARCBatch":
+        return ARCBatch(**{f.name: _map_tensor(getattr(self, f.name), fn) for f in fields(self)})
 
     def __getstate__(self) -> dict:
         """Across processes (loader worker -> trainer) CPU tensors travel as numpy arrays, i.e. as bytes in the pipe.
@@ -93,15 +152,30 @@ class ARCBatch:
 
     def __setstate__(self, state: dict) -> None:
         for name, value in state.items():
-            setattr(self, name, torch.from_numpy(value) if isinstance(value, np.ndarray) else value)
+            setattr(self, name, _map_tensor(value, _from_numpy))
 
     def n_target_tokens(self) -> int:
-        return int((self.labels[:, 1:] != IGNORE).sum())
+        return int(self.target_index.shape[0])
+
+    def rows(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """A per-position decoder tensor, (1, N_dec, ...) or (N_dec, ...), split into its rows (inspection,
+        generation)."""
+        n = sum(self.row_lengths)
+        flat = values[0] if values.dim() > 1 and values.shape[0] == 1 and values.shape[1] == n else values
+        return list(flat.split(self.row_lengths))
+
+    def segments(self) -> list[list[int]]:
+        """The encoder segments' token ids."""
+        lengths = self.enc.cu_seqlens.diff().tolist()
+        return [s.tolist() for s in self.enc.ids.cpu().split(lengths)]
 
 
 @dataclass(frozen=True)
 class BatchStats:
-    """Sizes of a collated batch, plain ints computed on the CPU (throughput and FLOP counting read them)."""
+    """Sizes of a collated batch, plain ints computed on the CPU (throughput and FLOP counting read them).
+
+    `*_computed` are the positions the kernels run: equal to the real ones in the packed layout (the padding
+    metrics, arctrain/metrics.py, report the difference)."""
 
     samples: int
     enc_tokens: int  # real encoder tokens
@@ -112,6 +186,8 @@ class BatchStats:
     dec_pairs: int  # sum over rows of T (T + 1) / 2: causal attention pairs per decoder layer
     targets: int  # target tokens (LM head positions)
     dropped_tokens: int = 0  # context tokens left out by data.max_chunks (arctrain/data/chunks.py)
+    enc_computed: int = -1  # encoder positions computed (-1: enc_tokens)
+    dec_computed: int = -1  # decoder positions computed (-1: dec_tokens)
     skipped_rows: int = 0  # examples left out because they have no target token (arctrain/data/loader.py)
 
 
@@ -120,18 +196,23 @@ def has_target(example: Example) -> bool:
     return any(isinstance(piece, Text) and piece.loss and piece.ids for piece in example.pieces)
 
 
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices into (B * (T - 1)) of the positions whose next token is a target (position t predicts t + 1)."""
-    return (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
-
-
 def _map_tensor(value, fn):
-    return fn(value) if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return fn(value)
+    if isinstance(value, PackedSegments):
+        return PackedSegments(**{f.name: _map_tensor(getattr(value, f.name), fn) for f in fields(value)})
+    return value
 
 
-def _to_numpy(tensor: torch.Tensor):
+def _to_numpy(tensor):
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
     plain = tensor.device.type == "cpu" and not tensor.requires_grad and tensor.dtype != torch.bfloat16
     return tensor.numpy() if plain else tensor
+
+
+def _from_numpy(value):
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def pretraining_example(
@@ -169,26 +250,27 @@ def collate(
     pooling: str,
     factor: int,
     n_vectors: int,
-    enc_pad_id: int,
     dec_pad_id: int,
+    enc_pad_id: int | None = None,
     bos_id: int | None = None,
     task: str = "",
     decoder: str = "",
     keys: list[str] | None = None,
 ) -> ARCBatch:
-    """Lay examples out as right-padded tensors. `bos_id` (the decoder's BOS, if it has one) starts every row."""
+    """Lay examples out packed, end to end (module docstring). `bos_id` (the decoder's BOS, if any) starts every
+    row. `enc_pad_id` is accepted for callers' symmetry and unused: nothing is padded."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLING_MODES)}")
     memories = [piece for ex in examples for piece in ex.pieces if isinstance(piece, Memory)]
     segments = [seg for piece in memories if piece.vectors is None for seg in piece.segments]
     stored = [v for piece in memories if piece.vectors is not None for v in piece.vectors]
-    if any(len(seg) == 0 for seg in segments) or any(len(v) == 0 for v in stored):
+    if any(len(v) == 0 for v in stored):
         raise ValueError("a Memory segment is empty: every compressed segment needs at least one encoder token")
-    counts = [n_pooled(len(seg), factor, n_vectors) for seg in segments]
-    n_encoded = sum(counts)
-    n_memory = n_encoded + sum(len(v) for v in stored)
-    first_slot = iter([sum(counts[:j]) for j in range(len(counts))])
-    stored_slot = iter([n_encoded + sum(len(v) for v in stored[:j]) for j in range(len(stored))])
+    enc = pack_segments(segments, factor, n_vectors)
+    counts = enc.pool_cu_seqlens.diff().tolist()
+    n_memory = enc.n_vectors + sum(len(v) for v in stored)
+    first_slot = iter(enc.pool_cu_seqlens.tolist())
+    stored_slot = iter([enc.n_vectors + sum(len(v) for v in stored[:j]) for j in range(len(stored))])
     rows = []
     for ex in examples:
         row = _Row()
@@ -211,15 +293,12 @@ def collate(
                     raise ValueError(f"unknown special vector {piece.special!r}: expected one of {SPECIALS}")
                 row.add([dec_pad_id], slots=[n_memory + SPECIALS.index(piece.special)])
         rows.append(row)
-    enc_ids, enc_mask = _pad(segments, enc_pad_id)
-    dec_ids, attention_mask = _pad([r.ids for r in rows], dec_pad_id)
-    dec_slot, _ = _pad([r.slots for r in rows], -1)
-    labels, _ = _pad([r.labels for r in rows], IGNORE)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # contiguous from 0; padding is masked anyway
-    max_vectors = max(counts, default=0)
-    vector_index = [s * max_vectors + j for s, m in enumerate(counts) for j in range(m)]
-    target_index = target_positions(labels)
+    dec_ids = [t for r in rows for t in r.ids]
+    slots = [s for r in rows for s in r.slots]
+    labels = [t for r in rows for t in r.labels]
     row_lengths = [len(r.ids) for r in rows]
+    label_index = [p for p, t in enumerate(labels) if t != IGNORE]
+    target_index = _targets(label_index, row_lengths)
     stats = BatchStats(
         samples=len(rows),
         enc_tokens=sum(len(seg) for seg in segments),
@@ -230,26 +309,35 @@ def collate(
         dec_pairs=sum(t * (t + 1) // 2 for t in row_lengths),
         targets=len(target_index),
         dropped_tokens=sum(p.dropped_tokens for ex in examples for p in ex.pieces if isinstance(p, Memory)),
+        enc_computed=int(enc.ids.shape[0]),
+        dec_computed=len(dec_ids),
     )
     return ARCBatch(
-        enc_ids,
-        enc_mask,
-        torch.tensor(counts, dtype=torch.long),
-        dec_ids,
-        dec_slot,
-        attention_mask,
-        position_ids,
-        labels,
-        task,
-        decoder,
-        list(keys or []),
+        enc=enc,
+        n_vectors=torch.tensor(counts, dtype=torch.long),
+        dec_ids=torch.tensor([dec_ids], dtype=torch.long).view(1, -1),
+        dec_slot=torch.tensor([slots], dtype=torch.long).view(1, -1),
+        position_ids=torch.tensor([[p for n in row_lengths for p in range(n)]], dtype=torch.long).view(1, -1),
+        dec_cu_seqlens=_cu(row_lengths),
+        dec_max_len=max(row_lengths, default=0),
+        labels=torch.tensor([labels], dtype=torch.long).view(1, -1),
+        target_index=torch.tensor(target_index, dtype=torch.long),
+        row_lengths=row_lengths,
+        text_index=[p for p, s in enumerate(slots) if s == -1],
+        label_index=label_index,
+        task=task,
+        decoder=decoder,
+        keys=list(keys or []),
         pooled_with=(factor, n_vectors),
-        max_vectors=max_vectors,
-        vector_index=torch.tensor(vector_index, dtype=torch.long),
-        target_index=target_index,
         stats=stats,
         stored=torch.cat(stored) if stored else None,
     )
+
+
+def _targets(label_index: list[int], row_lengths: list[int]) -> list[int]:
+    """Positions p whose next token p + 1 is a target in the same row (a row's first token has no predictor)."""
+    starts = set(accumulate([0, *row_lengths]))
+    return [p - 1 for p in label_index if p not in starts]
 
 
 class _Row:
@@ -266,47 +354,38 @@ class _Row:
         self.labels += ids if loss else [IGNORE] * len(ids)
 
 
-def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row (at least 1 column); returns (values, mask), both (N, max_len)."""
-    width = max([len(r) for r in rows] + [1])
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return out, mask
-
-
 def drop_memory(batch: ARCBatch) -> ARCBatch:
-    """The same batch without its memory and special positions (the no-context baseline).
+    """The same batch without its memory and special positions (the no-context baseline), still packed.
 
-    Text positions keep their order and are packed to the left; targets stay the same tokens. A target that
-    followed memory directly is then predicted from the text before it (a BOS or a prefix), so the same targets
-    are scored as long as every row starts with some text.
+    Text positions keep their order; targets stay the same tokens. A target that followed memory directly is then
+    predicted from the text before it (a BOS or a prefix), so the same targets are scored as long as every row
+    starts with some text. Built from the batch's host lists: the gathers run where the batch is, nothing is read
+    back from the device.
     """
-    keep = (batch.dec_slot == -1) & (batch.attention_mask == 1)  # (B, T)
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept positions first, in order
-    width = max(int(keep.sum(1).max()), 1)
-    order = order[:, :width]
-    mask = torch.gather(keep, 1, order).long()  # (B, T')
-
-    def take(x: torch.Tensor, fill: int) -> torch.Tensor:
-        return torch.where(mask == 1, torch.gather(x, 1, order), fill)
-
+    keep, starts = batch.text_index, list(accumulate([0, *batch.row_lengths]))
+    row_of = np.searchsorted(np.asarray(starts[1:]), np.asarray(keep, dtype=np.int64), side="right")
+    lengths = np.bincount(row_of, minlength=len(batch.row_lengths)).tolist() if keep else [0] * len(batch.row_lengths)
+    labelled = set(batch.label_index)
+    label_index = [j for j, p in enumerate(keep) if p in labelled]
+    target_index = _targets(label_index, lengths)
+    device = batch.dec_ids.device
+    index = torch.tensor(keep, dtype=torch.long).to(device)
+    dec_ids = batch.dec_ids[:, index]  # (1, N_text)
     return ARCBatch(
-        batch.enc_ids,
-        batch.enc_mask,
-        batch.n_vectors,
-        take(batch.dec_ids, 0),
-        torch.full_like(mask, -1),
-        mask,
-        (mask.cumsum(1) - 1).clamp(min=0),
-        take(batch.labels, IGNORE),
-        batch.task,
-        batch.decoder,
-        batch.keys,
+        enc=pack_segments([], *batch.pooled_with),
+        n_vectors=torch.zeros(0, dtype=torch.long, device=device),
+        dec_ids=dec_ids,
+        dec_slot=torch.full_like(dec_ids, -1),
+        position_ids=torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long).view(1, -1).to(device),
+        dec_cu_seqlens=_cu(lengths).to(device),
+        dec_max_len=max(lengths, default=0),
+        labels=batch.labels[:, index],
+        target_index=torch.tensor(target_index, dtype=torch.long).to(device),
+        row_lengths=lengths,
+        text_index=list(range(len(keep))),
+        label_index=label_index,
+        task=batch.task,
+        decoder=batch.decoder,
+        keys=batch.keys,
         pooled_with=batch.pooled_with,
-        max_vectors=batch.max_vectors,
-        vector_index=batch.vector_index,
-        target_index=None,  # recomputed from the labels by the model (evaluation only)
     )

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from arctrain.model.arc import ARCModel, Projector, SpecialVectors
+from arctrain.model.attention import CONFIG_VALUE, PACKED
 from arctrain.model.encoder import ARCEncoder
 
 DECODER_NAME = re.compile(r"[a-z0-9_]+")
@@ -51,12 +52,13 @@ def _plain(params: dict, config) -> dict:
 def load_causal_lm(
     path: str | Path,
     dtype: torch.dtype,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "packed",
     rope: str = "checkpoint",
     device: torch.device | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a local Hugging Face directory (no hub access); `rope="plain"` drops its RoPE scaling;
-    `device`: loaded straight onto it."""
+    `device`: loaded straight onto it. "packed" (what arctrain runs) is the attention of arctrain/model/attention.py;
+    any other value is transformers' own name (sdpa for a plain generation-only load)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
@@ -67,7 +69,12 @@ def load_causal_lm(
         plain_rope(config)
     placement = {} if device is None else {"device_map": str(device)}
     return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **placement
+        path,
+        config=config,
+        dtype=dtype,
+        attn_implementation=PACKED if attn_implementation == CONFIG_VALUE else attn_implementation,
+        local_files_only=True,
+        **placement,
     )
 
 
@@ -101,7 +108,7 @@ def build_model(
 
     `model_cfg` needs encoder_path, n_truncated_layers, pooling, pooling_factor, n_vectors, attn_implementation (the
     encoder's) and optionally loss_chunk_tokens and rope; each decoder config needs name, path, projector_hidden and
-    optionally attn_implementation (default sdpa) and rope. `gradient_checkpointing` applies to the encoder layers
+    optionally attn_implementation (default packed) and rope. `gradient_checkpointing` applies to the encoder layers
     (see `ARCModel.enable_decoder_checkpointing` for the decoders). Decoders named in `replicated` are loaded whole,
     in `dtype`, onto this process's device (cuda:LOCAL or cpu), outside ZeRO-3: no all-gather in forward and
     backward, at 2 bytes per parameter on every rank (model.frozen_decoders; arctrain/memory.py decides "auto").
@@ -125,7 +132,7 @@ def build_model(
     # Before the HfDeepSpeedConfig below exists: with it alive, from_pretrained would partition them.
     held = {
         d.name: load_causal_lm(
-            d.path, dtype, getattr(d, "attn_implementation", "sdpa"), getattr(d, "rope", "checkpoint"), _device()
+            d.path, dtype, getattr(d, "attn_implementation", CONFIG_VALUE), getattr(d, "rope", "checkpoint"), _device()
         )
         for d in decoder_cfgs
         if d.name in replicated
@@ -135,7 +142,7 @@ def build_model(
         decoders = nn.ModuleDict(
             {
                 d.name: load_causal_lm(
-                    d.path, dtype, getattr(d, "attn_implementation", "sdpa"), getattr(d, "rope", "checkpoint")
+                    d.path, dtype, getattr(d, "attn_implementation", CONFIG_VALUE), getattr(d, "rope", "checkpoint")
                 )
                 for d in decoder_cfgs
                 if d.name not in replicated
