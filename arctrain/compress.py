@@ -88,7 +88,8 @@ class Compressor:
         flat = [seg for segs in segments for seg in segs]
         vectors = []
         for start in range(0, len(flat), BATCH_SEGMENTS):
-        self.tok = tok
+            packed = self.encoder.compress_segments(flat[start : start + BATCH_SEGMENTS])  # no padding computed
+            vectors += [(v if self.first is None else v @ self.first.T).cpu() for v in packed]  # (m_s, D or H)
         out, k = [], 0
         for (doc_id, text), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)
