@@ -277,8 +277,9 @@ class TrainConfig:
     """With zero_stage 3: hpZ (ZeRO++'s hierarchical partitioning), a second copy of the weights partitioned within
     each node (zero_hpz_partition_size = GPUs per node), so backward's all-gathers stay inside the node."""
     decoder_hold: int = 1
-    """Keep each chosen decoder for this many consecutive optimizer steps (a decoder switch invalidates ZeRO-3's
-    prefetch trace); the choice is made per block of steps, the same on every rank."""
+    """Keep each chosen decoder for this many consecutive optimizer steps; the choice is made per block of steps,
+    the same on every rank. (Each decoder keeps its own ZeRO-3 prefetch trace, arctrain/zero_trace.py, so a switch
+    costs no prefetch.)"""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
     init_from: str = ""
