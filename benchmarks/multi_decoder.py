@@ -130,7 +130,7 @@ def build(args: argparse.Namespace, decoders: tuple[str, ...]):
     n_layers = AutoConfig.from_pretrained(args.smollm2).num_hidden_layers
     model_cfg = SimpleNamespace(
         encoder_path=str(args.smollm2), n_truncated_layers=n_layers - args.enc_layers, pooling="mean_pooled_queries",
-        pooling_factor=args.factor, n_vectors=0, attn_implementation="sdpa", freeze_encoder_embeddings=True,
+        pooling_factor=args.factor, n_vectors=0, attn_implementation="packed", freeze_encoder_embeddings=True,
     )  # fmt: skip
     paths = {"smollm2": (args.smollm2, "identity"), "gemma": (args.gemma, "random")}
     dec_cfgs = [

@@ -55,14 +55,21 @@ SMOKE = {
         "--batches 2",
         "per global batch docs",
     ),
+    "multi_decoder.py": (
+        "--run shared --smollm2 {smollm2} --gemma {gemma3} --steps 1 --eval-every 1 --val-segments 2 --batch 2 "
+        "--enc-layers 1 --out {tmp_path}/curve.json",
+        '"ratio"',
+    ),
+    "packing.py": ("--models {tiny_models} --batches 3 --baseline=", "pretraining"),  # timing: test_packing_benchmark
     "prefill.py": ("--lengths 256 --factors 4 --repeats 1 --threads 1", "x4"),
     "scale_progress.py": ("--dir {scale_dir} --corpus {tiny_models}/corpus.jsonl", "docs/s"),
     "scale_run.py": (None, None),  # run once by the scale_dir fixture, whose output scale_progress.py reads
     "shard_build.py": ("--models {tiny_models} --mb 0.02 --repeats 1", "workers"),
     "shard_size.py": ("--models {tiny_models} --docs 10 --segment-tokens 16", "smaller"),
     "store_quality.py": (
-        "--model {exported} --decoder {tiny_models}/llama --input {docs} --segments 4 --generate 1",
-        "bytes/token",
+        "--model {exported} --decoder {tiny_models}/llama --input {docs} --segments 4 --dtypes int8 "
+        "--speed-vectors 1000 --threads 1",
+        "one document's vectors read",
     ),
     "train_step.py": ("--models {tiny_models} --shards {tiny_shards} --steps 10 --workers 0", "data-wait"),
 }

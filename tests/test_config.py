@@ -56,7 +56,8 @@ def test_shipped_files_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_parse_and_round_trip(path, tmp_path):
     cfg = load_config(path)
-    assert [d.name for d in cfg.decoders] == ["smollm2" if "smollm2" in path.name else "llama", "mistral"]
+    expected = ["smollm2", "gemma"] if "smollm2" in path.name else ["llama", "mistral"]  # the demo: two real LLMs
+    assert [d.name for d in cfg.decoders] == expected
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 

@@ -43,22 +43,23 @@ def test_gemma_inputs_are_scaled_token_embeddings_around_unscaled_projected_vect
     decoder = model.decoders["gemma"]
     scale = math.sqrt(decoder.config.hidden_size)  # from the config, not from the module's buffer
     with torch.no_grad():
-        vectors = torch.cat(model.compress(batch.enc_ids, batch.enc_mask) + [model.specials["gemma"]()])  # (N + 2, D)
+        vectors = torch.cat(model.encoder.compress_segments(batch.segments()) + [model.specials["gemma"]()])  # (N+2, D)
         first, second = model.projectors["gemma"]
         projected = vectors @ first.weight.T @ second.weight.T  # (N + 2, Dd)
         table = decoder.get_input_embeddings().weight  # (V, Dd), unscaled
         expected = torch.where(
             batch.dec_slot.unsqueeze(-1) >= 0, projected[batch.dec_slot.clamp(min=0)], table[batch.dec_ids] * scale
-        )  # (B, T, Dd)
+        )  # (1, N_dec, Dd): the rows end to end
         embeds = model.embed(batch, "gemma")
         torch.testing.assert_close(embeds, expected)
-        # The loss is the decoder's own on these inputs (its forward does not scale inputs_embeds again).
-        logits = decoder(inputs_embeds=expected, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        # The loss is the decoder's own on these inputs, row by row (its forward does not scale inputs_embeds again).
+        logits = [decoder(inputs_embeds=row[None]).logits[0, :-1] for row in batch.rows(expected)]  # (T_r - 1, V)
         out = model(batch, "gemma")
-    targets = batch.labels[:, 1:]
-    reference = F.cross_entropy(logits.logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    targets = torch.cat([row[1:] for row in batch.rows(batch.labels)])
+    reference = F.cross_entropy(torch.cat(logits), targets, ignore_index=-100)
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-5)
-    assert (batch.dec_ids[:, 0] == tokenizer(str(tiny_models / "gemma")).bos_token_id).all(), "every row starts at BOS"
+    bos = tokenizer(str(tiny_models / "gemma")).bos_token_id
+    assert all(row[0] == bos for row in batch.rows(batch.dec_ids)), "every row starts at BOS"
 
 
 def test_gemma_without_context_is_its_plain_loss_past_the_sliding_window(built, tiny_models):
@@ -76,11 +77,16 @@ def test_gemma_without_context_is_its_plain_loss_past_the_sliding_window(built, 
     with torch.no_grad():
         plain = decoder(input_ids=ids, labels=labels).loss
         out = model(batch, "gemma", use_context=False)
-        decoder.config.sliding_window = 10**6  # the same model with global attention everywhere
+        # The same model with global attention everywhere: the window is each attention module's own attribute.
+        windowed = [m for m in decoder.modules() if getattr(m, "sliding_window", None)]
+        assert windowed and all(m.sliding_window == GEMMA_SLIDING_WINDOW for m in windowed)
+        for m in windowed:
+            m.sliding_window = None
         try:
             unwindowed = decoder(input_ids=ids, labels=labels).loss
         finally:
-            decoder.config.sliding_window = GEMMA_SLIDING_WINDOW
+            for m in windowed:
+                m.sliding_window = GEMMA_SLIDING_WINDOW
     assert out.n_tokens == ids.shape[1] - 1
     torch.testing.assert_close(out.loss, plain)
     assert not torch.allclose(plain, unwindowed), "the window does not change this row: the test shows nothing"
