@@ -146,20 +146,28 @@ def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) ->
             examples.append(Example(prefix + [Memory([ids], "rec"), Text(target, loss=True)]))
     loss_sum, correct, total = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = arc.batch(examples[start : start + batch_size]).to(arc.device)
-        embeds = arc.model.embed(batch, arc.name)  # (1, N_dec, Dd) packed rows
-        hidden = arc.model.decoder_hidden(arc.decoder, embeds, batch)[0]  # (N_dec, Dd) position p predicts p + 1
-        targets = batch.labels[0, batch.target_index + 1]  # (N_t,)
-        logits = arc.decoder.get_output_embeddings()(hidden[batch.target_index]).float()  # (N_t, V)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
-        total += batch.stats.targets
+        batch_loss, batch_correct, n = score_targets(arc, arc.batch(examples[start : start + batch_size]))
+        loss_sum += batch_loss
+        correct += batch_correct
+        total += n
     return {
         "segments": len(examples),
         "tokens": total,
         "token_accuracy": correct / max(total, 1),
         "loss": loss_sum / max(total, 1),
     }
+
+
+@torch.no_grad()
+def score_targets(arc, batch) -> tuple[float, int, int]:
+    """(summed cross-entropy, greedy hits, count) over the target tokens of a collated batch, with its memory."""
+    batch = batch.to(arc.device)
+    embeds = arc.model.embed(batch, arc.name)  # (1, N_dec, Dd) packed rows
+    hidden = arc.model.decoder_hidden(arc.decoder, embeds, batch)[0]  # (N_dec, Dd) position p predicts p + 1
+    targets = batch.labels[0, batch.target_index + 1]  # (N_t,)
+    logits = arc.decoder.get_output_embeddings()(hidden[batch.target_index]).float()  # (N_t, V)
+    loss = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+    return loss, int((logits.argmax(-1) == targets).sum()), len(targets)
 
 
 def table(result: dict) -> str:

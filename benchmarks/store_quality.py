@@ -30,6 +30,7 @@ import torch
 
 from arctrain import store_codec
 from arctrain.cli import main as arctrain
+from arctrain.eval import score_targets
 from arctrain.infer import ARCGenerator
 from arctrain.model import Example, Memory, Text
 from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, dequantize, quantize, sample_members
@@ -49,13 +50,9 @@ def reconstruction(
             Example(prefix + [Memory([], "rec", vectors=[v]), Text(t, loss=True)]) for v, t in items[start : start + 16]
         ]
         batch = arc.batch(examples).to(arc.device)
-        embeds = arc.model.embed(batch, arc.name)  # (1, N_dec, Dd) packed rows
-        hidden = arc.model.decoder_hidden(arc.decoder, embeds, batch)[0]  # (N_dec, Dd) position p predicts p + 1
-        targets = batch.labels[0, batch.target_index + 1]  # (N_t,)
-        logits = arc.decoder.get_output_embeddings()(hidden[batch.target_index]).float()  # (N_t, V)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-        correct += int((logits.argmax(-1) == targets).sum())
-        n = len(targets)
+        batch_loss, batch_correct, n = score_targets(arc, batch)
+        loss_sum += batch_loss
+        correct += batch_correct
         total += n
         if without:
             no_context += float(arc.model(batch, arc.name, use_context=False).loss) * n

@@ -42,6 +42,26 @@ def tiny_models() -> Path:
     return final
 
 
+def train_two_ranks(args: list[str], log_dir: Path) -> None:
+    """`arctrain train --config configs/tiny_cpu.yaml ARGS` on 2 gloo ranks (ZeRO-3 partitions the trainable weights
+    across both); fails the test with the end of rank 0's log unless both ranks exit 0."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
+        log = open(log_dir / f"train.rank{rank}.log", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], (log_dir / "train.rank0.log").read_text()[-2000:]
+
+
 def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
     """Overrides that point a llama + mistral config at the tiny models and the test shards."""
     return [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",

@@ -7,24 +7,15 @@ Each importing module gets its own copy of a fixture imported from here, so the 
 session's base temp directory (a marker is written last): the second module reuses the first one's run.
 """
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_two_ranks
 
 from arctrain.cli import main as arctrain
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,14 +32,7 @@ def trained_run(tiny_models, tiny_shards, tmp_path_factory) -> Path:
         "train.steps=4", "checkpoint.interval=2", "logging.interval=1", "logging.wandb_mode=disabled",
         "eval.interval=0",
     ]  # fmt: skip
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
-        log = open(run_dir / f"train.rank{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    assert [p.wait(timeout=600) for p in procs] == [0, 0], (run_dir / "train.rank0.log").read_text()[-2000:]
+    train_two_ranks(args, run_dir)
     (run_dir / "done").touch()
     return run_dir
 

