@@ -31,7 +31,7 @@ def _hf_config(cls, s: Shape):
         num_key_value_heads=s.kv_heads,
         vocab_size=s.vocab,
         tie_word_embeddings=s.tied,
-        attn_implementation="packed",
+        attn_implementation="sdpa",  # plain HF modules: what the formulas count
     )
 
 
