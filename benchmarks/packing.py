@@ -39,7 +39,7 @@ def make_data(models: Path, out: Path, n_records: int = 400) -> dict[str, Path]:
         "--segment-tokens", "256", "--val-fraction", "0.05", "--shard-size-mb", "4", "--overwrite", "--no-progress",
     ]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-    from arctrain.corpus import read_corpus
+    from arctrain.testing.corpus import read_corpus
 
     words = [w for record in read_corpus(models / "corpus.jsonl") for w in record["text"].split()]
     lines = []
@@ -75,7 +75,7 @@ def overrides(task: str, models: Path, data: dict[str, Path], padded: bool) -> l
 
 
 def batches(task: str, config: Path, over: list[str], n: int, rank: int = 0, world: int = 8) -> list:
-    from arctrain.config import load_config
+    from arctrain.config.schema import load_config
     from arctrain.data import Vocab, build_train_loader
 
     cfg = load_config(config, over)
@@ -110,7 +110,7 @@ def time_steps(task: str, config: Path, over: list[str], n_batches: int) -> floa
     """Mean process CPU seconds per training step (forward + backward) over the batches after the first two."""
     import torch
 
-    from arctrain.config import load_config
+    from arctrain.config.schema import load_config
     from arctrain.model import build_model
 
     torch.manual_seed(0)

@@ -11,13 +11,13 @@ trained ones do.
 Full context: the decoder prefills BOS + n context tokens + a 32-token question and produces the first token's
 logits. Compressed: the encoder (arctrain's ARCEncoder, mean-pooled queries) compresses the n tokens in segments
 of 256, the projector maps the vectors, and the decoder prefills BOS + n/x vectors + <Cont> + the question. Both
-timed end to end (best of --repeats rounds in which the modes take turns). FLOPs: arctrain/flops.py's
+timed end to end (best of --repeats rounds in which the modes take turns). FLOPs: arctrain/model/flops.py's
 `FlopCounter.prefill`, the model that training MFU and `arctrain eval` use: 2N per token (N: linear weights, no
 embeddings; the pooled-query layer's q/o/MLP per vector), attention (4 x width per query-key pair: causal prefill
 T(T+1)/2 pairs, a bidirectional encoder segment L^2, the pooled layer m x L) and the LM head once.
 
 From the store (`x4 store`): the same context compressed once beforehand by `arctrain compress`'s writer
-(arctrain/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would; timed: reading
+(arctrain/inference/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would; timed: reading
 the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The encoder's cost is gone.
 """
 
@@ -30,10 +30,10 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from arctrain.flops import FlopCounter, matmul_params
+from arctrain.data.batch import BatchStats
+from arctrain.inference.store import StoreWriter, VectorStore, sample_members
 from arctrain.model import ARCEncoder, Projector
-from arctrain.model.batch import BatchStats
-from arctrain.store import StoreWriter, VectorStore, sample_members
+from arctrain.model.flops import FlopCounter, matmul_params
 
 SEGMENT = 256
 QUESTION = 32

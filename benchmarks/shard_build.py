@@ -117,7 +117,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="arc-shard-bench-"))
     models = args.models
     if models is None:
-        from arctrain.tiny_models import make_tiny_models
+        from arctrain.testing.tiny_models import make_tiny_models
 
         models = work / "tiny"
         make_tiny_models(models, pretrain_steps=0, log=lambda *_: None)

@@ -4,8 +4,8 @@
         --train-input train.jsonl --segments 256 --dtypes fp16 int8 pq144 pq96 pq48 pq24 opq96 opq48 opq24
 
 The documents of --input are compressed once by the real `arctrain compress` (fp32); every other store is written
-from those vectors by the store's own writer (arctrain/store.py: the bytes `arctrain compress --dtype X` writes,
-without running the encoder again). The pq/opq codebooks are trained (arctrain/store_codec.py, faiss) on up to
+from those vectors by the store's own writer (arctrain/inference/store.py: the bytes `arctrain compress --dtype X` writes,
+without running the encoder again). The pq/opq codebooks are trained (arctrain/inference/store_codec.py, faiss) on up to
 --train-vectors vectors drawn from the documents of --train-input (compressed the same way; default: --input itself,
 as `arctrain compress` does). Bytes are what each store holds on disk: shards and indexes per byte of UTF-8 text,
 the codebook (a fixed cost, ~0.6-2 MB) beside it.
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from arctrain import store_codec
 from arctrain.cli import main as arctrain
-from arctrain.eval import score_targets
-from arctrain.infer import ARCGenerator
+from arctrain.inference import store_codec
+from arctrain.inference.eval import score_targets
+from arctrain.inference.generate import ARCGenerator
+from arctrain.inference.store import StoreWriter, VectorStore, bytes_per_vector, dequantize, quantize, sample_members
 from arctrain.model import Example, Memory, Text
-from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, dequantize, quantize, sample_members
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
     n, chunk = args.speed_vectors, min(args.speed_vectors, 100_000)
     block = np.ascontiguousarray(np.resize(sample, (chunk, sample.shape[1])))  # (chunk, D) float32, tiled
     start = time.perf_counter()
-    for _ in range(n // chunk):  # the baseline: int8 with a per-vector scale (arctrain/store.py)
+    for _ in range(n // chunk):  # the baseline: int8 with a per-vector scale (arctrain/inference/store.py)
         dequantize(quantize(torch.from_numpy(block), "int8"), "int8")
     seconds = time.perf_counter() - start
     print(f"int8: {n // chunk * chunk:,} vectors encoded and decoded in {seconds:.1f}s, {args.threads} threads")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.boundaries import PieceEncoder, cut_exactness
 from data_tools.inputs import DataError
+from data_tools.tokenizer_id import tokenizer_hash
 
 NAME = re.compile(r"[a-z0-9_]{1,32}")  # part of tar member names, which USTAR limits to 100 bytes
 

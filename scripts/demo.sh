@@ -31,7 +31,7 @@ echo "== 1/4 models: SmolLM2-135M -> $ART/smollm2-135m, Gemma 3 270M -> $ART/gem
 arctrain fetch-model smollm2-135m --out "$ART/smollm2-135m"
 arctrain fetch-model gemma3-270m --out "$ART/gemma3-270m"
 if [ ! -f "$ART/corpus.jsonl" ]; then
-    python -m arctrain.corpus "$ART/corpus.jsonl.partial" && mv "$ART/corpus.jsonl.partial" "$ART/corpus.jsonl"
+    python -m arctrain.testing.corpus "$ART/corpus.jsonl.partial" && mv "$ART/corpus.jsonl.partial" "$ART/corpus.jsonl"
 fi
 if [ ${#INPUTS[@]} -eq 0 ]; then
     INPUTS=("$ART/corpus.jsonl")
@@ -60,7 +60,7 @@ echo "== 4/4 export and report"
 arctrain export --run "$RUN_DIR" --out "$RUN_DIR/export" --overwrite
 REPORT_INPUTS=()
 for f in "${INPUTS[@]}"; do REPORT_INPUTS+=(--input "$f"); done
-python -m arctrain.report --run "$RUN_DIR" --png "$RUN_DIR/val_curves.png" --export "$RUN_DIR/export" \
+python -m arctrain.inference.report --run "$RUN_DIR" --png "$RUN_DIR/val_curves.png" --export "$RUN_DIR/export" \
     --decoder smollm2="$ART/smollm2-135m" --decoder gemma="$ART/gemma3-270m" "${REPORT_INPUTS[@]}" \
     --val-fraction "$VAL_FRACTION"
 echo "demo finished in $(( $(date +%s) - start ))s"

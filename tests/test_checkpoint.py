@@ -1,12 +1,12 @@
-"""arctrain/checkpoint.py without a process group: what a resume is refused for, and the configs a run keeps."""
+"""arctrain/checkpoint/checkpointer.py without a process group: what a resume is refused for, and the configs a run keeps."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from arctrain.checkpoint import TRAINER_STATE, Checkpointer, resume_fingerprint
-from arctrain.config import load_config
+from arctrain.checkpoint.checkpointer import TRAINER_STATE, Checkpointer, resume_fingerprint
+from arctrain.config.schema import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_another_world_size_keeps_the_micro_batches_per_step_or_is_refused(tmp_p
 
 
 def test_every_launch_keeps_its_config(tmp_path):
-    from arctrain.train import save_launch_config
+    from arctrain.train.loop import save_launch_config
 
     save_launch_config(config("train.steps=10"), tmp_path)
     save_launch_config(config("train.steps=20"), tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from arctrain.config import (
+from arctrain.config.schema import (
     REPO_ROOT,
     Config,
     ConfigError,

@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from arctrain.config import load_config
+from arctrain.config.schema import load_config
 from arctrain.data import Vocab
 from arctrain.data.chunks import Chunker
 from arctrain.data.qa import QAMaker, read_qa
@@ -60,7 +60,7 @@ def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counte
     ],
 )
 def test_chunk_and_interleave_settings_are_refused_where_they_would_do_nothing(data, message):
-    from arctrain.config_tree import ConfigError
+    from arctrain.config.tree import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny_cpu.yaml", data)
@@ -71,7 +71,7 @@ def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window
     training row holds 3 chunks' vectors and fits the window; the rest is counted."""
     import json
 
-    from arctrain.corpus import read_corpus
+    from arctrain.testing.corpus import read_corpus
 
     window = json.loads((tiny_models / "llama" / "config.json").read_text())["max_position_embeddings"]
     parts, tokens = [], 0

@@ -16,12 +16,12 @@ import torch
 import webdataset as wds
 from transformers import AutoTokenizer
 
-from arctrain.config import load_config
+from arctrain.config.schema import load_config
 from arctrain.data import ValSet, Vocab, build_train_loader, schedule
+from arctrain.data.batch import IGNORE
 from arctrain.data.sampling import Layout, SourceMixer, SourceStream
 from arctrain.data.val import spread
-from arctrain.model.batch import IGNORE
-from arctrain.tokenizer_id import tokenizer_hash
+from data_tools.tokenizer_id import tokenizer_hash
 
 TOKENIZERS = ("encoder", "llama", "mistral")
 
@@ -372,7 +372,7 @@ def test_fair_mode_sends_each_steps_batches_to_every_decoder_in_turn(tiny_models
     [("train.decoder_hold=2", "train.decoder_hold"), ("decoders.1.weight=3", "decoders.1.weight")],
 )
 def test_fair_mode_refuses_settings_it_would_ignore(tiny_models, shards, override, key):
-    from arctrain.config_tree import ConfigError
+    from arctrain.config.tree import ConfigError
 
     with pytest.raises(ConfigError, match=f"^{key}: .*decoder_schedule=fair"):
         make_config(tiny_models, str(shards["root"] / "a"), "train.decoder_schedule=fair", override)

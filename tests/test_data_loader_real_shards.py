@@ -6,9 +6,9 @@ import tarfile
 import msgpack
 from transformers import AutoTokenizer
 
-from arctrain.config import load_config
+from arctrain.config.schema import load_config
 from arctrain.data import Vocab, build_train_loader, val_batches
-from arctrain.model.batch import IGNORE
+from arctrain.data.batch import IGNORE
 
 
 def config(models, shards, *overrides):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from arctrain.config import ConfigError, load_config
+from arctrain.config.schema import ConfigError, load_config
 from arctrain.data import Vocab, build_train_loader
+from arctrain.data.batch import IGNORE, Memory
 from arctrain.data.qa import QAMaker, TextPieces, draw, record_order
 from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
 from arctrain.data.sampling import SourceMixer
-from arctrain.model.batch import IGNORE, Memory
 
 
 def qa_config(tiny_models, train, *extra):

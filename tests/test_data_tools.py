@@ -14,12 +14,12 @@ import webdataset as wds
 import zstandard
 from transformers import AutoTokenizer
 
-from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.cli import main
 from data_tools.sample_format import members_v2
 from data_tools.samples import Sample
 from data_tools.shard_index import index_from_tar
 from data_tools.shards import SplitWriter
+from data_tools.tokenizer_id import tokenizer_hash
 from data_tools.verify import read_shard
 
 TOKENIZERS = ("encoder", "llama", "mistral")

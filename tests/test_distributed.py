@@ -49,7 +49,7 @@ def test_preemption_agreement_uses_the_given_device(spy):
 
 
 def test_loss_meter_keeps_and_reduces_its_sums_on_the_device(spy):
-    from arctrain.metrics import LossMeter
+    from arctrain.train.metrics import LossMeter
 
     meter = LossMeter(["llama"], ("continuation",), META)
     meter.add("llama", "continuation", torch.tensor(2.0, device=META), 7)
@@ -61,8 +61,8 @@ def test_loss_meter_keeps_and_reduces_its_sums_on_the_device(spy):
 
 def test_train_step_counts_tokens_on_the_device_before_any_forward(spy):
     """The step's global target count is reduced from the batches' CPU-side counts, on the device."""
-    from arctrain.model.batch import BatchStats
-    from arctrain.train import train_step
+    from arctrain.data.batch import BatchStats
+    from arctrain.train.loop import train_step
 
     class Batch:
         decoder, task = "llama", "continuation"

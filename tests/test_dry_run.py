@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_paths
 
-from arctrain.config import REPO_ROOT, load_config
-from arctrain.dry_run import meta_model
-from arctrain.train import main
+from arctrain.config.schema import REPO_ROOT, load_config
+from arctrain.train.loop import main
+from arctrain.train.preflight import meta_model
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -61,9 +61,9 @@ GPU_CONFIGS = [p for p in CONFIGS if load_config(p).train.precision == "bf16"]
 def test_dry_run_sizes_for_the_target_card(cfg_path, gpu, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys):
     """--gpu: the frozen decoders are placed as the GPU run on that card will place them (memory.placement with the
     card's memory), not as on this GPU-less machine."""
-    from arctrain.config import deepspeed_config
-    from arctrain.dry_run import CARDS
-    from arctrain.memory import placement
+    from arctrain.config.schema import deepspeed_config
+    from arctrain.train.memory import placement
+    from arctrain.train.preflight import CARDS
 
     models = {"encoder": tiny_models / "encoder", "llama": tiny_models / "llama", "mistral": tiny_models / "mistral"}
     overrides = _overrides(cfg_path, models, tiny_shards, tiny_qa, tmp_path / "run")
@@ -78,8 +78,8 @@ def test_dry_run_sizes_for_the_target_card(cfg_path, gpu, tiny_models, tiny_shar
 
 
 def test_every_card_is_in_the_flops_table_and_a_wrong_one_is_one_line(tiny_models, tiny_shards, capsys):
-    from arctrain.dry_run import CARDS
-    from arctrain.flops import peak_tflops
+    from arctrain.model.flops import peak_tflops
+    from arctrain.train.preflight import CARDS
 
     assert all(peak_tflops(f"NVIDIA {name}") for name, _ in CARDS.values())
     with pytest.raises(SystemExit) as exit_:

@@ -1,4 +1,4 @@
-"""Resume at another world size (arctrain/elastic.py): 2 ranks -> 1 and 1 -> 2 at step 10 of 20.
+"""Resume at another world size (arctrain/checkpoint/elastic.py): 2 ranks -> 1 and 1 -> 2 at step 10 of 20.
 
 A step is the same global micro-batches however its 2 micro-batches of 4 are split, 2 ranks x 1 or 1 rank x 2
 (arctrain/data/sampling.py `Layout`). The runs here train without gradient clipping (optim.clip=0), which makes

@@ -7,12 +7,12 @@ import pytest
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import read_corpus
+from arctrain.data.prompt import qa_prompt, qa_turn
 from arctrain.data.qa_records import read_qa
-from arctrain.eval import MODES, answer_text, exact_match, f1_score, normalize_answer, shots_and_questions
+from arctrain.inference.eval import MODES, answer_text, exact_match, f1_score, normalize_answer, shots_and_questions
+from arctrain.inference.qa_metrics import answer_in, approx_match, bleu, rouge_l
 from arctrain.model import Memory, Text
-from arctrain.prompt import qa_prompt, qa_turn
-from arctrain.qa_metrics import answer_in, approx_match, bleu, rouge_l
+from arctrain.testing.corpus import read_corpus
 
 
 def test_squad_normalisation_and_metrics():
@@ -78,7 +78,7 @@ def qa_records(tiny_models) -> list[dict]:
 
 
 def test_prompt_layout_per_mode(exported, tiny_models, qa_records, tmp_path):
-    from arctrain.infer import ARCGenerator
+    from arctrain.inference.generate import ARCGenerator
 
     arc = ARCGenerator(exported, tiny_models / "llama", context="joint")
     _write_qa(tmp_path / "qa.jsonl", qa_records)

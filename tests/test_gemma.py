@@ -15,10 +15,10 @@ from conftest import build_shards, train_two_ranks
 from test_model_arc import configs, corpus_texts, make_batch, tokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import is_heldout, read_corpus, write_corpus
-from arctrain.infer import ARCGenerator
+from arctrain.inference.generate import ARCGenerator
 from arctrain.model import build_model, load_causal_lm
-from arctrain.tiny_models import GEMMA_SLIDING_WINDOW
+from arctrain.testing.corpus import is_heldout, read_corpus, write_corpus
+from arctrain.testing.tiny_models import GEMMA_SLIDING_WINDOW
 
 REPO = Path(__file__).resolve().parents[1]
 DECODERS = ("llama", "gemma")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.export import load_export
+from arctrain.export.write import load_export
 
 TEXTS = [
     "Return the absolute value of the argument, which may be an integer or a float.",
@@ -366,9 +366,9 @@ def test_rope_choice_is_honoured_on_load(backbone):
     `rope: checkpoint` keeps it."""
     from transformers import AutoConfig
 
-    from arctrain.config import ModelConfig
-    from arctrain.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.hf.modeling_arc import ARCEncoderModel
+    from arctrain.config.schema import ModelConfig
+    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.export.hf.modeling_arc import ARCEncoderModel
     from arctrain.model.build import build_encoder, load_causal_lm
 
     hd = backbone_dims(backbone)["head_dim"]
@@ -424,7 +424,7 @@ def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_
 
 
 def test_init_from_accepts_an_export_and_refuses_other_model_dirs(backbone, tmp_path):
-    from arctrain.checkpoint import initial_weights, source_checkpoint
+    from arctrain.checkpoint.checkpointer import initial_weights, source_checkpoint
 
     a = backbone_dims(backbone)
     emb, bridge = reference_weights(a, a["n_layers"] - 2, [128], 48)

@@ -1,4 +1,4 @@
-"""Compress + generate from an exported tiny model (arctrain.infer and `arctrain generate`); about 20 s."""
+"""Compress + generate from an exported tiny model (arctrain.inference.generate and `arctrain generate`); about 20 s."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ import torch
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import read_corpus
-from arctrain.infer import ARCGenerator, left_pad
+from arctrain.inference.generate import ARCGenerator, left_pad
+from arctrain.testing.corpus import read_corpus
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_generate_command_batches_many_contexts_as_one_at_a_time(exported, tiny_
 
 
 def test_bf16_is_the_default_dtype_on_cpu_too(exported, tiny_models):
-    from arctrain.infer import parse_args, runtime
+    from arctrain.inference.generate import parse_args, runtime
 
     args = parse_args(["--model", "m", "--decoder", "d", "--context-file", "c", "--prompt", "p"])
     assert runtime(args) == (torch.device("cpu"), torch.bfloat16)
@@ -136,7 +136,7 @@ def test_generation_stops_at_the_decoders_and_the_given_stop_ids(arc, exported, 
 def test_stop_ids_include_the_generation_configs_list():
     from types import SimpleNamespace
 
-    from arctrain.infer import stop_ids
+    from arctrain.inference.generate import stop_ids
 
     decoder = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 9, 2]))
     assert stop_ids(decoder, SimpleNamespace(eos_token_id=2)) == [2, 7, 9]  # as Llama 3.1: <|end_of_text|>, <|eot_id|>
@@ -216,7 +216,7 @@ def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny
     assert cut["dropped_tokens"] > 0 and f"{n} of {n} contexts cut short" in capsys.readouterr().out
 
 
-# --- a decoder with a chat template (arctrain/prompt.py) ------------------------------------------------------------
+# --- a decoder with a chat template (arctrain/data/prompt.py) ------------------------------------------------------------
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
@@ -264,7 +264,7 @@ def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(
     around each chunk's encoder vectors and <Cont>, projected). The command prints greedy decoding of those
     embeddings, up to the decoder's EOS (its generation config's, as Llama 3.1 Instruct's <|eot_id|>), which it does
     not print past. --plain-prompt gives the plain layout: what the same decoder without a template generates."""
-    from arctrain.prompt import PLACEHOLDER
+    from arctrain.data.prompt import PLACEHOLDER
 
     text, prompt = documents[0][:300], "Question: what does it return?"
     chat = ARCGenerator(exported, chat_llama)

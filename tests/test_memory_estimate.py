@@ -1,4 +1,4 @@
-"""arctrain/memory.py against the real thing: parameter counts of transformers' models built from the same shapes,
+"""arctrain/train/memory.py against the real thing: parameter counts of transformers' models built from the same shapes,
 the bytes autograd saves in a LlamaDecoderLayer (saved-tensor hooks), frozen and trainable, and the loss's logits:
 at target positions only, one chunk at a time when chunked."""
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from arctrain.memory import (
+from arctrain.model.loss import lm_head_loss
+from arctrain.train.memory import (
     GB,
     LOGIT_BYTES,
     PUBLISHED,
@@ -19,7 +20,6 @@ from arctrain.memory import (
     estimate,
     layer_saved_bytes,
 )
-from arctrain.model.loss import lm_head_loss
 
 
 def _hf_config(cls, s: Shape):
@@ -116,7 +116,7 @@ def test_logits_are_counted_at_target_positions_and_chunking_saves_none():
 def test_chunks_and_interleaved_text_add_encoder_and_decoder_tokens():
     """k chunks per sample cost the encoder what k times the samples cost; interleaved text and the k chunks' vectors
     lengthen the decoder sequence, computed here from activation_bytes on its own."""
-    from arctrain.memory import activation_bytes
+    from arctrain.train.memory import activation_bytes
 
     enc, dec = PUBLISHED["Llama-3.2-3B"], PUBLISHED["Llama-3.1-8B"]
     long = estimate(enc, {"llama": dec}, Setup(micro_batch=4, segment_tokens=1024, chunks=5, text_tokens=64), 8)
@@ -132,7 +132,7 @@ def test_chunks_and_interleaved_text_add_encoder_and_decoder_tokens():
 def test_activations_without_checkpointing_are_every_layer_at_once(trainable):
     """A stack of 3 layers run without checkpointing saves what activation_bytes(checkpointed=False) counts: what
     every layer saves, at once; with checkpointing the estimate is every layer's input and one layer's."""
-    from arctrain.memory import activation_bytes
+    from arctrain.train.memory import activation_bytes
 
     s, batch, seq, layers = Shape(256, 704, 3, 4, 2, 64, tied=False), 2, 64, 3
     model = LlamaForCausalLM(_hf_config(LlamaConfig, s)).to(torch.bfloat16).requires_grad_(trainable)

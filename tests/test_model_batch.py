@@ -1,10 +1,10 @@
-"""Pooling rule and collate layout (arctrain/model/pooling.py, arctrain/model/batch.py): pure tensor tests."""
+"""Pooling rule and collate layout (arctrain/data/pooling.py, arctrain/data/batch.py): pure tensor tests."""
 
 import pytest
 import torch
 
-from arctrain.model.batch import IGNORE, Example, Memory, Text, collate, drop_memory, pretraining_example
-from arctrain.model.pooling import group_sizes, n_pooled, pooling_matrix
+from arctrain.data.batch import IGNORE, Example, Memory, Text, collate, drop_memory, pretraining_example
+from arctrain.data.pooling import group_sizes, n_pooled, pooling_matrix
 
 
 def _collate(examples, factor=4, n_vectors=0, bos_id=1):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from arctrain.model.batch import pack_segments
+from arctrain.data.batch import pack_segments
 from arctrain.model.encoder import ARCEncoder
 
 FAMILIES = {

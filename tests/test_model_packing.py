@@ -1,4 +1,4 @@
-"""Packed micro-batches equal each example computed alone (arctrain/model/batch.py, attention.py, encoder.py, arc.py).
+"""Packed micro-batches equal each example computed alone (arctrain/data/batch.py, attention.py, encoder.py, arc.py).
 
 The reference for one example runs nothing packed: every encoder segment alone and the example's one decoder row
 alone through transformers' own sdpa attention (a batch of one needs no mask), its decoder inputs assembled
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from test_model_arc import configs, corpus_texts, tokenizer
 
+from arctrain.data.batch import IGNORE, pack_segments
 from arctrain.model import Example, Memory, Text, build_model, collate, pretraining_example
 from arctrain.model.attention import PACKED, packed_kwargs
-from arctrain.model.batch import IGNORE, pack_segments
 
 TOL = 1e-5
 
@@ -199,7 +199,7 @@ def test_sliding_window_stays_inside_each_row():
     """A Mistral decoder with a window shorter than the rows: packed rows equal rows alone (transformers' sdpa)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from arctrain.model.batch import _cu
+    from arctrain.data.batch import _cu
 
     config = MistralConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -252,8 +252,8 @@ def test_smollm2_packed_equals_examples_alone(smollm2):
 
 def test_padding_metrics_count_computed_positions():
     """padding/encoder and padding/decoder: the fraction of computed positions that are padding, per window."""
-    from arctrain.metrics import Window
-    from arctrain.model.batch import BatchStats
+    from arctrain.data.batch import BatchStats
+    from arctrain.train.metrics import Window
 
     window = Window(lambda decoder, stats: 0.0)
     packed = collate(

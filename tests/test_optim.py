@@ -1,4 +1,4 @@
-"""arctrain/optim.py: the LR of every group set from the step counter (megatron-core's OptimizerParamScheduler)."""
+"""arctrain/train/optim.py: the LR of every group set from the step counter (megatron-core's OptimizerParamScheduler)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from arctrain.config import OptimConfig
-from arctrain.optim import build_scheduler, set_lr
+from arctrain.config.schema import OptimConfig
+from arctrain.train.optim import build_scheduler, set_lr
 
 
 def groups() -> torch.optim.AdamW:
@@ -90,7 +90,7 @@ def test_the_configured_peaks_win_over_a_loaded_checkpoints():
 def test_a_wsd_decay_longer_than_the_run_is_one_line():
     from pathlib import Path
 
-    from arctrain.config import load_config
+    from arctrain.config.schema import load_config
 
     tiny = Path(__file__).resolve().parents[1] / "configs/tiny_cpu.yaml"
 

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from arctrain.checkpoint import Checkpointer, checkpoint_dir, consolidate
+from arctrain.checkpoint.checkpointer import Checkpointer, checkpoint_dir, consolidate
 from arctrain.cli import main as arctrain
-from arctrain.config import load_config
+from arctrain.config.schema import load_config
 from arctrain.data.shards import ShardReader, open_source, read_manifest, shard_table
-from arctrain.export import load_export
-from arctrain.tokenizer_id import tokenizer_hash
+from arctrain.export.write import load_export
+from data_tools.tokenizer_id import tokenizer_hash
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pre_layout"
 TOKENIZERS = ("encoder", "llama", "mistral")

@@ -1,12 +1,12 @@
-"""Prompt rendering (arctrain/prompt.py): the plain layout per mode, and chat templates with the compressed
+"""Prompt rendering (arctrain/data/prompt.py): the plain layout per mode, and chat templates with the compressed
 documents spliced at their placeholders; about 3 s (tokenizers only)."""
 
 import pytest
 from transformers import AutoTokenizer
 
+from arctrain.data.batch import Memory, Text
+from arctrain.data.prompt import PLACEHOLDER, Doc, Turn, chat_template_of, qa_prompt, qa_turn, render
 from arctrain.data.qa import TextPieces
-from arctrain.model.batch import Memory, Text
-from arctrain.prompt import PLACEHOLDER, Doc, Turn, chat_template_of, qa_prompt, qa_turn, render
 
 
 class Strings:
@@ -103,7 +103,7 @@ def test_open_book_chat_is_the_template_with_the_text(tiny_models, chat_llama):
 def test_smollm2_training_rows_are_its_chat_template(smollm2, tiny_models):
     """SmolLM2-Instruct's own template (system prompt, <|im_start|> turns): a QA training row reads as the chat
     the template renders, the vectors in the user message, the target the answer then <|im_end|> (its EOS)."""
-    from arctrain.model.batch import collate
+    from arctrain.data.batch import collate
 
     tok, enc = AutoTokenizer.from_pretrained(smollm2), AutoTokenizer.from_pretrained(smollm2)
     pieces = TextPieces(enc, tok, 16, context="joint", context_tokens=512)

@@ -1,4 +1,4 @@
-"""The demo's report (arctrain/report.py) on a small real run: the val table, the PNG, the reconstruction lines."""
+"""The demo's report (arctrain/inference/report.py) on a small real run: the val table, the PNG, the reconstruction lines."""
 
 import re
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 from test_train import launch, overrides, wait
 
 from arctrain.cli import main as arctrain
-from arctrain.report import plot_val_curves, read_metrics, val_curves, val_table
+from arctrain.inference.report import plot_val_curves, read_metrics, val_curves, val_table
 
 pytestmark = pytest.mark.distributed
 
@@ -45,7 +45,7 @@ def test_val_table_and_curves_are_the_metrics(run_with_val, tmp_path):
 
 def test_report_command_prints_table_reconstruction_and_png_path(run_with_val, tiny_models, tmp_path):
     png = tmp_path / "val.png"
-    cmd = [sys.executable, "-m", "arctrain.report", "--run", str(run_with_val), "--png", str(png),
+    cmd = [sys.executable, "-m", "arctrain.inference.report", "--run", str(run_with_val), "--png", str(png),
            "--export", str(run_with_val / "export"), "--decoder", f"llama={tiny_models / 'llama'}",
            "--input", str(tiny_models / "corpus.jsonl"), "--val-fraction", "0.05"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
@@ -59,7 +59,7 @@ def test_report_command_prints_table_reconstruction_and_png_path(run_with_val, t
 
 def test_a_run_without_val_rows_is_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
-    cmd = [sys.executable, "-m", "arctrain.report", "--run", str(tmp_path)]
+    cmd = [sys.executable, "-m", "arctrain.inference.report", "--run", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_model_arc import configs
 
-from arctrain.config import OptimConfig
+from arctrain.config.schema import OptimConfig
 from arctrain.model import Projector, build_model
-from arctrain.optim import param_groups
+from arctrain.train.optim import param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -62,7 +62,7 @@ def test_smollm2_reads_its_compressed_context_after_a_few_steps(smollm2, tiny_mo
 
 
 def test_the_demo_config_builds_the_recipe(smollm2, tiny_models):
-    from arctrain.config import load_config
+    from arctrain.config.schema import load_config
 
     cfg = load_config(
         REPO / "configs/smollm2_cpu.yaml",

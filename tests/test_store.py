@@ -1,4 +1,4 @@
-"""The vector store: `arctrain compress`, then `generate --vectors` / `eval --vectors` read it (arctrain/store.py)."""
+"""The vector store: `arctrain compress`, then `generate --vectors` / `eval --vectors` read it (arctrain/inference/store.py)."""
 
 import json
 import shutil
@@ -8,9 +8,9 @@ import torch
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import read_corpus
-from arctrain.infer import ARCGenerator
-from arctrain.store import VectorStore
+from arctrain.inference.generate import ARCGenerator
+from arctrain.inference.store import VectorStore
+from arctrain.testing.corpus import read_corpus
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_generate_from_the_store_prints_what_the_encoder_gives(exported, tiny_mo
 
 
 def test_eval_reads_the_passages_from_the_store(arc, exported, tiny_models, docs, stores, tmp_path):
-    from arctrain.eval import check_doc_ids, evaluate_qa
+    from arctrain.inference.eval import check_doc_ids, evaluate_qa
 
     records = [
         {"question": f"What is {d['id']}?", "answers": [d["text"].split()[0]], "passages": [d["text"]],

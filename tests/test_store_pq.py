@@ -13,10 +13,10 @@ import torch
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import read_corpus
-from arctrain.infer import ARCGenerator
+from arctrain.inference.generate import ARCGenerator
+from arctrain.inference.store import VectorStore, doc_key
 from arctrain.model import Memory
-from arctrain.store import VectorStore, doc_key
+from arctrain.testing.corpus import read_corpus
 
 
 @pytest.fixture(scope="module")

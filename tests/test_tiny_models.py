@@ -49,7 +49,7 @@ def test_tokenizers_differ(tiny_models):
 def test_pretrained_decoders_are_language_models(tiny_models):
     """Held-out text is far more likely under the pretrained decoder than under uniform guessing."""
     records = [json.loads(line) for line in open(tiny_models / "corpus.jsonl")]
-    from arctrain.corpus import is_heldout
+    from arctrain.testing.corpus import is_heldout
 
     heldout = [r["text"] for r in records if is_heldout(r["id"])][:8]
     assert heldout, "the corpus has held-out documents"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arctrain.train import EXIT_PREEMPTED
+from arctrain.train.loop import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_checkpoint_holds_no_frozen_weights(straight, tiny_models):
     """The step-20 checkpoint is about trainable params + Adam state; the frozen decoders would add far more."""
     from transformers import AutoConfig
 
-    from arctrain.config import load_config
+    from arctrain.config.schema import load_config
     from arctrain.model import build_model
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", overrides(tiny_models, Path("."), Path("."))[:3])
@@ -230,7 +230,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_models, tiny_shards
 
     from safetensors.torch import load_file, save_file
 
-    from arctrain.train import EXIT_DIVERGED
+    from arctrain.train.loop import EXIT_DIVERGED
 
     encoder = tmp_path / "encoder"
     shutil.copytree(tiny_models / "encoder", encoder)
@@ -308,7 +308,7 @@ def test_the_deepspeed_launchers_local_rank_is_accepted(tiny_models, tiny_shards
 def test_init_from_another_run_at_another_world_size(straight, tiny_models, tiny_shards, tmp_path):
     """A new run starts from the weights 2 ranks wrote, on 1 rank. With both learning rates 0 its checkpoint holds
     exactly the source's weights; restarted, it resumes its own checkpoint and does not load the source again."""
-    from arctrain.checkpoint import checkpoint_dir, consolidate
+    from arctrain.checkpoint.checkpointer import checkpoint_dir, consolidate
 
     run_dir = tmp_path / "init"
     frozen_lr = ("optim.encoder_lr=0", "optim.projector_lr=0", "checkpoint.interval=2")
@@ -338,7 +338,7 @@ def test_init_from_a_run_with_other_shapes_is_refused(straight, tiny_models, tin
 
 def test_init_plan_reports_new_and_unused_tensors():
     """A decoder added (qwen) keeps its new projector; a decoder dropped (mistral) is reported as not used."""
-    from arctrain.checkpoint import _init_plan, _names
+    from arctrain.checkpoint.checkpointer import _init_plan, _names
 
     state = {n: torch.zeros(2, 3) for n in ("encoder.w", "projectors.llama.0.weight", "projectors.mistral.0.weight")}
     shapes = {"encoder.w": (2, 3), "projectors.llama.0.weight": (2, 3), "projectors.qwen.0.weight": (4, 3)}
@@ -376,7 +376,7 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
     assert {"val/mistral/qa/loss", "val/llama/qa/loss_no_context", "val/mistral/qa/loss_no_context"} <= set(val_line)
     assert any("train/llama/qa/loss" in m or "train/mistral/qa/loss" in m for m in metrics(tmp_path / "straight"))
 
-    from arctrain.export import export, load_export
+    from arctrain.export.write import export, load_export
 
     _, _, _, config = load_export(export(tmp_path / "straight", tmp_path / "hf"))
     assert config.segment_tokens == 256  # data.chunk_tokens

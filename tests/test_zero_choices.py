@@ -1,7 +1,7 @@
 """Every ZeRO choice of the config (train.zero_stage 3, 3 with hpZ, 2) builds and trains: 2 gloo processes.
 
 The test launches this file with `torchrun --standalone --nproc_per_node 2` (DS_ACCELERATOR=cpu). For each choice,
-rank by rank, `arctrain.train.build_engine` builds the engine from configs/tiny_cpu.yaml exactly as a run does, and
+rank by rank, `arctrain.train.loop.build_engine` builds the engine from configs/tiny_cpu.yaml exactly as a run does, and
 one step of each decoder runs on the same batches; each rank writes what DeepSpeed made of it and the losses.
 """
 
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_model_arc import corpus_texts, make_batch  # noqa: E402
 
-from arctrain.config import REPO_ROOT, load_config  # noqa: E402
+from arctrain.config.schema import REPO_ROOT, load_config  # noqa: E402
 
 # ZeRO-2 first: its replicated decoders must load before any ZeRO-3 build has made transformers' zero.Init live.
 CHOICES = {"zero2": ["train.zero_stage=2"], "zero3": [], "zero3_hpz": ["train.zero_hpz=true"]}
@@ -25,8 +25,8 @@ CHOICES = {"zero2": ["train.zero_stage=2"], "zero3": [], "zero3_hpz": ["train.ze
 
 def worker(tiny: Path, shards: Path, out: Path) -> None:
     from arctrain.distributed import init_distributed
-    from arctrain.optim import set_lr
-    from arctrain.train import build_engine
+    from arctrain.train.loop import build_engine
+    from arctrain.train.optim import set_lr
 
     paths = [f"model.encoder_path={tiny / 'encoder'}", f"decoders.0.path={tiny / 'llama'}",
              f"decoders.1.path={tiny / 'mistral'}", f"data.shards={shards}",

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
-from arctrain.config import Config
+from arctrain.config.schema import Config
+from arctrain.data.batch import ARCBatch, Example, collate, has_target, pretraining_example
 from arctrain.data.sampling import SEGMENT, Layout, Schedule, SourceMixer, SourceStream, rng
 from arctrain.data.shards import ShardReader, Source, open_source, shard_table
-from arctrain.model.batch import ARCBatch, Example, collate, has_target, pretraining_example
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ epoch is drawn from (seed, source, epoch, record): which answer (of a list), how
 answer and passages). All are pure functions of the position, so
 a resumed run, any number of workers and ranks, sees the same samples in the same steps.
 
-The prompt is arctrain/prompt.py's (the chat template of an instruct decoder, else the plain layout), the target
+The prompt is arctrain/data/prompt.py's (the chat template of an instruct decoder, else the plain layout), the target
 the answer and the decoder's EOS. Passages are compressed jointly (data.qa_context="joint", the reference's way:
 one encoder sequence of the passages' tokens, cut at data.qa_context_tokens, pooled as usual) or in chunks of
 data.chunk_tokens as `arc-data build` cuts documents into segments ("segments", arctrain/data/chunks.py: at most
@@ -23,12 +23,12 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
+from arctrain.data.batch import ARCBatch, Memory, Text
 from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.loader import collate_batch
+from arctrain.data.prompt import chat_template_of, qa_prompt, qa_turn
 from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
 from arctrain.data.sampling import Layout, SourceMixer, rng
-from arctrain.model.batch import ARCBatch, Memory, Text
-from arctrain.prompt import chat_template_of, qa_prompt, qa_turn
 
 QA = "qa"
 QA_ORDER, QA_DRAW = 0x51A, 0x51B  # rng streams: record order; per-record draws (answer, passages, shots)
@@ -111,7 +111,7 @@ class TextPieces:
         return Memory(segments, special, cut.dropped_tokens)
 
     def doc_memory(self, doc) -> Memory:
-        """A prompt's document (arctrain/prompt.py `Doc`) compressed (or its Memory, when made already)."""
+        """A prompt's document (arctrain/data/prompt.py `Doc`) compressed (or its Memory, when made already)."""
         return doc.memory if doc.memory is not None else self.memory(doc.passages)
 
     def _limit(self, segments: list[list[int]], cut: ContextCut) -> list[list[int]]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from arctrain.tokenizer_id import tokenizer_hash
 from data_tools.manifest import load_manifest
 from data_tools.sample_format import MEMBER, unpack
 from data_tools.shard_index import index_from_tar, load_index
+from data_tools.tokenizer_id import tokenizer_hash
 
 PARTS = {"ids": 0, "offsets": 1}  # `<tokenizer>.<part>.npy` -> its array in a format-3 sample
 INDEX_CACHE = 16  # shard indexes kept per reader (~38 bytes per sample each in format 3, ~134 in format 2)

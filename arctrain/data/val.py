@@ -17,10 +17,10 @@ import dataclasses
 from math import ceil
 from pathlib import Path
 
-from arctrain.config import Config
+from arctrain.config.schema import Config
+from arctrain.data.batch import ARCBatch, Example, Text
 from arctrain.data.loader import BatchMaker, Vocab, tokenizer_paths
 from arctrain.data.shards import Source, open_source
-from arctrain.model.batch import ARCBatch, Example, Text
 
 VAL_SEED = 0  # validation samples do not depend on train.seed: the same every run
 PAD_KEY = "pad"

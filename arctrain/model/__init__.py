@@ -1,10 +1,10 @@
 """Batches -> losses: encoder (truncated bidirectional backbone + pooling), projectors, frozen decoders."""
 
+from arctrain.data.batch import ARCBatch, Example, Memory, Text, collate, drop_memory, pretraining_example
+from arctrain.data.pooling import group_sizes, n_pooled
 from arctrain.model.arc import ARCModel, ARCOutput, Projector, SpecialVectors
-from arctrain.model.batch import ARCBatch, Example, Memory, Text, collate, drop_memory, pretraining_example
 from arctrain.model.build import build_encoder, build_model, load_causal_lm
 from arctrain.model.encoder import ARCEncoder
-from arctrain.model.pooling import group_sizes, n_pooled
 
 __all__ = [
     "ARCBatch",

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from arctrain.data.batch import ARCBatch, drop_memory
 from arctrain.model.attention import PACKED, packed_kwargs
-from arctrain.model.batch import ARCBatch, drop_memory
 from arctrain.model.encoder import ARCEncoder
 from arctrain.model.loss import lm_head_loss
 

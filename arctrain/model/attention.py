@@ -45,7 +45,7 @@ def packed_attention(
     """transformers' attention signature: query (B, H, Nq, hd), key/value (B, Hkv, Nk, hd) -> (B, Nq, H, hd).
 
     Without `cu_seq_lens_q` every batch row is one whole sequence (a plain unpadded call); a padding mask is
-    refused, since this implementation builds none (generation switches to sdpa: arctrain/infer.py)."""
+    refused, since this implementation builds none (generation switches to sdpa: arctrain/inference/generate.py)."""
     if softcap is not None:
         raise ValueError(f"{PACKED} attention: attention logit soft-capping ({softcap}) is not supported")
     if attention_mask is not None:

@@ -111,7 +111,7 @@ def build_model(
     optionally attn_implementation (default packed) and rope. `gradient_checkpointing` applies to the encoder layers
     (see `ARCModel.enable_decoder_checkpointing` for the decoders). Decoders named in `replicated` are loaded whole,
     in `dtype`, onto this process's device (cuda:LOCAL or cpu), outside ZeRO-3: no all-gather in forward and
-    backward, at 2 bytes per parameter on every rank (model.frozen_decoders; arctrain/memory.py decides "auto").
+    backward, at 2 bytes per parameter on every rank (model.frozen_decoders; arctrain/train/memory.py decides "auto").
     """
     names = [d.name for d in decoder_cfgs]
     if not names:

@@ -1,14 +1,14 @@
 """The encoder: a decoder-only backbone cut short, made bidirectional, that pools each segment to fewer vectors.
 
 Only the backbone's own modules run (embed_tokens, rotary_emb, the kept decoder layers): no final norm, no LM
-head. The segments of a batch come packed (arctrain/model/batch.py `PackedSegments`: one flat stream, positions
+head. The segments of a batch come packed (arctrain/data/batch.py `PackedSegments`: one flat stream, positions
 restarting at 0 per segment) and attention runs through the packed implementation (arctrain/model/attention.py):
 bidirectional within a segment, nothing across segments, no padding. With `mean_pooled_queries` the last kept
 layer's queries are the layer's attention norm applied to the group means of its input, RMSNorm(mean(h)), at
 positions 0..m-1, while keys and values are the normed full segment (positions 0..L-1); the residual is the group
 means, then the layer's MLP (docs/ARCHITECTURE.md compares every step with the reference implementation). With
 `mean` every kept layer runs as usual and the final states are averaged per group. The group rule is in
-`arctrain/model/pooling.py`.
+`arctrain/data/pooling.py`.
 
 Works for Llama, Mistral and Qwen2 backbones (any layer with input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp and rotary position embeddings). Sizes come from the config, never from weights, so
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from arctrain.data.batch import PackedSegments, pack_segments, unpad
+from arctrain.data.pooling import POOLING_MODES
 from arctrain.model.attention import PACKED, packed_kwargs, varlen_attention
-from arctrain.model.batch import PackedSegments, pack_segments, unpad
-from arctrain.model.pooling import POOLING_MODES
 
 
 class ARCEncoder(nn.Module):

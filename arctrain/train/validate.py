@@ -16,7 +16,7 @@ forwards and report the kept values.
 
 import torch
 
-from arctrain.metrics import LossMeter
+from arctrain.train.metrics import LossMeter
 
 
 class Validation:

@@ -106,7 +106,7 @@ class Checkpointer:
         data position (global micro-batch index -> samples). Returns the grad_accum to run with: the checkpoint
         fixes the micro-batches per step, so a resume at another world size adapts it when that is exact
         (`elastic.resume_grad_accum`)."""
-        from arctrain.elastic import resume_grad_accum
+        from arctrain.checkpoint.elastic import resume_grad_accum
 
         state = self.trainer_state()
         if state is None:
@@ -145,14 +145,14 @@ class Checkpointer:
 
     def load(self, engine, world_size: int) -> dict | None:
         """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run. At another
-        world size than the checkpoint's it goes through DeepSpeed's universal checkpoint (arctrain/elastic.py),
+        world size than the checkpoint's it goes through DeepSpeed's universal checkpoint (arctrain/checkpoint/elastic.py),
         and `engine` must have been built with checkpoint.load_universal."""
         state = self.trainer_state()
         if state is None:
             return None
         tag = self.latest()
         if self.elastic(world_size):
-            from arctrain.elastic import load_universal
+            from arctrain.checkpoint.elastic import load_universal
 
             load_universal(engine, self.dir / tag, self.rank, self.device)
         else:
@@ -287,7 +287,7 @@ def source_checkpoint(path: Path) -> Path:
     """`train.init_from`: a run directory (its latest checkpoint), one checkpoint directory in it, or an export
     (`arctrain export` / `arctrain import-arc`: config.json of model_type arc_encoder), checked to be complete."""
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
-        from arctrain.export import export_weight_files
+        from arctrain.export.write import export_weight_files
 
         export_weight_files(path)  # raises unless it is an export with all its weight files
         return path
@@ -303,7 +303,7 @@ def initial_weights(source: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     if (path / "config.json").is_file():
         from safetensors.torch import load_file
 
-        from arctrain.export import export_weight_files
+        from arctrain.export.write import export_weight_files
 
         state = {}
         for file in export_weight_files(path):

@@ -7,11 +7,11 @@ attention kernels (`config.check_paths`) and the shards' manifests and tokenizer
 Here: the DeepSpeed config for the world size, the tokenizers, and the model built on the meta device from each
 config.json (real shapes, no weights read, no memory), with every weight file's safetensors header checked against
 the module's state dict (names and shapes: what `from_pretrained` would load). Then parameters per component and
-`arctrain.memory`'s per-GPU estimate for that world size.
+`arctrain.train.memory`'s per-GPU estimate for that world size.
 
 It runs where the GPU run will not (a login node: no GPU, no flash-attn): what only the GPU nodes have is reported,
 not required, and the sizes are for the card of `--gpu` (a name of CARDS; default the GPU here, else h100-80gb),
-whose memory decides model.frozen_decoders=auto exactly as the GPU run will (arctrain/memory.py `placement`).
+whose memory decides model.frozen_decoders=auto exactly as the GPU run will (arctrain/train/memory.py `placement`).
 """
 
 import json
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arctrain.config import Config, ConfigError, deepspeed_config
+from arctrain.config.schema import Config, ConfigError, deepspeed_config
 
-# --gpu names: (a substring of torch.cuda.get_device_name() in arctrain/flops.py's PEAK_TFLOPS, memory in GiB: the
+# --gpu names: (a substring of torch.cuda.get_device_name() in arctrain/model/flops.py's PEAK_TFLOPS, memory in GiB: the
 # total nvidia-smi reports, MiB / 1024, what torch's total_memory gives too).
 CARDS = {
     "h100-80gb": ("H100", 79.6),
@@ -42,7 +42,7 @@ DEFAULT_CARD = "h100-80gb"
 
 def target_card(gpu: str | None) -> tuple[str, float]:
     """(what is sized for, its memory in GiB): `--gpu`, else the GPU of this machine, else DEFAULT_CARD."""
-    from arctrain.memory import gpu_memory_gib
+    from arctrain.train.memory import gpu_memory_gib
 
     if gpu is not None:
         if gpu not in CARDS:
@@ -159,7 +159,7 @@ def check_weights(path: Path, model: nn.Module, key: str) -> None:
 
 
 def parameter_table(model) -> str:
-    from arctrain.flops import matmul_params
+    from arctrain.model.flops import matmul_params
 
     rows = [("encoder (trains)", model.encoder)]
     rows += [(f"projector {n} + <Rec>/<Cont> (trains)", nn.ModuleList([p, model.specials[n]]))
@@ -173,7 +173,7 @@ def parameter_table(model) -> str:
 
 
 def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) -> str:
-    from arctrain.memory import format_estimate, placement, run_estimate
+    from arctrain.train.memory import format_estimate, placement, run_estimate
 
     replicated, why = placement(cfg, world_size, ds_config, gpu_gib)  # as the GPU run decides, for its card
     try:
@@ -183,7 +183,7 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
     where = f"replicated ({', '.join(replicated)})" if replicated else "partitioned by ZeRO-3"
     table = format_estimate(est, world_size).split("\n\n", 1)[1]  # the parameters are printed above
     return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
-            f"memory per GPU (arctrain/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
+            f"memory per GPU (arctrain/train/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
             f"  peak over decoders: {est.peak():.2f} GiB\n"
             f"{checkpointing_table(cfg, world_size, ds_config, replicated)}\n"
             f"{zero_table(cfg, world_size, ds_config, replicated, gpu_gib)}")  # fmt: skip
@@ -192,8 +192,8 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
 def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
     """Each ZeRO choice (train.zero_stage, train.zero_hpz): peak GiB per GPU, whether it fits the card, and the GB
     each GPU exchanges with other nodes per micro-batch step (the largest decoder's)."""
-    from arctrain.config import gpus_per_node
-    from arctrain.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
+    from arctrain.config.schema import gpus_per_node
+    from arctrain.train.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
 
     per_node = gpus_per_node(world_size)
     everything = tuple(d.name for d in cfg.decoders)
@@ -216,7 +216,7 @@ def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[
 
 def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...]) -> str:
     """The estimated peak for each choice of activation checkpointing, the configured one marked."""
-    from arctrain.memory import run_estimate
+    from arctrain.train.memory import run_estimate
 
     lines = ["activation checkpointing (train.encoder_checkpointing, train.decoder_checkpointing): peak GiB per GPU"]
     for enc in (True, False):

@@ -37,7 +37,7 @@ EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): 
 
 
 def parse_args(argv: list[str]):
-    from arctrain.config import check_paths, load_config
+    from arctrain.config.schema import check_paths, load_config
 
     parser = argparse.ArgumentParser(prog="arctrain train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -75,14 +75,14 @@ def build_engine(
     """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
     the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those);
-    `universal`: the checkpoint to resume was written at another world size (arctrain/elastic.py)."""
+    `universal`: the checkpoint to resume was written at another world size (arctrain/checkpoint/elastic.py)."""
     import deepspeed
 
-    from arctrain.checkpoint import load_initial_weights
-    from arctrain.config import deepspeed_config
-    from arctrain.memory import placement
-    from arctrain.optim import build_optimizer, build_scheduler
-    from arctrain.zero_trace import keep_trace_per_decoder
+    from arctrain.checkpoint.checkpointer import load_initial_weights
+    from arctrain.config.schema import deepspeed_config
+    from arctrain.train.memory import placement
+    from arctrain.train.optim import build_optimizer, build_scheduler
+    from arctrain.train.zero_trace import keep_trace_per_decoder
 
     ds_config = deepspeed_config(cfg, world_size)
     if universal:
@@ -98,7 +98,7 @@ def build_engine(
         optimizer = build_optimizer(model, cfg.optim, ds_config)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    keep_trace_per_decoder(engine)  # a decoder switch keeps ZeRO-3's prefetch (arctrain/zero_trace.py)
+    keep_trace_per_decoder(engine)  # a decoder switch keeps ZeRO-3's prefetch (arctrain/train/zero_trace.py)
     scheduler.optimizer = engine.optimizer  # the same param groups, as DeepSpeed's ZeRO-3 optimizer holds them
     return engine, model, scheduler
 
@@ -153,8 +153,8 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
 def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, say=print):
     """The run directory's checkpointer; refuses a resume under changed settings (at another world size it sets
     train.grad_accum to keep the checkpoint's micro-batches per step), then keeps this launch's config."""
-    from arctrain.checkpoint import Checkpointer, resume_fingerprint
-    from arctrain.export import record_run_data
+    from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
+    from arctrain.export.write import record_run_data
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
         cfg.train.grad_accum = accum
     if rank == 0:
         save_launch_config(cfg, run_dir)
-        record_run_data(cfg, run_dir)  # the segment length, for the export (arctrain/export.py)
+        record_run_data(cfg, run_dir)  # the segment length, for the export (arctrain/export/write.py)
     return checkpointer
 
 
@@ -191,11 +191,11 @@ def build_data(cfg, rank: int, world_size: int, next_batch: int):
 
 
 def train(cfg) -> int:
-    from arctrain.checkpoint import resume_fingerprint
-    from arctrain.flops import FlopCounter, peak_tflops
-    from arctrain.metrics import LossMeter, MetricsLogger, Window
-    from arctrain.optim import set_lr
-    from arctrain.validate import Validation
+    from arctrain.checkpoint.checkpointer import resume_fingerprint
+    from arctrain.model.flops import FlopCounter, peak_tflops
+    from arctrain.train.metrics import LossMeter, MetricsLogger, Window
+    from arctrain.train.optim import set_lr
+    from arctrain.train.validate import Validation
 
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
@@ -292,7 +292,7 @@ def _plain(cfg) -> dict:
 def save_launch_config(cfg, run_dir: Path) -> Path:
     """RUN_DIR/config.yaml (what export and eval read: the newest launch's) and RUN_DIR/launches/config_<n>.yaml,
     one per launch, so a resumed run keeps the settings of every segment it ran with."""
-    from arctrain.config import save_config
+    from arctrain.config.schema import save_config
 
     launches = run_dir / "launches"
     launches.mkdir(parents=True, exist_ok=True)
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg, args = parse_args(argv)
         check_shards(cfg)
         if args.dry_run:
-            from arctrain.dry_run import default_world_size, dry_run
+            from arctrain.train.preflight import default_world_size, dry_run
 
             dry_run(cfg, args.world_size or default_world_size(), gpu=args.gpu)
             raise SystemExit(0)

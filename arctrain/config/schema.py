@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from arctrain.config_tree import ConfigError, build, set_dotted, yaml_key_lines
+from arctrain.config.tree import ConfigError, build, set_dotted, yaml_key_lines
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
 
     frozen_decoders: Literal["auto", "replicated", "partitioned"] = "auto"
     """Frozen decoders partitioned by ZeRO-3 (all-gathered in every forward and backward), or replicated: whole, in
-    bf16, on every GPU, no gathering. auto: replicated when arctrain/memory.py's estimate of the peak with them
+    bf16, on every GPU, no gathering. auto: replicated when arctrain/train/memory.py's estimate of the peak with them
     replicated fits in 85% of the GPU's memory, else partitioned (always partitioned without a GPU)."""
     rope: Literal["checkpoint", "plain"] = "checkpoint"
     """The encoder's RoPE: "checkpoint" keeps the backbone config's scaling (e.g. Llama 3.x `rope_type: llama3`),
@@ -132,7 +132,7 @@ class DataConfig:
     """With qa_context=joint: at most this many encoder tokens of passages per record (longer ones are cut, and
     counted at the start and in the context_tokens_dropped metric)."""
     qa_chat_template: bool = True
-    """Render QA prompts with a decoder's chat template when its tokenizer has one (arctrain/prompt.py)."""
+    """Render QA prompts with a decoder's chat template when its tokenizer has one (arctrain/data/prompt.py)."""
     chunk_tokens: int = 256
     """A context given as text (QA passages with qa_context=segments; `arctrain generate`/`eval` take the export's
     value) is cut into chunks of about this many encoder tokens at word boundaries, each compressed on its own
@@ -251,11 +251,11 @@ class TrainConfig:
     """Optimizer steps of the whole run."""
     grad_accum: int = 1
     """Micro-batches per optimizer step and rank (all of one decoder). A resume at another world size sets it so that
-    ranks x grad_accum stays the checkpoint's (arctrain/elastic.py)."""
+    ranks x grad_accum stays the checkpoint's (arctrain/checkpoint/elastic.py)."""
     seed: int = 0
     encoder_checkpointing: bool = False
     """Activation checkpointing in the encoder's layers: each layer keeps only its input and is recomputed in
-    backward (about a third more encoder compute for much less activation memory; arctrain/memory.py)."""
+    backward (about a third more encoder compute for much less activation memory; arctrain/train/memory.py)."""
     decoder_checkpointing: bool = False
     """Activation checkpointing in the frozen decoders' layers. Their activations are needed for the gradient that
     flows through them into the projector and encoder; recomputing them costs about a third of the decoders'
@@ -278,7 +278,7 @@ class TrainConfig:
     each node (zero_hpz_partition_size = GPUs per node), so backward's all-gathers stay inside the node."""
     decoder_hold: int = 1
     """Keep each chosen decoder for this many consecutive optimizer steps; the choice is made per block of steps,
-    the same on every rank. (Each decoder keeps its own ZeRO-3 prefetch trace, arctrain/zero_trace.py, so a switch
+    the same on every rank. (Each decoder keeps its own ZeRO-3 prefetch trace, arctrain/train/zero_trace.py, so a switch
     costs no prefetch.)"""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
@@ -552,7 +552,7 @@ def check_paths(cfg: Config) -> None:
     if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
         raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
     if cfg.train.init_from:
-        from arctrain.checkpoint import source_checkpoint
+        from arctrain.checkpoint.checkpointer import source_checkpoint
 
         try:
             source_checkpoint(Path(cfg.train.init_from))

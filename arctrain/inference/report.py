@@ -1,6 +1,6 @@
 """What a training run shows: the val table, val curves as a PNG, and a held-out passage reconstructed.
 
-    python -m arctrain.report --run runs/smollm2_cpu --png runs/smollm2_cpu/val_curves.png \
+    python -m arctrain.inference.report --run runs/smollm2_cpu --png runs/smollm2_cpu/val_curves.png \
         --export runs/smollm2_cpu/export --decoder smollm2=artifacts/smollm2-135m \
         --decoder gemma=artifacts/gemma3-270m --input artifacts/corpus.jsonl --val-fraction 0.05
 
@@ -107,8 +107,8 @@ def split_texts(inputs: list[str], val_fraction: float, limit: int, split: str =
 
 def reconstruction_report(export: Path, decoder: str, texts: list[str], max_segments: int = 64) -> str:
     """Token accuracy of reconstructing held-out segments, and the first long segment reconstructed greedily."""
-    from arctrain.eval import reconstruction
-    from arctrain.infer import ARCGenerator
+    from arctrain.inference.eval import reconstruction
+    from arctrain.inference.generate import ARCGenerator
     from arctrain.model import Example
 
     name, _, path = decoder.partition("=")
@@ -139,7 +139,7 @@ def words(arc, segment: list[int]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m arctrain.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m arctrain.inference.report", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="the run directory")
     parser.add_argument("--png", type=Path, help="write the val curves here (default: RUN/val_curves.png)")
     parser.add_argument("--export", type=Path, help="the run's export (arctrain export), for the reconstruction")

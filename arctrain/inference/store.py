@@ -13,7 +13,7 @@ document is rows counts[:i].sum() ... of its vectors. The vectors are the encode
 any projector, so one store serves every decoder the encoder was trained with, and a decoder added later with the
 encoder frozen too. Stores of format 1 (one .npy member per array and `id.txt`) are still read.
 
-Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/store_codec.py) hold `vectors` as (sum counts, M) uint8
+Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/inference/store_codec.py) hold `vectors` as (sum counts, M) uint8
 codes and DIR/codebook.faiss, the faiss codec they decode with (its sha256 in the manifest).
 
 A bottleneck store (`compress --bottleneck DECODER`) holds, instead of each vector x, h = W1 x: the output of that
@@ -41,14 +41,14 @@ import msgpack
 import numpy as np
 import torch
 
-from arctrain import store_codec
 from arctrain.data.shards import ShardReader
+from arctrain.inference import store_codec
 
 FORMAT = "arctrain-vectors/2"
 FORMATS = ("arctrain-vectors/1", FORMAT)  # read
 MEMBER = "doc.mp"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-PQ_DTYPES = "pq<M>, opq<M>"  # product-quantized: M one-byte codes per vector (arctrain/store_codec.py)
+PQ_DTYPES = "pq<M>, opq<M>"  # product-quantized: M one-byte codes per vector (arctrain/inference/store_codec.py)
 SPLIT = "vectors"
 MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeking (id.txt is for other readers)
 
@@ -58,8 +58,8 @@ def encoder_identity(model_dir: str | Path) -> str:
     and tokenizer. Projectors and special vectors are left out: they map the vectors for each decoder."""
     from safetensors import safe_open
 
-    from arctrain.export import export_weight_files
-    from arctrain.tokenizer_id import tokenizer_hash
+    from arctrain.export.write import export_weight_files
+    from data_tools.tokenizer_id import tokenizer_hash
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -290,7 +290,7 @@ def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:
     """W1, (H, D) float32: the first linear of `decoder`'s projector in an export."""
     from safetensors import safe_open
 
-    from arctrain.export import export_weight_files
+    from arctrain.export.write import export_weight_files
 
     name = f"projectors.{decoder}.0.weight"
     for path in export_weight_files(Path(model_dir)):

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arctrain.checkpoint import checkpoint_dir, consolidate
-from arctrain.config import Config, load_config
-from arctrain.tokenizer_id import tokenizer_hash
+from arctrain.checkpoint.checkpointer import checkpoint_dir, consolidate
+from arctrain.config.schema import Config, load_config
+from data_tools.tokenizer_id import tokenizer_hash
 
 MAX_SHARD_SIZE = "5GB"
 RUN_DATA = "data.json"  # in the run directory: record_run_data
@@ -72,7 +72,7 @@ def export_config(cfg: Config, segment: int):
     """The ARCEncoderConfig of a run: truncated backbone config, pooling, and what each decoder needs."""
     from transformers import AutoConfig
 
-    from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
     from arctrain.model.build import plain_rope
 
     backbone = _model_config(cfg.model.encoder_path, "model.encoder_path")
@@ -171,8 +171,8 @@ def write_export(out: Path, config, state: dict[str, torch.Tensor], tokenizer_di
     The weights are checked against the config before anything is written."""
     from transformers import AutoTokenizer
 
-    from arctrain.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.hf.modeling_arc import ARCEncoderModel
+    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.export.hf.modeling_arc import ARCEncoderModel
 
     model = ARCEncoderModel(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -306,7 +306,7 @@ def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
-    from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
     from arctrain.model import ARCEncoder, Projector, SpecialVectors
 
     model_dir = Path(model_dir)

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from arctrain.config import OptimConfig
+from arctrain.config.schema import OptimConfig
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

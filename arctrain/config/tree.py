@@ -2,7 +2,7 @@
 
 `build(cls, raw)` checks every key against the dataclass fields (unknown and missing keys fail), coerces strings
 (the command line, or YAML's unquoted 1e-5) to the field's type, and lets each dataclass's `__post_init__`
-check its values; the errors carry the full dotted key. arctrain/config.py holds the tree itself.
+check its values; the errors carry the full dotted key. arctrain/config/schema.py holds the tree itself.
 """
 
 import dataclasses

@@ -14,7 +14,7 @@ The target that follows (training) is the answer and the decoder's EOS, which is
 
 from dataclasses import dataclass
 
-from arctrain.model.batch import Example, Memory, Text
+from arctrain.data.batch import Example, Memory, Text
 
 PLACEHOLDER = "\ue000"  # a private-use character: no template or text holds it; split on before tokenizing
 MODES = ("compressed", "open_book", "closed_book")

@@ -8,7 +8,7 @@
 Each `--data` file is a dataset (its name: the file name without suffix) of QA records in arctrain's or the
 released format (arctrain/data/qa_records.py; .jsonl, .jsonl.zst or .parquet). Its first `--shots` records are
 the fixed in-context examples of every question (their documents compressed too in the compressed mode), the
-rest are asked in three modes, greedy, with the prompt of QA training (arctrain/prompt.py: the decoder's chat
+rest are asked in three modes, greedy, with the prompt of QA training (arctrain/data/prompt.py: the decoder's chat
 template when it has one, else the plain layout):
 
     compressed   Document: <compressed passages>\nQuestion: q\nAnswer:
@@ -16,10 +16,10 @@ template when it has one, else the plain layout):
     closed_book  Question: q\nAnswer:
 
 Generation stops at the decoder's EOS and at "\\n\\n"; the answer is the output cut at "\\n\\n", stripped (the
-reference's `truncate_line`). Scores per dataset and mode (arctrain/qa_metrics.py): exact match and F1 (SQuAD
+reference's `truncate_line`). Scores per dataset and mode (arctrain/inference/qa_metrics.py): exact match and F1 (SQuAD
 normalisation), approximate match, answer in output, and ROUGE-L / BLEU over the records that ask for them, beside
 the share of contexts that contain an answer. Prefill cost per question: decoder positions, FLOPs
-(arctrain/flops.py) and measured time to the first token (compression included).
+(arctrain/model/flops.py) and measured time to the first token (compression included).
 
 Joint contexts are cut at `--context-tokens`; in segments, a context is cut into chunks of `--chunk-tokens` and at
 most `--max-chunks` are kept (long contexts); what is cut is reported (JSON `context_cut`) and a note printed.
@@ -38,15 +38,23 @@ from pathlib import Path
 
 import torch
 
+from arctrain.data.prompt import MODES, qa_prompt, qa_turn
 from arctrain.data.qa_records import QASource, read_qa
+from arctrain.inference.qa_metrics import (
+    answer_in,
+    approx_match,
+    bleu,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    rouge_l,
+)
 from arctrain.model import Example, Text
-from arctrain.prompt import MODES, qa_prompt, qa_turn
-from arctrain.qa_metrics import answer_in, approx_match, bleu, exact_match, f1_score, normalize_answer, rouge_l
 
 __all__ = ["MODES", "answer_text", "evaluate_qa", "exact_match", "f1_score", "normalize_answer"]
 STOP = "\n\n"
 # How a context is cut when neither a flag nor the export (a QA fine-tuning run's `qa_context`) says: jointly, as QA
-# fine-tuning does by default (arctrain.infer.context_options).
+# fine-tuning does by default (arctrain.inference.generate.context_options).
 EVAL_CONTEXT = {"context": "joint", "max_chunks": 0, "context_tokens": 2048}
 
 
@@ -205,7 +213,7 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from arctrain.infer import add_context_args, add_runtime_args
+    from arctrain.inference.generate import add_context_args, add_runtime_args
 
     parser = argparse.ArgumentParser(prog="arctrain eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
@@ -227,14 +235,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(
             "--shots must be >= 0; --max-new-tokens, --batch-size, --heldout-segments, --max-passages >= 1"
         )
-    from arctrain.infer import check_context_args
+    from arctrain.inference.generate import check_context_args
 
     check_context_args(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator, context_flags, context_note, runtime
+    from arctrain.inference.generate import ARCGenerator, context_flags, context_note, runtime
     from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
     args = parse_args(argv or [])
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         heldout = [d.text for d in read_documents(expand_inputs([str(args.heldout)]), Fields(), Tally())]
     store = None
     if args.vectors is not None:
-        from arctrain.store import VectorStore
+        from arctrain.inference.store import VectorStore
 
         store = VectorStore(args.vectors)
         for path, records in zip(args.data, datasets.values(), strict=True):

@@ -1,4 +1,4 @@
-"""Metrics: per-interval losses, throughput, FLOPs and MFU (the FLOP model is arctrain/flops.py), to stdout,
+"""Metrics: per-interval losses, throughput, FLOPs and MFU (the FLOP model is arctrain/model/flops.py), to stdout,
 metrics.jsonl and wandb."""
 
 import json
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from arctrain.config import LoggingConfig
+from arctrain.config.schema import LoggingConfig
 from arctrain.data.sampling import CONTINUATION, RECONSTRUCTION
 from arctrain.distributed import all_reduce
-from arctrain.flops import FlopCounter, peak_tflops  # noqa: F401  (their home is arctrain/flops.py)
+from arctrain.model.flops import FlopCounter, peak_tflops  # noqa: F401  (their home is arctrain/model/flops.py)
 
 TASKS = (RECONSTRUCTION, CONTINUATION)
 
@@ -62,7 +62,7 @@ class Window:
         self.enc_computed = self.dec_computed = 0  # positions the kernels ran, padding included
 
     def count(self, decoder: str, stats) -> None:
-        """`stats`: a batch's `BatchStats` (arctrain/model/batch.py), computed in collate on the CPU."""
+        """`stats`: a batch's `BatchStats` (arctrain/data/batch.py), computed in collate on the CPU."""
         self.samples += stats.samples
         self.enc_tokens += stats.enc_tokens
         self.dec_tokens += stats.dec_tokens

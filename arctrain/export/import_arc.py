@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from arctrain.export import check_out, write_export
-from arctrain.tokenizer_id import tokenizer_hash
+from arctrain.export.write import check_out, write_export
+from data_tools.tokenizer_id import tokenizer_hash
 
 LAYER_KEY = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|attention_norm|ffn_norm|feed_forward\.w[123])\.weight")
 HF_NAMES = {
@@ -227,7 +227,7 @@ def import_arc(src: Path, out: Path, backbone_dir: Path, decoders: list[str], ov
     """Write an arctrain export at `out` from a reference checkpoint at `src`; returns `out`."""
     from transformers import AutoConfig
 
-    from arctrain.hf.configuration_arc import ARCEncoderConfig
+    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
     from arctrain.model.build import DECODER_NAME, plain_rope
 
     check_out(out, overwrite)

@@ -18,7 +18,7 @@ per row.
 import torch
 from torch import nn
 
-from arctrain.model.batch import BatchStats
+from arctrain.data.batch import BatchStats
 
 # Dense bf16 peak TFLOPs of one accelerator (no sparsity), by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the specific names come first. Sources: NVIDIA's datasheets.

@@ -273,7 +273,7 @@ def segment_tokens(cfg) -> int:
 
 
 def run_estimate(cfg, world_size: int, ds_config: dict, replicated: tuple[str, ...] = (), **setup_fields) -> Estimate:
-    """The estimate for a run's config (arctrain.config.Config) and its DeepSpeed config; `setup_fields` override
+    """The estimate for a run's config (arctrain.config.schema.Config) and its DeepSpeed config; `setup_fields` override
     what the config says (e.g. encoder_checkpointing=False, to compare choices)."""
     encoder, decoders, setup = run_setup(cfg, ds_config, replicated, **setup_fields)
     return estimate(encoder, decoders, setup, world_size)

@@ -38,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from arctrain.corpus import is_heldout, read_corpus, write_corpus
+from arctrain.testing.corpus import is_heldout, read_corpus, write_corpus
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ length (`segment_tokens`), all of them. A prompt longer than the decoder's windo
 in one line. Batched prompts are left-padded.
 
 Where the vectors come from is one seam: `memory(texts)` runs the encoder, `stored_memory(doc_ids)` reads a vector
-store (`arctrain compress`, arctrain/store.py; `vectors=` / `--vectors`), refused unless made by this export's
+store (`arctrain compress`, arctrain/inference/store.py; `vectors=` / `--vectors`), refused unless made by this export's
 encoder. Both give a `Memory`, which `context_example` and the QA prompts place alike.
 """
 
@@ -42,15 +42,15 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from arctrain.data.batch import SPECIALS, BatchStats
+from arctrain.data.prompt import Doc, Turn, chat_template_of, render
 from arctrain.data.qa import TextPieces
-from arctrain.export import load_export
-from arctrain.flops import FlopCounter
+from arctrain.export.write import load_export
+from arctrain.inference.store import VectorStore
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.model.attention import PACKED
-from arctrain.model.batch import SPECIALS, BatchStats
-from arctrain.prompt import Doc, Turn, chat_template_of, render
-from arctrain.store import VectorStore
-from arctrain.tokenizer_id import tokenizer_hash
+from arctrain.model.flops import FlopCounter
+from data_tools.tokenizer_id import tokenizer_hash
 
 
 @dataclass
@@ -166,7 +166,7 @@ class ARCGenerator:
         self.store = None
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         if vectors is not None:
-            from arctrain.store import encoder_identity
+            from arctrain.inference.store import encoder_identity
 
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
             self.store.check_encoder(encoder_identity(model_dir), model_dir, self.name)
@@ -222,7 +222,7 @@ class ARCGenerator:
         return Memory([], special, vectors=[v for d in doc_ids for v in self.store.get(d).vectors])
 
     def doc_memory(self, doc: Doc) -> Memory:
-        """A prompt's document (arctrain/prompt.py) compressed: its Memory when made already, its vectors from the
+        """A prompt's document (arctrain/data/prompt.py) compressed: its Memory when made already, its vectors from the
         store by its `doc_ids` when there is a store, else its passages encoded."""
         if doc.memory is not None:
             return doc.memory
@@ -235,7 +235,7 @@ class ARCGenerator:
 
     def context_example(self, context: str | list[str] | Memory, prompt: str) -> Example:
         """[decoder prefix] + compressed context + <Cont> + prompt: the pretraining layout with a prompt after it;
-        for a decoder with a chat template, one user message of the context and the prompt (arctrain/prompt.py).
+        for a decoder with a chat template, one user message of the context and the prompt (arctrain/data/prompt.py).
         `context`: texts to compress, or a Memory already made (`stored_memory`)."""
         if isinstance(context, Memory):
             doc = Doc([], memory=context)
@@ -398,7 +398,7 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
     """--context, --context-tokens, --chunk-tokens, --max-chunks and --plain-prompt, shared by `arctrain generate`
-    and `arctrain eval` (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py, arctrain/prompt.py). Unset, each is
+    and `arctrain eval` (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py, arctrain/data/prompt.py). Unset, each is
     what the model's QA fine-tuning used (the export's `qa_context`), else the command's `fallback`
     (context_options)."""
     trained = "default: as the model was fine-tuned on QA, else"
@@ -435,7 +435,7 @@ def context_note(arc: "ARCGenerator") -> str | None:
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
     """The model, the decoder and the contexts (texts, or documents of a vector store) and the prompt after them:
-    what `arctrain generate` and `arctrain vllm-prompts` (arctrain/serve.py) take alike."""
+    what `arctrain generate` and `arctrain vllm-prompts` (arctrain/inference/serve.py) take alike."""
     parser.add_argument("--model", required=True, type=Path, help="exported model directory (arctrain export)")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
     parser.add_argument("--decoder-name", default=None, help="which of the model's decoders (default: by tokenizer)")

@@ -4,7 +4,7 @@
     arctrain vllm-prompts --model exported/arc4 --decoder /models/Llama-3.1-8B --vectors store/ --doc-id doc-17 \\
         --prompt "Question: who wrote it?\\nAnswer:" --out prompts.pt --request request.json --served-model llama
     # 2a. vLLM's environment, offline (LLM.generate with prompt_embeds), greedy; prints the texts, writes token ids
-    python -m arctrain.serve --decoder /models/Llama-3.1-8B --prompts prompts.pt --max-tokens 64 --out out.json
+    python -m arctrain.inference.serve --decoder /models/Llama-3.1-8B --prompts prompts.pt --max-tokens 64 --out out.json
     # 2b. or its OpenAI-compatible server, and the request made in step 1 (base64 prompt_embeds)
     vllm serve /models/Llama-3.1-8B --served-model-name llama --enable-prompt-embeds --dtype bfloat16
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d @request.json
@@ -13,7 +13,7 @@ vLLM takes input embeddings with `enable_prompt_embeds`: a prompt is `{"prompt_e
 embeddings row by row (BOS, the prefix, the projected vectors, <Cont>, the prompt: exactly what `arctrain generate`
 feeds `generate(inputs_embeds=...)`), or with `--mixed` also `prompt_token_ids` and `prompt_is_token_ids` (True at
 text positions, whose embeddings vLLM looks up itself; False at the vectors'). The server takes a tensor as base64 of
-its `torch.save` bytes. This module imports only torch at the top, so `python -m arctrain.serve` runs in vLLM's own
+its `torch.save` bytes. This module imports only torch at the top, so `python -m arctrain.inference.serve` runs in vLLM's own
 environment (vLLM pins other torch and transformers versions than arctrain) with the checkout on PYTHONPATH.
 """
 
@@ -59,12 +59,12 @@ def completion_request(prompts: list[dict], model: str, max_tokens: int) -> dict
 
 
 def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
-    from arctrain.infer import add_input_args, add_runtime_args, check_input_args
+    from arctrain.inference.generate import add_input_args, add_runtime_args, check_input_args
 
     p = argparse.ArgumentParser(prog="arctrain vllm-prompts", description="prompts as vLLM inputs (prompt_embeds)")
     add_input_args(p)  # --model, --decoder, --context-file | --doc-id with --vectors, --join, --prompt
     p.add_argument("--mixed", action="store_true", help="token ids at text positions, embeddings at the vectors'")
-    p.add_argument("--out", required=True, type=Path, help="the prompts, torch.save'd (python -m arctrain.serve)")
+    p.add_argument("--out", required=True, type=Path, help="the prompts, torch.save'd (python -m arctrain.inference.serve)")
     p.add_argument("--request", type=Path, default=None, help="also a /v1/completions JSON body here")
     p.add_argument("--served-model", default=None, help="the server's model name in --request (default: --decoder)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens in --request")
@@ -75,7 +75,7 @@ def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prompts_main(argv: list[str] | None = None) -> None:
-    from arctrain.infer import ARCGenerator, open_inputs, read_contexts, runtime
+    from arctrain.inference.generate import ARCGenerator, open_inputs, read_contexts, runtime
 
     args = parse_prompt_args(argv or [])
     store = open_inputs(args)
@@ -92,7 +92,7 @@ def prompts_main(argv: list[str] | None = None) -> None:
           f"positions) -> {args.out}")  # fmt: skip
 
 
-# --- vLLM's side: `python -m arctrain.serve` (in vLLM's environment) ----------------------------------------------
+# --- vLLM's side: `python -m arctrain.inference.serve` (in vLLM's environment) ----------------------------------------------
 
 
 def vllm_generate(decoder: str, prompts: list[dict], max_tokens: int, dtype: str = "float32", **engine) -> list:
@@ -106,7 +106,7 @@ def vllm_generate(decoder: str, prompts: list[dict], max_tokens: int, dtype: str
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m arctrain.serve", description="vLLM offline greedy generation")
+    p = argparse.ArgumentParser(prog="python -m arctrain.inference.serve", description="vLLM offline greedy generation")
     p.add_argument("--decoder", required=True, help="the decoder's Hugging Face directory")
     p.add_argument("--prompts", required=True, type=Path, help="from arctrain vllm-prompts")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -1,0 +1,1 @@
+"""Resumable DeepSpeed checkpoints, elastic resume, init_from weights."""

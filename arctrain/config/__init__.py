@@ -1,0 +1,1 @@
+"""The typed config tree: schema (dataclasses), load (YAML + key=value), deepspeed, tree."""

@@ -1,0 +1,1 @@
+"""Hugging Face exports: writing, loading, importing the reference checkpoints; hf/ ships inside."""

@@ -1,0 +1,1 @@
+"""Using a trained encoder: generate, eval, vector stores, vLLM prompts, reports."""
