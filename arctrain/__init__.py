@@ -1,3 +1,5 @@
 """arctrain: train ARC-style context compressors (one encoder, several frozen decoders) with DeepSpeed ZeRO-3."""
 
-__version__ = "0.1.0"
+from data_tools import __version__  # one version for the distribution; data_tools imports nothing from arctrain
+
+__all__ = ["__version__"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 from arctrain.data import Vocab, build_train_loader
 
 

@@ -75,7 +75,7 @@ def overrides(task: str, models: Path, data: dict[str, Path], padded: bool) -> l
 
 
 def batches(task: str, config: Path, over: list[str], n: int, rank: int = 0, world: int = 8) -> list:
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
     from arctrain.data import Vocab, build_train_loader
 
     cfg = load_config(config, over)
@@ -110,7 +110,7 @@ def time_steps(task: str, config: Path, over: list[str], n_batches: int) -> floa
     """Mean process CPU seconds per training step (forward + backward) over the batches after the first two."""
     import torch
 
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
     from arctrain.model import build_model
 
     torch.manual_seed(0)

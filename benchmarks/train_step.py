@@ -60,7 +60,7 @@ def main() -> None:
 
     from loader import loader_rate
 
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
     from arctrain.data import Vocab
 
     results = {}

@@ -6,6 +6,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from data_tools import __version__
 from data_tools.inputs import DataError
 from data_tools.shard_index import load_index
 from data_tools.shards import file_digest, prepare_out
@@ -28,8 +29,6 @@ def make_manifest(
     docs: dict,
     version: int = FORMAT_VERSION,
 ) -> dict:
-    from arctrain import __version__
-
     assert docs["read"] == docs["written"] + sum(docs["skipped"].values()), docs
     return {
         "format": FORMAT,

@@ -44,7 +44,8 @@ arc_setup() {
     # Fail in seconds on the batch node, not after every rank has started: the checks of `arctrain train`.
     python - "$CONFIG" "${ARC_OVERRIDES[@]}" <<'EOF' || exit 2
 import sys
-from arctrain.config.schema import check_paths, load_config
+from arctrain.train.preflight import check_paths
+from arctrain.config.load import load_config
 try:
     check_paths(load_config(sys.argv[1], sys.argv[2:]))
 except ValueError as err:

@@ -280,7 +280,7 @@ def test_export_of_a_damaged_checkpoint_names_the_file(trained_run, tmp_path):
 
 def resume_checkpointer(tmp_path: Path, *overrides: str):
     from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", list(overrides))
     path = fake_checkpoint(tmp_path / "checkpoints", 10)
@@ -300,7 +300,7 @@ def resume_checkpointer(tmp_path: Path, *overrides: str):
 )
 def test_resume_with_another_model_shape_is_refused_naming_the_key(tmp_path, override, key, old, new):
     from arctrain.checkpoint.checkpointer import resume_fingerprint
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
 
     checkpointer, path = resume_checkpointer(tmp_path)
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", [override])
@@ -312,7 +312,7 @@ def test_resume_with_another_model_shape_is_refused_naming_the_key(tmp_path, ove
 
 def test_train_steps_below_the_checkpoint_step_is_an_error(tmp_path):
     from arctrain.checkpoint.checkpointer import resume_fingerprint
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
 
     checkpointer, path = resume_checkpointer(tmp_path)
     cfg = load_config(REPO / "configs/tiny_cpu.yaml")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from arctrain.checkpoint.checkpointer import TRAINER_STATE, Checkpointer, resume_fingerprint
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_another_world_size_keeps_the_micro_batches_per_step_or_is_refused(tmp_p
 
 
 def test_every_launch_keeps_its_config(tmp_path):
-    from arctrain.train.loop import save_launch_config
+    from arctrain.train.run_log import save_launch_config
 
     save_launch_config(config("train.steps=10"), tmp_path)
     save_launch_config(config("train.steps=20"), tmp_path)

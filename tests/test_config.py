@@ -7,15 +7,10 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from arctrain.config.schema import (
-    REPO_ROOT,
-    Config,
-    ConfigError,
-    check_paths,
-    deepspeed_config,
-    load_config,
-    save_config,
-)
+from arctrain.config.deepspeed import REPO_ROOT, deepspeed_config
+from arctrain.config.load import load_config, save_config
+from arctrain.config.schema import Config, ConfigError
+from arctrain.train.preflight import check_paths
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 DS_FILES = sorted((REPO_ROOT / "ds_configs").glob("*.json"))
@@ -80,7 +75,7 @@ def test_paper_configs_carry_the_paper_hyperparameters():
     assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
     assert cfg.model.pooling_factor == 4 and cfg.data.qa_shots == 5  # x4 from the x8 encoder, 5-shot
     # The reference's finetuning_ARC4_Encoder_multi.yaml: its sources, weights and shots; 8000 steps, 1024 tokens.
-    from arctrain.data.qa_records import parse_qa_source
+    from arctrain.config.schema import parse_qa_source
 
     sources = {Path(s.path).name: (s.weight, s.shots) for s in map(parse_qa_source, cfg.data.qa)}
     assert len(sources) == 13 and sources["freebaseqa.jsonl"] == (27, 5) and sources["dialogsum.jsonl"] == (2.5, 3)

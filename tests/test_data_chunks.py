@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 from arctrain.data import Vocab
 from arctrain.data.chunks import Chunker
 from arctrain.data.qa import QAMaker, read_qa

@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 from transformers import AutoTokenizer
 
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 from arctrain.data import ValSet, Vocab, build_train_loader, schedule
 from arctrain.data.batch import IGNORE
 from arctrain.data.sampling import Layout, SourceMixer, SourceStream

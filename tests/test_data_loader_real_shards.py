@@ -6,7 +6,7 @@ import tarfile
 import msgpack
 from transformers import AutoTokenizer
 
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 from arctrain.data import Vocab, build_train_loader, val_batches
 from arctrain.data.batch import IGNORE
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from arctrain.config.schema import ConfigError, load_config
+from arctrain.config.load import load_config
+from arctrain.config.schema import ConfigError, QASource, parse_qa_source
 from arctrain.data import Vocab, build_train_loader
 from arctrain.data.batch import IGNORE, Memory
 from arctrain.data.qa import QAMaker, TextPieces, draw, record_order
-from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
+from arctrain.data.qa_records import read_qa
 from arctrain.data.sampling import SourceMixer
 
 

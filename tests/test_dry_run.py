@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_paths
 
-from arctrain.config.schema import REPO_ROOT, load_config
+from arctrain.config.load import REPO_ROOT, load_config
 from arctrain.train.loop import main
 from arctrain.train.preflight import meta_model
 
@@ -61,7 +61,7 @@ GPU_CONFIGS = [p for p in CONFIGS if load_config(p).train.precision == "bf16"]
 def test_dry_run_sizes_for_the_target_card(cfg_path, gpu, tiny_models, tiny_shards, tiny_qa, tmp_path, capsys):
     """--gpu: the frozen decoders are placed as the GPU run on that card will place them (memory.placement with the
     card's memory), not as on this GPU-less machine."""
-    from arctrain.config.schema import deepspeed_config
+    from arctrain.config.deepspeed import deepspeed_config
     from arctrain.train.memory import placement
     from arctrain.train.preflight import CARDS
 

@@ -19,8 +19,9 @@ from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_
 from transformers import AutoTokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.config.schema import load_config
-from arctrain.export.write import consolidate, load_export
+from arctrain.config.load import load_config
+from arctrain.export.load import load_export
+from arctrain.export.write import consolidate
 from arctrain.model import build_model
 from data_tools.tokenizer_id import tokenizer_hash
 

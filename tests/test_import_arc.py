@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
 from arctrain.cli import main as arctrain
-from arctrain.export.write import load_export
+from arctrain.export.load import load_export
 
 TEXTS = [
     "Return the absolute value of the argument, which may be an integer or a float.",
@@ -424,7 +424,7 @@ def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_
 
 
 def test_init_from_accepts_an_export_and_refuses_other_model_dirs(backbone, tmp_path):
-    from arctrain.checkpoint.checkpointer import initial_weights, source_checkpoint
+    from arctrain.checkpoint.init_from import initial_weights, source_checkpoint
 
     a = backbone_dims(backbone)
     emb, bridge = reference_weights(a, a["n_layers"] - 2, [128], 48)

@@ -90,7 +90,7 @@ def test_the_configured_peaks_win_over_a_loaded_checkpoints():
 def test_a_wsd_decay_longer_than_the_run_is_one_line():
     from pathlib import Path
 
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
 
     tiny = Path(__file__).resolve().parents[1] / "configs/tiny_cpu.yaml"
 

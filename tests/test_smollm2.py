@@ -62,7 +62,7 @@ def test_smollm2_reads_its_compressed_context_after_a_few_steps(smollm2, tiny_mo
 
 
 def test_the_demo_config_builds_the_recipe(smollm2, tiny_models):
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
 
     cfg = load_config(
         REPO / "configs/smollm2_cpu.yaml",

@@ -155,7 +155,7 @@ def test_checkpoint_holds_no_frozen_weights(straight, tiny_models):
     """The step-20 checkpoint is about trainable params + Adam state; the frozen decoders would add far more."""
     from transformers import AutoConfig
 
-    from arctrain.config.schema import load_config
+    from arctrain.config.load import load_config
     from arctrain.model import build_model
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", overrides(tiny_models, Path("."), Path("."))[:3])
@@ -376,7 +376,8 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
     assert {"val/mistral/qa/loss", "val/llama/qa/loss_no_context", "val/mistral/qa/loss_no_context"} <= set(val_line)
     assert any("train/llama/qa/loss" in m or "train/mistral/qa/loss" in m for m in metrics(tmp_path / "straight"))
 
-    from arctrain.export.write import export, load_export
+    from arctrain.export.load import load_export
+    from arctrain.export.write import export
 
     _, _, _, config = load_export(export(tmp_path / "straight", tmp_path / "hf"))
     assert config.segment_tokens == 256  # data.chunk_tokens

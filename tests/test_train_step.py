@@ -37,8 +37,9 @@ def examples(rank: int, micro: int) -> list[Example]:
 def worker(models: str, out: str) -> None:
     import deepspeed
 
-    from arctrain.config.schema import deepspeed_config, load_config
-    from arctrain.data.loader import Vocab, collate_batch
+    from arctrain.config.deepspeed import deepspeed_config
+    from arctrain.config.load import load_config
+    from arctrain.data.batching import Vocab, collate_batch
     from arctrain.distributed import init_distributed
     from arctrain.model import build_model
     from arctrain.train.loop import train_step

@@ -8,18 +8,13 @@ Every user error is a `ConfigError` (a ValueError) whose one-line message names 
 (file and line, or the command line), the dotted key and the value.
 """
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from arctrain.config.tree import ConfigError
+from data_tools.inputs import SUFFIXES
 
-from arctrain.config.tree import ConfigError, build, set_dotted, yaml_key_lines
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
@@ -178,8 +173,6 @@ class DataConfig:
         _require(not self.interleave_tokens or not self.qa, "interleave_tokens", self.interleave_tokens, why)
         _require(self.qa_max_passages >= 1, "qa_max_passages", self.qa_max_passages, "must be >= 1")
         _require(self.qa_context_tokens >= 1, "qa_context_tokens", self.qa_context_tokens, "must be >= 1")
-        from arctrain.data.qa_records import parse_qa_source  # here: arctrain.data imports this module
-
         for key in ("qa", "qa_val"):
             for entry in getattr(self, key):
                 try:
@@ -393,168 +386,40 @@ class Config:
         _require(self.optim.wsd_decay_steps <= max(room, 0), "optim.wsd_decay_steps", self.optim.wsd_decay_steps, why)
 
 
-def config_from_dict(raw: dict) -> Config:
-    """A Config from nested plain data (what a YAML file holds)."""
-    return build(Config, raw, "")
+@dataclass(frozen=True)
+class QASource:
+    path: str
+    weight: float = 1.0
+    shots: int = 0
+
+    @property
+    def name(self) -> str:
+        """The file name without its format suffix: the dataset's name in eval tables and val metrics."""
+        name = Path(self.path).name
+        return next((name[: -len(s)] for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), name)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults < the YAML file at `path` < `overrides` ("a.b=c"); checked, including the DeepSpeed file."""
-    raw, where = {}, {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--config", f"{str(path)!r} is not a file")
-        text = path.read_text()
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(str(path), f"invalid YAML: {' '.join(str(err).split())}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(str(path), "the top level must be a mapping")
-        where = {k: f"{path}:{line}" for k, line in yaml_key_lines(yaml.compose(text), "", {}, str(path)).items()}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(item, "an override must look like key=value (e.g. train.steps=100)")
-        where[key] = f"command line {item!r}"
-        try:
-            set_dotted(raw, key, value)
-        except ConfigError as err:
-            raise ConfigError(err.key, f"{err.message} ({where[key]})") from None
+def parse_qa_source(entry: str, default_shots: int = 0) -> QASource:
+    """ "path", "path:weight" or "path:weight:shots"; a tail that is not a number stays in the path."""
+    parts = entry.rsplit(":", 2)
+    numbers = []
+    while len(parts) > 1 and len(numbers) < 2 and _is_number(parts[-1]):
+        numbers.insert(0, parts.pop())
+    path = ":".join(parts)
+    if len(numbers) == 2 and not numbers[1].isdigit():
+        raise ValueError(f"{entry!r}: shots must be a whole number (path:weight:shots)")
+    weight = float(numbers[0]) if numbers else 1.0
+    shots = int(numbers[1]) if len(numbers) == 2 else default_shots
+    if not path:
+        raise ValueError(f"{entry!r}: no file")
+    if weight <= 0:
+        raise ValueError(f"{entry!r}: the weight must be > 0")
+    return QASource(path, weight, shots)
+
+
+def _is_number(text: str) -> bool:
     try:
-        cfg = config_from_dict(raw)
-        _check_deepspeed(cfg)
-    except ConfigError as err:
-        parts = err.key.split(".")
-        origin = next((where[k] for n in range(len(parts), 0, -1) if (k := ".".join(parts[:n])) in where), None)
-        origin = origin or (str(path) if path is not None else "config")
-        raise ConfigError(err.key, f"{err.message} ({origin})") from None
-    return cfg
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """The resolved config as YAML; `load_config(path)` gives back an equal Config."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True))
-
-
-# --- DeepSpeed ----------------------------------------------------------------------------------------------
-
-
-def _ds_path(cfg: Config) -> Path:
-    """The DeepSpeed file: as given, or relative to the repository (where ds_configs/ ships)."""
-    path = Path(cfg.deepspeed)
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path
-    return path
-
-
-def _read_ds(cfg: Config) -> dict:
-    path = _ds_path(cfg)
-    if not path.is_file():
-        raise ConfigError("deepspeed", f"{cfg.deepspeed!r} is not a file")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("deepspeed", f"{str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError("deepspeed", f"{str(path)!r} must hold a JSON object")
-    return ds
-
-
-def _check_deepspeed(cfg: Config) -> None:
-    """The DeepSpeed file must agree with the config wherever both say something ("auto" always agrees)."""
-    ds, name = _read_ds(cfg), cfg.deepspeed
-    agree = [
-        ("train_micro_batch_size_per_gpu", cfg.data.micro_batch_size, "data.micro_batch_size"),
-        ("gradient_accumulation_steps", cfg.train.grad_accum, "train.grad_accum"),
-        ("gradient_clipping", cfg.optim.clip, "optim.clip"),
-    ]
-    for ds_key, ours, key in agree:
-        theirs = ds.get(ds_key, "auto")
-        if theirs != "auto" and theirs != ours:
-            raise ConfigError(key, f"{ours!r} disagrees with {ds_key}={theirs!r} in {name}")
-    bf16 = ds.get("bf16", {}).get("enabled", False)
-    if cfg.train.precision == "bf16" and bf16 is False:
-        raise ConfigError("train.precision", f"'bf16' but {name} does not enable bf16")
-    if cfg.train.precision == "fp32" and bf16 is True:
-        raise ConfigError("train.precision", f"'fp32' but {name} enables bf16")
-    if ds.get("fp16", {}).get("enabled", False) not in (False, "auto"):
-        raise ConfigError("deepspeed", f"{name} enables fp16; arctrain supports fp32 and bf16 (train.precision)")
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError("deepspeed", f"{name} has an {section!r} section; arctrain builds it from optim.*")
-    stage = ds.get("zero_optimization", {}).get("stage", "auto")
-    if stage not in ("auto", cfg.train.zero_stage):
-        raise ConfigError(
-            "train.zero_stage", f"{cfg.train.zero_stage} disagrees with zero_optimization.stage={stage!r} in {name}"
-        )
-    from deepspeed.runtime.config import DeepSpeedConfig  # heavy import, only once a file has passed the above
-
-    try:  # DeepSpeed's own validation (unknown keys, bad values) before any process group exists
-        DeepSpeedConfig(_fill(ds, cfg, world_size=1))  # the world size is checked by deepspeed_config
-    except Exception as err:  # pydantic, assertion and value errors alike: report them in one line
-        raise ConfigError("deepspeed", f"{name} is rejected by DeepSpeed: {' '.join(str(err).split())}") from None
-
-
-def gpus_per_node(world_size: int) -> int:
-    """Ranks per node: torchrun's LOCAL_WORLD_SIZE, else 8 (or the world, if smaller)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", min(8, world_size)))
-
-
-def deepspeed_config(cfg: Config, world_size: int, per_node: int | None = None) -> dict:
-    """The DeepSpeed config dict for `deepspeed.initialize`: the file with batch sizes, clip, precision and the ZeRO
-    stage (`per_node`: ranks per node, for hpZ; default `gpus_per_node`)."""
-    ds = _read_ds(cfg)
-    global_batch = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
-    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
-        raise ConfigError(
-            "deepspeed",
-            f"train_batch_size={ds['train_batch_size']!r} in {cfg.deepspeed} is not "
-            f"micro_batch_size * grad_accum * world_size = {global_batch}",
-        )
-    return _fill(ds, cfg, world_size, per_node or gpus_per_node(world_size))
-
-
-def _fill(ds: dict, cfg: Config, world_size: int, per_node: int = 1) -> dict:
-    ds["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * world_size
-    ds["gradient_clipping"] = cfg.optim.clip
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": False}
-    zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = cfg.train.zero_stage
-    if cfg.train.zero_hpz:
-        zero["zero_hpz_partition_size"] = per_node
-    if cfg.train.precision == "bf16":  # DeepSpeed reduces in the parameters' dtype otherwise: bf16 sums over 64 ranks
-        ds.setdefault("communication_data_type", "fp32")
-    return ds
-
-
-def check_paths(cfg: Config) -> None:
-    """The model and shard directories exist (call before starting process groups; configs may be templates)."""
-    dirs = [("model.encoder_path", cfg.model.encoder_path)]
-    dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
-    dirs += [("data.shards", path) for path, _ in cfg.data.sources]
-    dirs += [("data.val_shards", path) for path in cfg.data.val_dirs]
-    for key, path in dirs:
-        if not Path(path).is_dir():
-            raise ConfigError(key, f"{path!r} is not a directory")
-    from arctrain.data.qa_records import parse_qa_source
-
-    for key in ("qa", "qa_val"):
-        for entry in getattr(cfg.data, key):
-            path = parse_qa_source(entry).path
-            if not Path(path).is_file():
-                raise ConfigError(f"data.{key}", f"{path!r} is not a file")
-    if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
-        raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
-    if cfg.train.init_from:
-        from arctrain.checkpoint.checkpointer import source_checkpoint
-
-        try:
-            source_checkpoint(Path(cfg.train.init_from))
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError("train.init_from", str(err)) from None
+        float(text)
+    except ValueError:
+        return False
+    return True

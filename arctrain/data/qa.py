@@ -23,11 +23,12 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
+from arctrain.config.schema import QASource, parse_qa_source
 from arctrain.data.batch import ARCBatch, Memory, Text
+from arctrain.data.batching import collate_batch
 from arctrain.data.chunks import Chunker, ContextCut
-from arctrain.data.loader import collate_batch
 from arctrain.data.prompt import chat_template_of, qa_prompt, qa_turn
-from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
+from arctrain.data.qa_records import read_qa
 from arctrain.data.sampling import Layout, SourceMixer, rng
 
 QA = "qa"

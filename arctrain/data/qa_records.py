@@ -15,51 +15,11 @@ takes its few-shot examples from its own other records.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.inputs import SUFFIXES, Tally, read_records
 
 METRICS = ("em", "rougeL", "bleu")
-
-
-@dataclass(frozen=True)
-class QASource:
-    path: str
-    weight: float = 1.0
-    shots: int = 0
-
-    @property
-    def name(self) -> str:
-        """The file name without its format suffix: the dataset's name in eval tables and val metrics."""
-        name = Path(self.path).name
-        return next((name[: -len(s)] for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), name)
-
-
-def parse_qa_source(entry: str, default_shots: int = 0) -> QASource:
-    """ "path", "path:weight" or "path:weight:shots"; a tail that is not a number stays in the path."""
-    parts = entry.rsplit(":", 2)
-    numbers = []
-    while len(parts) > 1 and len(numbers) < 2 and _is_number(parts[-1]):
-        numbers.insert(0, parts.pop())
-    path = ":".join(parts)
-    if len(numbers) == 2 and not numbers[1].isdigit():
-        raise ValueError(f"{entry!r}: shots must be a whole number (path:weight:shots)")
-    weight = float(numbers[0]) if numbers else 1.0
-    shots = int(numbers[1]) if len(numbers) == 2 else default_shots
-    if not path:
-        raise ValueError(f"{entry!r}: no file")
-    if weight <= 0:
-        raise ValueError(f"{entry!r}: the weight must be > 0")
-    return QASource(path, weight, shots)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def read_qa(path: str | Path, strict: bool = False) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from arctrain.config.schema import Config
 from arctrain.data.batch import ARCBatch, Example, Text
-from arctrain.data.loader import BatchMaker, Vocab, tokenizer_paths
+from arctrain.data.batching import BatchMaker, Vocab, tokenizer_paths
 from arctrain.data.shards import Source, open_source
 
 VAL_SEED = 0  # validation samples do not depend on train.seed: the same every run

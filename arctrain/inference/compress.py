@@ -68,7 +68,7 @@ class Compressor:
         from transformers import AutoTokenizer
 
         from arctrain.data.qa import TextPieces
-        from arctrain.export.write import load_export
+        from arctrain.export.load import load_export
 
         torch.set_num_threads(threads)
         self.encoder, _, _, config = load_export(model_dir, torch.float32)

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
+from arctrain.config.schema import QASource
 from arctrain.data.prompt import MODES, qa_prompt, qa_turn
-from arctrain.data.qa_records import QASource, read_qa
+from arctrain.data.qa_records import read_qa
 from arctrain.inference.qa_metrics import (
     answer_in,
     approx_match,

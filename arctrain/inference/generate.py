@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, St
 from arctrain.data.batch import SPECIALS, BatchStats
 from arctrain.data.prompt import Doc, Turn, chat_template_of, render
 from arctrain.data.qa import TextPieces
-from arctrain.export.write import load_export
+from arctrain.export.load import load_export
 from arctrain.inference.store import VectorStore
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.model.attention import PACKED

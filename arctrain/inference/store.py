@@ -58,7 +58,7 @@ def encoder_identity(model_dir: str | Path) -> str:
     and tokenizer. Projectors and special vectors are left out: they map the vectors for each decoder."""
     from safetensors import safe_open
 
-    from arctrain.export.write import export_weight_files
+    from arctrain.export.load import export_weight_files
     from data_tools.tokenizer_id import tokenizer_hash
 
     model_dir = Path(model_dir)
@@ -290,7 +290,7 @@ def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:
     """W1, (H, D) float32: the first linear of `decoder`'s projector in an export."""
     from safetensors import safe_open
 
-    from arctrain.export.write import export_weight_files
+    from arctrain.export.load import export_weight_files
 
     name = f"projectors.{decoder}.0.weight"
     for path in export_weight_files(Path(model_dir)):

@@ -9,7 +9,6 @@ rank: every rank saves a checkpoint and the process exits with EXIT_PREEMPTED (7
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,8 @@ from arctrain.distributed import (
     reduce_floats,
     set_collective_timeout,
 )
+from arctrain.train.preflight import check_shards
+from arctrain.train.run_log import SampleLog, print_summary, run_logger, save_launch_config
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
@@ -37,7 +38,8 @@ EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): 
 
 
 def parse_args(argv: list[str]):
-    from arctrain.config.schema import check_paths, load_config
+    from arctrain.config.load import load_config
+    from arctrain.train.preflight import check_paths
 
     parser = argparse.ArgumentParser(prog="arctrain train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -54,21 +56,6 @@ def parse_args(argv: list[str]):
     return cfg, args
 
 
-def check_shards(cfg) -> None:
-    """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
-    before any process group starts."""
-    from arctrain.data import open_source, tokenizer_paths
-
-    for path, _ in cfg.data.sources:
-        open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
-    for path in cfg.data.val_dirs if cfg.eval.interval else []:
-        open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
-    if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
-        from arctrain.data.qa import check_qa
-
-        check_qa(cfg)
-
-
 def build_engine(
     cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False, device=None
 ):
@@ -78,8 +65,8 @@ def build_engine(
     `universal`: the checkpoint to resume was written at another world size (arctrain/checkpoint/elastic.py)."""
     import deepspeed
 
-    from arctrain.checkpoint.checkpointer import load_initial_weights
-    from arctrain.config.schema import deepspeed_config
+    from arctrain.checkpoint.init_from import load_initial_weights
+    from arctrain.config.deepspeed import deepspeed_config
     from arctrain.train.memory import placement
     from arctrain.train.optim import build_optimizer, build_scheduler
     from arctrain.train.zero_trace import keep_trace_per_decoder
@@ -154,7 +141,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
     """The run directory's checkpointer; refuses a resume under changed settings (at another world size it sets
     train.grad_accum to keep the checkpoint's micro-batches per step), then keeps this launch's config."""
     from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
-    from arctrain.export.write import record_run_data
+    from arctrain.train.run_log import record_run_data
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -198,7 +185,7 @@ def train(cfg) -> int:
     from arctrain.train.validate import Validation
 
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
-    run_dir, say = Path(cfg.checkpoint.dir), _logger(Path(cfg.checkpoint.dir), rank)
+    run_dir, say = Path(cfg.checkpoint.dir), run_logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
     elastic = checkpointer.elastic(world_size)
@@ -264,7 +251,7 @@ def train(cfg) -> int:
             break
     logger.close()
     if rank == 0 and not exit_code:
-        _summary(run_dir)
+        print_summary(run_dir)
     return exit_code
 
 
@@ -289,80 +276,9 @@ def _plain(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_launch_config(cfg, run_dir: Path) -> Path:
-    """RUN_DIR/config.yaml (what export and eval read: the newest launch's) and RUN_DIR/launches/config_<n>.yaml,
-    one per launch, so a resumed run keeps the settings of every segment it ran with."""
-    from arctrain.config.schema import save_config
-
-    launches = run_dir / "launches"
-    launches.mkdir(parents=True, exist_ok=True)
-    path = launches / f"config_{len(list(launches.glob('config_*.yaml'))) + 1:03d}.yaml"
-    save_config(cfg, path)
-    save_config(cfg, run_dir / "config.yaml")
-    return path
-
-
-def _logger(run_dir: Path, rank: int):
-    """Rank 0 prints and keeps the same lines in RUN_DIR/logs/train.log."""
-
-    def say(message: str) -> None:
-        if rank == 0:
-            print(message)
-            with open(run_dir / "logs" / "train.log", "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-    return say
-
-
-class SampleLog:
-    """One line per micro-batch: step, global micro-batch index and sample keys; lines past a resumed step are
-    dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_after(path, resume_step)
-
-    @classmethod
-    def open(cls, logs: Path, rank: int, world_size: int, resume_step: int) -> "SampleLog":
-        """This rank's log; rank 0 also truncates the logs of ranks a resume at a smaller world size lacks."""
-        if rank == 0:
-            for path in logs.glob("samples_rank*.jsonl"):
-                if int(path.stem.removeprefix("samples_rank")) >= world_size:
-                    _truncate_after(path, resume_step)
-        return cls(logs / f"samples_rank{rank}.jsonl", resume_step)
-
-    def write(self, step: int, b: int, keys: list[str]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "batch": b, "keys": keys}) + "\n")
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop a JSON-lines log's lines past `step` (a resumed run repeats those steps)."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] if (
-        path.is_file()) else []  # fmt: skip
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _local_param_elements(module: torch.nn.Module) -> int:
     """Parameter elements this rank holds: its ZeRO-3 partitions (frozen decoders included)."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
-
-
-def _summary(run_dir: Path) -> None:
-    """Where things are, and the final val losses with and without compressed context."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    val = next((r for r in reversed(lines) if any(k.startswith("val/") for k in r)), None)
-    print(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / 'checkpoints'} (latest: "
-          f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()})\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
-          f"logs:        {run_dir / 'logs'}")  # fmt: skip
-    if val is None:
-        return
-    print(f"\nval loss at step {val['step']} (with compressed context vs no context):")
-    for key in sorted(k for k in val if k.startswith("val/") and k.endswith("/loss")):
-        no_ctx = val.get(key + "_no_context")
-        versus = f"   vs {no_ctx:7.3f}" if no_ctx is not None else ""
-        print(f"  {key[4:-5]:<28} {val[key]:7.3f}{versus}")
 
 
 def _timeout_message(cfg, err: BaseException) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arctrain.config.schema import Config, ConfigError, deepspeed_config
+from arctrain.config.deepspeed import deepspeed_config
+from arctrain.config.schema import Config, ConfigError
 
 # --gpu names: (a substring of torch.cuda.get_device_name() in arctrain/model/flops.py's PEAK_TFLOPS, memory in GiB: the
 # total nvidia-smi reports, MiB / 1024, what torch's total_memory gives too).
@@ -192,7 +193,7 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
 def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
     """Each ZeRO choice (train.zero_stage, train.zero_hpz): peak GiB per GPU, whether it fits the card, and the GB
     each GPU exchanges with other nodes per micro-batch step (the largest decoder's)."""
-    from arctrain.config.schema import gpus_per_node
+    from arctrain.config.deepspeed import gpus_per_node
     from arctrain.train.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
 
     per_node = gpus_per_node(world_size)
@@ -227,3 +228,45 @@ def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicate
             lines.append(f"  encoder {'on ' if enc else 'off'}  decoders {'on ' if dec else 'off'}  {peak:7.2f}"
                          + ("  <- this config" if mine else ""))  # fmt: skip
     return "\n".join(lines)
+
+
+def check_paths(cfg: Config) -> None:
+    """The model and shard directories exist (call before starting process groups; configs may be templates)."""
+    dirs = [("model.encoder_path", cfg.model.encoder_path)]
+    dirs += [(f"decoders.{i}.path", d.path) for i, d in enumerate(cfg.decoders)]
+    dirs += [("data.shards", path) for path, _ in cfg.data.sources]
+    dirs += [("data.val_shards", path) for path in cfg.data.val_dirs]
+    for key, path in dirs:
+        if not Path(path).is_dir():
+            raise ConfigError(key, f"{path!r} is not a directory")
+    from arctrain.config.schema import parse_qa_source
+
+    for key in ("qa", "qa_val"):
+        for entry in getattr(cfg.data, key):
+            path = parse_qa_source(entry).path
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{key}", f"{path!r} is not a file")
+    if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
+        raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
+    if cfg.train.init_from:
+        from arctrain.checkpoint.init_from import source_checkpoint
+
+        try:
+            source_checkpoint(Path(cfg.train.init_from))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError("train.init_from", str(err)) from None
+
+
+def check_shards(cfg) -> None:
+    """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
+    before any process group starts."""
+    from arctrain.data import open_source, tokenizer_paths
+
+    for path, _ in cfg.data.sources:
+        open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
+    for path in cfg.data.val_dirs if cfg.eval.interval else []:
+        open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
+    if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
+        from arctrain.data.qa import check_qa
+
+        check_qa(cfg)
