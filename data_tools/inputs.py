@@ -226,6 +226,7 @@ def _json_records(path: Path, lines: Iterator[bytes], tally: Tally) -> Iterator[
 def _parquet_records(path: Path, fields: Fields | None) -> Iterator[tuple[str, object]]:
     """One row group in memory at a time; rows become {text, id, source} dicts like JSON records (`fields` None:
     every column)."""
+    # optional: only .parquet inputs need pyarrow
     import pyarrow as pa
 
     pf = _parquet_file(path)
@@ -246,7 +247,10 @@ def _parquet_records(path: Path, fields: Fields | None) -> Iterator[tuple[str, o
 
 def _parquet_file(path: Path):
     """The opened parquet file; a corrupt or truncated one is a DataError naming it."""
+    # optional: only .parquet inputs need pyarrow
     import pyarrow as pa
+
+    # optional: only .parquet inputs need pyarrow
     import pyarrow.parquet as pq
 
     try:

@@ -208,6 +208,7 @@ def _decoded(path: Path, key: str, members: dict[str, bytes]) -> tuple[dict, dic
 
 
 def _decode(path: str, ids: list[int]) -> str:
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoTokenizer
 
     try:

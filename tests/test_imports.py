@@ -1,6 +1,6 @@
 """The import structure of arctrain/ and data_tools/, read with `ast` (nothing is imported): no circles, no import
 from a lower layer up to a higher one, data_tools independent of arctrain, and imports inside functions only with a
-comment on the line saying why (deepspeed after DS_ACCELERATOR is set, heavy optional extras, ...)."""
+comment on (or right above) the line saying why (deepspeed after DS_ACCELERATOR is set, heavy optional extras, ...)."""
 
 import ast
 import re
@@ -127,7 +127,10 @@ def test_imports_inside_functions_say_why():
                 continue
             for node in ast.walk(func):
                 if isinstance(node, ast.Import | ast.ImportFrom):
-                    comments = [lines[i - 1].partition("#")[2] for i in range(node.lineno, node.end_lineno + 1)]
+                    span = range(node.lineno, node.end_lineno + 1)
+                    comments = [lines[i - 1].partition("#")[2] for i in span]
+                    if lines[node.lineno - 2].lstrip().startswith("#"):  # or a comment line right above it
+                        comments.append(lines[node.lineno - 2])
                     reason = re.sub(r"noqa(:\s*[A-Z]+[0-9]+(,\s*[A-Z]+[0-9]+)*)?", "", " ".join(comments))
                     if not re.search(r"[a-z]{3}", reason):
                         unexplained.add(f"{file.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")

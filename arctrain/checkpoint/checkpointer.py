@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from arctrain.checkpoint.elastic import load_universal, resume_grad_accum
 from arctrain.distributed import MAX, barrier, reduce_floats
 
 TRAINER_STATE = "trainer_state.json"
@@ -106,7 +107,6 @@ class Checkpointer:
         data position (global micro-batch index -> samples). Returns the grad_accum to run with: the checkpoint
         fixes the micro-batches per step, so a resume at another world size adapts it when that is exact
         (`elastic.resume_grad_accum`)."""
-        from arctrain.checkpoint.elastic import resume_grad_accum
 
         state = self.trainer_state()
         if state is None:
@@ -152,8 +152,6 @@ class Checkpointer:
             return None
         tag = self.latest()
         if self.elastic(world_size):
-            from arctrain.checkpoint.elastic import load_universal
-
             load_universal(engine, self.dir / tag, self.rank, self.device)
         else:
             try:
@@ -278,6 +276,7 @@ def checkpoint_dir(run: Path, step: int | None) -> Path:
 
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     """The full fp32 trainable weights, gathered from every rank's partition (frozen decoders excluded)."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, exclude_frozen_parameters=True)

@@ -69,6 +69,7 @@ def to_universal(ckpt: Path, out: Path) -> None:
 def saved_param_groups(universal: Path) -> list[dict]:
     """The optimizer's param groups as the checkpoint saved them (hyperparameters and arctrain's tags: name,
     decoder, weight_decay, peaks), without their parameters."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
     sd = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False, mmap=True)

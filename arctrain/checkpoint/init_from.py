@@ -3,17 +3,17 @@
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from arctrain.checkpoint.checkpointer import TRAINER_STATE, checkpoint_dir, consolidate
 from arctrain.distributed import broadcast_object
+from arctrain.export.load import export_weight_files
 
 
 def source_checkpoint(path: Path) -> Path:
     """`train.init_from`: a run directory (its latest checkpoint), one checkpoint directory in it, or an export
     (`arctrain export` / `arctrain import-arc`: config.json of model_type arc_encoder), checked to be complete."""
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
-        from arctrain.export.load import export_weight_files
-
         export_weight_files(path)  # raises unless it is an export with all its weight files
         return path
     if (path / TRAINER_STATE).is_file() and path.name.startswith("step_"):
@@ -26,10 +26,6 @@ def initial_weights(source: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     names are the trainer's: encoder.*, projectors.NAME.*, specials.NAME.*)."""
     path = source_checkpoint(source)
     if (path / "config.json").is_file():
-        from safetensors.torch import load_file
-
-        from arctrain.export.load import export_weight_files
-
         state = {}
         for file in export_weight_files(path):
             state.update(load_file(file))
@@ -46,6 +42,7 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, device
     decoder added now) keep their initialisation, the source's tensors this model lacks are not used; both are
     reported. A shape mismatch is an error on every rank. Rank 0 reads the consolidated fp32 weights (any world
     size wrote them) and each tensor reaches the other ranks' partitions through GatheredParameters."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

@@ -7,7 +7,6 @@ from pathlib import Path
 from arctrain.config.schema import Config
 from arctrain.config.tree import ConfigError
 
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -14,6 +14,9 @@ chunks of a context (the paper's long-context setting: 1024-token chunks) and co
 
 from dataclasses import dataclass
 
+from data_tools.boundaries import PieceEncoder
+from data_tools.segment import Segmenter
+
 
 @dataclass
 class ContextCut:
@@ -33,9 +36,6 @@ class Chunker:
     """Cuts texts into chunks of about `chunk_tokens` encoder tokens; keeps at most `max_chunks` (0: all)."""
 
     def __init__(self, enc_tok, chunk_tokens: int, max_chunks: int = 0):
-        from data_tools.boundaries import PieceEncoder
-        from data_tools.segment import Segmenter
-
         if chunk_tokens < 1 or max_chunks < 0:
             raise ValueError(f"chunk_tokens must be >= 1 and max_chunks >= 0, not {chunk_tokens} and {max_chunks}")
         self.chunk_tokens, self.max_chunks = chunk_tokens, max_chunks

@@ -11,15 +11,16 @@ turn, so a rank sees b = start, start + 1, ... whatever the number of workers. L
 micro-batch `Layout.global_batch(b)`, whose samples do not depend on the world size (docs/ARCHITECTURE.md §3).
 """
 
-
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from arctrain.config.schema import Config
-from arctrain.data.batching import BatchMaker, Vocab, tokenizer_paths
 from arctrain.data.batch import ARCBatch
+from arctrain.data.batching import BatchMaker, Vocab, tokenizer_paths
+from arctrain.data.qa import build_qa_loader
 from arctrain.data.sampling import Layout, Schedule, SourceMixer, SourceStream
 from arctrain.data.shards import Source, open_source
+from arctrain.data.val import ValSet
 
 
 def layout(cfg: Config, rank: int = 0, world_size: int = 1) -> Layout:
@@ -122,8 +123,6 @@ class TrainLoader:
 def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
     """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
     if cfg.data.qa:
-        from arctrain.data.qa import build_qa_loader
-
         dataset = build_qa_loader(cfg, vocab or Vocab.from_config(cfg), schedule(cfg, world_size), rank, world_size)
         return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)
@@ -136,7 +135,6 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | N
 def val_batches(cfg: Config, decoder: str, task: str, rank: int, world_size: int, vocab: Vocab | None = None):
     """This rank's validation batches for one decoder and task (arctrain/data/val.py; the trainer keeps a `ValSet`
     for the whole run instead, which collates them once)."""
-    from arctrain.data.val import ValSet
 
     for _, batch in ValSet(cfg, vocab or Vocab.from_config(cfg), rank, world_size).batches(decoder, task):
         yield batch

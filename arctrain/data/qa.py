@@ -30,6 +30,7 @@ from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.prompt import chat_template_of, qa_prompt, qa_turn
 from arctrain.data.qa_records import read_qa
 from arctrain.data.sampling import Layout, SourceMixer, rng
+from data_tools.boundaries import PieceEncoder
 
 QA = "qa"
 QA_ORDER, QA_DRAW = 0x51A, 0x51B  # rng streams: record order; per-record draws (answer, passages, shots)
@@ -77,8 +78,6 @@ class TextPieces:
         context: str = "segments",
         context_tokens: int = 0,
     ):
-        from data_tools.boundaries import PieceEncoder
-
         if context not in CONTEXTS:
             raise ValueError(f"context {context!r}: expected one of {', '.join(CONTEXTS)}")
         self.enc_tok, self.dec_tok, self.context, self.context_tokens = enc_tok, dec_tok, context, context_tokens

@@ -17,6 +17,7 @@ import numpy as np
 from data_tools.manifest import load_manifest
 from data_tools.sample_format import MEMBER, unpack
 from data_tools.shard_index import index_from_tar, load_index
+from data_tools.shards import file_digest
 from data_tools.tokenizer_id import tokenizer_hash
 
 PARTS = {"ids": 0, "offsets": 1}  # `<tokenizer>.<part>.npy` -> its array in a format-3 sample
@@ -81,7 +82,6 @@ def open_source(shard_dir: str | Path, split: str, tokenizer_paths: dict[str, st
 
 def _check_file(shard_dir: Path, entry: dict, verify: bool) -> None:
     """A shard or index file is there with its manifest size (and sha256 with `verify`)."""
-    from data_tools.shards import file_digest
 
     path = shard_dir / entry["name"]
     if not path.is_file():

@@ -25,8 +25,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from arctrain.export.hf.configuration_arc import ARCEncoderConfig
 from arctrain.export.write import check_out, write_export
+from arctrain.model.build import DECODER_NAME, plain_rope
 from data_tools.tokenizer_id import tokenizer_hash
 
 LAYER_KEY = re.compile(r"layers\.(\d+)\.(attention\.w[qkvo]|attention_norm|ffn_norm|feed_forward\.w[123])\.weight")
@@ -64,7 +67,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def read_reference(src: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
     """(model_args or {}, pipeline args {embedder, bridge, n_decoders}, embedder weights, bridge weights, layout)."""
-    from safetensors.torch import load_file
 
     if (src / "config.json").is_file():
         config = _read_json(src / "config.json")
@@ -225,10 +227,8 @@ def count_decoders(embedder: dict, bridge: dict, declared: int | None, where: Pa
 
 def import_arc(src: Path, out: Path, backbone_dir: Path, decoders: list[str], overwrite: bool = False) -> Path:
     """Write an arctrain export at `out` from a reference checkpoint at `src`; returns `out`."""
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoConfig
-
-    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.model.build import DECODER_NAME, plain_rope
 
     check_out(out, overwrite)
     if not (backbone_dir / "config.json").is_file():

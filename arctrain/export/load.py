@@ -4,7 +4,12 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from arctrain.export.hf.configuration_arc import ARCEncoderConfig
+from arctrain.model import ARCEncoder, Projector, SpecialVectors
+from arctrain.model.build import plain_rope
 
 
 def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -13,11 +18,8 @@ def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     The same weights as `AutoModel.from_pretrained(..., trust_remote_code=True)`, in the modules the trainer uses
     (`arctrain.model.ARCEncoder`, `Projector`, `SpecialVectors`), so `ARCModel` can be rebuilt around a decoder.
     """
-    from safetensors.torch import load_file
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoConfig, AutoModel
-
-    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.model import ARCEncoder, Projector, SpecialVectors
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -25,7 +27,6 @@ def load_export(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     config = ARCEncoderConfig.from_pretrained(model_dir)
     if config.model_type != "arc_encoder" or not config.backbone:
         raise ValueError(f"{model_dir}/config.json: not an arctrain export (model_type {config.model_type!r})")
-    from arctrain.model.build import plain_rope
 
     backbone = dict(config.backbone)
     bb_config = AutoConfig.for_model(backbone.pop("model_type"), **backbone)

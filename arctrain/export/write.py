@@ -17,10 +17,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from arctrain.checkpoint.checkpointer import checkpoint_dir, consolidate
 from arctrain.config.load import load_config
 from arctrain.config.schema import Config
+from arctrain.export.hf.configuration_arc import ARCEncoderConfig
+from arctrain.export.hf.modeling_arc import ARCEncoderModel
+from arctrain.model.build import plain_rope
 from arctrain.train.run_log import RUN_DATA
 from data_tools.tokenizer_id import tokenizer_hash
 
@@ -57,10 +61,8 @@ def segment_tokens(cfg: Config, run: Path) -> int:
 
 def export_config(cfg: Config, segment: int):
     """The ARCEncoderConfig of a run: truncated backbone config, pooling, and what each decoder needs."""
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoConfig
-
-    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.model.build import plain_rope
 
     backbone = _model_config(cfg.model.encoder_path, "model.encoder_path")
     backbone.num_hidden_layers -= cfg.model.n_truncated_layers
@@ -113,7 +115,6 @@ def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
     from the encoder's own directory, as they did when training started."""
     if not cfg.model.freeze_encoder_embeddings:
         return {}
-    from safetensors import safe_open
 
     for file in sorted(Path(cfg.model.encoder_path).glob("*.safetensors")):
         with safe_open(file, "pt") as weights:
@@ -124,6 +125,7 @@ def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def _model_config(path: str, what: str):
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
@@ -156,10 +158,8 @@ def write_export(out: Path, config, state: dict[str, torch.Tensor], tokenizer_di
     """The export directory from an ARCEncoderConfig and its full weights (fp32 as given): config.json with auto_map,
     model.safetensors, the two standalone files, the encoder tokenizer of `tokenizer_dir`, README.md = `card`.
     The weights are checked against the config before anything is written."""
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoTokenizer
-
-    from arctrain.export.hf.configuration_arc import ARCEncoderConfig
-    from arctrain.export.hf.modeling_arc import ARCEncoderModel
 
     model = ARCEncoderModel(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from arctrain.data.qa import TextPieces
+from arctrain.data.shards import check_tokenizers, read_manifest
+from arctrain.export.load import load_export
 from arctrain.inference import store_codec
 from arctrain.inference.store import (
     DTYPES,
@@ -55,6 +58,7 @@ from arctrain.inference.store import (
 )
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.pool import in_order
+from data_tools.sample_format import decode
 
 GROUP_DOCS = 32  # documents per task sent to a worker (and per write)
 BATCH_SEGMENTS = 32  # segments compressed in one encoder forward (right-padded to the longest)
@@ -65,10 +69,8 @@ class Compressor:
     """An export's encoder and tokenizer: documents -> pooled vectors per segment (the worker's state)."""
 
     def __init__(self, model_dir: str | Path, dtype: str, device: str, threads: int, bottleneck: str | None = None):
+        # transformers takes seconds to import; only this path needs it
         from transformers import AutoTokenizer
-
-        from arctrain.data.qa import TextPieces
-        from arctrain.export.load import load_export
 
         torch.set_num_threads(threads)
         self.encoder, _, _, config = load_export(model_dir, torch.float32)
@@ -152,10 +154,8 @@ def read_inputs(patterns: list[str], fields: Fields, tally: Tally, model_dir: Pa
 def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally: Tally) -> Iterator[tuple]:
     """The documents of an `arc-data build` directory as the encoder segments its samples hold (windows of one
     document are consecutive), checked to be cut by the export's encoder tokenizer at its segment length."""
+    # webdataset only for this path
     import webdataset as wds
-
-    from arctrain.data.shards import check_tokenizers, read_manifest
-    from data_tools.sample_format import decode
 
     manifest = read_manifest(shard_dir)
     check_tokenizers(shard_dir, manifest, {"encoder": str(model_dir)})

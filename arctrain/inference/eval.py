@@ -41,6 +41,15 @@ import torch
 from arctrain.config.schema import QASource
 from arctrain.data.prompt import MODES, qa_prompt, qa_turn
 from arctrain.data.qa_records import read_qa
+from arctrain.inference.generate import (
+    ARCGenerator,
+    add_context_args,
+    add_runtime_args,
+    check_context_args,
+    context_flags,
+    context_note,
+    runtime,
+)
 from arctrain.inference.qa_metrics import (
     answer_in,
     approx_match,
@@ -50,7 +59,9 @@ from arctrain.inference.qa_metrics import (
     normalize_answer,
     rouge_l,
 )
-from arctrain.model import Example, Text
+from arctrain.inference.store import VectorStore
+from arctrain.model import Example, Memory, Text
+from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
 __all__ = ["MODES", "answer_text", "evaluate_qa", "exact_match", "f1_score", "normalize_answer"]
 STOP = "\n\n"
@@ -145,7 +156,6 @@ def scores(predictions: list[str], records: list[dict]) -> dict:
 @torch.no_grad()
 def reconstruction(arc, texts: list[str], batch_size: int, max_segments: int) -> dict:
     """Token accuracy and loss of the decoder reproducing each compressed segment (<Rec>, teacher forcing)."""
-    from arctrain.model import Memory
 
     examples = []
     for text in texts:
@@ -214,8 +224,6 @@ def table(result: dict) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from arctrain.inference.generate import add_context_args, add_runtime_args
-
     parser = argparse.ArgumentParser(prog="arctrain eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="exported model directory")
     parser.add_argument("--decoder", required=True, type=Path, help="the decoder's Hugging Face directory")
@@ -236,16 +244,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise ValueError(
             "--shots must be >= 0; --max-new-tokens, --batch-size, --heldout-segments, --max-passages >= 1"
         )
-    from arctrain.inference.generate import check_context_args
 
     check_context_args(args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from arctrain.inference.generate import ARCGenerator, context_flags, context_note, runtime
-    from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
-
     args = parse_args(argv or [])
     device, dtype = runtime(args)
     datasets = {QASource(str(path)).name: read_qa(path) for path in args.data}
@@ -254,8 +258,6 @@ def main(argv: list[str] | None = None) -> None:
         heldout = [d.text for d in read_documents(expand_inputs([str(args.heldout)]), Fields(), Tally())]
     store = None
     if args.vectors is not None:
-        from arctrain.inference.store import VectorStore
-
         store = VectorStore(args.vectors)
         for path, records in zip(args.data, datasets.values(), strict=True):
             check_doc_ids(records, store, path)

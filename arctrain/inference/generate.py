@@ -40,13 +40,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from arctrain.data.batch import SPECIALS, BatchStats
 from arctrain.data.prompt import Doc, Turn, chat_template_of, render
 from arctrain.data.qa import TextPieces
 from arctrain.export.load import load_export
-from arctrain.inference.store import VectorStore
+from arctrain.inference.store import VectorStore, encoder_identity
 from arctrain.model import ARCBatch, ARCModel, Example, Memory, Text, collate, load_causal_lm
 from arctrain.model.attention import PACKED
 from arctrain.model.flops import FlopCounter
@@ -132,7 +139,6 @@ def pick_decoder(config, decoder_dir: str | Path, name: str | None) -> str:
 def check_decoder_width(config, decoder_dir: str | Path, name: str) -> None:
     """Decoders sharing one tokenizer (Llama 3.2 3B and 3.1 8B) can differ in width; the projector of `name` writes
     vectors of the width it was trained for (the export's hidden_size), so another is refused before loading."""
-    from transformers import AutoConfig
 
     trained = next(d for d in config.decoders if d["name"] == name).get("hidden_size")
     width = getattr(AutoConfig.from_pretrained(decoder_dir), "hidden_size", None)
@@ -166,8 +172,6 @@ class ARCGenerator:
         self.store = None
         self.name = pick_decoder(config, decoder_dir, decoder_name)
         if vectors is not None:
-            from arctrain.inference.store import encoder_identity
-
             self.store = vectors if isinstance(vectors, VectorStore) else VectorStore(vectors)
             self.store.check_encoder(encoder_identity(model_dir), model_dir, self.name)
         check_decoder_width(config, decoder_dir, self.name)

@@ -69,6 +69,7 @@ def _contains(seq: list[str], part: list[str]) -> bool:
 
 @cache
 def _rouge():
+    # only the summary metrics need it
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -81,6 +82,7 @@ def rouge_l(prediction: str, answers: list[str]) -> float:
 
 def bleu(predictions: list[str], answers: list[list[str]]) -> float:
     """Corpus BLEU of the predictions against each record's first reference (the reference's setting)."""
+    # only the translation metric needs it
     from sacrebleu.metrics import BLEU
 
     return BLEU(tokenize="13a", lowercase=True).corpus_score(predictions, [[a[0] for a in answers]]).score

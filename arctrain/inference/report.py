@@ -15,6 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
+from arctrain.inference.eval import reconstruction
+from arctrain.inference.generate import ARCGenerator
+from arctrain.model import Example
+from data_tools.build import is_val
+from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
@@ -55,9 +61,11 @@ def val_table(lines: list[dict]) -> str:
 
 def plot_val_curves(lines: list[dict], png: Path) -> Path:
     """One panel per decoder and task: val loss with and without compressed context against steps."""
+    # matplotlib is slow to import; only the PNG needs it
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
+    # matplotlib is slow to import; only the PNG needs it
     import matplotlib.pyplot as plt
 
     curves = val_curves(lines)
@@ -91,8 +99,6 @@ def heldout_texts(inputs: list[str], val_fraction: float, limit: int) -> list[st
 
 def split_texts(inputs: list[str], val_fraction: float, limit: int, split: str = "val") -> list[str]:
     """The first `limit` documents `arc-data build --val-fraction` put in `split` ("val" or "train")."""
-    from data_tools.build import is_val
-    from data_tools.inputs import Fields, Tally, expand_inputs, read_documents
 
     texts = []
     for doc in read_documents(expand_inputs(inputs), Fields(), Tally()):
@@ -107,9 +113,6 @@ def split_texts(inputs: list[str], val_fraction: float, limit: int, split: str =
 
 def reconstruction_report(export: Path, decoder: str, texts: list[str], max_segments: int = 64) -> str:
     """Token accuracy of reconstructing held-out segments, and the first long segment reconstructed greedily."""
-    from arctrain.inference.eval import reconstruction
-    from arctrain.inference.generate import ARCGenerator
-    from arctrain.model import Example
 
     name, _, path = decoder.partition("=")
     arc = ARCGenerator(export, path, name or None)

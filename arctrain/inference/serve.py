@@ -59,12 +59,15 @@ def completion_request(prompts: list[dict], model: str, max_tokens: int) -> dict
 
 
 def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
+    # vLLM's own environment runs this module: arctrain's dependencies only here
     from arctrain.inference.generate import add_input_args, add_runtime_args, check_input_args
 
     p = argparse.ArgumentParser(prog="arctrain vllm-prompts", description="prompts as vLLM inputs (prompt_embeds)")
     add_input_args(p)  # --model, --decoder, --context-file | --doc-id with --vectors, --join, --prompt
     p.add_argument("--mixed", action="store_true", help="token ids at text positions, embeddings at the vectors'")
-    p.add_argument("--out", required=True, type=Path, help="the prompts, torch.save'd (python -m arctrain.inference.serve)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="the prompts, torch.save'd (python -m arctrain.inference.serve)"
+    )
     p.add_argument("--request", type=Path, default=None, help="also a /v1/completions JSON body here")
     p.add_argument("--served-model", default=None, help="the server's model name in --request (default: --decoder)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens in --request")
@@ -75,6 +78,7 @@ def parse_prompt_args(argv: list[str]) -> argparse.Namespace:
 
 
 def prompts_main(argv: list[str] | None = None) -> None:
+    # vLLM's own environment runs this module: arctrain's dependencies only here
     from arctrain.inference.generate import ARCGenerator, open_inputs, read_contexts, runtime
 
     args = parse_prompt_args(argv or [])
@@ -97,6 +101,7 @@ def prompts_main(argv: list[str] | None = None) -> None:
 
 def vllm_generate(decoder: str, prompts: list[dict], max_tokens: int, dtype: str = "float32", **engine) -> list:
     """Greedy completions of `prompts` by vLLM's offline engine: (token ids, text) per prompt."""
+    # vLLM's own environment runs this module: arctrain's dependencies only here
     from vllm import LLM, SamplingParams
 
     max_len = max(len(p["prompt_embeds"]) for p in prompts) + max_tokens

@@ -31,6 +31,7 @@ The encoder identity is a sha256 over the encoder's weights (names, dtypes, shap
 pooling settings, segment length and tokenizer: a store made by another encoder is refused in one line.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -40,9 +41,14 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from arctrain.data.shards import ShardReader
+from arctrain.export.load import export_weight_files
 from arctrain.inference import store_codec
+from data_tools.samples import Sample
+from data_tools.shards import SplitWriter
+from data_tools.tokenizer_id import tokenizer_hash
 
 FORMAT = "arctrain-vectors/2"
 FORMATS = ("arctrain-vectors/1", FORMAT)  # read
@@ -56,10 +62,6 @@ MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeki
 def encoder_identity(model_dir: str | Path) -> str:
     """sha256 of what decides an export's encoder vectors: its encoder weights, backbone, pooling, segment length
     and tokenizer. Projectors and special vectors are left out: they map the vectors for each decoder."""
-    from safetensors import safe_open
-
-    from arctrain.export.load import export_weight_files
-    from data_tools.tokenizer_id import tokenizer_hash
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -149,15 +151,11 @@ class StoreWriter:
     """The shards of a store (data_tools' SplitWriter: sha256 and index per shard), then the manifest, last."""
 
     def __init__(self, out: Path, shard_bytes: int):
-        from data_tools.shards import SplitWriter
-
         self.out = out
         self.writer = SplitWriter(out, SPLIT, shard_bytes, 0, ["encoder"])
         self.docs = self.tokens = self.vectors = self.text_bytes = 0
 
     def write(self, members: dict[str, bytes], text_bytes: int = 0) -> None:
-        from data_tools.samples import Sample
-
         _, arrays = unpack_member(members[MEMBER])
         tokens = int(arrays["tokens"].sum())
         self.writer.write(Sample(members, (tokens,)))
@@ -288,9 +286,6 @@ class VectorStore:
 
 def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:
     """W1, (H, D) float32: the first linear of `decoder`'s projector in an export."""
-    from safetensors import safe_open
-
-    from arctrain.export.load import export_weight_files
 
     name = f"projectors.{decoder}.0.weight"
     for path in export_weight_files(Path(model_dir)):
@@ -346,8 +341,6 @@ def verify_store(root: str | Path) -> list[str]:
 
 
 def verify_main(argv: list[str] | None = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(prog="arctrain verify-store", description="hash every file of a vector store")
     p.add_argument("store", type=Path, help="the store's directory (arctrain compress --out)")
     args = p.parse_args(argv or [])

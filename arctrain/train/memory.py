@@ -35,6 +35,8 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 GB = 1024**3
 TRAINABLE_BYTES = 16
 FROZEN_BYTES = 2
@@ -311,8 +313,6 @@ def run_setup(cfg, ds_config: dict, replicated: tuple[str, ...] = (), **setup_fi
 
 
 def gpu_memory_gib() -> float | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GB

@@ -136,6 +136,7 @@ def _fmt(v: float) -> str:
 
 def _init_wandb(run_dir: Path, cfg: LoggingConfig, config: dict):
     """A wandb run whose id is kept in the run dir, so that a resumed training continues the same wandb run."""
+    # wandb only when logging.wandb_mode is not disabled
     import wandb
 
     id_file = run_dir / "wandb_id.txt"

@@ -69,6 +69,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     `total_steps` (WSD: constant until the last `wsd_decay_steps`, then linear). Weight decay stays constant."""
     with warnings.catch_warnings():  # megatron-core says, on import, that it runs without Apex/TE: we use neither
         warnings.simplefilter("ignore", UserWarning)
+        # megatron-core is slow to import; only the LR schedule needs it
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     peaks = {

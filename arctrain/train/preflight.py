@@ -19,10 +19,27 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from arctrain.config.deepspeed import deepspeed_config
-from arctrain.config.schema import Config, ConfigError
+from arctrain.checkpoint.init_from import source_checkpoint
+from arctrain.config.deepspeed import deepspeed_config, gpus_per_node
+from arctrain.config.schema import Config, ConfigError, parse_qa_source
+from arctrain.data import Vocab, open_source, tokenizer_paths
+from arctrain.data.qa import check_qa
+from arctrain.model import ARCEncoder, ARCModel, Projector, SpecialVectors
+from arctrain.model.attention import check_implementation
+from arctrain.model.flops import matmul_params
+from arctrain.train.memory import (
+    REPLICATE_FRACTION,
+    cross_node_bytes,
+    estimate,
+    format_estimate,
+    gpu_memory_gib,
+    placement,
+    run_estimate,
+    run_setup,
+)
 
 # --gpu names: (a substring of torch.cuda.get_device_name() in arctrain/model/flops.py's PEAK_TFLOPS, memory in GiB: the
 # total nvidia-smi reports, MiB / 1024, what torch's total_memory gives too).
@@ -43,7 +60,6 @@ DEFAULT_CARD = "h100-80gb"
 
 def target_card(gpu: str | None) -> tuple[str, float]:
     """(what is sized for, its memory in GiB): `--gpu`, else the GPU of this machine, else DEFAULT_CARD."""
-    from arctrain.train.memory import gpu_memory_gib
 
     if gpu is not None:
         if gpu not in CARDS:
@@ -62,7 +78,6 @@ def default_world_size() -> int:
 
 def dry_run(cfg: Config, world_size: int, say=print, gpu: str | None = None) -> None:
     """Raises ValueError (one line) at the first problem; prints what a real start would build."""
-    from arctrain.data import Vocab
 
     card, gpu_gib = target_card(gpu)
     ds_config = deepspeed_config(cfg, world_size)  # train_batch_size against micro-batch x accumulation x ranks
@@ -91,10 +106,8 @@ def attention_report(cfg: Config) -> list[str]:
 
 def meta_model(cfg: Config):
     """The ARC model with real shapes on the meta device, from config.json alone; weight files checked."""
+    # transformers takes seconds to import; only this path needs it
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from arctrain.model import ARCEncoder, ARCModel, Projector, SpecialVectors
-    from arctrain.model.attention import check_implementation
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
@@ -130,7 +143,6 @@ def meta_model(cfg: Config):
 
 def check_weights(path: Path, model: nn.Module, key: str) -> None:
     """The safetensors headers under `path` hold every tensor of `model`'s state dict, with its shape."""
-    from safetensors import safe_open
 
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
@@ -160,8 +172,6 @@ def check_weights(path: Path, model: nn.Module, key: str) -> None:
 
 
 def parameter_table(model) -> str:
-    from arctrain.model.flops import matmul_params
-
     rows = [("encoder (trains)", model.encoder)]
     rows += [(f"projector {n} + <Rec>/<Cont> (trains)", nn.ModuleList([p, model.specials[n]]))
              for n, p in model.projectors.items()]  # fmt: skip
@@ -174,8 +184,6 @@ def parameter_table(model) -> str:
 
 
 def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) -> str:
-    from arctrain.train.memory import format_estimate, placement, run_estimate
-
     replicated, why = placement(cfg, world_size, ds_config, gpu_gib)  # as the GPU run decides, for its card
     try:
         est = run_estimate(cfg, world_size, ds_config, replicated)
@@ -193,8 +201,6 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
 def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
     """Each ZeRO choice (train.zero_stage, train.zero_hpz): peak GiB per GPU, whether it fits the card, and the GB
     each GPU exchanges with other nodes per micro-batch step (the largest decoder's)."""
-    from arctrain.config.deepspeed import gpus_per_node
-    from arctrain.train.memory import REPLICATE_FRACTION, cross_node_bytes, estimate, run_setup
 
     per_node = gpus_per_node(world_size)
     everything = tuple(d.name for d in cfg.decoders)
@@ -217,7 +223,6 @@ def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[
 
 def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...]) -> str:
     """The estimated peak for each choice of activation checkpointing, the configured one marked."""
-    from arctrain.train.memory import run_estimate
 
     lines = ["activation checkpointing (train.encoder_checkpointing, train.decoder_checkpointing): peak GiB per GPU"]
     for enc in (True, False):
@@ -239,7 +244,6 @@ def check_paths(cfg: Config) -> None:
     for key, path in dirs:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
-    from arctrain.config.schema import parse_qa_source
 
     for key in ("qa", "qa_val"):
         for entry in getattr(cfg.data, key):
@@ -249,8 +253,6 @@ def check_paths(cfg: Config) -> None:
     if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
         raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
     if cfg.train.init_from:
-        from arctrain.checkpoint.init_from import source_checkpoint
-
         try:
             source_checkpoint(Path(cfg.train.init_from))
         except (FileNotFoundError, ValueError) as err:
@@ -260,13 +262,10 @@ def check_paths(cfg: Config) -> None:
 def check_shards(cfg) -> None:
     """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
     before any process group starts."""
-    from arctrain.data import open_source, tokenizer_paths
 
     for path, _ in cfg.data.sources:
         open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
         open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
     if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
-        from arctrain.data.qa import check_qa
-
         check_qa(cfg)

@@ -4,7 +4,9 @@ import json
 import time
 from pathlib import Path
 
+from arctrain.config.load import save_config
 from arctrain.config.schema import Config
+from arctrain.data.shards import read_manifest
 
 RUN_DATA = "data.json"  # in the run directory: record_run_data
 
@@ -15,8 +17,6 @@ def record_run_data(cfg: Config, run_dir: Path) -> None:
     if cfg.data.qa:
         sources = [{"qa": cfg.data.qa, "segment_tokens": cfg.data.chunk_tokens}]
     else:
-        from arctrain.data.shards import read_manifest
-
         sources = [{"shards": d, "segment_tokens": read_manifest(d)["segment_tokens"]} for d, _ in cfg.data.sources]
     record = {"segment_tokens": sources[0]["segment_tokens"], "sources": sources}
     (run_dir / RUN_DATA).write_text(json.dumps(record, indent=1) + "\n")
@@ -25,7 +25,6 @@ def record_run_data(cfg: Config, run_dir: Path) -> None:
 def save_launch_config(cfg, run_dir: Path) -> Path:
     """RUN_DIR/config.yaml (what export and eval read: the newest launch's) and RUN_DIR/launches/config_<n>.yaml,
     one per launch, so a resumed run keeps the settings of every segment it ran with."""
-    from arctrain.config.load import save_config
 
     launches = run_dir / "launches"
     launches.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ forwards and report the kept values.
 
 import torch
 
+from arctrain.data.qa import QA
 from arctrain.train.metrics import LossMeter
 
 
@@ -62,7 +63,6 @@ class Validation:
 
 def val_batches(decoder: str, task: str, rank: int, world_size: int, val):
     """(source, batch) pairs; QA val batches have no source."""
-    from arctrain.data.qa import QA
 
     if task == QA:
         return ((None, b) for b in val.batches(decoder, rank, world_size))
