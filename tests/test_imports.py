@@ -24,6 +24,8 @@ LAYERS = [
     ["arctrain/testing/"],  # tiny models, the embedded corpus, fetched models
     ["arctrain/cli.py", "arctrain/__main__.py"],  # the command: dispatches to all of the above
 ]
+# Byte for byte the tiny-model cache key (tests/conftest.py): an edit rebuilds every engineer's cached models.
+KEYED_SOURCES = {"arctrain/testing/corpus.py", "arctrain/testing/tiny_models.py"}
 RANK = {prefix: rank for rank, prefixes in enumerate(LAYERS) for prefix in prefixes}
 
 
@@ -120,6 +122,8 @@ def test_imports_inside_functions_say_why():
     (deepspeed after DS_ACCELERATOR is set, heavy optional extras) carry their reason as a comment on the line."""
     unexplained = set()
     for file in MODULES.values():
+        if file.relative_to(REPO).as_posix() in KEYED_SOURCES:
+            continue
         lines = file.read_text().splitlines()
         tree = ast.parse("\n".join(lines))
         for func in ast.walk(tree):

@@ -61,7 +61,6 @@ def harvest() -> Iterator[dict]:
             module = path.relative_to(root).with_suffix("").as_posix().replace("/", ".")
             yield {"id": f"stdlib/{module}", "text": text, "source": "python-stdlib-docstrings"}
 
-    # the corpus source, read only when harvesting
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
