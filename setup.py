@@ -31,8 +31,8 @@ setup(
         # `arctrain eval` scores summaries and translations as the paper does (arctrain/inference/qa_metrics.py)
         "rouge-score==0.1.2",
         "sacrebleu>=2.4,<3",
-        # Product-quantized vector stores (arctrain/inference/store_codec.py): codebooks written by faiss.write_index, exact
-        # because a store is read back by the version that wrote it.
+        # Product-quantized vector stores (arctrain/inference/store_codec.py): codebooks written by faiss.write_index,
+        # exact because a store is read back by the version that wrote it.
         "faiss-cpu==1.15.1",
         "regex>=2023",  # the reference's answer-in-output tokenizer (Unicode classes); transformers needs it too
     ],

@@ -1,4 +1,4 @@
-"""Per-GPU memory of ARC pretraining under DeepSpeed ZeRO-3, from the model shapes (the model is arctrain/train/memory.py).
+"""Per-GPU memory of ARC pretraining under DeepSpeed ZeRO-3, from the model shapes (model: arctrain/train/memory.py).
 
     python benchmarks/memory_estimate.py                          # Llama 3.2 3B encoder, Llama 3.1 8B + Mistral 7B
     python benchmarks/memory_estimate.py --gpus 8 64 --micro-batch 16 --segment-tokens 256 --factor 4

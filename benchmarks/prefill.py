@@ -17,8 +17,9 @@ embeddings; the pooled-query layer's q/o/MLP per vector), attention (4 x width p
 T(T+1)/2 pairs, a bidirectional encoder segment L^2, the pooled layer m x L) and the LM head once.
 
 From the store (`x4 store`): the same context compressed once beforehand by `arctrain compress`'s writer
-(arctrain/inference/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would; timed: reading
-the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The encoder's cost is gone.
+(arctrain/inference/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would;
+timed: reading the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The
+encoder's cost is gone.
 """
 
 import argparse

@@ -18,7 +18,7 @@ def _source_digest() -> str:
     for name in ("tiny_models.py", "corpus.py"):
         source = (REPO / "arctrain" / "testing" / name).read_bytes()
         # The source as it read before the move to arctrain/testing/, so the key (and every cached build) survives it.
-        digest.update(source.replace(b"from arctrain.testing.corpus import", b"from arctrain" b".corpus import"))
+        digest.update(source.replace(b"from arctrain.testing.corpus import", b"from arctrain" + b".corpus import"))
     return digest.hexdigest()[:16]
 
 

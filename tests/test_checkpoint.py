@@ -1,4 +1,4 @@
-"""arctrain/checkpoint/checkpointer.py without a process group: what a resume is refused for, and the configs a run keeps."""
+"""arctrain/checkpoint/checkpointer.py without a process group: what a resume is refused for: refused resumes, kept configs."""
 
 import json
 from pathlib import Path

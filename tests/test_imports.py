@@ -51,7 +51,9 @@ def _layer(module: str) -> int:
 def _imports(module: str) -> list[tuple[str, ast.stmt, bool]]:
     """(imported module, statement, inside a function) for each import of our own modules by `module`."""
     tree = ast.parse(MODULES[module].read_text())
-    inner = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)}
+    inner = {
+        id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

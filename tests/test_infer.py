@@ -216,7 +216,7 @@ def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny
     assert cut["dropped_tokens"] > 0 and f"{n} of {n} contexts cut short" in capsys.readouterr().out
 
 
-# --- a decoder with a chat template (arctrain/data/prompt.py) ------------------------------------------------------------
+# --- a decoder with a chat template (arctrain/data/prompt.py) -------------------------------------------------------
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"

@@ -1,4 +1,4 @@
-"""arctrain/train/optim.py: the LR of every group set from the step counter (megatron-core's OptimizerParamScheduler)."""
+"""arctrain/train/optim.py: every group's LR set from the step counter (megatron-core's OptimizerParamScheduler)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The demo's report (arctrain/inference/report.py) on a small real run: the val table, the PNG, the reconstruction lines."""
+"""The demo's report (arctrain/inference/report.py) on a small real run: val table, PNG, reconstruction lines."""
 
 import re
 import subprocess

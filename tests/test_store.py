@@ -1,4 +1,4 @@
-"""The vector store: `arctrain compress`, then `generate --vectors` / `eval --vectors` read it (arctrain/inference/store.py)."""
+"""The vector store (arctrain/inference/store.py): `arctrain compress`, then `generate/eval --vectors` read it."""
 
 import json
 import shutil

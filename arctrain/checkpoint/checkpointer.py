@@ -145,8 +145,8 @@ class Checkpointer:
 
     def load(self, engine, world_size: int) -> dict | None:
         """Restore the newest checkpoint into `engine`; its trainer state, or None for a fresh run. At another
-        world size than the checkpoint's it goes through DeepSpeed's universal checkpoint (arctrain/checkpoint/elastic.py),
-        and `engine` must have been built with checkpoint.load_universal."""
+        world size than the checkpoint's it goes through DeepSpeed's universal checkpoint
+        (arctrain/checkpoint/elastic.py), and `engine` must have been built with checkpoint.load_universal."""
         state = self.trainer_state()
         if state is None:
             return None

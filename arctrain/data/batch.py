@@ -18,7 +18,7 @@ padding anywhere (packed sequences, as varlen attention kernels read them):
     target_index   (N_t,)     positions p whose next token, in the same row, is a target
 
 so the model compresses `enc_ids`, projects the flat vector list and scatters it by `dec_slot`. A `Memory` may carry
-vectors compressed earlier (`vectors`, read from a vector store: arctrain/inference/store.py) instead of encoder segments:
+vectors compressed earlier (`vectors`, from a vector store: arctrain/inference/store.py) instead of encoder segments:
 they travel as `stored` (N_s, D) and take the slots after the encoder's, so the encoder never sees them. `collate`
 runs in loader workers and never tokenizes; everything a kernel needs as a size (boundaries, maxima, counts) is
 computed here on the CPU, so no forward reads a size back from the device. `row_lengths`, `text_index` and

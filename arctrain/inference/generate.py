@@ -402,8 +402,8 @@ def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
     """--context, --context-tokens, --chunk-tokens, --max-chunks and --plain-prompt, shared by `arctrain generate`
-    and `arctrain eval` (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py, arctrain/data/prompt.py). Unset, each is
-    what the model's QA fine-tuning used (the export's `qa_context`), else the command's `fallback`
+    and `arctrain eval` (arctrain/data/qa.py TextPieces, arctrain/data/chunks.py, arctrain/data/prompt.py). Unset,
+    each is what the model's QA fine-tuning used (the export's `qa_context`), else the command's `fallback`
     (context_options)."""
     trained = "default: as the model was fine-tuned on QA, else"
     parser.add_argument(

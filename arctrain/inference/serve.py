@@ -4,7 +4,8 @@
     arctrain vllm-prompts --model exported/arc4 --decoder /models/Llama-3.1-8B --vectors store/ --doc-id doc-17 \\
         --prompt "Question: who wrote it?\\nAnswer:" --out prompts.pt --request request.json --served-model llama
     # 2a. vLLM's environment, offline (LLM.generate with prompt_embeds), greedy; prints the texts, writes token ids
-    python -m arctrain.inference.serve --decoder /models/Llama-3.1-8B --prompts prompts.pt --max-tokens 64 --out out.json
+    python -m arctrain.inference.serve --decoder /models/Llama-3.1-8B --prompts prompts.pt --max-tokens 64 \
+        --out out.json
     # 2b. or its OpenAI-compatible server, and the request made in step 1 (base64 prompt_embeds)
     vllm serve /models/Llama-3.1-8B --served-model-name llama --enable-prompt-embeds --dtype bfloat16
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d @request.json
@@ -13,8 +14,8 @@ vLLM takes input embeddings with `enable_prompt_embeds`: a prompt is `{"prompt_e
 embeddings row by row (BOS, the prefix, the projected vectors, <Cont>, the prompt: exactly what `arctrain generate`
 feeds `generate(inputs_embeds=...)`), or with `--mixed` also `prompt_token_ids` and `prompt_is_token_ids` (True at
 text positions, whose embeddings vLLM looks up itself; False at the vectors'). The server takes a tensor as base64 of
-its `torch.save` bytes. This module imports only torch at the top, so `python -m arctrain.inference.serve` runs in vLLM's own
-environment (vLLM pins other torch and transformers versions than arctrain) with the checkout on PYTHONPATH.
+its `torch.save` bytes. This module imports only torch at the top, so `python -m arctrain.inference.serve` runs in
+vLLM's own environment (vLLM pins other torch and transformers versions than arctrain) with the checkout on PYTHONPATH.
 """
 
 import argparse
@@ -96,7 +97,7 @@ def prompts_main(argv: list[str] | None = None) -> None:
           f"positions) -> {args.out}")  # fmt: skip
 
 
-# --- vLLM's side: `python -m arctrain.inference.serve` (in vLLM's environment) ----------------------------------------------
+# --- vLLM's side: `python -m arctrain.inference.serve` (in vLLM's environment) ---------------------------------
 
 
 def vllm_generate(decoder: str, prompts: list[dict], max_tokens: int, dtype: str = "float32", **engine) -> list:
