@@ -3,12 +3,12 @@
     python benchmarks/store_quality.py --model EXPORT --decoder DECODER_DIR --input heldout.jsonl \\
         --train-input train.jsonl --segments 256 --dtypes fp16 int8 pq144 pq96 pq48 pq24 opq96 opq48 opq24
 
-The documents of --input are compressed once by the real `arctrain compress` (fp32); every other store is written
-from those vectors by the store's own writer (arctrain/inference/store.py: the bytes `arctrain compress --dtype X`
-writes, without running the encoder again). The pq/opq codebooks are trained (arctrain/inference/store_codec.py,
-faiss) on up to --train-vectors vectors drawn from the documents of --train-input (compressed the same way; default: --input itself,
-as `arctrain compress` does). Bytes are what each store holds on disk: shards and indexes per byte of UTF-8 text,
-the codebook (a fixed cost, ~0.6-2 MB) beside it.
+The documents of --input are compressed once by the real `arctrain compress` (fp32); every other store is written from
+those vectors by the store's own writer (arctrain/inference/store.py: the bytes `arctrain compress --dtype X` writes,
+without running the encoder again). The pq/opq codebooks are trained (arctrain/inference/store_codec.py, faiss) on up to
+--train-vectors vectors drawn from the documents of --train-input (compressed the same way; default: --input itself, as
+`arctrain compress` does). Bytes are what each store holds on disk: shards and indexes per byte of UTF-8 text, the
+codebook (a fixed cost, ~0.6-2 MB) beside it.
 
 Quality: the decoder reconstructs each of the first --segments segments from its vectors read back from each store
 (<Rec>, teacher forcing, as `arctrain eval --heldout` does from the encoder); "gain lost" is the loss increase over

@@ -1,4 +1,4 @@
-"""arctrain/checkpoint/checkpointer.py without a process group: what a resume is refused for: refused resumes, kept configs."""
+"""arctrain/checkpoint/checkpointer.py without a process group: refused resumes, the configs a run keeps."""
 
 import json
 from pathlib import Path
