@@ -141,3 +141,22 @@ def test_imports_inside_functions_say_why():
                     if not re.search(r"[a-z]{3}", reason):
                         unexplained.add(f"{file.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert sorted(unexplained) == []
+
+
+def test_architecture_map_names_every_module():
+    """docs/ARCHITECTURE.md's module map names each module under its folder (folders by indentation)."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    block = text.split("## Module map", 1)[1].split("```")[1]
+    named, folders = set(), []  # folders: (indent, path) of the enclosing folders
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent, words = len(line) - len(line.lstrip()), [w.strip("`,;:()") for w in line.split()]
+        folders = [(i, f) for i, f in folders if i < indent]
+        if words[0].endswith("/"):
+            folders.append((indent, (folders[-1][1] if folders else "") + words[0]))
+        where = folders[-1][1] if folders else ""
+        named |= {where + w for w in words if re.fullmatch(r"[a-z_]+\.py", w)}
+    modules = {f.relative_to(REPO).as_posix() for f in MODULES.values() if f.name != "__init__.py"}
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []
