@@ -19,9 +19,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from arctrain.checkpoint.checkpointer import Checkpointer, checkpoint_dir, consolidate
 from arctrain.cli import main as arctrain
-from arctrain.config.schema import load_config
+from arctrain.config.load import load_config
 from arctrain.data.shards import ShardReader, open_source, read_manifest, shard_table
-from arctrain.export.write import load_export
+from arctrain.export.load import load_export
 from data_tools.tokenizer_id import tokenizer_hash
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pre_layout"
