@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_paths
 
-from arctrain.config.load import REPO_ROOT, load_config
+from arctrain.config.deepspeed import REPO_ROOT
+from arctrain.config.load import load_config
 from arctrain.train.loop import main
 from arctrain.train.preflight import meta_model
 

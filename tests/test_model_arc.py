@@ -245,7 +245,8 @@ def test_forward_and_backward_read_nothing_back_from_the_device(tiny_models):
 def test_encoder_and_decoder_checkpointing_are_separate_switches(tiny_models, texts, encoder_on, decoder_on):
     """train.encoder_checkpointing / train.decoder_checkpointing: a checkpointed layer runs twice per step (forward,
     and again in backward), another once."""
-    from arctrain.config.load import REPO_ROOT, load_config
+    from arctrain.config.deepspeed import REPO_ROOT
+    from arctrain.config.load import load_config
     from arctrain.train.loop import build_arc_model
 
     paths = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
@@ -263,7 +264,8 @@ def test_encoder_and_decoder_checkpointing_are_separate_switches(tiny_models, te
 
 
 def test_the_earlier_single_switch_turns_on_both():
-    from arctrain.config.load import REPO_ROOT, load_config
+    from arctrain.config.deepspeed import REPO_ROOT
+    from arctrain.config.load import load_config
 
     cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", ["train.activation_checkpointing=true"])
     assert cfg.train.encoder_checkpointing and cfg.train.decoder_checkpointing

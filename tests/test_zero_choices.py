@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_model_arc import corpus_texts, make_batch  # noqa: E402
 
-from arctrain.config.load import REPO_ROOT, load_config  # noqa: E402
+from arctrain.config.deepspeed import REPO_ROOT
+from arctrain.config.load import load_config  # noqa: E402
 
 # ZeRO-2 first: its replicated decoders must load before any ZeRO-3 build has made transformers' zero.Init live.
 CHOICES = {"zero2": ["train.zero_stage=2"], "zero3": [], "zero3_hpz": ["train.zero_hpz=true"]}
