@@ -10,11 +10,8 @@ from conftest import tiny_paths
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import metrics, overrides, run, step_losses  # noqa: E402
 
-from arctrain.config.deepspeed import (
-    REPO_ROOT,
-    deepspeed_config,  # noqa: E402
-)
-from arctrain.config.load import load_config
+from arctrain.config.deepspeed import REPO_ROOT, deepspeed_config  # noqa: E402
+from arctrain.config.load import load_config  # noqa: E402
 from arctrain.train.memory import placement, run_estimate  # noqa: E402
 
 
