@@ -13,7 +13,8 @@ PACKAGES = ("arctrain", "data_tools")
 # layer is that of the longest path listed that its file starts with.
 LAYERS = [
     ["data_tools/"],  # raw text -> shards; knows nothing of the trainer
-    ["arctrain/__init__.py", "arctrain/distributed.py", "arctrain/config/"],  # version, process groups, config tree
+    # the version, process groups, named fault points (checkpoint and train call them), the config tree
+    ["arctrain/__init__.py", "arctrain/distributed.py", "arctrain/faults.py", "arctrain/config/"],
     ["arctrain/data/"],  # shards -> batches
     ["arctrain/model/"],  # batches -> losses
     ["arctrain/export/hf/", "arctrain/export/load.py"],  # reading an export: the shipped model code, its weights
