@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from arctrain.checkpoint.checkpointer import TRAINER_STATE, Checkpointer, resume_fingerprint
+from arctrain.checkpoint.checkpointer import TRAINER_STATE, Checkpointer, resume_fingerprint, training_state
 from arctrain.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +126,20 @@ def test_a_checkpoint_of_the_old_per_rank_data_order_is_refused_on_several_ranks
             continue
         with pytest.raises(ValueError, match="was written before the data order was made independent of the world"):
             ckpt.check_resumable(2, resume_fingerprint(config()), 1)
+
+
+def test_the_checkpointer_decides_when_a_save_is_due(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=2, rank=0, interval=3, last_step=10)
+    assert [step for step in range(1, 11) if checkpointer.due(step)] == [3, 6, 9, 10]
+
+
+def test_the_saved_state_holds_the_data_position_and_what_a_resume_checks():
+    class Schedule:
+        def state_dict(self) -> dict:
+            return {"num_steps": 7}
+
+    cfg = config("train.grad_accum=2")
+    state = training_state({"step": 7, "bad_steps": 0, "skipped_steps": 1}, cfg, world_size=3, scheduler=Schedule())
+    assert state["next_sample"] == 7 * 3 * 2 * cfg.data.micro_batch_size  # steps x ranks x micro-batches x samples
+    assert (state["step"], state["skipped_steps"], state["world_size"], state["grad_accum"]) == (7, 1, 3, 2)
+    assert state["fingerprint"] == resume_fingerprint(cfg) and state["lr_schedule"] == {"num_steps": 7}

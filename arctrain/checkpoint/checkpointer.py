@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from arctrain.checkpoint.elastic import load_universal, resume_grad_accum
+from arctrain.config.schema import Config
 from arctrain.distributed import MAX, barrier, reduce_floats
 
 TRAINER_STATE = "trainer_state.json"
@@ -45,8 +46,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, rank: int, device: torch.device | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        keep: int,
+        rank: int,
+        device: torch.device | None = None,
+        interval: int = 0,
+        last_step: int = 0,
+    ):
         self.dir, self.keep, self.rank = run_dir / "checkpoints", keep, rank
+        self.interval, self.last_step = interval, last_step  # checkpoint.interval, train.steps: when `due`
         self.device = device or torch.device("cpu")
         self._latest: list[str | None] = []  # the resolved tag, once looked up (see `latest`)
 
@@ -56,6 +66,10 @@ class Checkpointer:
         if not self._latest:
             self._latest = [resolve_latest(self.dir, self.rank == 0)]
         return self._latest[0]
+
+    def due(self, step: int) -> bool:
+        """A regular save falls on `step`: every checkpoint.interval steps, and at the run's last step."""
+        return bool(self.interval and step % self.interval == 0) or step == self.last_step
 
     def save(self, engine, step: int, trainer_state: dict, tag: str | None = None) -> Path:
         """A checkpoint under `tag` (default step_%08d, which becomes `latest`, older ones pruned); any other tag
@@ -182,7 +196,7 @@ class Checkpointer:
 MODEL_SHAPE = ("model.n_truncated_layers", "model.pooling", "model.pooling_factor", "model.n_vectors")
 
 
-def resume_fingerprint(cfg) -> dict:
+def resume_fingerprint(cfg: Config) -> dict:
     """The settings a checkpoint's data position means something only under: global micro-batch g is a function
     of these (arctrain/data/sampling.py), so a resume must not change them. LRs, steps, intervals may change; the
     world size too, with grad_accum keeping world_size x grad_accum (`Checkpointer.check_resumable`)."""
@@ -207,6 +221,20 @@ def resume_fingerprint(cfg) -> dict:
         # key), and a changed pooling would silently train another compression.
         **{key: getattr(cfg.model, key.split(".")[1]) for key in MODEL_SHAPE},
         **{f"decoders.{i}.projector_hidden": d.projector_hidden for i, d in enumerate(cfg.decoders)},
+    }
+
+
+def training_state(state: dict, cfg: Config, world_size: int, scheduler) -> dict:
+    """What trainer_state.json holds: the loop's counters (`state`: step, bad and skipped steps), the data position
+    (the next global sample), the run's shape, the fingerprint a resume is checked against, the LR schedule."""
+    per_step = world_size * cfg.train.grad_accum  # global micro-batches of a step: fixed for the run
+    return {
+        **state,
+        "next_sample": state["step"] * per_step * cfg.data.micro_batch_size,
+        "world_size": world_size,
+        "grad_accum": cfg.train.grad_accum,
+        "fingerprint": resume_fingerprint(cfg),
+        "lr_schedule": scheduler.state_dict(),
     }
 
 

@@ -18,10 +18,11 @@ from typing import NamedTuple
 
 import torch
 
-from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint
+from arctrain.checkpoint.checkpointer import Checkpointer, resume_fingerprint, training_state
 from arctrain.checkpoint.init_from import load_initial_weights
 from arctrain.config.deepspeed import deepspeed_config
 from arctrain.config.load import load_config
+from arctrain.config.schema import Config
 from arctrain.data import ValSet, Vocab, build_train_loader
 from arctrain.data.qa import QAValBatches
 from arctrain.distributed import (
@@ -67,7 +68,7 @@ def parse_args(argv: list[str]):
 
 
 def build_engine(
-    cfg, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False, device=None
+    cfg: Config, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False, device=None
 ):
     """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
@@ -98,7 +99,7 @@ def build_engine(
     return engine, model, scheduler
 
 
-def build_arc_model(cfg, dtype: torch.dtype, ds_config: dict | None, replicated: tuple[str, ...] = ()):
+def build_arc_model(cfg: Config, dtype: torch.dtype, ds_config: dict | None, replicated: tuple[str, ...] = ()):
     """The ARC model, activation checkpointing switched on in the encoder and the decoders as configured."""
 
     model = build_model(
@@ -144,13 +145,13 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
     return StepOutput(loss_sum, tokens)
 
 
-def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, say=print):
+def build_checkpointer(cfg: Config, rank: int, world_size: int, device: torch.device, say=print):
     """The run directory's checkpointer; refuses a resume under changed settings (at another world size it sets
     train.grad_accum to keep the checkpoint's micro-batches per step), then keeps this launch's config."""
 
     run_dir = Path(cfg.checkpoint.dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device, cfg.checkpoint.interval, cfg.train.steps)
     accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum, cfg.train.steps)
     if accum != cfg.train.grad_accum:
         say(f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
@@ -162,7 +163,7 @@ def build_checkpointer(cfg, rank: int, world_size: int, device: torch.device, sa
     return checkpointer
 
 
-def build_data(cfg, rank: int, world_size: int, next_batch: int):
+def build_data(cfg: Config, rank: int, world_size: int, next_batch: int):
     """(the training loader at this rank's local batch `next_batch`, the val set: data.ValSet, QA val batches, or
     None)."""
 
@@ -177,7 +178,7 @@ def build_data(cfg, rank: int, world_size: int, next_batch: int):
     return loader, val
 
 
-def train(cfg) -> int:
+def train(cfg: Config) -> int:
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     run_dir, say = Path(cfg.checkpoint.dir), run_logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
@@ -234,13 +235,10 @@ def train(cfg) -> int:
         elif preemption.agreed(device):
             say(f"preempted at step {step}: saving a checkpoint, exit code {EXIT_PREEMPTED} (resume me)")
             exit_code = EXIT_PREEMPTED
-        if exit_code or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-            per_step = world_size * cfg.train.grad_accum  # global micro-batches of a step: fixed for the run
-            trainer_state = {**state, "next_sample": step * per_step * cfg.data.micro_batch_size,
-                             "world_size": world_size, "grad_accum": cfg.train.grad_accum,
-                             "fingerprint": resume_fingerprint(cfg), "lr_schedule": scheduler.state_dict()}  # fmt: skip
+        if exit_code or checkpointer.due(step):
             with collective_timeout(cfg.comm.init_timeout_seconds, then=cfg.comm.train_timeout_seconds):
-                say(f"checkpoint: {checkpointer.save(engine, step, trainer_state, tag)}")
+                saved = checkpointer.save(engine, step, training_state(state, cfg, world_size, scheduler), tag)
+                say(f"checkpoint: {saved}")
         if exit_code:
             break
     logger.close()
@@ -264,7 +262,7 @@ def _train_metrics(engine, out: StepOutput, meter, window, world_size: int, peak
     return metrics
 
 
-def _plain(cfg) -> dict:
+def _plain(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
@@ -273,7 +271,7 @@ def _local_param_elements(module: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
-def _timeout_message(cfg, err: BaseException) -> str:
+def _timeout_message(cfg: Config, err: BaseException) -> str:
     return (f"arctrain train: error: rank {os.environ.get('RANK', '0')}: a collective waited longer than "
             f"comm.train_timeout_seconds={cfg.comm.train_timeout_seconds:g} (comm.init_timeout_seconds="
             f"{cfg.comm.init_timeout_seconds:g} in start-up and saves): another rank stopped, died or fell far "

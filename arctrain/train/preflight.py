@@ -1,10 +1,11 @@
-"""`arctrain train --dry-run`: every check a real start makes, the model's sizes and the memory per GPU; no training.
+"""The start-up checks of `arctrain train`, and `--dry-run`: every check a real start makes, the model's sizes and
+the memory per GPU; no training.
 
     arctrain train --config configs/llama_mistral_8node.yaml --dry-run --world-size 64 model.encoder_path=... ...
 
-Before this runs, `arctrain train` has loaded the config (keys, types, the DeepSpeed file), checked the paths and
-attention kernels (`config.check_paths`) and the shards' manifests and tokenizer hashes (`train.check_shards`).
-Here: the DeepSpeed config for the world size, the tokenizers, and the model built on the meta device from each
+Every start, before any process group: the config has loaded (keys, types, the DeepSpeed file), then `check_paths`
+(model and shard directories, QA files, train.init_from) and `check_shards` (manifests and tokenizer hashes). The
+dry run adds: the DeepSpeed config for the world size, the tokenizers, and the model built on the meta device from each
 config.json (real shapes, no weights read, no memory), with every weight file's safetensors header checked against
 the module's state dict (names and shapes: what `from_pretrained` would load). Then parameters per component and
 `arctrain.train.memory`'s per-GPU estimate for that world size.
@@ -259,7 +260,7 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError("train.init_from", str(err)) from None
 
 
-def check_shards(cfg) -> None:
+def check_shards(cfg: Config) -> None:
     """Refuse shards built with other tokenizers, or missing or cut short (or, with data.verify_shards, changed),
     before any process group starts."""
 

@@ -22,7 +22,7 @@ def record_run_data(cfg: Config, run_dir: Path) -> None:
     (run_dir / RUN_DATA).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def save_launch_config(cfg, run_dir: Path) -> Path:
+def save_launch_config(cfg: Config, run_dir: Path) -> Path:
     """RUN_DIR/config.yaml (what export and eval read: the newest launch's) and RUN_DIR/launches/config_<n>.yaml,
     one per launch, so a resumed run keeps the settings of every segment it ran with."""
 
