@@ -338,7 +338,7 @@ def test_init_from_a_run_with_other_shapes_is_refused(straight, tiny_models, tin
 
 def test_init_plan_reports_new_and_unused_tensors():
     """A decoder added (qwen) keeps its new projector; a decoder dropped (mistral) is reported as not used."""
-    from arctrain.checkpoint.checkpointer import _init_plan, _names
+    from arctrain.checkpoint.init_from import _init_plan, _names
 
     state = {n: torch.zeros(2, 3) for n in ("encoder.w", "projectors.llama.0.weight", "projectors.mistral.0.weight")}
     shapes = {"encoder.w": (2, 3), "projectors.llama.0.weight": (2, 3), "projectors.qwen.0.weight": (4, 3)}
