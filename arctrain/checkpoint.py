@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from arctrain.distributed import MAX, barrier, broadcast_object, reduce_floats
+from arctrain.faults import fault_point
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -64,6 +65,7 @@ class Checkpointer:
         failure = ""
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            fault_point("checkpoint_save")  # tests: a rank killed with its partition written, the rest not
             torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 (self.dir / tag / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
@@ -328,6 +330,7 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, device
     state: dict[str, torch.Tensor] = {}
     if rank == 0:
         try:
+            fault_point("convert")  # tests: a slow consolidation while the other ranks wait (comm.init_timeout)
             ckpt, state = initial_weights(source)
             plan = [_init_plan(ckpt, state, {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable})]
         except (FileNotFoundError, ValueError) as err:  # every rank must hear of it, or they wait forever
