@@ -1,4 +1,4 @@
-"""How a rank ends when something fails: at once, every rank, the cause in one line (docs/usage.md, "Failures").
+"""How a rank ends when something fails: at once, every rank, the cause in one line (docs/usage.md, GPU notes).
 
     watch_failures(rank, world_size)     # after init_distributed: another rank's failure ends this one
     ...train...

@@ -33,16 +33,19 @@ mkdir -p "$WORK" "$REPORT"
 exec > >(tee "$REPORT/gpu_check.log") 2>&1
 START=$SECONDS
 say() { echo "gpu_check [$((SECONDS - START))s]: $*"; }
+# Through this Python, whatever the node's PATH holds (its python3 may be a venv whose bin/ is not on PATH).
+arctrain() { "$PYTHON" -m arctrain "$@"; }
+arc-data() { "$PYTHON" -m data_tools.cli "$@"; }
+torchrun() { "$PYTHON" -m torch.distributed.run "$@"; }
 cd "$REPO"
 
 if [[ -n $WHEELS ]]; then
     say "install: $(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels from $WHEELS and arctrain, no index, --no-deps"
     rm -rf "$WORK/site"
-    if compgen -G "$WHEELS/*.whl" > /dev/null; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl
-    fi
-    # --no-build-isolation: setuptools from this Python, nothing fetched; build/ is left beside setup.py.
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$WORK/site" "$REPO"
+    # One pip call (a second into the same --target skips folders the first made, such as bin/). arctrain is built
+    # with --no-build-isolation: setuptools from this Python, nothing fetched; build/ is left beside setup.py.
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$WORK/site" \
+        $(compgen -G "$WHEELS/*.whl" || true) "$REPO"
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/site/bin:$PATH"
 fi
 if [[ $TINY == 0 ]]; then
