@@ -61,7 +61,8 @@ class FailureWatch:
         try:
             self.store.set(f"{self.prefix}/cause", cause)
             for rank in range(self.world_size):
-                self.store.set(f"{self.prefix}/wake/{rank}", "1")
+                if rank != self.rank:  # this rank ends itself, with its own exit code
+                    self.store.set(f"{self.prefix}/wake/{rank}", "1")
             time.sleep(1.0)  # the store may live in this process (rank 0 without torchrun): let the wake-ups leave
         except dist.DistError:
             pass

@@ -105,7 +105,7 @@ def report(runs: list[str], ranks: int, seconds: float | None) -> None:
     import torch
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (--tiny)"
-    rows = [run_row(*spec.split("=", 1)) for spec in runs]
+    rows = [run_row(name, Path(path)) for name, path in (spec.split("=", 1) for spec in runs)]
     print(f"GPU check: {card}, {ranks} rank(s), torch {torch.__version__}" + (f", {seconds:.0f} s" if seconds else ""))
     print(f"{'frozen decoders':<16} {'steps':>5} {'enc tok/s':>10} {'dec tok/s':>10} {'TFLOPs/GPU':>10} {'MFU':>6} "
           f"{'peak GiB':>8} {'loss first -> last':>19} {'trace invalidations':>19}")  # fmt: skip

@@ -56,8 +56,10 @@ def test_gpu_check_runs_end_to_end_at_tiny_size(tiny_models, tmp_path):
     rows = {line.split()[0]: line.split() for line in report[2:4]}
     assert sorted(rows) == ["partitioned", "replicated"]
     for row in rows.values():
-        assert row[1] == "6" and float(row[2]) > 0 and float(row[4]) > 0 and row[5] == "n/a"  # no MFU on a CPU
+        assert row[1] == "6" and float(row[2]) > 0 and float(row[4]) >= 0 and row[5] == "n/a"  # no MFU on a CPU
         assert row[-1] == "0"  # ZeRO-3 trace invalidations after warm-up (docs/benchmarks.md)
+    # The same steps on the same data: where the frozen weights live changes no loss.
+    assert rows["replicated"][7:10] == rows["partitioned"][7:10], report
     generated = (tmp_path / "report" / "generate.txt").read_text().splitlines()
     assert len(generated) == 1 and generated[0][len("generated: ") :].strip()
     assert (tmp_path / "work" / "export" / "model.safetensors").is_file()
