@@ -43,7 +43,7 @@ class FailureWatch:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
         self.prefix = f"arctrain/failure/{attempt}"
         self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(days=7))  # fmt: skip
+                                   timeout=timedelta(seconds=300))  # fmt: skip
         threading.Thread(target=self._watch, name="arctrain-failure-watch", daemon=True).start()
 
     def _watch(self) -> None:
@@ -93,7 +93,11 @@ _watch: list[FailureWatch] = []  # this process's watch, beside torch.distribute
 def watch_failures(rank: int, world_size: int) -> None:
     """Start this rank's FailureWatch (several ranks only): another rank's report ends this process."""
     if world_size > 1 and not _watch:
-        _watch.append(FailureWatch(rank, world_size, _ended_by_another_rank))
+        try:
+            _watch.append(FailureWatch(rank, world_size, _ended_by_another_rank))
+        except (dist.DistError, KeyError, ValueError) as err:  # no store to reach: the collective timeouts still hold
+            print(f"arctrain train: rank {rank}: no failure watch ({err}); a failing rank ends the others only "
+                  f"through comm.train_timeout_seconds", file=sys.stderr)  # fmt: skip
 
 
 def report_failure(cause: str) -> None:

@@ -60,7 +60,7 @@ def test_an_exception_on_one_rank_ends_every_rank_with_its_cause(tiny_models, ti
     run_dir = tmp_path / "run"
     args = overrides(tiny_models, tiny_shards, run_dir, *SHORT[:2], "comm.train_timeout_seconds=600")
     procs = launch(args, 2, tmp_path / "log")
-    assert wait(procs, timeout=300) == [EXIT_RANK_FAILED, 1]
+    assert wait(procs, timeout=600) == [EXIT_RANK_FAILED, 1]
     cause = "rank 1 failed: InjectedFault: injected fault at train_step #3"
     rank0, rank1 = (tmp_path / "log.rank0").read_text(), (tmp_path / "log.rank1").read_text()
     assert f"arctrain train: error: rank 0: ending, {cause}" in rank0, rank0[-2000:]
@@ -85,7 +85,7 @@ def killed_in_save(tiny_models, tiny_shards, tmp_path_factory) -> tuple[Path, Pa
     run_dir = root / "run"
     args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=4", "checkpoint.interval=2", *SHORT[2:])
     with _fault("checkpoint_save:1:2:kill"):
-        codes = wait(launch(args, 2, root / "log"), timeout=300)
+        codes = wait(launch(args, 2, root / "log"), timeout=600)
     assert codes == [EXIT_RANK_FAILED, -signal.SIGKILL], (root / "log.rank0").read_text()[-2000:]
     return run_dir, root / "log"
 
@@ -102,7 +102,7 @@ def test_a_rank_killed_inside_a_save_leaves_latest_on_the_previous_checkpoint(
     assert partial.is_dir() and not (partial / "rng_rank1.pt").exists()
 
     args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=4", "checkpoint.interval=2", *SHORT[2:])
-    assert wait(launch(args, 2, tmp_path / "resume"), timeout=300) == [0, 0]
+    assert wait(launch(args, 2, tmp_path / "resume"), timeout=600) == [0, 0]
     assert "resumed from step 2" in (tmp_path / "resume.rank0").read_text()
     assert latest(run_dir) == "step_00000004" and sorted(step_losses(run_dir)) == [1, 2, 3, 4]
 
@@ -116,7 +116,7 @@ def test_a_slow_rank_0_conversion_does_not_trip_the_train_timeout(killed_in_save
     args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=2", "checkpoint.interval=2", *SHORT[2:],
                      f"train.init_from={source}", "comm.init_timeout_seconds=120")  # fmt: skip
     with _fault("convert:0:1:sleep12"):
-        codes = wait(launch(args, 2, tmp_path / "log"), timeout=300)
+        codes = wait(launch(args, 2, tmp_path / "log"), timeout=600)
     rank0 = (tmp_path / "log.rank0").read_text()
     assert codes == [0, 0], rank0[-2000:]
     assert "ARCTRAIN_FAULT: sleep12 at convert #1" in rank0 and "initialised " in rank0
