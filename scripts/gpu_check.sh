@@ -47,6 +47,9 @@ if [[ -n $WHEELS ]]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$WORK/site" \
         $(compgen -G "$WHEELS/*.whl" || true) "$REPO"
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/site/bin:$PATH"
+    # This deepspeed's JIT-built ops (the CPU comm op under --tiny) go beside it, not into the cache other installs
+    # share: torch would rebuild them there for each copy in turn.
+    export TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 fi
 if [[ $TINY == 0 ]]; then
     "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA GPU here (--tiny runs on CPU)')"
