@@ -42,15 +42,18 @@ class FailureWatch:
         self.rank, self.world_size, self.on_failure = rank, world_size, on_failure
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
         self.prefix = f"arctrain/failure/{attempt}"
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(seconds=300))  # fmt: skip
+        # Two connections: a TCPStore client runs one request at a time, and the watch's wait never returns early.
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self.waiter, self.store = (
+            dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=300)) for _ in range(2)
+        )
         threading.Thread(target=self._watch, name="arctrain-failure-watch", daemon=True).start()
 
     def _watch(self) -> None:
         try:
-            self.store.wait([f"{self.prefix}/wake/{self.rank}"], timedelta(days=7))
+            self.waiter.wait([f"{self.prefix}/wake/{self.rank}"], timedelta(days=7))
             key = f"{self.prefix}/cause"
-            cause = self.store.get(key).decode() if self.store.check([key]) else ""
+            cause = self.waiter.get(key).decode() if self.waiter.check([key]) else ""
         except dist.DistError:  # the store's host ended: the run is over, or its collectives will say what happened
             return
         if cause:
