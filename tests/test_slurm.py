@@ -306,9 +306,9 @@ def test_requeued_on_fewer_nodes_resumes_there(cluster, reference, tiny_models, 
 
 
 def test_a_failing_rank_ends_the_job_with_its_cause_in_the_log(cluster, tiny_models, shards, tmp_path):
-    """2 nodes, 1 rank each: the rank on the second node raises in its 3rd step (arctrain/faults.py). Every rank
-    ends (the others told by the failing one; srun --kill-on-bad-exit ends what is left), the job fails without a
-    requeue, and its log names the error."""
+    """2 nodes, 1 rank each: rank 1 (on whichever node the rendezvous gave it) raises in its 3rd step
+    (arctrain/faults.py). Every rank ends (the others told by the failing one; srun --kill-on-bad-exit ends what is
+    left), the job fails without a requeue, and its log names the error."""
     cluster.ensure(2)
     log = tmp_path / "job.out"
     env = {**train_env(tiny_models, shards, tmp_path / "run", nproc=1), "ARCTRAIN_FAULT": "train_step:1:3:raise"}
