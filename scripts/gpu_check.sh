@@ -18,7 +18,7 @@ TINY=0 WHEELS=""
 while (($#)); do
     case $1 in
         --tiny) TINY=1 ;;
-        --wheels) WHEELS=${2:?--wheels needs a folder}; shift ;;
+        --wheels) WHEELS=$(cd "${2:?--wheels needs a folder}" && pwd); shift ;;
         *) echo "gpu_check: unknown argument $1 (--tiny, --wheels DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -30,6 +30,7 @@ STEPS=${STEPS:-20} LOG_EVERY=${LOG_EVERY:-5} NPROC=${NPROC:-1} PYTHON=${PYTHON:-
 TOKENIZERS=${TOKENIZERS:-$WORK/tokenizers}
 MODELS=$WORK/models SHARDS=$WORK/shards
 mkdir -p "$WORK" "$REPORT"
+WORK=$(cd "$WORK" && pwd) REPORT=$(cd "$REPORT" && pwd)  # the steps below run in the checkout
 exec > >(tee "$REPORT/gpu_check.log") 2>&1
 START=$SECONDS
 say() { echo "gpu_check [$((SECONDS - START))s]: $*"; }
