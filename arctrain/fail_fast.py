@@ -51,7 +51,12 @@ class FailureWatch:
 
     def _watch(self) -> None:
         try:
-            self.waiter.wait([f"{self.prefix}/wake/{self.rank}"], timedelta(days=7))
+            while True:
+                try:
+                    self.waiter.wait([f"{self.prefix}/wake/{self.rank}"], timedelta(days=7))
+                    break
+                except dist.DistStoreError:  # a week went by: wait on
+                    continue
             key = f"{self.prefix}/cause"
             cause = self.waiter.get(key).decode() if self.waiter.check([key]) else ""
         except dist.DistError:  # the store's host ended: the run is over, or its collectives will say what happened
