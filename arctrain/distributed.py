@@ -112,6 +112,14 @@ def is_timeout(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
+def is_peer_gone(err: BaseException) -> bool:
+    """A collective that failed because another rank's process ended: gloo's closed or reset connection, NCCL's
+    "remote process exited"."""
+    text = str(err).lower()
+    gone = ("connection closed", "connection reset", "broken pipe", "remote process exited", "communicator was aborted")
+    return isinstance(err, RuntimeError) and any(phrase in text for phrase in gone)
+
+
 @contextlib.contextmanager
 def hpz_group_once():
     """Build a model for ZeRO-3 with hpZ (zero_hpz_partition_size > 1) from several `from_pretrained` calls.

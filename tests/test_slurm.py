@@ -305,6 +305,22 @@ def test_requeued_on_fewer_nodes_resumes_there(cluster, reference, tiny_models, 
         assert losses[step] == pytest.approx(expected[step], abs=1e-5), step
 
 
+def test_a_failing_rank_ends_the_job_with_its_cause_in_the_log(cluster, tiny_models, shards, tmp_path):
+    """2 nodes, 1 rank each: rank 1 (on whichever node the rendezvous gave it) raises in its 3rd step
+    (arctrain/faults.py). Every rank ends (the others told by the failing one; srun --kill-on-bad-exit ends what is
+    left), the job fails without a requeue, and its log names the error."""
+    cluster.ensure(2)
+    log = tmp_path / "job.out"
+    env = {**train_env(tiny_models, shards, tmp_path / "run", nproc=1), "ARCTRAIN_FAULT": "train_step:1:3:raise"}
+    job_id = cluster.sbatch("pretrain.sh", "--nodes=2", *CPU_JOB, f"--output={log}", env=env)
+    job = cluster.wait_finished(job_id, log)
+    text = log.read_text()
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", text[-4000:]
+    cause = "rank 1 failed: InjectedFault: injected fault at train_step #3"
+    assert f"arctrain train: error: {cause}" in text and f"rank 0: ending, {cause}" in text, text[-4000:]
+    assert "training failed with exit status" in text and "requeueing job" not in text
+
+
 @pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2")
 def test_two_node_cluster_is_torn_down(cluster):
     cluster.ensure(2)

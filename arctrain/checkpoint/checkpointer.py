@@ -26,6 +26,7 @@ import torch
 from arctrain.checkpoint.elastic import load_universal, resume_grad_accum
 from arctrain.config.schema import Config
 from arctrain.distributed import MAX, barrier, reduce_floats
+from arctrain.faults import fault_point
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -79,6 +80,7 @@ class Checkpointer:
         failure = ""
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+            fault_point("checkpoint_save")  # tests: a rank killed with its partition written, the rest not
             torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 (self.dir / tag / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from arctrain.distributed import barrier, broadcast_object
+from arctrain.faults import fault_point
 
 UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/step_N: the converted checkpoint, removed once loaded
 
@@ -105,6 +106,7 @@ def load_universal(engine, ckpt: Path, rank: int, device: torch.device) -> None:
     result: dict = {}
     if rank == 0:
         try:
+            fault_point("convert")  # tests: a slow conversion while the other ranks wait (comm.init_timeout)
             to_universal(ckpt, out)
             result = {"groups": saved_param_groups(out)}
         except (ValueError, FileNotFoundError, RuntimeError) as err:  # every rank must hear of it, or they wait

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from arctrain.checkpoint.checkpointer import TRAINER_STATE, checkpoint_dir, consolidate
 from arctrain.distributed import broadcast_object
 from arctrain.export.load import export_weight_files
+from arctrain.faults import fault_point
 
 
 def source_checkpoint(path: Path) -> Path:
@@ -50,6 +51,7 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, device
     state: dict[str, torch.Tensor] = {}
     if rank == 0:
         try:
+            fault_point("convert")  # tests: a slow consolidation while the other ranks wait (comm.init_timeout)
             ckpt, state = initial_weights(source)
             plan = [_init_plan(ckpt, state, {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in trainable})]
         except (FileNotFoundError, ValueError) as err:  # every rank must hear of it, or they wait forever

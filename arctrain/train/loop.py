@@ -32,13 +32,14 @@ from arctrain.distributed import (
     collective_timeout,
     hpz_group_once,
     init_distributed,
-    is_timeout,
     on_device,
     reduce_floats,
     set_collective_timeout,
 )
+from arctrain.faults import fault_point
 from arctrain.model import build_model
 from arctrain.model.flops import FlopCounter, peak_tflops
+from arctrain.train.fail_fast import end_failed_rank, stop_watching, watch_failures
 from arctrain.train.memory import placement
 from arctrain.train.metrics import LossMeter, MetricsLogger, Window
 from arctrain.train.optim import build_optimizer, build_scheduler, set_lr
@@ -48,7 +49,6 @@ from arctrain.train.validate import Validation
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved, requeue and resume
 EXIT_DIVERGED = 3  # max_bad_steps non-finite steps in a row: checkpoint saved, needs a human
-EXIT_COLLECTIVE_TIMEOUT = 4  # a collective timed out (comm.*_timeout_seconds): another rank stopped or died
 
 
 def parse_args(argv: list[str]):
@@ -136,6 +136,7 @@ def train_step(engine, batches: list, device: torch.device, world_size: int, met
         assert batch.decoder == decoder, "one decoder per optimizer step"
         n = batch.stats.targets
         out = engine(batch.to(device, non_blocking=True), decoder)
+        fault_point("train_step")  # tests: a rank that raises or dies mid-step (arctrain/faults.py)
         scale = (n * world_size / tokens.clamp(min=1)).to(out.loss.dtype)  # exactly 1.0 when n is the mean
         engine.backward(out.loss * scale, scale_wrt_gas=False)
         engine.step()  # DeepSpeed counts micro-steps; the optimizer steps at the last one
@@ -180,6 +181,7 @@ def build_data(cfg: Config, rank: int, world_size: int, next_batch: int):
 
 def train(cfg: Config) -> int:
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
+    watch_failures(rank, world_size)  # a rank that raises ends every rank at once
     run_dir, say = Path(cfg.checkpoint.dir), run_logger(Path(cfg.checkpoint.dir), rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
@@ -271,13 +273,6 @@ def _local_param_elements(module: torch.nn.Module) -> int:
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
-def _timeout_message(cfg: Config, err: BaseException) -> str:
-    return (f"arctrain train: error: rank {os.environ.get('RANK', '0')}: a collective waited longer than "
-            f"comm.train_timeout_seconds={cfg.comm.train_timeout_seconds:g} (comm.init_timeout_seconds="
-            f"{cfg.comm.init_timeout_seconds:g} in start-up and saves): another rank stopped, died or fell far "
-            f"behind; no checkpoint was saved ({' '.join(str(err).split())[:200]})")  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
@@ -296,13 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:  # e.g. a checkpoint this run cannot resume: every rank says it and stops
         print(f"arctrain train: error: {err}", file=sys.stderr)
         code = 2
-    except RuntimeError as err:
-        if not is_timeout(err):
-            raise
-        # Another rank stopped or died: leave at once (tearing the process group down would wait for it); torchrun
-        # then ends this node's ranks and srun (--kill-on-bad-exit) the other nodes.
-        print(_timeout_message(cfg, err), file=sys.stderr, flush=True)
-        os._exit(EXIT_COLLECTIVE_TIMEOUT)
+    except Exception as err:  # a bug, a bad batch, an OOM, a timed-out collective, a dead peer: every rank ends
+        end_failed_rank(cfg.comm, err)
+    stop_watching()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     raise SystemExit(code)
