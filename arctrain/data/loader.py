@@ -21,7 +21,15 @@ from transformers import AutoTokenizer
 from arctrain.config import Config
 from arctrain.data.sampling import SEGMENT, Layout, Schedule, SourceMixer, SourceStream, rng
 from arctrain.data.shards import ShardReader, Source, open_source, shard_table
-from arctrain.model.batch import ARCBatch, Example, collate, has_target, pretraining_example
+from arctrain.model.batch import (
+    ARCBatch,
+    Example,
+    collate,
+    example_tokens,
+    has_target,
+    pretraining_example,
+    within_budget,
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class BatchMaker:
 
     def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
         self.model, self.vocab, self.interleave = cfg.model, vocab, cfg.data.interleave_tokens
+        self.budget = cfg.data.tokens_per_micro_batch
         # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
         cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
         self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
@@ -102,13 +111,33 @@ class BatchMaker:
         """The batch without the examples that have no target token (a continuation drawn from a one-segment
         sample): they would cost an encoder pass and a decoder row for a loss of nothing. Leaving them out changes
         no loss or gradient (the loss is averaged over target tokens); the count goes to `BatchStats.skipped_rows`.
-        A batch with no target at all is kept whole: under ZeRO-3 every rank runs the model every step."""
+        A batch with no target at all is kept whole: under ZeRO-3 every rank runs the model every step. Then the
+        token budget (data.tokens_per_micro_batch) picks what the micro-batch takes (`budget_batch`)."""
         kept = [j for j, example in enumerate(examples) if has_target(example)] or list(range(len(examples)))
-        batch = collate_batch(
-            self.model, self.vocab, [examples[j] for j in kept], [keys[j] for j in kept], decoder, task
+        batch = budget_batch(
+            self.budget, self.model, self.vocab, [examples[j] for j in kept], [keys[j] for j in kept], decoder, task
         )
         batch.stats = replace(batch.stats, skipped_rows=len(examples) - len(kept))
         return batch
+
+
+def budget_batch(budget: int, model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str,
+                 task: str) -> ARCBatch:  # fmt: skip
+    """`collate_batch` of the examples a micro-batch of `budget` tokens takes (batch.within_budget; 0: all of them),
+    the skipped and left ones counted in `BatchStats`. A window with no example within the budget is a config error."""
+    if not budget:
+        return collate_batch(model, vocab, examples, keys, decoder, task)
+    bos = vocab.bos_id[decoder] is not None
+    sizes = [example_tokens(e, model.pooling_factor, model.n_vectors, bos) for e in examples]
+    taken, over, left = within_budget(sizes, budget)
+    if not taken:
+        raise ValueError(
+            f"data.tokens_per_micro_batch={budget}: every sample of a micro-batch is larger on its own "
+            f"(sample {keys[0]}: {sizes[0]} encoder + decoder tokens); raise the budget"
+        )
+    batch = collate_batch(model, vocab, [examples[j] for j in taken], [keys[j] for j in taken], decoder, task)
+    batch.stats = replace(batch.stats, over_budget=over, budget_full=left)
+    return batch
 
 
 def collate_batch(model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:

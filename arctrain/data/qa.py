@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
 from arctrain.data.chunks import Chunker, ContextCut
-from arctrain.data.loader import collate_batch
+from arctrain.data.loader import budget_batch, collate_batch
 from arctrain.data.qa_records import QASource, parse_qa_source, read_qa
 from arctrain.data.sampling import Layout, SourceMixer, rng
 from arctrain.model.batch import ARCBatch, Memory, Text
@@ -211,7 +211,8 @@ class QABatches(IterableDataset):
             shots = self.sources[source].shots
             examples.append(maker.example(decoder, self.records[source], i, epoch, source, self.seed, shots))
             keys.append(f"qa-{source}-{i:08d}")
-        return maker.collate(examples, decoder, keys)
+        return budget_batch(self.cfg.data.tokens_per_micro_batch, self.cfg.model, self.vocab, examples, keys, decoder,
+                            QA)  # fmt: skip
 
 
 def build_qa_loader(cfg, vocab, schedule, rank: int, world_size: int) -> QABatches:
