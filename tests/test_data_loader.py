@@ -488,6 +488,8 @@ def test_token_budget_micro_batches_fit_and_resume_exactly(tiny_models, shards, 
         assert head + take(resumed, 16 // world_size - 5) == take(build_train_loader(cfg, rank, world_size, vocab),
                                                                   16 // world_size)  # fmt: skip
     assert left > 0  # the budget bound
+    val = [[b.keys for _, b in ValSet(c, vocab, 0, 1).batches("llama", "continuation")] for c in (cfg, plain_cfg)]
+    assert val[0] and val[0] == val[1]  # validation batches take all their samples, whatever the budget
 
 
 def test_a_budget_below_every_sample_is_refused_in_one_line(tiny_models, shards, vocab):

@@ -85,9 +85,9 @@ def schedule(cfg: Config, world_size: int = 1) -> Schedule:
 class BatchMaker:
     """Reads samples and turns them into one decoder's examples and a collated batch."""
 
-    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
+    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source], budget: int = 0):
         self.model, self.vocab, self.interleave = cfg.model, vocab, cfg.data.interleave_tokens
-        self.budget = cfg.data.tokens_per_micro_batch
+        self.budget = budget  # data.tokens_per_micro_batch for training batches; validation's keep every sample
         # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
         cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
         self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
@@ -175,7 +175,7 @@ class TrainBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        maker = BatchMaker(self.cfg, self.vocab, self.sources)  # per worker: its own tar index and file handles
+        maker = BatchMaker(self.cfg, self.vocab, self.sources, self.cfg.data.tokens_per_micro_batch)  # per worker
         mixer = SourceMixer(self.seed, self.weights)
         data = self.cfg.data
         streams = [
