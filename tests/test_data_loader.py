@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from arctrain.config.load import load_config
 from arctrain.data import ValSet, Vocab, build_train_loader, schedule
-from arctrain.data.batch import IGNORE
+from arctrain.data.batch import IGNORE, collate, example_tokens, pretraining_example, within_budget
 from arctrain.data.sampling import Layout, SourceMixer, SourceStream
 from arctrain.data.val import spread
 from data_tools.tokenizer_id import tokenizer_hash
@@ -437,3 +437,77 @@ def test_examples_without_a_target_are_left_out_and_counted(tmp_path, tiny_model
     for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 10):
         assert len(batch.keys) == 4 and batch.stats.skipped_rows == 0
         assert (batch.stats.targets == 0) == (batch.task == "continuation")
+
+
+def test_within_budget_takes_the_windows_first_examples_that_fit():
+    assert within_budget([3, 4, 2, 1], 10) == ([0, 1, 2, 3], 0, 0)
+    assert within_budget([3, 4, 5, 1], 10) == ([0, 1], 0, 2)  # 5 no longer fits: it and the rest are left
+    assert within_budget([12, 4, 11, 6, 1], 10) == ([1, 3], 2, 1)  # 12 and 11 alone exceed it: skipped
+    assert within_budget([11], 10) == ([], 1, 0)
+
+
+def _sizes(batch) -> list[int]:
+    """Encoder tokens + decoder positions of each example of a pretraining batch (one segment per row)."""
+    return [e + d for e, d in zip(batch.enc.cu_seqlens.diff().tolist(), batch.row_lengths, strict=True)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_token_budget_micro_batches_fit_and_resume_exactly(tiny_models, shards, vocab, world_size):
+    """data.tokens_per_micro_batch: every micro-batch holds the first examples of its window of micro_batch_size
+    samples (those with a target) whose encoder + decoder tokens fit; the rest is counted. The window is that of
+    the run without a budget, so resume is exact and a global micro-batch is the same at any world size (2 micro-batches
+    per step: 1 rank x 2 or 2 ranks x 1)."""
+    root = shards["root"]
+    sources = f"{root / 'a'}:1,{root / 'b'}:2"
+    plain_cfg = make_config(tiny_models, sources, "data.micro_batch_size=6", "train.grad_accum=2")
+    plain = [b for _, b in take_batches(build_train_loader(plain_cfg, 0, 1, vocab), 16)]  # global micro-batches 0-15
+    budget = sorted(sum(_sizes(b)) for b in plain)[len(plain) // 2] * 2 // 3  # binds on most windows
+    cfg = make_config(tiny_models, sources, "data.micro_batch_size=6", f"data.tokens_per_micro_batch={budget}",
+                      "data.num_workers=1", f"train.grad_accum={2 // world_size}")  # fmt: skip
+    left = 0
+    for rank in range(world_size):
+        loader = build_train_loader(cfg, rank, world_size, vocab)
+        got = [(b, batch) for b, batch in take_batches(loader, 16 // world_size)]
+        for b, batch in got:
+            reference = plain[loader.global_batch(b)]  # the same global micro-batch without a budget
+            total, expected = 0, []
+            for key, n in zip(reference.keys, _sizes(reference), strict=True):
+                if total + n > budget:
+                    break
+                total += n
+                expected.append(key)
+            assert batch.keys == expected and batch.decoder == reference.decoder and batch.task == reference.task
+            assert batch.stats.enc_tokens + batch.stats.dec_tokens == total <= budget
+            s = batch.stats
+            assert s.samples + s.skipped_rows + s.budget_full + s.over_budget == 6
+            left += s.budget_full
+        first = build_train_loader(cfg, rank, world_size, vocab)
+        head = take(first, 5)
+        resumed = build_train_loader(cfg, rank, world_size, vocab)
+        resumed.load_state_dict(first.state_dict())
+        assert head + take(resumed, 16 // world_size - 5) == take(build_train_loader(cfg, rank, world_size, vocab),
+                                                                  16 // world_size)  # fmt: skip
+    assert left > 0  # the budget bound
+    val = [[b.keys for _, b in ValSet(c, vocab, 0, 1).batches("llama", "continuation")] for c in (cfg, plain_cfg)]
+    assert val[0] and val[0] == val[1]  # validation batches take all their samples, whatever the budget
+
+
+def test_a_budget_below_every_sample_is_refused_in_one_line(tiny_models, shards, vocab):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"), "data.tokens_per_micro_batch=5", "data.num_workers=0")
+    with pytest.raises(
+        ValueError,
+        match=r"^data.tokens_per_micro_batch=5: every sample of a micro-batch is larger "
+        r"on its own \(sample [0-9a-f]{16}-\d{5}: \d+ encoder \+ decoder tokens\)",
+    ):
+        take(build_train_loader(cfg, 0, 1, vocab), 1)
+
+
+def test_example_tokens_count_what_collate_lays_out(tiny_models, shards, vocab):
+    cfg = make_config(tiny_models, str(shards["root"] / "a"))
+    for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 4):
+        assert sum(_sizes(batch)) == batch.stats.enc_tokens + batch.stats.dec_tokens
+        examples = [pretraining_example("continuation", [[1] * 9, [2] * 5], [[3] * 4, [4] * 6], 0, [7, 8])]
+        one = collate(examples, pooling="mean", factor=4, n_vectors=0, dec_pad_id=0, bos_id=1)
+        assert (
+            example_tokens(examples[0], 4, 0, bos=True) == one.stats.enc_tokens + one.stats.dec_tokens == 9 + 13
+        )  # BOS, 2 prefix, 3 vectors, <Cont>, 6 targets

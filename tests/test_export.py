@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
-from transformers import AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from arctrain.cli import main as arctrain
 from arctrain.config.load import load_config
@@ -235,3 +235,18 @@ def test_model_card_example_runs_with_a_tokenizer_without_pad_token(exported, tm
     scope: dict = {}
     exec(code, scope)  # noqa: S102  (our own model card)
     assert len(scope["vectors"]) == 2 and scope["embeds"].shape[-1] == 128  # llama's hidden size
+
+
+def test_the_exported_encoder_computes_no_padding(exported, reference):
+    """The standalone model runs each segment length once, on the real tokens only: every layer call sees (G, n, D)
+    with n a real segment length, never the padded width; the vectors stay arctrain's."""
+    model = AutoModel.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32)
+    ids, mask = _inputs(exported)
+    seen = []
+    model.encoder.layers[0].register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:2])))
+    with torch.no_grad():
+        vectors = model.compress(ids, mask)
+    lengths = mask.sum(1).tolist()
+    assert len(set(lengths)) == len(lengths) and max(lengths) == ids.shape[1]  # the inputs are padded
+    assert sorted(seen) == sorted((1, n) for n in lengths)  # one call per length, no padded position
+    torch.testing.assert_close(torch.cat(vectors), torch.cat(reference[0]), rtol=1e-5, atol=1e-6)

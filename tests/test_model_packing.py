@@ -7,6 +7,7 @@ must equal the sums over its examples: losses within 1e-5, gradients within 1e-5
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -269,3 +270,40 @@ def test_padding_metrics_count_computed_positions():
     rates = window.rates(1, None)
     assert rates["padding/encoder"] == pytest.approx(1 - 24 / 30)
     assert rates["padding/decoder"] == pytest.approx(1 - (packed.stats.dec_tokens + 6) / (packed.stats.dec_tokens + 8))
+
+
+def test_bf16_packed_equals_examples_alone_within_bf16_rounding(tiny_built, tiny_models):
+    """In bf16, packed and alone both differ from the exact (fp32) value by bf16's rounding, not by the same amount
+    (other summation orders and shapes). So the bound is relative to what bf16 itself costs: the packed bf16 error
+    against the fp32 value of the examples alone may be at most twice the alone bf16 computation's own error, plus
+    bf16's epsilon (2^-7) times the value (the rounding of the result itself). Encoder vectors: the same, in norm.
+    That the bound discriminates: the same bf16 batch with its rows attending across each other falls outside it."""
+    decoder, eps = "llama", torch.finfo(torch.bfloat16).eps
+    kw = settings(tiny_built, tiny_models, decoder)
+    examples = pretraining_examples(tiny_models, decoder, "continuation")
+    segments = collate(examples, **kw).segments()  # lengths differ
+
+    @torch.no_grad()
+    def computed(model, leak: bool = False):
+        batch = collate(examples, **kw)
+        if leak:  # every row in one sequence: causal attention across the rows
+            n = batch.dec_ids.shape[1]
+            batch.dec_cu_seqlens, batch.dec_max_len = torch.tensor([0, n], dtype=torch.int32), n
+        packed = float(model(batch, decoder).loss)
+        sums = [reference_loss_sum(model, ex, decoder, kw) for ex in examples]
+        alone = float(sum(s.float() for s, _ in sums)) / sum(n for _, n in sums)
+        vectors = torch.cat(model.encoder.compress_segments(segments)).float()  # (M, D) packed
+        with stock_attention(model, decoder):
+            vectors_alone = torch.cat([segment_alone(model, s) for s in segments]).float()
+        return packed, alone, vectors, vectors_alone
+
+    model = tiny_built.eval()
+    p32, a32, v32, w32 = computed(model)
+    assert abs(p32 - a32) <= TOL and float((v32 - w32).abs().max()) <= TOL  # fp32: equal (module docstring)
+    bf16 = copy.deepcopy(tiny_built).to(torch.bfloat16).eval()
+    p16, a16, v16, w16 = computed(bf16)
+    assert abs(a16 - a32) > 0  # bf16 rounds: the bound below is not fp32's
+    assert abs(p16 - a32) <= 2 * abs(a16 - a32) + eps * abs(a32), (p16, a16, a32)
+    assert float((v16 - w32).norm()) <= 2 * float((w16 - w32).norm()) + eps * float(w32.norm())
+    leaked = computed(bf16, leak=True)[0]
+    assert abs(leaked - a32) > 2 * abs(a16 - a32) + eps * abs(a32), (leaked, a32)

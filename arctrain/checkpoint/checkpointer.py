@@ -204,6 +204,7 @@ def resume_fingerprint(cfg: Config) -> dict:
     world size too, with grad_accum keeping world_size x grad_accum (`Checkpointer.check_resumable`)."""
     return {
         "data.micro_batch_size": cfg.data.micro_batch_size,
+        "data.tokens_per_micro_batch": cfg.data.tokens_per_micro_batch,
         "train.seed": cfg.train.seed,
         "data.seed_offset": cfg.data.seed_offset,
         "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],

@@ -144,7 +144,15 @@ class DataConfig:
     task_ratio: float = 0.2
     """Fraction of batches that are reconstruction; the rest are continuation."""
     micro_batch_size: int = 16
-    """Samples per rank per forward pass."""
+    """Samples per rank per forward pass; with `tokens_per_micro_batch`, the window of samples a micro-batch draws
+    from (at most that many)."""
+    tokens_per_micro_batch: int = 0
+    """Token budget of a training micro-batch, encoder tokens plus decoder positions (0: none, every micro-batch
+    takes micro_batch_size samples). A micro-batch takes the first samples of its window of micro_batch_size that
+    fit; the rest of the window is left (counted: samples_left_by_budget), a sample larger than the budget on its own
+    is skipped (counted: samples_over_budget_skipped). The number of micro-batches per step does not change
+    (train.grad_accum), nor the samples each global micro-batch draws: resume stays exact at any world size.
+    Validation batches keep micro_batch_size samples."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: load in the training process)."""
     shuffle_buffer: int = 1000
@@ -185,6 +193,8 @@ class DataConfig:
             _require(weight > 0, "shards", entry, "must have a weight > 0")
         _require(0.0 <= self.task_ratio <= 1.0, "task_ratio", self.task_ratio, "must be in [0, 1]")
         _require(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "must be >= 1")
+        budget = self.tokens_per_micro_batch
+        _require(budget >= 0, "tokens_per_micro_batch", budget, "must be >= 0 (0: no token budget)")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         _require(self.shard_streams >= 1, "shard_streams", self.shard_streams, "must be >= 1")

@@ -189,11 +189,50 @@ class BatchStats:
     enc_computed: int = -1  # encoder positions computed (-1: enc_tokens)
     dec_computed: int = -1  # decoder positions computed (-1: dec_tokens)
     skipped_rows: int = 0  # examples left out because they have no target token (arctrain/data/loader.py)
+    over_budget: int = 0  # samples larger than data.tokens_per_micro_batch on their own, skipped
+    budget_full: int = 0  # samples of the window not taken because the token budget was full
 
 
 def has_target(example: Example) -> bool:
     """Whether the example has a token to score (a continuation of a sample's last segment has none)."""
     return any(isinstance(piece, Text) and piece.loss and piece.ids for piece in example.pieces)
+
+
+def example_tokens(example: Example, factor: int, n_vectors: int, bos: bool) -> int:
+    """Encoder tokens plus decoder positions of one example, as `collate` lays it out (the token budget's measure:
+    data.tokens_per_micro_batch)."""
+    enc, dec = 0, int(bos)
+    for piece in example.pieces:
+        if isinstance(piece, Text):
+            dec += len(piece.ids)
+            continue
+        if piece.vectors is not None:
+            dec += sum(len(v) for v in piece.vectors)
+        else:
+            enc += sum(len(seg) for seg in piece.segments)
+            dec += sum(n_pooled(len(seg), factor, n_vectors) for seg in piece.segments if seg)
+        dec += piece.special is not None
+    return enc + dec
+
+
+def within_budget(sizes: list[int], budget: int) -> tuple[list[int], int, int]:
+    """The examples a micro-batch of at most `budget` tokens takes from its window of examples (sizes in window
+    order): (indices taken, examples over the budget on their own (skipped), examples left because it was full).
+
+    The window's first examples are taken in order while their sum fits; an example that alone exceeds the budget is
+    skipped; the first one that no longer fits ends the micro-batch (it and the rest of the window are left). The
+    choice depends on the window alone, so a micro-batch stays a pure function of its global index (exact resume,
+    any world size)."""
+    taken, total, over = [], 0, 0
+    for j, n in enumerate(sizes):
+        if n > budget:
+            over += 1
+            continue
+        if total + n > budget:
+            return taken, over, len(sizes) - j
+        taken.append(j)
+        total += n
+    return taken, over, 0
 
 
 def _map_tensor(value, fn):

@@ -6,7 +6,15 @@ from dataclasses import dataclass, replace
 from transformers import AutoTokenizer
 
 from arctrain.config.schema import Config
-from arctrain.data.batch import ARCBatch, Example, collate, has_target, pretraining_example
+from arctrain.data.batch import (
+    ARCBatch,
+    Example,
+    collate,
+    example_tokens,
+    has_target,
+    pretraining_example,
+    within_budget,
+)
 from arctrain.data.sampling import SEGMENT, rng
 from arctrain.data.shards import ShardReader, Source, shard_table
 
@@ -47,8 +55,9 @@ def tokenizer_paths(cfg: Config) -> dict[str, str]:
 class BatchMaker:
     """Reads samples and turns them into one decoder's examples and a collated batch."""
 
-    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source]):
+    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source], budget: int = 0):
         self.model, self.vocab, self.interleave = cfg.model, vocab, cfg.data.interleave_tokens
+        self.budget = budget  # data.tokens_per_micro_batch for training batches; validation's keep every sample
         # Every source's streams are read at once: keep each stream's shard (and the next) open and indexed.
         cache = max(8, len(sources) * (2 * cfg.data.shard_streams + 2))
         self.reader = ShardReader(shard_table(sources), max_open=cache, max_indexes=cache)
@@ -72,13 +81,34 @@ class BatchMaker:
         """The batch without the examples that have no target token (a continuation drawn from a one-segment
         sample): they would cost an encoder pass and a decoder row for a loss of nothing. Leaving them out changes
         no loss or gradient (the loss is averaged over target tokens); the count goes to `BatchStats.skipped_rows`.
-        A batch with no target at all is kept whole: under ZeRO-3 every rank runs the model every step."""
+        A batch with no target at all is kept whole: under ZeRO-3 every rank runs the model every step. Then the
+        token budget (data.tokens_per_micro_batch) picks what the micro-batch takes (`budget_batch`)."""
         kept = [j for j, example in enumerate(examples) if has_target(example)] or list(range(len(examples)))
-        batch = collate_batch(
-            self.model, self.vocab, [examples[j] for j in kept], [keys[j] for j in kept], decoder, task
+        batch = budget_batch(
+            self.budget, self.model, self.vocab, [examples[j] for j in kept], [keys[j] for j in kept], decoder, task
         )
         batch.stats = replace(batch.stats, skipped_rows=len(examples) - len(kept))
         return batch
+
+
+def budget_batch(
+    budget: int, model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str, task: str
+) -> ARCBatch:
+    """`collate_batch` of the examples a micro-batch of `budget` tokens takes (batch.within_budget; 0: all of them),
+    the skipped and left ones counted in `BatchStats`. A window with no example within the budget is a config error."""
+    if not budget:
+        return collate_batch(model, vocab, examples, keys, decoder, task)
+    bos = vocab.bos_id[decoder] is not None
+    sizes = [example_tokens(e, model.pooling_factor, model.n_vectors, bos) for e in examples]
+    taken, over, left = within_budget(sizes, budget)
+    if not taken:
+        raise ValueError(
+            f"data.tokens_per_micro_batch={budget}: every sample of a micro-batch is larger on its own "
+            f"(sample {keys[0]}: {sizes[0]} encoder + decoder tokens); raise the budget"
+        )
+    batch = collate_batch(model, vocab, [examples[j] for j in taken], [keys[j] for j in taken], decoder, task)
+    batch.stats = replace(batch.stats, over_budget=over, budget_full=left)
+    return batch
 
 
 def collate_batch(model, vocab: Vocab, examples: list[Example], keys: list[str], decoder: str, task: str) -> ARCBatch:

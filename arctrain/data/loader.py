@@ -54,7 +54,7 @@ class TrainBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        maker = BatchMaker(self.cfg, self.vocab, self.sources)  # per worker: its own tar index and file handles
+        maker = BatchMaker(self.cfg, self.vocab, self.sources, self.cfg.data.tokens_per_micro_batch)  # per worker
         mixer = SourceMixer(self.seed, self.weights)
         data = self.cfg.data
         streams = [

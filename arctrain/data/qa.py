@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from arctrain.config.schema import QASource, parse_qa_source
 from arctrain.data.batch import ARCBatch, Memory, Text
-from arctrain.data.batching import collate_batch
+from arctrain.data.batching import budget_batch, collate_batch
 from arctrain.data.chunks import Chunker, ContextCut
 from arctrain.data.prompt import chat_template_of, qa_prompt, qa_turn
 from arctrain.data.qa_records import read_qa
@@ -211,7 +211,8 @@ class QABatches(IterableDataset):
             shots = self.sources[source].shots
             examples.append(maker.example(decoder, self.records[source], i, epoch, source, self.seed, shots))
             keys.append(f"qa-{source}-{i:08d}")
-        return maker.collate(examples, decoder, keys)
+        return budget_batch(self.cfg.data.tokens_per_micro_batch, self.cfg.model, self.vocab, examples, keys, decoder,
+                            QA)  # fmt: skip
 
 
 def build_qa_loader(cfg, vocab, schedule, rank: int, world_size: int) -> QABatches:

@@ -16,8 +16,9 @@ boundaries (the encoder's pooled-query layer: each segment's m queries against i
 (no (N, N) mask, no scan of the position ids, no host-device sync), and the boundaries are all the kernels need.
 
 Kernels: on CUDA flash-attn's `flash_attn_varlen_func` when the package imports, else PyTorch's own
-`torch.nn.attention.varlen.varlen_attn`; on the CPU (every test) one exact `scaled_dot_product_attention` call per
-sequence, reading the boundaries as host ints (they live on the CPU there). docs/ARCHITECTURE.md says why.
+`torch.nn.attention.varlen.varlen_attn`; on the CPU (every test) exact `scaled_dot_product_attention` calls, one per
+group of sequences of equal lengths (a batched call, no padding), reading the boundaries as host ints (they live on
+the CPU there). docs/ARCHITECTURE.md says why.
 """
 
 import torch
@@ -86,19 +87,34 @@ def varlen_attention(
     if q.device.type != "cpu":  # CUDA; and the meta device, where varlen_attn infers shapes
         return _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale)
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()  # CPU tensors: no device read
-    out = q.new_empty(q.shape)
-    for i in range(len(bounds_q) - 1):
-        (a, b), (c, d) = bounds_q[i : i + 2], bounds_k[i : i + 2]
-        if b == a:
+    len_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
+    len_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
+    # Split, not slice: a slice's backward writes a zero tensor of the whole stream per sequence, a split's one cat.
+    qs, ks, vs = q.split(len_q), k.split(len_k), v.split(len_k)
+    outs: list[torch.Tensor | None] = [None] * len(len_q)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(zip(len_q, len_k)):
+        groups.setdefault(shape, []).append(i)
+    for (n, _), members in groups.items():
+        if n == 0:
+            for i in members:
+                outs[i] = q.new_zeros(0, q.shape[1], v.shape[2])
             continue
-        seq = _sdpa(q[a:b].transpose(0, 1)[None], k[c:d].transpose(0, 1)[None], v[c:d].transpose(0, 1)[None],
-                    causal, window, scale)  # fmt: skip
-        out[a:b] = seq[0].transpose(0, 1)
-    return out
+        # Sequences of equal lengths attend in one batched call: exact, and one call instead of many.
+        batch = [_gather(t, members).transpose(1, 2) for t in (qs, ks, vs)]  # (G, H, n, hd), (G, Hkv, n_k, hd) x2
+        seq = _sdpa(*batch, causal, window, scale).transpose(1, 2)  # (G, n, H, hd)
+        for i, out in zip(members, seq.unbind(0)):
+            outs[i] = out
+    return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+def _gather(pieces: tuple[torch.Tensor, ...], members: list[int]) -> torch.Tensor:
+    """The pieces of equal shape (n, H, hd) at `members`, as (G, n, H, hd) (a view when there is one)."""
+    return pieces[members[0]][None] if len(members) == 1 else torch.stack([pieces[i] for i in members])
 
 
 def _sdpa(q, k, v, causal: bool, window: int | None, scale: float | None) -> torch.Tensor:
-    """One sequence: q (1, H, n, hd), k/v (1, Hkv, n_k, hd) -> (1, H, n, hd)."""
+    """Sequences of equal lengths: q (G, H, n, hd), k/v (G, Hkv, n_k, hd) -> (G, H, n, hd)."""
     gqa = q.shape[1] != k.shape[1]
     n, n_k = q.shape[2], k.shape[2]
     if causal and window is not None and window < n_k:

@@ -147,7 +147,6 @@ def end_failed_rank(comm, err: Exception) -> None:
             f"another rank's process ended (killed, out of host memory?): its own log and the job's say why; no "
             f"checkpoint was saved ({short[:200]})"))  # fmt: skip
     else:
-
         traceback.print_exc()
         cause = f"rank {rank} failed: {type(err).__name__}: {short} (traceback in rank {rank}'s log)"
         code, line = 1, cause

@@ -59,6 +59,7 @@ class Window:
     def reset(self) -> None:
         self.time = self.wait = self.flop = 0.0
         self.samples = self.enc_tokens = self.dec_tokens = self.dropped_tokens = self.skipped_rows = 0
+        self.over_budget = self.budget_full = 0
         self.enc_computed = self.dec_computed = 0  # positions the kernels ran, padding included
 
     def count(self, decoder: str, stats) -> None:
@@ -68,6 +69,8 @@ class Window:
         self.dec_tokens += stats.dec_tokens
         self.dropped_tokens += stats.dropped_tokens
         self.skipped_rows += stats.skipped_rows
+        self.over_budget += stats.over_budget
+        self.budget_full += stats.budget_full
         self.enc_computed += stats.enc_computed if stats.enc_computed >= 0 else stats.enc_tokens
         self.dec_computed += stats.dec_computed if stats.dec_computed >= 0 else stats.dec_tokens
         self.flop += self.flops(decoder, stats)  # real tokens only (BatchStats counts no padding)
@@ -90,6 +93,10 @@ class Window:
             out["context_tokens_dropped"] = self.dropped_tokens
         if self.skipped_rows:  # examples with no target left out of their batches: this rank's count over the window
             out["rows_without_target_skipped"] = self.skipped_rows
+        if self.over_budget:  # samples larger than data.tokens_per_micro_batch on their own: this rank's count
+            out["samples_over_budget_skipped"] = self.over_budget
+        if self.budget_full:  # samples of a window left because the token budget was full: this rank's count
+            out["samples_left_by_budget"] = self.budget_full
         if peak is not None:
             out["mfu"] = out["tflops_per_rank"] / peak
         return out
