@@ -39,19 +39,18 @@ from tqdm import tqdm
 from arctrain import store_codec
 from arctrain.store import (
     DTYPES,
-    MEMBER,
     PQ_DTYPES,
     SPLIT,
+    DocRecord,
     StoreWriter,
     VectorStore,
     bytes_per_vector,
     check_dtype,
     doc_key,
+    doc_record,
     encoder_identity,
     projector_first_layer,
-    sample_members,
     tensor_sha256,
-    unpack_member,
 )
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.pool import in_order
@@ -81,8 +80,8 @@ class Compressor:
         self.first = projector_first_layer(model_dir, bottleneck).to(self.device) if bottleneck else None  # (H, D)
 
     @torch.no_grad()
-    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[tuple[dict[str, bytes] | None, int]]:
-        """(id, text or its encoder segments) pairs -> each document's sample members (None: no encoder tokens) and
+    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[tuple[DocRecord | None, int]]:
+        """(id, text or its encoder segments) pairs -> each document's record (None: no encoder tokens) and
         its bytes of UTF-8 text (of shard segments: their tokens decoded)."""
         segments = [self.pieces.segments(text) if isinstance(text, str) else text for _, text in docs]
         flat = [seg for segs in segments for seg in segs]
@@ -93,7 +92,7 @@ class Compressor:
         out, k = [], 0
         for (doc_id, text), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)
-            members = sample_members(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None
+            members = doc_record(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None
             if members is not None and not all(torch.isfinite(v).all() for v in doc_vectors):
                 raise ValueError(f"document {doc_id!r}: the encoder gave non-finite vectors; nothing is stored")
             raw = text if isinstance(text, str) else "".join(self.tok.decode(s) for s in segs)
@@ -110,7 +109,7 @@ def _init_worker(*args) -> None:
     _WORKER = Compressor(*args)
 
 
-def _compress_group(docs: list[tuple[str, str]]) -> list[tuple[dict[str, bytes] | None, int]]:
+def _compress_group(docs: list[tuple[str, str]]) -> list[tuple[DocRecord | None, int]]:
     return _WORKER.compress(docs)
 
 
@@ -214,7 +213,8 @@ def compress(args: argparse.Namespace) -> dict:
         store_codec.check(args.dtype, dim)
     staging = args.out / STAGING if pq else args.out
     staging.mkdir(exist_ok=True)
-    writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)))
+    pooling = (config["pooling_factor"], config["n_vectors"])
+    writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)), pooling)
     reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
     order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
@@ -225,7 +225,7 @@ def compress(args: argparse.Namespace) -> dict:
                     continue
                 writer.write(members, text_bytes)
                 if pq:
-                    reservoir.add(unpack_member(members[MEMBER])[1]["vectors"])
+                    reservoir.add(members.arrays["vectors"])
                     order.append((doc_id, text_bytes))
             bar.update(len(group))
     meta = {
@@ -273,11 +273,11 @@ def code_store(staging: Path, out: Path, order: list[tuple[str, int]], args: arg
     """The fp32 staging store's documents, in order, coded with the trained codebook into `out`'s shards."""
     source = VectorStore(staging)
     codec = store_codec.Codec(out, meta["codec"])
-    writer = StoreWriter(out, int(args.shard_size_mb * (1 << 20)))
+    writer = StoreWriter(out, int(args.shard_size_mb * (1 << 20)), (meta["pooling_factor"], meta["n_vectors"]))
     for doc_id, text_bytes in order:
         doc = source.get(doc_id)
-        writer.write(sample_members(doc_id, doc.vectors, doc.tokens, args.dtype, codec), text_bytes)
-    source.reader.close()
+        writer.write(doc_record(doc_id, doc.vectors, doc.tokens, args.dtype, codec), text_bytes)
+    source.close()
     return writer.close(meta)
 
 
