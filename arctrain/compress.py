@@ -14,11 +14,11 @@ compressed on its own. Unusable records and repeated ids are counted skips, list
 groups, each group compressed in the same batches whoever computes it, and the shards are written in input order
 by this process: the store is the same bytes for any N (at the same --threads and --device).
 
-`--dtype pq<M>` / `opq<M>` (arctrain/store_codec.py): the documents are compressed once into a staging store of fp32
-vectors inside --out (4 x width bytes per vector on disk while it runs, removed at the end), while a uniform sample
-of up to --train-vectors of their vectors is drawn (seeded); the codebook is trained on that sample, then every
-document is read back from the staging store in order and written as codes. With fewer vectors than asked the
-codebook is trained on all of them, and the summary says so.
+`--dtype pq<M>`, `opq<M>`, `rq<M>`, `pca<d>-...` (arctrain/store_codec.py): the documents are compressed once into
+a staging store of fp32 vectors inside --out (4 x width bytes per vector on disk while it runs, removed at the end),
+while a uniform sample of up to --train-vectors of their vectors is drawn (seeded); the codebook is trained on that
+sample, then every document is read back from the staging store in order and written as codes. With fewer vectors
+than asked the codebook is trained on all of them, and the summary says so.
 
 `--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer,
 when H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
@@ -328,7 +328,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--bottleneck", metavar="DECODER", help="store after this decoder's projector first layer (only it reads it)"
     )
-    p.add_argument("--train-vectors", type=int, default=100_000, help="pq/opq: codebook training sample size")
+    p.add_argument("--train-vectors", type=int, default=100_000, help="codec dtypes: codebook training sample size")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="the document id (unique across inputs); default: text sha256")
     p.add_argument("--workers", type=int, default=1, help="compressing processes")

@@ -110,7 +110,13 @@ def test_compress_says_when_the_codebook_saw_every_vector(exported, inputs, tmp_
     assert "trained on all" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compress(exported, inputs, tmp_path / "t", "--dtype", "pq7")  # 7 does not divide the width
-    assert "--dtype pq7: 7 sub-vectors must divide the stored width" in capsys.readouterr().err
+    assert "--dtype pq7: 7 sub-vectors must divide the coded width 96" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compress(exported, inputs, tmp_path / "u", "--dtype", "pca96-rq8")  # a PCA that keeps every dimension
+    assert "--dtype pca96-rq8: pca96 must keep fewer dimensions than the stored width 96" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compress(exported, inputs, tmp_path / "v", "--dtype", "rq")
+    assert "--dtype 'rq': not a store dtype" in capsys.readouterr().err
 
 
 def test_generate_eval_and_vllm_prompts_read_a_pq_store(exported, tiny_models, docs, stores, tmp_path, capsys):
