@@ -234,7 +234,7 @@ def test_a_store_on_disk_is_its_records_and_32_bytes_of_index_per_document(docs,
     for shard in manifest["shards"]:
         index = stores["rq8"] / shard["index"]["name"]
         header = len(index.read_bytes()) - 32 * shard["samples"]
-        assert index.stat().st_size == shard["index"]["bytes"] and 0 < header <= 128  # np.save's header
+        assert index.stat().st_size == shard["index"]["bytes"] and header in (64, 128, 192, 256)  # np.save's header
     assert manifest["vector_bytes"] == 8 * manifest["vectors"]
     codebook = (stores["rq8"] / "codebook.faiss").stat().st_size
     assert manifest["bytes"] == records + sum(s["index"]["bytes"] for s in manifest["shards"]) + codebook
