@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from arctrain.flops import FlopCounter, matmul_params
 from arctrain.model import ARCEncoder, Projector
 from arctrain.model.batch import BatchStats
-from arctrain.store import StoreWriter, VectorStore, sample_members
+from arctrain.store import StoreWriter, VectorStore, bytes_per_vector, doc_record
 
 SEGMENT = 256
 QUESTION = 32
@@ -85,9 +85,15 @@ def write_store(out: Path, encoder, n: int, dtype: str) -> VectorStore:
     """An n-token context compressed once into a store of one document, opened for reading."""
     ids = torch.randint(0, VOCAB, (n // SEGMENT, SEGMENT))
     out.mkdir(parents=True)
-    writer = StoreWriter(out, 1 << 30)
-    writer.write(sample_members("doc", encoder.compress(ids, torch.ones_like(ids)), [SEGMENT] * len(ids), dtype))
-    writer.close({"encoder": {"identity": "benchmark"}, "dtype": dtype})
+    vectors = encoder.compress(ids, torch.ones_like(ids))  # (m, De) per segment
+    pooling = (SEGMENT // len(vectors[0]), 0)
+    writer = StoreWriter(out, 1 << 30, pooling)
+    writer.write(doc_record("doc", vectors, [SEGMENT] * len(ids), dtype))
+    width = vectors[0].shape[1]
+    meta = {"encoder": {"identity": "benchmark"}, "dtype": dtype, "stored_width": width}
+    writer.close(
+        meta | {"pooling_factor": pooling[0], "n_vectors": 0, "bytes_per_vector": bytes_per_vector(width, dtype)}
+    )
     return VectorStore(out)
 
 
