@@ -18,8 +18,8 @@ T(T+1)/2 pairs, a bidirectional encoder segment L^2, the pooled layer m x L) and
 
 From the store (`x4 store`): the same context compressed once beforehand by `arctrain compress`'s writer
 (arctrain/inference/store.py, --store-dtype, bf16 by default) into a store on disk, opened once as a server would;
-timed: reading the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The
-encoder's cost is gone.
+timed: reading the document's vectors back (seek, dequantize), the projector and the decoder's prefill. The encoder's
+cost is gone.
 """
 
 import argparse
@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from arctrain.data.batch import BatchStats
-from arctrain.inference.store import StoreWriter, VectorStore, sample_members
+from arctrain.inference.store import StoreWriter, VectorStore, bytes_per_vector, doc_record
 from arctrain.model import ARCEncoder, Projector
 from arctrain.model.flops import FlopCounter, matmul_params
 
@@ -86,9 +86,15 @@ def write_store(out: Path, encoder, n: int, dtype: str) -> VectorStore:
     """An n-token context compressed once into a store of one document, opened for reading."""
     ids = torch.randint(0, VOCAB, (n // SEGMENT, SEGMENT))
     out.mkdir(parents=True)
-    writer = StoreWriter(out, 1 << 30)
-    writer.write(sample_members("doc", encoder.compress(ids, torch.ones_like(ids)), [SEGMENT] * len(ids), dtype))
-    writer.close({"encoder": {"identity": "benchmark"}, "dtype": dtype})
+    vectors = encoder.compress(ids, torch.ones_like(ids))  # (m, De) per segment
+    pooling = (SEGMENT // len(vectors[0]), 0)
+    writer = StoreWriter(out, 1 << 30, pooling)
+    writer.write(doc_record("doc", vectors, [SEGMENT] * len(ids), dtype))
+    width = vectors[0].shape[1]
+    meta = {"encoder": {"identity": "benchmark"}, "dtype": dtype, "stored_width": width}
+    writer.close(
+        meta | {"pooling_factor": pooling[0], "n_vectors": 0, "bytes_per_vector": bytes_per_vector(width, dtype)}
+    )
     return VectorStore(out)
 
 

@@ -6,9 +6,9 @@
 The documents of --input are compressed once by the real `arctrain compress` (fp32); every other store is written from
 those vectors by the store's own writer (arctrain/inference/store.py: the bytes `arctrain compress --dtype X` writes,
 without running the encoder again). The pq/opq codebooks are trained (arctrain/inference/store_codec.py, faiss) on up to
---train-vectors vectors drawn from the documents of --train-input (compressed the same way; default: --input itself, as
-`arctrain compress` does). Bytes are what each store holds on disk: shards and indexes per byte of UTF-8 text, the
-codebook (a fixed cost, ~0.6-2 MB) beside it.
+--train-vectors vectors drawn from the documents of --train-input (compressed the same way; default: --input itself,
+as `arctrain compress` does). Bytes are what each store holds on disk: shards and indexes per byte of UTF-8 text,
+the codebook (a fixed cost, ~0.6-2 MB) beside it.
 
 Quality: the decoder reconstructs each of the first --segments segments from its vectors read back from each store
 (<Rec>, teacher forcing, as `arctrain eval --heldout` does from the encoder); "gain lost" is the loss increase over
@@ -32,7 +32,15 @@ from arctrain.cli import main as arctrain
 from arctrain.inference import store_codec
 from arctrain.inference.eval import score_targets
 from arctrain.inference.generate import ARCGenerator
-from arctrain.inference.store import StoreWriter, VectorStore, bytes_per_vector, dequantize, quantize, sample_members
+from arctrain.inference.store import (
+    FORMAT,
+    StoreWriter,
+    VectorStore,
+    bytes_per_vector,
+    dequantize,
+    doc_record,
+    quantize,
+)
 from arctrain.model import Example, Memory, Text
 
 
@@ -63,15 +71,15 @@ def recode(source: VectorStore, ids: list[str], out: Path, dtype: str, codec, te
     """`source`'s documents written as a `dtype` store into `out` (the writer `arctrain compress` uses)."""
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(source.manifest)
-    for key in ("shards", "bytes", "bytes_per_token", "bytes_per_text_byte", "text_bytes", "codec"):
+    for key in ("shards", "bytes", "bytes_per_token", "bytes_per_text_byte", "text_bytes", "codec", "format"):
         meta.pop(key, None)
     meta |= {"dtype": dtype, "bytes_per_vector": bytes_per_vector(meta["stored_width"], dtype)}
     if codec is not None:
         meta["codec"] = codec[1]
-    writer = StoreWriter(out, 256 << 20)
+    writer = StoreWriter(out, 256 << 20, (meta["pooling_factor"], meta["n_vectors"]))
     for doc_id in ids:
         doc = source.get(doc_id)
-        writer.write(sample_members(doc_id, doc.vectors, doc.tokens, dtype, codec and codec[0]), text_bytes[doc_id])
+        writer.write(doc_record(doc_id, doc.vectors, doc.tokens, dtype, codec and codec[0]), text_bytes[doc_id])
     return writer.close(meta)
 
 
@@ -110,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = args.work or Path(tempfile.mkdtemp(prefix="store_quality_"))
     for old in root.glob("*"):
-        if old.name not in ("fp32", "train"):
+        if old.name not in ("fp32", "train") and old.is_dir():
             shutil.rmtree(old)
     docs = read_docs(args.input)
     ids, text_bytes = [d["id"] for d in docs], {d["id"]: len(d["text"].encode()) for d in docs}
@@ -134,7 +142,7 @@ def main() -> None:
     gain = no_context - base
     print(f"(no context: loss {no_context:.4f}; the context is worth {gain:.4f} nats)")
     header = ("store", "B/vector", "B/text B", "codes B/B", "rec loss", "vs fp32", "gain lost", "tok acc", "codebook")
-    print("{:>6} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>7} {:>9}".format(*header))
+    print("{:>12} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>7} {:>9}".format(*header))
     stores, codecs = {"fp32": exact}, {}
     for dtype in ["fp32", *args.dtypes]:
         codec, trained = None, ""
@@ -144,7 +152,10 @@ def main() -> None:
             entry = store_codec.train(dtype, reservoir.sample(), root / dtype, args.threads)
             trained = f"{entry['bytes']:,} B, trained in {time.perf_counter() - start:.0f}s"
             codecs[dtype] = codec = (store_codec.Codec(root / dtype, entry), entry)
-        if dtype != "fp32":
+        if dtype == "fp32" and exact.manifest["format"] != FORMAT:  # kept from an older format: its bytes in this
+            recode(exact, ids, root / "fp32.now", dtype, None, text_bytes)
+            stores[dtype] = VectorStore(root / "fp32.now")
+        elif dtype != "fp32":
             recode(exact, ids, root / dtype, dtype, codec, text_bytes)
             stores[dtype] = VectorStore(root / dtype)
         store = stores[dtype]
@@ -156,7 +167,7 @@ def main() -> None:
         m = store.manifest
         shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])  # on disk, the codebook aside
         codes = m["bytes_per_vector"] * m["vectors"] / texts  # the vectors alone: long documents, at scale
-        print(f"{dtype:>6} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
+        print(f"{dtype:>12} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
               f"{loss - base:>+8.4f} {(loss - base) / gain:>9.1%} {acc:>7.3f} {trained}", flush=True)  # fmt: skip
     speed(args, stores, codecs, reservoir.sample())
 

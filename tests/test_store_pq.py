@@ -3,10 +3,8 @@
 import hashlib
 import json
 import shutil
-import tarfile
 
 import faiss
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -40,38 +38,56 @@ def compress(exported, inputs, out, *args):
 @pytest.fixture(scope="module")
 def stores(exported, inputs, tmp_path_factory) -> dict:
     root, small = tmp_path_factory.mktemp("pq_stores"), ["--shard-size-mb", "0.01"]
-    out = {d: compress(exported, inputs, root / d, "--dtype", d, *small) for d in ("fp32", "pq8", "opq8")}
+    dtypes = ("fp32", "pq8", "opq8", "rq8", "pca48-pq8", "pca48-rq6")
+    out = {d: compress(exported, inputs, root / d, "--dtype", d, *small) for d in dtypes}
     out["pq8_sampled"] = compress(exported, inputs, root / "pq8_sampled", "--dtype", "pq8", "--train-vectors", "300")
     return out
 
 
-def stored_member(store_dir, doc_id) -> tuple:
-    """(shard, tar member, its MessagePack content) of a document, read with tarfile (not the store's reader)."""
-    key = doc_key(doc_id)
-    for shard in sorted(store_dir.glob("vectors-*.tar")):
-        with tarfile.open(shard) as tar:
-            if f"{key}.doc.mp" in tar.getnames():
-                member = tar.getmember(f"{key}.doc.mp")
-                return shard, member, msgpack.unpackb(tar.extractfile(member).read())
+def stored_record(store_dir, doc_id) -> tuple:
+    """(shard, start, end, index row) of a document's record, found with numpy in the index files (not the store's
+    reader): the record is bytes start:end of the shard."""
+    key = bytes.fromhex(doc_key(doc_id))
+    for index_path in sorted(store_dir.glob("vectors-*.idx.npy")):
+        index = np.load(index_path, allow_pickle=False)
+        rows = [i for i, k in enumerate(index["key"]) if bytes(k) == key]
+        if rows:
+            shard = index_path.with_name(index_path.name.replace(".idx.npy", ".bin"))
+            i = rows[0]
+            end = int(index["offset"][i + 1]) if i + 1 < len(index) else shard.stat().st_size
+            return shard, int(index["offset"][i]), end, index[i]
     raise KeyError(doc_id)
 
 
 def stored_codes(store_dir, doc_id) -> np.ndarray:
-    """A document's stored vectors array (pq: its codes), (N, W)."""
-    v = stored_member(store_dir, doc_id)[2]["vectors"]
-    assert stored_member(store_dir, doc_id)[2]["id"] == doc_id
-    return np.frombuffer(v["data"], v["dtype"]).reshape(v["shape"])
+    """A document's stored vectors array (codes for a codec's store), (N, W): the record's bytes after its tokens
+    per segment (<u2), for an fp32 or a codec's store."""
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    shard, start, end, row = stored_record(store_dir, doc_id)
+    element = "u1" if "codec" in manifest else "<f4"
+    raw = shard.read_bytes()[start + 2 * int(row["segments"]) : end]
+    return np.frombuffer(raw, element).reshape(int(row["vectors"]), -1)
 
 
-@pytest.mark.parametrize("dtype", ["pq8", "opq8"])
-def test_pq_store_holds_the_faiss_codes_of_the_vectors_and_decodes_as_faiss_does(docs, stores, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "factory"),
+    [
+        ("pq8", "PQ8x8"),
+        ("opq8", "OPQ8,PQ8x8"),
+        ("rq8", "RQ8x8"),
+        ("pca48-pq8", "PCA48,PQ8x8"),
+        ("pca48-rq6", "PCA48,RQ6x8"),
+    ],
+)
+def test_pq_store_holds_the_faiss_codes_of_the_vectors_and_decodes_as_faiss_does(docs, stores, dtype, factory):
     manifest = json.loads((stores[dtype] / "manifest.json").read_text())
     codebook = stores[dtype] / manifest["codec"]["file"]
     assert manifest["codec"]["sha256"] == hashlib.sha256(codebook.read_bytes()).hexdigest()
     exact, store = VectorStore(stores["fp32"]), VectorStore(stores[dtype])
     assert manifest["codec"]["trained_on"] == manifest["vectors"] == exact.manifest["vectors"] > 256  # all: < 100k
     index = faiss.read_index(str(codebook))
-    assert manifest["bytes_per_vector"] == index.sa_code_size() == 8
+    assert manifest["codec"]["factory"] == factory
+    assert manifest["bytes_per_vector"] == index.sa_code_size() == int(factory.split("Q")[-1].split("x")[0])
     texts = sum(len(d["text"].encode()) for d in docs)
     assert manifest["text_bytes"] == texts and manifest["bytes_per_text_byte"] == manifest["bytes"] / texts
     for doc in docs[::7]:
@@ -94,7 +110,13 @@ def test_compress_says_when_the_codebook_saw_every_vector(exported, inputs, tmp_
     assert "trained on all" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compress(exported, inputs, tmp_path / "t", "--dtype", "pq7")  # 7 does not divide the width
-    assert "--dtype pq7: 7 sub-vectors must divide the stored width" in capsys.readouterr().err
+    assert "--dtype pq7: 7 sub-vectors must divide the coded width 96" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compress(exported, inputs, tmp_path / "u", "--dtype", "pca96-rq8")  # a PCA that keeps every dimension
+    assert "--dtype pca96-rq8: pca96 must keep fewer dimensions than the stored width 96" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compress(exported, inputs, tmp_path / "v", "--dtype", "rq")
+    assert "--dtype 'rq': not a store dtype" in capsys.readouterr().err
 
 
 def test_generate_eval_and_vllm_prompts_read_a_pq_store(exported, tiny_models, docs, stores, tmp_path, capsys):
@@ -134,14 +156,14 @@ def test_verify_store_names_a_changed_file(stores, tmp_path, capsys):
     arctrain(["verify-store", str(stores["pq8"])])
     assert "match manifest.json" in capsys.readouterr().out
     bad = shutil.copytree(stores["pq8"], tmp_path / "bad")
-    shard = sorted(bad.glob("vectors-*.tar"))[1]
+    shard = sorted(bad.glob("vectors-*.bin"))[1]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit, same size: only the hash sees it
     shard.write_bytes(bytes(data))
     err = run_error(["verify-store", str(bad)], capsys)
     assert f"{shard}: sha256 differs from manifest.json" in err
-    shard.write_bytes(bytes(data[:-512]))  # truncated: opening the store refuses it (sizes are checked)
-    with pytest.raises(ValueError, match=f"{shard.name}: {len(data) - 512} bytes, manifest.json says {len(data)}"):
+    shard.write_bytes(bytes(data[:-5]))  # truncated: opening the store refuses it (sizes are checked)
+    with pytest.raises(ValueError, match=f"{shard.name}: {len(data) - 5} bytes, manifest.json says {len(data)}"):
         VectorStore(bad)
     shutil.copy(stores["pq8"] / shard.name, shard)
     codebook = bad / "codebook.faiss"
@@ -153,10 +175,9 @@ def test_verify_store_names_a_changed_file(stores, tmp_path, capsys):
 def test_generate_refuses_a_stored_nan_naming_the_document(exported, tiny_models, docs, stores, tmp_path, capsys):
     bad = shutil.copytree(stores["fp32"], tmp_path / "nan")
     doc_id = docs[3]["id"]
-    shard, member, sample = stored_member(bad, doc_id)
+    shard, start, _, row = stored_record(bad, doc_id)
     data = bytearray(shard.read_bytes())
-    body = data[member.offset_data : member.offset_data + member.size]
-    start = bytes(body).index(sample["vectors"]["data"]) + member.offset_data  # the float32 rows in the shard
+    start += 2 * int(row["segments"])  # the float32 rows, after the tokens per segment
     data[start : start + 4] = np.array([np.nan], dtype=np.float32).tobytes()
     shard.write_bytes(bytes(data))
     gen = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "x"]
@@ -200,3 +221,50 @@ def test_a_bottleneck_store_feeds_its_decoder_what_the_full_vectors_do(narrow_ex
     err = run_error(["compress", "--model", str(narrow_export), "--input", str(inputs), "--out", str(tmp_path / "m"),
                      "--bottleneck", "mistral"], capsys)  # fmt: skip
     assert "--bottleneck mistral: its projector's hidden width" in err
+
+
+def test_a_store_on_disk_is_its_records_and_32_bytes_of_index_per_document(docs, stores):
+    """Format 3: per document, its tokens per segment (2 bytes each) and its codes, back to back; per shard an index
+    of 32-byte rows (np.save's header aside); nothing else but the codebook."""
+    manifest = json.loads((stores["rq8"] / "manifest.json").read_text())
+    fp32 = VectorStore(stores["fp32"])
+    records = sum(2 * len(fp32.get(d["id"]).tokens) + 8 * sum(map(len, fp32.get(d["id"]).vectors)) for d in docs)
+    shards = sorted(stores["rq8"].glob("vectors-*.bin"))
+    assert len(shards) == len(manifest["shards"]) > 1 and sum(p.stat().st_size for p in shards) == records
+    for shard in manifest["shards"]:
+        index = stores["rq8"] / shard["index"]["name"]
+        header = len(index.read_bytes()) - 32 * shard["samples"]
+        assert index.stat().st_size == shard["index"]["bytes"] and header in (64, 128, 192, 256)  # np.save's header
+    assert manifest["vector_bytes"] == 8 * manifest["vectors"]
+    codebook = (stores["rq8"] / "codebook.faiss").stat().st_size
+    assert manifest["bytes"] == records + sum(s["index"]["bytes"] for s in manifest["shards"]) + codebook
+
+
+def test_a_format_2_store_is_still_read(docs, stores, tmp_path):
+    """A store written as format 2 wrote it (tar shards, one MessagePack member per document) reads the same."""
+    import msgpack
+
+    from data_tools.samples import Sample
+    from data_tools.shards import SplitWriter
+
+    fp32 = VectorStore(stores["fp32"])
+    writer = SplitWriter(tmp_path, "vectors", 1 << 20, 0, ["encoder"])
+    for doc in docs:
+        stored = fp32.get(doc["id"])
+        arrays = {"vectors": torch.cat(stored.vectors).numpy(), "counts": np.array([len(v) for v in stored.vectors]),
+                  "tokens": np.array(stored.tokens, dtype=np.int32)}  # fmt: skip
+        packed = {k: {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
+        member = msgpack.packb({"id": doc["id"], **packed})
+        writer.write(Sample({"__key__": doc_key(doc["id"]), "doc.mp": member}, (sum(stored.tokens),)))
+    shards = writer.close()
+    for shard in shards:
+        shard["tokens"] = shard["tokens"]["encoder"]
+    manifest = {k: v for k, v in fp32.manifest.items() if k != "shards"} | {"format": "arctrain-vectors/2"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest | {"shards": shards}))
+    old = VectorStore(tmp_path)
+    assert {p.suffix for p in tmp_path.glob("vectors-*")} == {".npy", ".tar"}  # tar shards and their indexes
+    for doc in docs[::5]:
+        new, read = fp32.get(doc["id"]), old.get(doc["id"])
+        assert read.tokens == new.tokens and all(
+            torch.equal(a, b) for a, b in zip(read.vectors, new.vectors, strict=True)
+        )

@@ -1,4 +1,4 @@
-"""Compress documents once into a vector store (inference/store.py) that `generate/eval --vectors` read.
+"""Compress documents once into a vector store (inference/store.py) that `generate --vectors` and `eval --vectors` read.
 
     arctrain compress --model exported/arc4 --input 'wiki/*.jsonl.zst' --out store/ --dtype int8 --workers 16
     arctrain compress --model exported/arc4 --input docs.parquet --text-field body --id-field url --out store/
@@ -14,16 +14,16 @@ compressed on its own. Unusable records and repeated ids are counted skips, list
 groups, each group compressed in the same batches whoever computes it, and the shards are written in input order
 by this process: the store is the same bytes for any N (at the same --threads and --device).
 
-`--dtype pq<M>` / `opq<M>` (arctrain/inference/store_codec.py): the documents are compressed once into a staging store
-of fp32 vectors inside --out (4 x width bytes per vector on disk while it runs, removed at the end), while a uniform
-sample of up to --train-vectors of their vectors is drawn (seeded); the codebook is trained on that sample, then every
-document is read back from the staging store in order and written as codes. With fewer vectors than asked the codebook
-is trained on all of them, and the summary says so.
+`--dtype pq<M>`, `opq<M>`, `rq<M>`, `pca<d>-...` (arctrain/inference/store_codec.py): the documents are compressed once
+into a staging store of fp32 vectors inside --out (4 x width bytes per vector on disk while it runs, removed at the
+end), while a uniform sample of up to --train-vectors of their vectors is drawn (seeded); the codebook is trained on
+that sample, then every document is read back from the staging store in order and written as codes. With fewer vectors
+than asked the codebook is trained on all of them, and the summary says so.
 
-`--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer,
-when H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
-(arctrain/inference/store.py). It pays for a store that one decoder reads; a store for several decoders keeps
-encoder space.
+`--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer, when
+H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
+(arctrain/inference/store.py). It pays for a store that one decoder reads; a store for several decoders keeps encoder
+space.
 """
 
 import argparse
@@ -35,7 +35,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from arctrain.data.qa import TextPieces
 from arctrain.data.shards import check_tokenizers, read_manifest
@@ -43,19 +45,18 @@ from arctrain.export.load import load_export
 from arctrain.inference import store_codec
 from arctrain.inference.store import (
     DTYPES,
-    MEMBER,
     PQ_DTYPES,
     SPLIT,
+    DocRecord,
     StoreWriter,
     VectorStore,
     bytes_per_vector,
     check_dtype,
     doc_key,
+    doc_record,
     encoder_identity,
     projector_first_layer,
-    sample_members,
     tensor_sha256,
-    unpack_member,
 )
 from data_tools.inputs import DataError, Doc, Fields, Tally, check_inputs, expand_inputs, read_documents, source_entries
 from data_tools.pool import in_order
@@ -70,9 +71,6 @@ class Compressor:
     """An export's encoder and tokenizer: documents -> pooled vectors per segment (the worker's state)."""
 
     def __init__(self, model_dir: str | Path, dtype: str, device: str, threads: int, bottleneck: str | None = None):
-        # transformers takes seconds to import; only this path needs it
-        from transformers import AutoTokenizer
-
         torch.set_num_threads(threads)
         self.encoder, _, _, config = load_export(model_dir, torch.float32)
         self.device = torch.device(device)
@@ -84,8 +82,8 @@ class Compressor:
         self.first = projector_first_layer(model_dir, bottleneck).to(self.device) if bottleneck else None  # (H, D)
 
     @torch.no_grad()
-    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[tuple[dict[str, bytes] | None, int]]:
-        """(id, text or its encoder segments) pairs -> each document's sample members (None: no encoder tokens) and
+    def compress(self, docs: list[tuple[str, str | list[list[int]]]]) -> list[tuple[DocRecord | None, int]]:
+        """(id, text or its encoder segments) pairs -> each document's record (None: no encoder tokens) and
         its bytes of UTF-8 text (of shard segments: their tokens decoded)."""
         segments = [self.pieces.segments(text) if isinstance(text, str) else text for _, text in docs]
         flat = [seg for segs in segments for seg in segs]
@@ -96,7 +94,7 @@ class Compressor:
         out, k = [], 0
         for (doc_id, text), segs in zip(docs, segments, strict=True):
             doc_vectors, k = vectors[k : k + len(segs)], k + len(segs)
-            members = sample_members(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None
+            members = doc_record(doc_id, doc_vectors, [len(s) for s in segs], self.dtype) if segs else None
             if members is not None and not all(torch.isfinite(v).all() for v in doc_vectors):
                 raise ValueError(f"document {doc_id!r}: the encoder gave non-finite vectors; nothing is stored")
             raw = text if isinstance(text, str) else "".join(self.tok.decode(s) for s in segs)
@@ -113,7 +111,7 @@ def _init_worker(*args) -> None:
     _WORKER = Compressor(*args)
 
 
-def _compress_group(docs: list[tuple[str, str]]) -> list[tuple[dict[str, bytes] | None, int]]:
+def _compress_group(docs: list[tuple[str, str]]) -> list[tuple[DocRecord | None, int]]:
     return _WORKER.compress(docs)
 
 
@@ -155,9 +153,6 @@ def read_inputs(patterns: list[str], fields: Fields, tally: Tally, model_dir: Pa
 def shard_documents(shard_dir: Path, model_dir: Path, segment_tokens: int, tally: Tally) -> Iterator[tuple]:
     """The documents of an `arc-data build` directory as the encoder segments its samples hold (windows of one
     document are consecutive), checked to be cut by the export's encoder tokenizer at its segment length."""
-    # webdataset only for this path
-    import webdataset as wds
-
     manifest = read_manifest(shard_dir)
     check_tokenizers(shard_dir, manifest, {"encoder": str(model_dir)})
     if manifest["segment_tokens"] != segment_tokens:
@@ -215,7 +210,8 @@ def compress(args: argparse.Namespace) -> dict:
         store_codec.check(args.dtype, dim)
     staging = args.out / STAGING if pq else args.out
     staging.mkdir(exist_ok=True)
-    writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)))
+    pooling = (config["pooling_factor"], config["n_vectors"])
+    writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)), pooling)
     reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
     order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
@@ -226,7 +222,7 @@ def compress(args: argparse.Namespace) -> dict:
                     continue
                 writer.write(members, text_bytes)
                 if pq:
-                    reservoir.add(unpack_member(members[MEMBER])[1]["vectors"])
+                    reservoir.add(members.arrays["vectors"])
                     order.append((doc_id, text_bytes))
             bar.update(len(group))
     meta = {
@@ -274,11 +270,11 @@ def code_store(staging: Path, out: Path, order: list[tuple[str, int]], args: arg
     """The fp32 staging store's documents, in order, coded with the trained codebook into `out`'s shards."""
     source = VectorStore(staging)
     codec = store_codec.Codec(out, meta["codec"])
-    writer = StoreWriter(out, int(args.shard_size_mb * (1 << 20)))
+    writer = StoreWriter(out, int(args.shard_size_mb * (1 << 20)), (meta["pooling_factor"], meta["n_vectors"]))
     for doc_id, text_bytes in order:
         doc = source.get(doc_id)
-        writer.write(sample_members(doc_id, doc.vectors, doc.tokens, args.dtype, codec), text_bytes)
-    source.reader.close()
+        writer.write(doc_record(doc_id, doc.vectors, doc.tokens, args.dtype, codec), text_bytes)
+    source.close()
     return writer.close(meta)
 
 
@@ -329,7 +325,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--bottleneck", metavar="DECODER", help="store after this decoder's projector first layer (only it reads it)"
     )
-    p.add_argument("--train-vectors", type=int, default=100_000, help="pq/opq: codebook training sample size")
+    p.add_argument("--train-vectors", type=int, default=100_000, help="codec dtypes: codebook training sample size")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="the document id (unique across inputs); default: text sha256")
     p.add_argument("--workers", type=int, default=1, help="compressing processes")

@@ -2,19 +2,19 @@
 
     DIR/manifest.json             what made the vectors (encoder identity, pooling, factor, segment tokens, dtype),
                                   counts, and every shard with its sha256 and index
-    DIR/vectors-000000.tar        WebDataset shards, one sample per document, written by data_tools' SplitWriter
-    DIR/vectors-000000.idx.npy    member offsets of every sample (data_tools/shard_index.py): lookups seek
+    DIR/vectors-000000.bin        the documents' records, back to back (arctrain/inference/store_shards.py)
+    DIR/vectors-000000.idx.npy    one 32-byte row per document: its key, where its record starts, its counts
 
-A sample holds one document in one member, `doc.mp` (MessagePack: one tar header per document, not one per array):
-`id` (its id), `counts` (S,) vectors per segment and `tokens` (S,) encoder tokens per segment (int32), `vectors`
-(sum counts, W) in the store's dtype (bf16 as its raw uint16 bits: numpy has no bfloat16), and for int8 `scales`
-(sum counts,) float32, one scale per vector; each array as {"dtype", "shape", "data": raw bytes}. Segment i of a
-document is rows counts[:i].sum() ... of its vectors. The vectors are the encoder's pooled output (W = D), before
-any projector, so one store serves every decoder the encoder was trained with, and a decoder added later with the
-encoder frozen too. Stores of format 1 (one .npy member per array and `id.txt`) are still read.
+A document's record holds its encoder tokens per segment, (S,) <u2, then its vectors, (N, W) in the store's dtype
+(bf16 as its raw uint16 bits: numpy has no bfloat16), then for int8 its scales, (N,) <f4, one per vector; raw
+little-endian arrays, what they are said once in the manifest. Segment i has n_pooled(tokens[i]) vectors (the
+pooling rule, arctrain/data/pooling.py), so the counts are not stored. The vectors are the encoder's pooled
+output (W = D), before any projector, so one store serves every decoder the encoder was trained with, and a decoder
+added later with the encoder frozen too. Stores of format 2 (tar shards, one MessagePack member `doc.mp` per
+document) and format 1 (one .npy member per array) are still read.
 
-Product-quantized stores (`pq<M>`, `opq<M>`: arctrain/inference/store_codec.py) hold `vectors` as (sum counts, M) uint8
-codes and DIR/codebook.faiss, the faiss codec they decode with (its sha256 in the manifest).
+Quantized stores (`pq<M>`, `opq<M>`, `rq<M>`: arctrain/inference/store_codec.py) hold (N, M) uint8 codes per document
+and DIR/codebook.faiss, the faiss codec they decode with (its sha256 in the manifest).
 
 A bottleneck store (`compress --bottleneck DECODER`) holds, instead of each vector x, h = W1 x: the output of that
 decoder's projector first layer (W1: (H, D), H < D; the projector is two bias-free linears W2 W1, no activation), H
@@ -43,18 +43,20 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from arctrain.data.pooling import n_pooled
 from arctrain.data.shards import ShardReader
 from arctrain.export.load import export_weight_files
 from arctrain.inference import store_codec
-from data_tools.samples import Sample
-from data_tools.shards import SplitWriter
+from arctrain.inference.store_shards import ShardSet, ShardWriter
 from data_tools.tokenizer_id import tokenizer_hash
 
-FORMAT = "arctrain-vectors/2"
-FORMATS = ("arctrain-vectors/1", FORMAT)  # read
-MEMBER = "doc.mp"
+FORMAT = "arctrain-vectors/3"
+FORMATS = ("arctrain-vectors/1", "arctrain-vectors/2", FORMAT)  # read
+MEMBER = "doc.mp"  # format 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-PQ_DTYPES = "pq<M>, opq<M>"  # product-quantized: M one-byte codes per vector (arctrain/inference/store_codec.py)
+# Quantized by a trained codec (store_codec.py): M one-byte codes per vector.
+PQ_DTYPES = store_codec.DTYPES
+RECORD_DTYPES = {"fp32": "<f4", "bf16": "<u2", "fp16": "<f2", "int8": "i1"}  # a record's vectors (codes: u1)
 SPLIT = "vectors"
 MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeking (id.txt is for other readers)
 
@@ -62,7 +64,6 @@ MEMBERS = ["counts.npy", "tokens.npy", "vectors.npy"]  # format 1, read by seeki
 def encoder_identity(model_dir: str | Path) -> str:
     """sha256 of what decides an export's encoder vectors: its encoder weights, backbone, pooling, segment length
     and tokenizer. Projectors and special vectors are left out: they map the vectors for each decoder."""
-
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     keys = ("backbone", "pooling", "pooling_factor", "n_vectors", "segment_tokens", "rope")
@@ -125,19 +126,51 @@ def doc_key(doc_id: str) -> str:
     return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:32]
 
 
-def sample_members(
+@dataclass(frozen=True)
+class DocRecord:
+    """What a store keeps of one document: its key, encoder tokens and vectors per segment, the stored arrays."""
+
+    key: str
+    tokens: list[int]  # (S,) encoder tokens per segment
+    counts: list[int]  # (S,) vectors per segment
+    arrays: dict[str, np.ndarray]  # vectors (N, W) in the stored dtype (pq: (N, M) codes), int8 scales (N,)
+
+
+def doc_record(
     doc_id: str, segments: list[torch.Tensor], tokens: list[int], dtype: str, codec: "store_codec.Codec | None" = None
-) -> dict[str, bytes]:
-    """The WebDataset members of one document: its segments' vectors, (m_s, D) each, stored in `dtype`."""
+) -> DocRecord:
+    """One document's segments' vectors, (m_s, D) each, stored in `dtype`."""
     arrays = quantize(torch.cat(segments), dtype, codec)
-    arrays["counts"] = np.array([len(s) for s in segments], dtype=np.int32)
-    arrays["tokens"] = np.array(tokens, dtype=np.int32)
-    packed = {k: {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
-    return {"__key__": doc_key(doc_id), MEMBER: msgpack.packb({"id": doc_id, **packed})}
+    return DocRecord(doc_key(doc_id), list(tokens), [len(s) for s in segments], arrays)
+
+
+def pack_record(record: DocRecord) -> bytes:
+    """A record's bytes: tokens per segment <u2, the vectors, int8 scales <f4 (little-endian, no header)."""
+    if max(record.tokens) >= 1 << 16:
+        raise ValueError(f"a segment of {max(record.tokens)} encoder tokens: a store keeps at most 65535 per segment")
+    vectors = record.arrays["vectors"]
+    parts = [np.asarray(record.tokens, "<u2"), vectors.astype(vectors.dtype.newbyteorder("<"), copy=False)]
+    if "scales" in record.arrays:
+        parts.append(record.arrays["scales"].astype("<f4", copy=False))
+    return b"".join(p.tobytes() for p in parts)
+
+
+def unpack_record(data: bytes, segments: int, vectors: int, dtype: str, width: int) -> tuple[np.ndarray, dict]:
+    """A record's bytes -> (tokens (S,), arrays) for a store of `dtype` whose vectors are `width` elements (pq: the
+    code bytes); a ValueError when its length is not what the index row says."""
+    element = "u1" if store_codec.parse(dtype) else RECORD_DTYPES[dtype]
+    size = 2 * segments + vectors * width * np.dtype(element).itemsize + (4 * vectors if dtype == "int8" else 0)
+    if len(data) != size:
+        raise ValueError(f"a record of {len(data)} bytes, its index row says {segments} segments, {vectors} vectors")
+    tokens = np.frombuffer(data, "<u2", segments)
+    arrays = {"vectors": np.frombuffer(data, element, vectors * width, 2 * segments).reshape(vectors, width)}
+    if dtype == "int8":
+        arrays["scales"] = np.frombuffer(data, "<f4", vectors, 2 * segments + vectors * width)
+    return tokens, arrays
 
 
 def unpack_member(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
-    """A `doc.mp` member -> (document id, its arrays); a ValueError says what is wrong."""
+    """A format-2 `doc.mp` member -> (document id, its arrays); a ValueError says what is wrong."""
     try:
         sample = msgpack.unpackb(data)
         doc_id = sample.pop("id")
@@ -148,30 +181,34 @@ def unpack_member(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
 
 
 class StoreWriter:
-    """The shards of a store (data_tools' SplitWriter: sha256 and index per shard), then the manifest, last."""
+    """The shards of a store (store_shards.ShardWriter: sha256 and index per shard), then the manifest, last.
+    `pooling` = (factor, n_vectors): the rule a record's counts are checked against (they are not stored)."""
 
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out = out
-        self.writer = SplitWriter(out, SPLIT, shard_bytes, 0, ["encoder"])
+    def __init__(self, out: Path, shard_bytes: int, pooling: tuple[int, int]):
+        self.out, self.pooling = out, pooling
+        self.writer = ShardWriter(out, SPLIT, shard_bytes)
         self.docs = self.tokens = self.vectors = self.text_bytes = 0
 
-    def write(self, members: dict[str, bytes], text_bytes: int = 0) -> None:
-        _, arrays = unpack_member(members[MEMBER])
-        tokens = int(arrays["tokens"].sum())
-        self.writer.write(Sample(members, (tokens,)))
+    def write(self, record: DocRecord, text_bytes: int = 0) -> None:
+        expected = [n_pooled(t, *self.pooling) for t in record.tokens]
+        assert record.counts == expected, f"vectors per segment {record.counts}, the pooling rule gives {expected}"
+        tokens, vectors = sum(record.tokens), len(record.arrays["vectors"])
+        self.writer.write(bytes.fromhex(record.key), pack_record(record), len(record.tokens), vectors, tokens)
         self.docs, self.tokens, self.text_bytes = self.docs + 1, self.tokens + tokens, self.text_bytes + text_bytes
-        self.vectors += int(arrays["counts"].sum())
+        self.vectors += vectors
 
     def close(self, meta: dict) -> dict:
         """Write manifest.json: `meta` (encoder, pooling, dtype, codec, docs, sources), counts and the shards. `bytes`
-        is everything on disk (shards, indexes, codebook); per token and per byte of (UTF-8) text."""
+        is everything on disk (shards, indexes, codebook); per token and per byte of (UTF-8) text; `vector_bytes`
+        the vectors alone (codes, int8 scales)."""
         shards = self.writer.close()
-        for shard in shards:
-            shard["tokens"] = shard["tokens"]["encoder"]
         stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards) + meta.get("codec", {}).get("bytes", 0)
+        vector_bytes = self.vectors * meta["bytes_per_vector"]
         manifest = {"format": FORMAT, **meta, "encoder_tokens": self.tokens, "vectors": self.vectors}
+        text = max(self.text_bytes, 1)
         manifest |= {"text_bytes": self.text_bytes, "bytes": stored, "bytes_per_token": stored / max(self.tokens, 1),
-                     "bytes_per_text_byte": stored / max(self.text_bytes, 1), "shards": shards}  # fmt: skip
+                     "bytes_per_text_byte": stored / text, "vector_bytes": vector_bytes,
+                     "vector_bytes_per_text_byte": vector_bytes / text, "shards": shards}  # fmt: skip
         (self.out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(self.out / "manifest.json.tmp", self.out / "manifest.json")  # last: a finished store
         return manifest
@@ -203,6 +240,10 @@ class VectorStore:
             shards[str(path)] = (entry["samples"], str(index))
         codec = self.manifest.get("codec")
         self.codec = store_codec.Codec(self.root, codec) if codec else None  # checks the codebook's sha256
+        if self.manifest["format"] == FORMAT:
+            self.shards = ShardSet(self.root, self.manifest["shards"])
+            self.where = {key.hex(): where for key, where in self.shards.where.items()}
+            return
         self.reader = ShardReader(shards, max_indexes=len(shards) or 1)
         self.where = {}  # sample key -> (shard path, sample index)
         for path in shards:
@@ -253,9 +294,11 @@ class VectorStore:
         if doc_id not in self:
             raise ValueError(f"--vectors {self.root}: no document {doc_id!r} ({len(self)} documents stored)")
         path, i = self.where[doc_key(doc_id)]
+        if self.manifest["format"] == FORMAT:
+            path = self.shards.paths[path]
         where = f"--vectors {self.root}: document {doc_id!r} ({Path(path).name})"
         try:
-            arrays = self._arrays(path, i)
+            arrays = self._arrays(doc_id) if self.manifest["format"] == FORMAT else self._arrays_v2(path, i)
             vectors = dequantize(arrays, self.dtype, self.codec)
         except (ValueError, OSError, RuntimeError) as err:  # a damaged member: header, shape, dtype
             raise ValueError(f"{where}: unreadable ({err}); run arctrain verify-store {self.root}") from None
@@ -274,9 +317,20 @@ class VectorStore:
             vectors = vectors @ self.lift.T  # (N, H) -> (N, D), the projector's first layer maps it back to h
         return StoredDoc(doc_id, list(torch.split(vectors, counts)), arrays["tokens"].tolist())
 
-    def _arrays(self, path: str, i: int) -> dict[str, np.ndarray]:
+    def close(self) -> None:
+        (self.shards if self.manifest["format"] == FORMAT else self.reader).close()
+
+    def _arrays(self, doc_id: str) -> dict[str, np.ndarray]:
+        """A document's record (one pread), its counts from its tokens by the pooling rule."""
+        record, segments, vectors, _ = self.shards.read(bytes.fromhex(doc_key(doc_id)))
+        width = self.codec.code_bytes if self.codec else self.manifest["stored_width"]
+        tokens, arrays = unpack_record(record, segments, vectors, self.dtype, width)
+        pooling = (self.manifest["pooling_factor"], self.manifest["n_vectors"])
+        return arrays | {"tokens": tokens, "counts": np.array([n_pooled(int(t), *pooling) for t in tokens])}
+
+    def _arrays_v2(self, path: str, i: int) -> dict[str, np.ndarray]:
         """Sample `i` of shard `path`: one seek and read of its `doc.mp` (format 1: of each .npy member)."""
-        if self.manifest["format"] == FORMAT:
+        if self.manifest["format"] == "arctrain-vectors/2":
             row = self.reader._index(path)[i]
             return unpack_member(self.reader._member(path, row["key"].decode(), row, MEMBER))[1]
         suffixes = MEMBERS + (["scales.npy"] if self.dtype == "int8" else [])
@@ -286,7 +340,6 @@ class VectorStore:
 
 def projector_first_layer(model_dir: str | Path, decoder: str) -> torch.Tensor:
     """W1, (H, D) float32: the first linear of `decoder`'s projector in an export."""
-
     name = f"projectors.{decoder}.0.weight"
     for path in export_weight_files(Path(model_dir)):
         with safe_open(path, framework="pt") as f:

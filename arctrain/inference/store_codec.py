@@ -1,14 +1,22 @@
-"""Product-quantized vector stores (faiss): `pq<M>` and `opq<M>` dtypes, codebooks trained on a sample of the input.
+"""Vector stores quantized by a trained faiss codec: `pq<M>`, `opq<M>`, `rq<M>`, each optionally after a PCA
+(`pca<d>-...`), codebooks trained on a sample of the input.
 
-    arctrain compress --model EXPORT --input docs.jsonl --out store/ --dtype opq48 --train-vectors 100000
+    arctrain compress --model EXPORT --input docs.jsonl --out store/ --dtype pca192-rq24 --train-vectors 100000
 
-`pq<M>`: each vector is cut into M sub-vectors of width D / M and each is stored as the one-byte id of its nearest
-of 256 centroids (faiss `PQ<M>x8`, Jégou et al. 2011): M bytes per vector. `opq<M>` first rotates the vectors by a
-learned orthogonal matrix that balances the sub-vectors' variance (faiss `OPQ<M>,PQ<M>x8`, Ge et al. 2013): the same
-M bytes, the rotation is undone at decode. The codec is faiss's standalone-codec interface (`sa_encode`/`sa_decode`)
-of an index made by `faiss.index_factory`, trained on up to `--train-vectors` vectors drawn uniformly at random
-(seeded) from all the vectors of the input, and written with `faiss.write_index` as DIR/codebook.faiss, its sha256
-in the manifest; readers decode with it and refuse a codebook whose hash differs.
+Every dtype stores M one-byte codes per vector (each the id of one of 256 centroids):
+- `pq<M>`: the vector cut into M sub-vectors of width D / M, each coded on its own (faiss `PQ<M>x8`, Jégou et al.
+  2011): "larger sub-quantizers at a fixed number of centroids" as M falls.
+- `opq<M>`: the same after a learned rotation that balances the sub-vectors' variance (faiss `OPQ<M>,PQ<M>x8`,
+  Ge et al. 2013); undone at decode.
+- `rq<M>`: residual quantization (faiss `RQ<M>x8`): M codebooks over the whole vector, each coding what the ones
+  before it left (beam search at encode), slower to encode than PQ and much more accurate at the same bytes.
+- `pca<d>-<kind><M>`: the vectors first projected on their d principal directions (faiss `PCA<d>`; for opq,
+  `OPQ<M>_<d>`: the rotation learned to d dimensions), mapped back at decode: the store-side counterpart of a
+  smaller projector bottleneck, readable by every decoder.
+The codec is faiss's standalone-codec interface (`sa_encode`/`sa_decode`) of an index made by `faiss.index_factory`,
+trained on up to `--train-vectors` vectors drawn uniformly at random (seeded) from all the vectors of the input, and
+written with `faiss.write_index` as DIR/codebook.faiss, its sha256 in the manifest; readers decode with it and refuse
+a codebook whose hash differs.
 """
 
 import hashlib
@@ -18,21 +26,32 @@ from pathlib import Path
 import numpy as np
 
 CODEBOOK = "codebook.faiss"
-KINDS = {"pq": "PQ{m}x8", "opq": "OPQ{m},PQ{m}x8"}
+DTYPES = "pq<M>, opq<M>, rq<M>, pca<d>-pq<M> (-opq, -rq)"  # for help texts and errors
 
 
-def parse(dtype: str) -> tuple[str, int] | None:
-    """'opq48' -> ('opq', 48); None for a dtype that is not product-quantized."""
-    match = re.fullmatch(r"(o?pq)(\d+)", dtype)
-    return (match[1], int(match[2])) if match else None
+def parse(dtype: str) -> tuple[str, int, int] | None:
+    """'opq48' -> ('opq', 48, 0), 'pca192-rq24' -> ('rq', 24, 192); None for a dtype no codec stores."""
+    match = re.fullmatch(r"(?:pca(\d+)-)?(o?pq|rq)(\d+)", dtype)
+    return (match[2], int(match[3]), int(match[1] or 0)) if match else None
+
+
+def factory(dtype: str) -> str:
+    """The faiss index_factory string of a dtype."""
+    kind, m, pca = parse(dtype)
+    if kind == "opq":
+        return f"OPQ{m}_{pca},PQ{m}x8" if pca else f"OPQ{m},PQ{m}x8"
+    return (f"PCA{pca}," if pca else "") + (f"PQ{m}x8" if kind == "pq" else f"RQ{m}x8")
 
 
 def check(dtype: str, dim: int) -> None:
-    """Refuse a code size that does not divide the stored width (one line naming both)."""
-    kind, m = parse(dtype)
-    if m < 1 or dim % m:
-        divisors = [d for d in (8, 12, 16, 24, 32, 48, 64, 96, 128) if dim % d == 0]
-        raise ValueError(f"--dtype {dtype}: {m} sub-vectors must divide the stored width {dim} (e.g. {divisors})")
+    """Refuse a PCA that does not reduce the stored width, a code size that does not divide the width it codes."""
+    kind, m, pca = parse(dtype)
+    if pca and not 0 < pca < dim:
+        raise ValueError(f"--dtype {dtype}: pca{pca} must keep fewer dimensions than the stored width {dim}")
+    width = pca or dim
+    if m < 1 or (kind != "rq" and width % m):
+        divisors = [d for d in (8, 12, 16, 24, 32, 48, 64, 96, 128) if width % d == 0]
+        raise ValueError(f"--dtype {dtype}: {m} sub-vectors must divide the coded width {width} (e.g. {divisors})")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -70,28 +89,29 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    kind, m = parse(dtype)
+    kind, m, pca = parse(dtype)
     dim = sample.shape[1]
     check(dtype, dim)
-    index = faiss.index_factory(dim, KINDS[kind].format(m=m))
-    # faiss warns on every k-means below 39 points per centroid (per sub-quantizer, per OPQ iteration); the summary
-    # says instead when the codebook saw fewer than --train-vectors.
-    faiss.downcast_index(index.index if kind == "opq" else index).pq.cp.min_points_per_centroid = 1
+    index = faiss.index_factory(dim, factory(dtype))
+    # faiss warns on every k-means below 39 points per centroid (per sub-quantizer, per stage, per OPQ iteration);
+    # the summary says instead when the codebook saw fewer than --train-vectors.
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    (inner.rq if kind == "rq" else inner.pq).cp.min_points_per_centroid = 1
     if kind == "opq":
         rotation = faiss.downcast_VectorTransform(index.chain.at(0))
-        pq = faiss.ProductQuantizer(dim, m, 8)  # the one OPQ alternates with (held here: the matrix does not own it)
+        pq = faiss.ProductQuantizer(pca or dim, m, 8)  # the one OPQ alternates with (held here: it is not owned)
         pq.cp.min_points_per_centroid = 1
         rotation.pq = pq
     index.train(sample)
     path = out / CODEBOOK
     faiss.write_index(index, str(path))
-    return {"kind": kind, "sub_vectors": m, "factory": KINDS[kind].format(m=m), "dim": dim, "file": CODEBOOK,
+    return {"kind": kind, "sub_vectors": m, "pca": pca, "factory": factory(dtype), "dim": dim, "file": CODEBOOK,
             "sha256": sha256_file(path), "bytes": path.stat().st_size, "code_bytes": index.sa_code_size(),
             "trained_on": len(sample)}  # fmt: skip
 
 
 class Codec:
-    """A store's trained codebook: (N, D) float32 <-> (N, M) uint8 codes."""
+    """A store's trained codec: (N, D) float32 <-> (N, M) uint8 codes."""
 
     def __init__(self, root: Path, entry: dict):
         # faiss only for product-quantized stores
