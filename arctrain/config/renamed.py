@@ -9,6 +9,7 @@ from arctrain.config.tree import ConfigError
 
 # Old flat `data.qa_<name>` -> `data.qa.<name>`; `data.qa` itself (a string or a list) -> `data.qa.train`.
 QA_FIELDS = ("val", "shots", "max_passages", "context", "context_tokens", "chat_template")
+OLD_NAMES = [("data.qa", "data.qa.train")] + [(f"data.qa_{name}", f"data.qa.{name}") for name in QA_FIELDS]
 
 
 def new_key(key: str) -> str | None:
@@ -50,4 +51,4 @@ def upgrade(raw: dict) -> list[tuple[str, str]]:
 def note(moved: list[tuple[str, str]]) -> str:
     """The one line a run prints about old keys it read (`moved`: (old key, new key) pairs, in order)."""
     pairs = ", ".join(f"{old} -> {new}" for old, new in dict(moved).items())
-    return f"config: old key names read as the new ones ({pairs}); write the new names, the old ones may go"
+    return f"config: old key names read as the new ones ({pairs}); write the new names"
