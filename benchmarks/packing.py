@@ -71,7 +71,7 @@ def overrides(task: str, models: Path, data: dict[str, Path], padded: bool) -> l
     if task == "qa":
         qa = [f"data.qa.train={data['qa']}:1:5", f"data.qa.val={data['qa']}", "data.qa.chat_template=false"]
         if padded:  # the baseline predates the data.qa section: its flat key names
-            qa = [item.replace("data.qa.train=", "data.qa=").replace("data.qa.", "data.qa_") for item in qa]
+            qa = [f"data.qa={data['qa']}:1:5", f"data.qa_val={data['qa']}", "data.qa_chat_template=false"]
         return out + qa + ["train.init_from="]
     return out + [f"data.shards={data['shards']}"]
 
