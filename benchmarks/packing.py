@@ -69,8 +69,10 @@ def overrides(task: str, models: Path, data: dict[str, Path], padded: bool) -> l
     if padded:  # the baseline's configs ask for flash-attention 2, which a CPU does not have
         out += ["decoders.0.attn_implementation=sdpa", "decoders.1.attn_implementation=sdpa"]
     if task == "qa":
-        return out + [f"data.qa={data['qa']}:1:5", f"data.qa_val={data['qa']}", "train.init_from=",
-                      "data.qa_chat_template=false"]  # fmt: skip
+        qa = [f"data.qa.train={data['qa']}:1:5", f"data.qa.val={data['qa']}", "data.qa.chat_template=false"]
+        if padded:  # the baseline predates the data.qa section: its flat key names
+            qa = [f"data.qa={data['qa']}:1:5", f"data.qa_val={data['qa']}", "data.qa_chat_template=false"]
+        return out + qa + ["train.init_from="]
     return out + [f"data.shards={data['shards']}"]
 
 

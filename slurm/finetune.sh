@@ -3,7 +3,7 @@
 # Submit from the arctrain checkout (logs/ must exist: SLURM does not create it):
 #
 #   mkdir -p logs
-#   RUN_DIR=/runs/arc4_ft OVERRIDES="train.init_from=/runs/arc4 data.qa=/data/qa.jsonl data.qa_val=/data/qa_val.jsonl" \
+#   RUN_DIR=/runs/arc4_ft OVERRIDES="train.init_from=/runs/arc4 data.qa.train=/data/qa.jsonl data.qa.val=/data/qa_val.jsonl" \
 #       sbatch slurm/finetune.sh
 #
 # QA fine-tuning (configs/llama_mistral_finetune.yaml): passages compressed, loss on the answers, starting from the

@@ -72,23 +72,23 @@ def test_paper_configs_carry_the_paper_hyperparameters():
         assert cfg.optim.min_lr_ratio == 0.0 and cfg.data.interleave_tokens == 0  # as the reference's config
     cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_finetune.yaml")  # the paper's fine-tuning stage
     assert (cfg.optim.encoder_lr, cfg.optim.projector_lr, cfg.optim.weight_decay) == (2e-6, 3e-5, 0.05)
-    assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa and cfg.data.tasks == ("qa",) and cfg.train.init_from
-    assert cfg.model.pooling_factor == 4 and cfg.data.qa_shots == 5  # x4 from the x8 encoder, 5-shot
+    assert 4000 <= cfg.train.steps <= 8000 and cfg.data.qa.train and cfg.data.tasks == ("qa",) and cfg.train.init_from
+    assert cfg.model.pooling_factor == 4 and cfg.data.qa.shots == 5  # x4 from the x8 encoder, 5-shot
     # The reference's finetuning_ARC4_Encoder_multi.yaml: its sources, weights and shots; 8000 steps, 1024 tokens.
     from arctrain.config.schema import parse_qa_source
 
-    sources = {Path(s.path).name: (s.weight, s.shots) for s in map(parse_qa_source, cfg.data.qa)}
+    sources = {Path(s.path).name: (s.weight, s.shots) for s in map(parse_qa_source, cfg.data.qa.train)}
     assert len(sources) == 13 and sources["freebaseqa.jsonl"] == (27, 5) and sources["dialogsum.jsonl"] == (2.5, 3)
     assert sources["low_res_mid_translation.jsonl"] == (0.5, 2) and sources["samsum.jsonl"] == (2.5, 4)
     assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.data.micro_batch_size) == (
         8000, 50, 0.0, 8)  # fmt: skip
-    assert (cfg.data.qa_max_passages, cfg.data.qa_context, cfg.data.qa_context_tokens) == (4, "joint", 1024)
+    assert (cfg.data.qa.max_passages, cfg.data.qa.context, cfg.data.qa.context_tokens) == (4, "joint", 1024)
 
 
 def test_the_long_context_config_cuts_1024_token_chunks_and_fits_the_window():
     cfg = load_config(REPO_ROOT / "configs" / "llama_mistral_long_context.yaml")
     assert (cfg.data.chunk_tokens, cfg.data.max_chunks, cfg.model.pooling_factor) == (1024, 5, 4)
-    assert cfg.data.qa and cfg.train.init_from and cfg.train.decoder_schedule == "fair"
+    assert cfg.data.qa.train and cfg.train.init_from and cfg.train.decoder_schedule == "fair"
     assert 1 + cfg.data.max_chunks * cfg.data.chunk_tokens // cfg.model.pooling_factor + 1 < 4096  # a 4k window
 
 
@@ -181,7 +181,7 @@ def test_bad_overrides_fail_naming_the_key(tmp_path, overrides, message):
         ("    weight: 2\n", "    weight: 2\n    wieght: 3\n", "decoders.1.wieght: unknown key"),
         ("  precision: fp32\n", "  precision: fp32\n  steps: many\n", "train.steps: 'many' is not a number"),
         ("model:\n  encoder_path: /m/enc\n", "", "model: missing required key"),
-        ("  shards: /d/shards\n", "  shards: []\n", "data.shards: [] must name a shard directory (or set data.qa)"),
+        ("  shards: /d/shards\n", "  shards: []\n", "data.shards: [] must name a shard directory (or set data.qa"),
     ],
 )
 def test_bad_yaml_fails_naming_file_line_and_key(tmp_path, old, new, message):

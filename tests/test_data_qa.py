@@ -22,7 +22,7 @@ def qa_config(tiny_models, train, *extra):
         f"decoders.0.path={tiny_models / 'llama'}",
         f"decoders.1.path={tiny_models / 'mistral'}",
         "data.shards=[]",
-        f"data.qa={train}",
+        f"data.qa.train={train}",
         "data.micro_batch_size=4",
         "eval.interval=0",
         *extra,
@@ -147,7 +147,7 @@ def test_sources_are_path_weight_shots():
 
 
 def test_a_bad_source_entry_names_the_key(tiny_models, tiny_qa):
-    with pytest.raises(ConfigError, match=r"^data\.qa: 'x.jsonl:1:2.5' shots must be a whole number"):
+    with pytest.raises(ConfigError, match=r"^data\.qa\.train: 'x.jsonl:1:2.5' shots must be a whole number"):
         qa_config(tiny_models, "x.jsonl:1:2.5")
 
 
@@ -205,7 +205,7 @@ def test_joint_passages_are_one_encoder_sequence_cut_at_context_tokens(tiny_mode
 
 
 def test_memory_holds_the_passages_segments(tiny_models, tiny_qa):
-    cfg = qa_config(tiny_models, tiny_qa[0], "data.chunk_tokens=16", "data.qa_context=segments")
+    cfg = qa_config(tiny_models, tiny_qa[0], "data.chunk_tokens=16", "data.qa.context=segments")
     records = read_qa(tiny_qa[0])
     maker = QAMaker(cfg, Vocab.from_config(cfg))
     pieces = maker._pieces("llama")
@@ -233,9 +233,9 @@ def test_long_contexts_are_counted_before_training(tiny_models, tmp_path):
     _write(path, [{"question": "q", "answer": "a", "passages": ["word " * 50, "more " * 50]},
                   {"question": "q", "answer": "a", "passage": "short"}])  # fmt: skip
     said = []
-    check_qa(qa_config(tiny_models, path, "data.qa_context_tokens=40"), said.append)
-    assert said == [f"data.qa {path}: 1 of 2 records have passages longer than data.qa_context_tokens=40 encoder "
+    check_qa(qa_config(tiny_models, path, "data.qa.context_tokens=40"), said.append)
+    assert said == [f"data.qa.train {path}: 1 of 2 records have passages longer than data.qa.context_tokens=40 encoder "
                     "tokens: cut to it"]  # fmt: skip
     said.clear()
-    check_qa(qa_config(tiny_models, path, "data.qa_context_tokens=400"), said.append)
+    check_qa(qa_config(tiny_models, path, "data.qa.context_tokens=400"), said.append)
     assert said == []

@@ -23,8 +23,8 @@ def _overrides(cfg_path: Path, models: dict[str, Path], shards: Path, qa: tuple[
     out = [f"model.encoder_path={models['encoder']}", f"checkpoint.dir={run_dir}"]
     for i, d in enumerate(cfg.decoders):
         out.append(f"decoders.{i}.path={models[d.name]}")
-    if cfg.data.qa:
-        out += [f"data.qa={qa[0]}", f"data.qa_val={qa[1]}"]
+    if cfg.data.qa.train:
+        out += [f"data.qa.train={qa[0]}", f"data.qa.val={qa[1]}"]
     else:
         out.append(f"data.shards={shards}")
     if cfg.train.init_from:

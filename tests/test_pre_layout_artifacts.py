@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
-from arctrain.checkpoint.checkpointer import Checkpointer, checkpoint_dir, consolidate
+from arctrain.checkpoint.checkpointer import Checkpointer, checkpoint_dir, consolidate, resume_fingerprint
 from arctrain.cli import main as arctrain
 from arctrain.config.load import load_config
 from arctrain.data.shards import ShardReader, open_source, read_manifest, shard_table
@@ -77,6 +77,25 @@ def test_run_directory_and_checkpoint_load(pre_layout):
     assert sorted(weights) == sorted(exported)
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor.to(exported[name].dtype), exported[name])
+
+
+def test_the_old_run_config_and_fingerprint_read_as_the_qa_section(pre_layout, capsys):
+    """config.yaml and trainer_state.json name the QA keys flat (`data.qa_shots`); they load as `data.qa.*` and the
+    checkpoint resumes under its own settings, and refuses a changed one naming the new key."""
+    run = pre_layout / "run"
+    cfg = load_config(run / "config.yaml")
+    assert "data.qa_shots -> data.qa.shots" in capsys.readouterr().err
+    assert (cfg.data.qa.train, cfg.data.qa.shots, cfg.data.qa.max_passages) == ([], 0, 4)
+    state_file = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert {"data.qa", "data.qa_shots", "data.qa_max_passages"} <= set(state["fingerprint"])
+    state["fingerprint"]["data.shards"] = resume_fingerprint(cfg)["data.shards"]  # written in a temporary directory
+    state_file.write_text(json.dumps(state))
+    checkpointer = Checkpointer(run, keep=2, rank=0)
+    assert checkpointer.check_resumable(1, resume_fingerprint(cfg)) == 1
+    cfg.data.qa.shots = 2
+    with pytest.raises(ValueError, match=r"was written with data\.qa\.shots=0, this run has data\.qa\.shots=2"):
+        checkpointer.check_resumable(1, resume_fingerprint(cfg))
 
 
 def test_export_of_the_old_run_equals_the_old_export(pre_layout, tmp_path):

@@ -364,6 +364,11 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
 
     assert run(qa_args(tmp_path / "straight", 12), 2, tmp_path / "a") == [0, 0]
     assert "initialised" in (tmp_path / "a.rank0").read_text()
+    # data.qa and data.qa_val: the old names of data.qa.train and data.qa.val, said once, by rank 0
+    notes = [[line for line in (tmp_path / f"a.rank{rank}").read_text().splitlines() if "-> data.qa." in line]
+             for rank in (0, 1)]  # fmt: skip
+    assert notes == [["config: old key names read as the new ones (data.qa -> data.qa.train, data.qa_val -> "
+                      "data.qa.val); write the new names"], []]  # fmt: skip
     assert run(qa_args(tmp_path / "split", 6), 2, tmp_path / "b") == [0, 0]
     assert run(qa_args(tmp_path / "split", 12), 2, tmp_path / "c") == [0, 0]
     assert "resumed from step 6" in (tmp_path / "c.rank0").read_text()
@@ -389,7 +394,7 @@ def test_qa_files_are_checked_before_launch(tiny_models, tiny_shards, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "q", "answers": ["a"]}\n')
     args = [a for a in overrides(tiny_models, tiny_shards, tmp_path / "run") if not a.startswith("data.shards")]
-    result = train_cli(*args, "data.shards=[]", f"data.qa={qa}")
+    result = train_cli(*args, "data.shards=[]", f"data.qa.train={qa}")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and lines[0].startswith(f"warning: skipped {qa}:1: no_passage"), result.stderr
     assert lines[-1] == f"arctrain train: error: {qa}: no usable QA records (no_passage=1)"

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from arctrain.checkpoint.elastic import load_universal, resume_grad_accum
+from arctrain.config.renamed import new_key
 from arctrain.config.schema import Config
 from arctrain.distributed import MAX, barrier, reduce_floats
 from arctrain.faults import fault_point
@@ -139,7 +140,8 @@ class Checkpointer:
                 f"train.steps={steps}, but {where} is at step {state['step']}: nothing to train; raise train.steps "
                 f"or start a new run directory"
             )
-        for key, value in state.get("fingerprint", {}).items():
+        for old_key, value in state.get("fingerprint", {}).items():
+            key = new_key(old_key) or old_key  # written before the QA keys moved under data.qa
             if key not in fingerprint or fingerprint[key] == value:
                 continue
             if key in MODEL_SHAPE or key.endswith(".projector_hidden"):
@@ -208,9 +210,9 @@ def resume_fingerprint(cfg: Config) -> dict:
         "train.seed": cfg.train.seed,
         "data.seed_offset": cfg.data.seed_offset,
         "data.shards": [f"{path}:{weight:g}" for path, weight in cfg.data.sources],
-        "data.qa": cfg.data.qa,
-        "data.qa_shots": cfg.data.qa_shots,
-        "data.qa_max_passages": cfg.data.qa_max_passages,
+        "data.qa.train": cfg.data.qa.train,
+        "data.qa.shots": cfg.data.qa.shots,
+        "data.qa.max_passages": cfg.data.qa.max_passages,
         "data.task_ratio": cfg.data.task_ratio,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "data.shard_streams": cfg.data.shard_streams,

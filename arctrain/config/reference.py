@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import typing
 
+from arctrain.config.renamed import OLD_NAMES
 from arctrain.config.schema import Config
 
 HEADER = """# Config reference
@@ -74,6 +75,11 @@ def markdown() -> str:
             rows.append(f"\n## {section}\n\n| key | type | default | what it does |\n|---|---|---|---|")
         cell = doc.replace("|", "\\|")
         rows.append(f"| `{key}` | `{tp.replace('|', '&#124;')}` | `{default.replace('|', '&#124;')}` | {cell} |")
+    rows.append(
+        "\n## Old key names\n\nThese still load, as the new key (in a YAML file or as `key=value`); the run "
+        "says so in one line on stderr.\n\n| old key | new key |\n|---|---|"
+    )
+    rows += [f"| `{old}` | `{new}` |" for old, new in OLD_NAMES]
     return "\n".join(rows) + "\n"
 
 

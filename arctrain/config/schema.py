@@ -104,32 +104,50 @@ def parse_source(entry: str) -> tuple[str, float]:
 
 
 @dataclass
-class DataConfig:
-    shards: list[str] = field(default_factory=list)
-    """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
-    qa: list[str] = field(default_factory=list)
+class QAConfig:
+    train: list[str] = field(default_factory=list)
     """QA fine-tuning instead of shards: QA files (.jsonl, .jsonl.zst, .parquet; arctrain's records or the released
     fine-tuning set's, arctrain/data/qa_records.py), one or a list / comma list of "path", "path:weight" or
     "path:weight:shots", mixed by weight as shard sources are. The passages are compressed, the loss is on the
     answer (one drawn per epoch from a list) and the decoder's EOS."""
-    qa_val: list[str] = field(default_factory=list)
-    """QA files for evaluation (needed with `qa` when eval.interval > 0): answer loss with vs without passages."""
-    qa_shots: int = 0
+    val: list[str] = field(default_factory=list)
+    """QA files for evaluation (needed with data.qa.train when eval.interval > 0): answer loss with vs without
+    passages."""
+    shots: int = 0
     """Few-shot examples before each QA record (other records of its source, their passages compressed too), for
     sources that do not give their own shots."""
-    qa_max_passages: int = 4
-    """A record's first 1..qa_max_passages passages (a seeded draw per epoch) are compressed together."""
-    qa_context: Literal["joint", "segments"] = "joint"
-    """joint: a record's passages compressed as one encoder sequence of at most qa_context_tokens (the reference's
-    fine-tuning); segments: cut into chunks of chunk_tokens as `arc-data build` cuts documents into segments, each
-    compressed on its own, at most max_chunks of them (the paper's long-context setting)."""
-    qa_context_tokens: int = 2048
-    """With qa_context=joint: at most this many encoder tokens of passages per record (longer ones are cut, and
-    counted at the start and in the context_tokens_dropped metric)."""
-    qa_chat_template: bool = True
+    max_passages: int = 4
+    """A record's first 1..max_passages passages (a seeded draw per epoch) are compressed together."""
+    context: Literal["joint", "segments"] = "joint"
+    """joint: a record's passages compressed as one encoder sequence of at most data.qa.context_tokens (the
+    reference's fine-tuning); segments: cut into chunks of data.chunk_tokens as `arc-data build` cuts documents into
+    segments, each compressed on its own, at most data.max_chunks of them (the paper's long-context setting)."""
+    context_tokens: int = 2048
+    """With data.qa.context=joint: at most this many encoder tokens of passages per record (longer ones are cut,
+    and counted at the start and in the context_tokens_dropped metric)."""
+    chat_template: bool = True
     """Render QA prompts with a decoder's chat template when its tokenizer has one (arctrain/data/prompt.py)."""
+
+    def __post_init__(self) -> None:
+        _require(self.shots >= 0, "shots", self.shots, "must be >= 0")
+        _require(self.max_passages >= 1, "max_passages", self.max_passages, "must be >= 1")
+        _require(self.context_tokens >= 1, "context_tokens", self.context_tokens, "must be >= 1")
+        for key in ("train", "val"):
+            for entry in getattr(self, key):
+                try:
+                    parse_qa_source(entry)
+                except ValueError as err:
+                    _require(False, key, entry, str(err).partition(": ")[2])
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)
+    """Shard directories (`arc-data build` output): one dir, or a list / comma list of "dir:weight" or dirs."""
+    qa: QAConfig = field(default_factory=QAConfig)
+    """QA fine-tuning (data.qa.train) instead of shards: its files and how records become prompts."""
     chunk_tokens: int = 256
-    """A context given as text (QA passages with qa_context=segments; `arctrain generate`/`eval` take the export's
+    """A context given as text (QA passages with data.qa.context=segments; `arctrain generate`/`eval` take the export's
     value) is cut into chunks of about this many encoder tokens at word boundaries, each compressed on its own
     (positions 0.. per chunk), their vectors concatenated: the cut `arc-data build --segment-tokens` makes for
     shards (arctrain/data/chunks.py). The paper's long-context setting: 1024."""
@@ -166,27 +184,18 @@ class DataConfig:
     """At start-up, check every shard's sha256 against manifest.json (reads every byte; sizes are always checked)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.shards or self.qa), "shards", self.shards, "must name a shard directory (or set data.qa)")
-        _require(not (self.shards and self.qa), "qa", self.qa, "and data.shards are both set: train on one of them")
-        _require(self.qa_shots >= 0, "qa_shots", self.qa_shots, "must be >= 0")
+        qa = self.qa.train
+        _require(bool(self.shards or qa), "shards", self.shards, "must name a shard directory (or set data.qa.train)")
+        _require(not (self.shards and qa), "qa.train", qa, "and data.shards are both set: train on one of them")
         _require(self.chunk_tokens >= 1, "chunk_tokens", self.chunk_tokens, "must be >= 1")
         _require(self.max_chunks >= 0, "max_chunks", self.max_chunks, "must be >= 0 (0: no limit)")
         _require(self.interleave_tokens >= 0, "interleave_tokens", self.interleave_tokens, "must be >= 0")
-        why = "applies to QA contexts in chunks (data.qa with data.qa_context=segments): shard segments are cut by "
-        why += "arc-data build --segment-tokens, joint contexts by data.qa_context_tokens"
-        _require(
-            not self.max_chunks or (bool(self.qa) and self.qa_context == "segments"), "max_chunks", self.max_chunks, why
-        )
-        why = "applies to continuation on shards, not to data.qa"
-        _require(not self.interleave_tokens or not self.qa, "interleave_tokens", self.interleave_tokens, why)
-        _require(self.qa_max_passages >= 1, "qa_max_passages", self.qa_max_passages, "must be >= 1")
-        _require(self.qa_context_tokens >= 1, "qa_context_tokens", self.qa_context_tokens, "must be >= 1")
-        for key in ("qa", "qa_val"):
-            for entry in getattr(self, key):
-                try:
-                    parse_qa_source(entry)
-                except ValueError as err:
-                    _require(False, key, entry, str(err).partition(": ")[2])
+        why = "applies to QA contexts in chunks (data.qa.train with data.qa.context=segments): shard segments are "
+        why += "cut by arc-data build --segment-tokens, joint contexts by data.qa.context_tokens"
+        segments = bool(qa) and self.qa.context == "segments"
+        _require(not self.max_chunks or segments, "max_chunks", self.max_chunks, why)
+        why = "applies to continuation on shards, not to data.qa.train"
+        _require(not self.interleave_tokens or not qa, "interleave_tokens", self.interleave_tokens, why)
         for entry in self.shards:
             path, weight = parse_source(entry)
             _require(bool(path), "shards", entry, "has an empty directory")
@@ -210,7 +219,7 @@ class DataConfig:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return ("qa",) if self.qa else ("reconstruction", "continuation")
+        return ("qa",) if self.qa.train else ("reconstruction", "continuation")
 
 
 @dataclass

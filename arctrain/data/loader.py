@@ -122,7 +122,7 @@ class TrainLoader:
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, vocab: Vocab | None = None) -> TrainLoader:
     """The training loader of `rank`; refuses shards whose tokenizers differ from the configured models'."""
-    if cfg.data.qa:
+    if cfg.data.qa.train:
         dataset = build_qa_loader(cfg, vocab or Vocab.from_config(cfg), schedule(cfg, world_size), rank, world_size)
         return TrainLoader(dataset, cfg.data.num_workers)
     paths = tokenizer_paths(cfg)

@@ -1,18 +1,18 @@
 """QA fine-tuning data: QA records (arctrain/data/qa_records.py) -> batches with their passages compressed.
 
-Each source (`data.qa` entries "path:weight:shots") is read whole in the main process (records are small next to
+Each source (`data.qa.train` entries "path:weight:shots") is read whole in the main process (records are small next to
 pretraining shards) and tokenized in the loader workers. Position p of the global stream (global micro-batch g,
 `sampling.Layout`: local batch b of rank r, holds positions g * mbs ...; in fair mode the data batch of g) draws
 its source from the weights (`SourceMixer`, as for shard sources) and takes that source's next position j: epoch
 j // n is a permutation of its n records seeded by (seed, source, epoch). What else a record contributes in an
 epoch is drawn from (seed, source, epoch, record): which answer (of a list), how many of its passages (the first
-1..data.qa_max_passages), and its few-shot examples (`shots` other records of the same source, each with its drawn
+1..data.qa.max_passages), and its few-shot examples (`shots` other records of the same source, each with its drawn
 answer and passages). All are pure functions of the position, so
 a resumed run, any number of workers and ranks, sees the same samples in the same steps.
 
 The prompt is arctrain/data/prompt.py's (the chat template of an instruct decoder, else the plain layout), the target
-the answer and the decoder's EOS. Passages are compressed jointly (data.qa_context="joint", the reference's way:
-one encoder sequence of the passages' tokens, cut at data.qa_context_tokens, pooled as usual) or in chunks of
+the answer and the decoder's EOS. Passages are compressed jointly (data.qa.context="joint", the reference's way:
+one encoder sequence of the passages' tokens, cut at data.qa.context_tokens, pooled as usual) or in chunks of
 data.chunk_tokens as `arc-data build` cuts documents into segments ("segments", arctrain/data/chunks.py: at most
 data.max_chunks of them). What is cut is counted (`ContextCut`, Memory.dropped_tokens).
 """
@@ -145,19 +145,19 @@ class QAMaker:
             self.enc_tok = self.enc_tok or AutoTokenizer.from_pretrained(self.cfg.model.encoder_path)
             dec = AutoTokenizer.from_pretrained(next(d.path for d in self.cfg.decoders if d.name == decoder))
             self.pieces[decoder] = TextPieces(
-                self.enc_tok, dec, data.chunk_tokens, data.max_chunks, data.qa_context, data.qa_context_tokens
+                self.enc_tok, dec, data.chunk_tokens, data.max_chunks, data.qa.context, data.qa.context_tokens
             )
         return self.pieces[decoder]
 
     def example(self, decoder: str, records: list[dict], i: int, epoch: int, source: int, seed: int, shots: int):
         pieces = self._pieces(decoder)
-        n, max_passages = len(records), self.cfg.data.qa_max_passages
+        n, max_passages = len(records), self.cfg.data.qa.max_passages
         answer, passages, shot_ids = draw(seed, source, epoch, i, records[i], n, shots, max_passages)
         shot_turns = []
         for j in shot_ids:
             shot_answer, shot_passages, _ = draw(seed, source, epoch, j, records[j], n, 0, max_passages)
             shot_turns.append(qa_turn(records[j], shot_passages, shot_answer))
-        chat = chat_template_of(pieces.dec_tok, self.cfg.data.qa_chat_template)
+        chat = chat_template_of(pieces.dec_tok, self.cfg.data.qa.chat_template)
         turn = qa_turn(records[i], passages)
         return qa_prompt(pieces, chat, shot_turns, turn, "compressed", answer, pieces.dec_tok.eos_token_id)
 
@@ -216,17 +216,17 @@ class QABatches(IterableDataset):
 
 
 def build_qa_loader(cfg, vocab, schedule, rank: int, world_size: int) -> QABatches:
-    sources = qa_sources(cfg.data.qa, cfg.data.qa_shots)
+    sources = qa_sources(cfg.data.qa.train, cfg.data.qa.shots)
     return QABatches(cfg, vocab, sources, [read_qa(s.path) for s in sources], schedule, rank, world_size)
 
 
 class QAValBatches:
-    """The fixed QA validation batches (`data.qa_val`): the files are read and the tokenizers loaded once per run.
+    """The fixed QA validation batches (`data.qa.val`): the files are read and the tokenizers loaded once per run.
     Every record of every file once (epoch 0 of QA_VAL_SEED: answer, passages and shots fixed), in file order."""
 
     def __init__(self, cfg, vocab):
         self.cfg, self.maker = cfg, QAMaker(cfg, vocab)
-        self.sources = qa_sources(cfg.data.qa_val, cfg.data.qa_shots)
+        self.sources = qa_sources(cfg.data.qa.val, cfg.data.qa.shots)
         self.records = [read_qa(s.path) for s in self.sources]
         self.items = [(s, i) for s, recs in enumerate(self.records) for i in range(len(recs))]
 
@@ -246,18 +246,18 @@ class QAValBatches:
 
 def check_qa(cfg, say=print) -> None:
     """Read every QA file now (bad records: counted skips; no usable record: an error, before any process group)
-    and say how many records' passages (all qa_max_passages of them, the longest draw) exceed qa_context_tokens
-    encoder tokens and so are cut (joint contexts; chunks dropped by data.max_chunks are counted as training runs,
-    in the context_tokens_dropped metric)."""
+    and say how many records' passages (all data.qa.max_passages of them, the longest draw) exceed
+    data.qa.context_tokens encoder tokens and so are cut (joint contexts; chunks dropped by data.max_chunks are
+    counted as training runs, in the context_tokens_dropped metric)."""
     enc = AutoTokenizer.from_pretrained(cfg.model.encoder_path).backend_tokenizer
-    limit, max_passages = cfg.data.qa_context_tokens, cfg.data.qa_max_passages
-    for key in ("qa", "qa_val"):
-        for source in qa_sources(getattr(cfg.data, key), cfg.data.qa_shots):
+    limit, max_passages = cfg.data.qa.context_tokens, cfg.data.qa.max_passages
+    for key in ("train", "val"):
+        for source in qa_sources(getattr(cfg.data.qa, key), cfg.data.qa.shots):
             records = read_qa(source.path)
             texts = [" ".join(r["passages"][:max_passages]) for r in records]
             long = sum(len(e.ids) > limit for e in enc.encode_batch(texts, add_special_tokens=False))
-            if long and cfg.data.qa_context == "joint":
+            if long and cfg.data.qa.context == "joint":
                 say(
-                    f"data.{key} {source.path}: {long} of {len(records)} records have passages longer than "
-                    f"data.qa_context_tokens={limit} encoder tokens: cut to it"
+                    f"data.qa.{key} {source.path}: {long} of {len(records)} records have passages longer than "
+                    f"data.qa.context_tokens={limit} encoder tokens: cut to it"
                 )

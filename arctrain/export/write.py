@@ -48,7 +48,7 @@ def segment_tokens(cfg: Config, run: Path) -> int:
     the first shard directory's manifest."""
     if (run / RUN_DATA).is_file():
         return int(json.loads((run / RUN_DATA).read_text())["segment_tokens"])
-    if cfg.data.qa:
+    if cfg.data.qa.train:
         return cfg.data.chunk_tokens
     manifest = Path(cfg.data.sources[0][0]) / "manifest.json"
     if not manifest.is_file():
@@ -103,11 +103,11 @@ def export_config(cfg: Config, segment: int):
 def qa_context(cfg: Config) -> dict | None:
     """How a QA fine-tuning run compressed its passages and whether it rendered prompts with instruct decoders' chat
     templates (`arctrain generate`/`eval` default to both); None for shards."""
-    if not cfg.data.qa:
-        return None
     data = cfg.data
-    return {"context": data.qa_context, "chunk_tokens": data.chunk_tokens, "max_chunks": data.max_chunks,
-            "context_tokens": data.qa_context_tokens, "chat_template": data.qa_chat_template}  # fmt: skip
+    if not data.qa.train:
+        return None
+    return {"context": data.qa.context, "chunk_tokens": data.chunk_tokens, "max_chunks": data.max_chunks,
+            "context_tokens": data.qa.context_tokens, "chat_template": data.qa.chat_template}  # fmt: skip
 
 
 def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -262,13 +262,13 @@ def _pooling_words(config) -> str:
 
 
 def _data_lines(cfg: Config) -> str:
-    if cfg.data.qa:
-        files = ", ".join(f"`{entry}`" for entry in cfg.data.qa)
+    if cfg.data.qa.train:
+        files = ", ".join(f"`{entry}`" for entry in cfg.data.qa.train)
         d = cfg.data
-        if d.qa_context == "segments":
+        if d.qa.context == "segments":
             cut = f"passages in chunks of {d.chunk_tokens} encoder tokens, at most {d.max_chunks or 'all'}"
         else:
-            cut = f"passages jointly, at most {d.qa_context_tokens} encoder tokens"
+            cut = f"passages jointly, at most {d.qa.context_tokens} encoder tokens"
         return (f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`; {cut} "
                 "(`qa_context` in config.json: what generate and eval do by default)")  # fmt: skip
     parts = []

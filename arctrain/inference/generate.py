@@ -22,8 +22,8 @@ A context is cut into chunks of about `--chunk-tokens` encoder tokens at word bo
 cut the training data (arctrain/data/chunks.py); each chunk is compressed on its own and their vectors follow one
 another, then the decoder's <Cont> vector. `--max-chunks K` keeps the first K chunks (long contexts: the stderr line
 says what was dropped); `--context joint` compresses it as one encoder sequence instead, its first `--context-tokens`.
-Unset, these are what the model's QA fine-tuning used (`qa_context` in the export's config: `data.qa_context`,
-`data.chunk_tokens`, `data.max_chunks`, `data.qa_context_tokens`); for other exports, chunks of the training segment
+Unset, these are what the model's QA fine-tuning used (`qa_context` in the export's config: `data.qa.context`,
+`data.chunk_tokens`, `data.max_chunks`, `data.qa.context_tokens`); for other exports, chunks of the training segment
 length (`segment_tokens`), all of them. A prompt longer than the decoder's window (max_position_embeddings) is refused
 in one line. Batched prompts are left-padded.
 

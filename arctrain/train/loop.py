@@ -170,7 +170,7 @@ def build_data(cfg: Config, rank: int, world_size: int, next_batch: int):
 
     vocab = Vocab.from_config(cfg)
     val = None
-    if cfg.data.qa and cfg.eval.interval:
+    if cfg.data.qa.train and cfg.eval.interval:
         val = QAValBatches(cfg, vocab)
     elif cfg.eval.interval:  # the val samples are picked once; each (decoder, task)'s batches collated once
         val = ValSet(cfg, vocab, rank, world_size)

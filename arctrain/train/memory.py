@@ -269,7 +269,7 @@ REPLICATE_FRACTION = 0.85  # of the GPU's memory: the rest is for the CUDA conte
 
 def segment_tokens(cfg) -> int:
     """Encoder tokens per segment: QA's setting, or the first shard directory's manifest's."""
-    if cfg.data.qa:
+    if cfg.data.qa.train:
         return cfg.data.chunk_tokens
     return int(json.loads((Path(cfg.data.sources[0][0]) / "manifest.json").read_text())["segment_tokens"])
 
@@ -292,8 +292,8 @@ def run_setup(cfg, ds_config: dict, replicated: tuple[str, ...] = (), **setup_fi
     setup = Setup(
         micro_batch=cfg.data.micro_batch_size,
         segment_tokens=segment_tokens(cfg),
-        chunks=cfg.data.max_chunks if cfg.data.qa and cfg.data.max_chunks else 1,
-        text_tokens=0 if cfg.data.qa else cfg.data.interleave_tokens,
+        chunks=cfg.data.max_chunks if cfg.data.qa.train and cfg.data.max_chunks else 1,
+        text_tokens=0 if cfg.data.qa.train else cfg.data.interleave_tokens,
         factor=cfg.model.pooling_factor,
         truncated_layers=cfg.model.n_truncated_layers,
         projector_hidden=max(d.projector_hidden for d in cfg.decoders),

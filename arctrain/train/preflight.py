@@ -246,13 +246,14 @@ def check_paths(cfg: Config) -> None:
         if not Path(path).is_dir():
             raise ConfigError(key, f"{path!r} is not a directory")
 
-    for key in ("qa", "qa_val"):
-        for entry in getattr(cfg.data, key):
+    for key in ("train", "val"):
+        for entry in getattr(cfg.data.qa, key):
             path = parse_qa_source(entry).path
             if not Path(path).is_file():
-                raise ConfigError(f"data.{key}", f"{path!r} is not a file")
-    if cfg.data.qa and cfg.eval.interval and not cfg.data.qa_val:
-        raise ConfigError("data.qa_val", "is needed with data.qa when eval.interval > 0 (or set eval.interval=0)")
+                raise ConfigError(f"data.qa.{key}", f"{path!r} is not a file")
+    if cfg.data.qa.train and cfg.eval.interval and not cfg.data.qa.val:
+        why = "is needed with data.qa.train when eval.interval > 0 (or set eval.interval=0)"
+        raise ConfigError("data.qa.val", why)
     if cfg.train.init_from:
         try:
             source_checkpoint(Path(cfg.train.init_from))
@@ -268,5 +269,5 @@ def check_shards(cfg: Config) -> None:
         open_source(path, "train", tokenizer_paths(cfg), cfg.data.verify_shards)
     for path in cfg.data.val_dirs if cfg.eval.interval else []:
         open_source(path, "val", tokenizer_paths(cfg), cfg.data.verify_shards)
-    if cfg.data.qa:  # every record checked now (skips counted), long contexts counted; not in a loader worker
+    if cfg.data.qa.train:  # every record checked now (skips counted), long contexts counted; not in a loader worker
         check_qa(cfg)

@@ -14,8 +14,8 @@ RUN_DATA = "data.json"  # in the run directory: record_run_data
 def record_run_data(cfg: Config, run_dir: Path) -> None:
     """RUN_DIR/data.json: what the export needs to know about the training data, kept with the run (the shards may
     move or go): the segment length the encoder was trained on, per source. Written by rank 0 at every start."""
-    if cfg.data.qa:
-        sources = [{"qa": cfg.data.qa, "segment_tokens": cfg.data.chunk_tokens}]
+    if cfg.data.qa.train:
+        sources = [{"qa": cfg.data.qa.train, "segment_tokens": cfg.data.chunk_tokens}]
     else:
         sources = [{"shards": d, "segment_tokens": read_manifest(d)["segment_tokens"]} for d, _ in cfg.data.sources]
     record = {"segment_tokens": sources[0]["segment_tokens"], "sources": sources}

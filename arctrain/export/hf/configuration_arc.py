@@ -47,6 +47,6 @@ class ARCEncoderConfig(PretrainedConfig):
         self.qa_context = dict(qa_context) if qa_context else None
         """How QA fine-tuning compressed its passages and rendered its prompts, for generation and evaluation to do
         the same: {"context": "joint" or "segments", "chunk_tokens", "max_chunks", "context_tokens", "chat_template"
-        (data.qa_chat_template)}; None when the model was not fine-tuned on QA (pretraining: contexts were segments
+        (data.qa.chat_template)}; None when the model was not fine-tuned on QA (pretraining: contexts were segments
         of segment_tokens) or the export is older than this field."""
         super().__init__(**kwargs)
