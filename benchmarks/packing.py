@@ -76,8 +76,16 @@ def overrides(task: str, models: Path, data: dict[str, Path], padded: bool) -> l
     return out + [f"data.shards={data['shards']}"]
 
 
+def load_config(config: Path, over: list[str]):
+    """The config, with whichever arctrain is on the path: the baseline tree predates the arctrain/config/ package."""
+    try:
+        from arctrain.config.load import load_config as load
+    except ModuleNotFoundError:  # the baseline: one flat arctrain/config.py
+        from arctrain.config import load_config as load
+    return load(config, over)
+
+
 def batches(task: str, config: Path, over: list[str], n: int, rank: int = 0, world: int = 8) -> list:
-    from arctrain.config.load import load_config
     from arctrain.data import Vocab, build_train_loader
 
     cfg = load_config(config, over)
@@ -112,7 +120,6 @@ def time_steps(task: str, config: Path, over: list[str], n_batches: int) -> floa
     """Mean process CPU seconds per training step (forward + backward) over the batches after the first two."""
     import torch
 
-    from arctrain.config.load import load_config
     from arctrain.model import build_model
 
     torch.manual_seed(0)
