@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"\d+/\d+ \[[0-9:<?]+")  # a progress bar's line (model loading)
@@ -326,8 +325,8 @@ def test_train_steps_below_the_checkpoint_step_is_an_error(tmp_path):
 
 def test_import_keeps_the_release_float32_under_a_bf16_backbone_config(tiny_models, tmp_path):
     """The Hub's Llama-3.2-3B config.json says bfloat16; the released ARC weights are float32 and stay so."""
+    from helpers import backbone_dims, reference_weights, write_release
     from safetensors import safe_open
-    from test_import_arc import backbone_dims, reference_weights, write_release
 
     backbone = tmp_path / "bf16_backbone"
     shutil.copytree(tiny_models / "encoder", backbone)
@@ -513,7 +512,7 @@ def test_a_full_disk_stops_a_build_in_one_line_and_resume_finishes_it(
 
 
 def test_a_full_disk_stops_a_checkpoint_save_in_one_line(tiny_models, tiny_shards, small_disk):
-    from conftest import tiny_paths
+    from helpers import tiny_paths
 
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)
     run_dir = small_disk / "run"
@@ -535,7 +534,7 @@ def test_a_full_disk_stops_a_checkpoint_save_in_one_line(tiny_models, tiny_shard
 
 
 def train_dry_run(tiny_models: Path, shard_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    from conftest import tiny_paths
+    from helpers import tiny_paths
 
     return run("arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--dry-run", "--world-size", "1",
                *tiny_paths(tiny_models, shard_dir), *extra)  # fmt: skip

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py"))

@@ -5,29 +5,15 @@ import json
 
 import numpy as np
 import pytest
+from helpers import qa_config
 from transformers import AutoTokenizer
 
-from arctrain.config.load import load_config
 from arctrain.config.schema import ConfigError, QASource, parse_qa_source
 from arctrain.data import Vocab, build_train_loader
 from arctrain.data.batch import IGNORE, Memory
 from arctrain.data.qa import QAMaker, TextPieces, draw, record_order
 from arctrain.data.qa_records import read_qa
 from arctrain.data.sampling import SourceMixer
-
-
-def qa_config(tiny_models, train, *extra):
-    overrides = [
-        f"model.encoder_path={tiny_models / 'encoder'}",
-        f"decoders.0.path={tiny_models / 'llama'}",
-        f"decoders.1.path={tiny_models / 'mistral'}",
-        "data.shards=[]",
-        f"data.qa={train}",
-        "data.micro_batch_size=4",
-        "eval.interval=0",
-        *extra,
-    ]
-    return load_config("configs/tiny_cpu.yaml", overrides)
 
 
 def keys(loader, n):

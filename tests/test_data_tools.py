@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import zstandard
+from helpers import metaspace_tokenizer
 from transformers import AutoTokenizer
 
 from data_tools.cli import main
@@ -412,23 +413,6 @@ def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, caps
     capsys.readouterr()
     assert main(["merge", "--out", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "tokenizers" in capsys.readouterr().err and not (tmp_path / "c" / "manifest.json").exists()
-
-
-def metaspace_tokenizer(out, texts: list[str]):
-    """A SentencePiece-style BPE (Metaspace pre-tokenizer, prepend_scheme "first", byte fallback: Mistral's and
-    Llama 2's kind), trained with the tokenizers library and saved as a Hugging Face tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        out
-    )
-    return tok
 
 
 def test_metaspace_decoder_segments_have_no_dummy_prefix(tiny_models, corpus, tmp_path):

@@ -8,7 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_data_tools import metaspace_tokenizer
+from helpers import metaspace_tokenizer
 from tokenizers import Tokenizer, normalizers
 from transformers import AutoTokenizer
 

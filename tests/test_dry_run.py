@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import tiny_paths
+from helpers import tiny_paths
 
 from arctrain.config.deepspeed import REPO_ROOT
 from arctrain.config.load import load_config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import REPO, launch, metrics, overrides, step_losses, wait
+from helpers import REPO, launch, metrics, overrides, step_losses, wait
 
 pytestmark = pytest.mark.distributed
 SETTINGS = ("train.steps=20", "checkpoint.interval=10", "optim.clip=0")

@@ -4,7 +4,6 @@ with two datasets; about 15 s."""
 import json
 
 import pytest
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
 from arctrain.data.prompt import qa_prompt, qa_turn

@@ -1,6 +1,6 @@
 """`arctrain export`: a 2-rank ZeRO-3 run -> Hugging Face directory; round trip through both loaders; bad input.
 
-Fixtures (`trained_run`, `exported`) are in test_export_fixtures.py: about 40 s once per session, shared with the
+Fixtures (`trained_run`, `exported`) are in conftest.py: about 40 s once per session, shared with the
 inference and evaluation tests. The tests here add about 15 s.
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 from transformers import AutoModel, AutoTokenizer
 
 from arctrain.cli import main as arctrain

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import latest, launch, overrides, step_losses, wait, wait_for  # noqa: E402
+from helpers import latest, launch, overrides, step_losses, wait, wait_for  # noqa: E402
 
 from arctrain.train.fail_fast import EXIT_COLLECTIVE_TIMEOUT, EXIT_RANK_FAILED  # noqa: E402
 

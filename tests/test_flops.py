@@ -13,7 +13,7 @@ from arctrain.model import Example, Memory, Text, build_model, collate
 from arctrain.model.flops import FlopCounter, peak_tflops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_model_arc import configs  # noqa: E402
+from helpers import configs  # noqa: E402
 
 
 def test_training_flops_equal_torch_count_of_the_step(tiny_models):

@@ -5,10 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import metrics, overrides, run, step_losses  # noqa: E402
+from helpers import metrics, overrides, run, step_losses, tiny_paths  # noqa: E402
 
 from arctrain.config.deepspeed import REPO_ROOT, deepspeed_config  # noqa: E402
 from arctrain.config.load import load_config  # noqa: E402

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_shards, train_two_ranks
-from test_model_arc import configs, corpus_texts, make_batch, tokenizer
+from helpers import build_shards, configs, corpus_texts, make_batch, tokenizer, train_two_ranks
 
 from arctrain.cli import main as arctrain
 from arctrain.inference.generate import ARCGenerator

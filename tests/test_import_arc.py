@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import backbone_dims, embedder_args, reference_weights, write_release
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer
 
@@ -27,86 +28,6 @@ TEXTS = [
 
 
 # --- a tiny reference checkpoint, in the reference's own names and Meta layout -------------------------------
-
-
-def backbone_dims(backbone: Path) -> dict:
-    c = json.loads((backbone / "config.json").read_text())
-    return {
-        "dim": c["hidden_size"],
-        "n_layers": c["num_hidden_layers"],
-        "head_dim": c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-        "hidden_dim": c["intermediate_size"],
-        "n_heads": c["num_attention_heads"],
-        "n_kv_heads": c["num_key_value_heads"],
-        "norm_eps": c["rms_norm_eps"],
-        "vocab_size": c["vocab_size"],
-        "rope_theta": c["rope_parameters"]["rope_theta"],
-    }
-
-
-def reference_weights(a: dict, n_kept: int, out_dims: list[int], hidden: int, seed: int = 0, old_names=False):
-    """(embedder tensors, bridge tensors) as the reference names them: random, with non-trivial norms."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=None):
-        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
-
-    d, hd, h, kv, f = a["dim"], a["head_dim"], a["n_heads"], a["n_kv_heads"], a["hidden_dim"]
-    emb = {"tok_embeddings.weight": rand(a["vocab_size"], d, scale=1.0)}
-    for i in range(n_kept):
-        p = f"layers.{i}."
-        emb |= {
-            p + "attention.wq.weight": rand(h * hd, d),
-            p + "attention.wk.weight": rand(kv * hd, d),
-            p + "attention.wv.weight": rand(kv * hd, d),
-            p + "attention.wo.weight": rand(d, h * hd),
-            p + "attention_norm.weight": 1 + 0.3 * rand(d, scale=1.0),
-            p + "ffn_norm.weight": 1 + 0.3 * rand(d, scale=1.0),
-            p + "feed_forward.w1.weight": rand(f, d),
-            p + "feed_forward.w2.weight": rand(d, f),
-            p + "feed_forward.w3.weight": rand(f, d),
-        }
-    bridge = {}
-    multi = len(out_dims) > 1
-    for j, out in enumerate(out_dims):
-        tag = f".{j}" if not old_names else ""
-        emb[f"rec_tok{tag}.weight"] = rand(1, d, scale=1.0)
-        emb[f"cont_tok{tag}.weight"] = rand(1, d, scale=1.0)
-        prefix = f"{j}." if multi else ""
-        bridge[prefix + "layer1.weight"] = rand(hidden, d)
-        bridge[prefix + "layer2.weight"] = rand(out, hidden)
-    return emb, bridge
-
-
-def embedder_args(rate: int, **extra) -> dict:
-    args = {
-        "n_truncated_layers": 2,
-        "pooling_module": {"pool_type": "mean_pooled_queries", "where": "before"},
-        "memory_tokens": 0,
-        "rec_tok": True,
-        "cont_tok": True,
-        "compress_rates": [rate],
-        "trained_layers": 27,
-        "causal_embedder": False,
-        "train_embedding_mtx": True,
-    }
-    return args | extra
-
-
-def write_release(path: Path, a: dict, emb, bridge, rate: int, n_dec: int, hidden: int, out_dim: int, **extra):
-    """The Hugging Face release: config.json of EmbedAugModel's init arguments, one prefixed model.safetensors."""
-    path.mkdir(parents=True)
-    model_args = {**a, "norm_eps": str(a["norm_eps"]), "max_batch_size": 1}  # YAML left the release a string
-    config = {
-        "bridge_args": {"bridge_type": "multi_module" if n_dec > 1 else "mlp", "in_dim": a["dim"],
-                        "hidden_dim": hidden, "out_dim": out_dim},
-        "embedder_args": embedder_args(rate, **extra),
-        "empty_init": n_dec,
-        "model_args": model_args,
-    }  # fmt: skip
-    (path / "config.json").write_text(json.dumps(config))
-    state = {f"embedder.{k}": v for k, v in emb.items()} | {f"bridge_module.{k}": v for k, v in bridge.items()}
-    save_file(state, path / "model.safetensors")
 
 
 def write_training_layout(path: Path, a: dict, emb, bridge, rate: int, n_dec: int, hidden: int, out_dim: int, **extra):
@@ -390,8 +311,8 @@ def test_rope_choice_is_honoured_on_load(backbone):
 def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_path):
     """A reference checkpoint at x8 -> import-arc -> 2 ZeRO-3 ranks at x4 with train.init_from=the import and both
     learning rates 0 -> export: the same weights bitwise, and vectors that are the reference's at x4."""
+    from helpers import overrides, run
     from safetensors.torch import load_file
-    from test_train import overrides, run
 
     a = backbone_dims(tiny_models / "encoder")
     n_kept = a["n_layers"] - 2

@@ -1,77 +1,13 @@
 """The ARC model (arctrain/model/arc.py, build.py) on the tiny real models: insertion, losses, what trains.
 
-Helpers here (configs, corpus_texts, make_batch) are shared with the other test_model_* modules."""
-
-import functools
-from pathlib import Path
-from types import SimpleNamespace
+Its helpers (configs, corpus_texts, make_batch) are in helpers.py, shared with the other test_model_* modules."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
+from helpers import DECODERS, configs, corpus_texts, make_batch, tokenizer
 
-from arctrain.model import ARCModel, build_model, collate, pretraining_example
-from arctrain.testing.corpus import is_heldout, read_corpus
-
-DECODERS = ("llama", "mistral")
-
-
-def configs(tiny: Path, decoders=DECODERS, projector_hidden: int = 64, **model):
-    """Plain objects with the fields of config.ModelConfig / config.DecoderConfig that build_model reads."""
-    model_cfg = SimpleNamespace(
-        encoder_path=str(tiny / "encoder"),
-        n_truncated_layers=2,
-        pooling="mean_pooled_queries",
-        pooling_factor=4,
-        n_vectors=0,
-        attn_implementation="packed",
-    )
-    vars(model_cfg).update(model)
-    decoder_cfgs = [
-        SimpleNamespace(name=d, path=str(tiny / d), projector_hidden=projector_hidden, prefix="") for d in decoders
-    ]
-    return model_cfg, decoder_cfgs
-
-
-@functools.lru_cache
-def tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
-
-
-def corpus_texts(tiny: Path, *, heldout: bool, n_words: int = 20, limit: int = 64) -> list[str]:
-    """Consecutive chunks of `n_words` words from the embedded corpus (training or held-out documents)."""
-    texts = []
-    for record in read_corpus(tiny / "corpus.jsonl"):
-        if is_heldout(record["id"]) != heldout:
-            continue
-        words = record["text"].split()
-        texts += [" ".join(words[i : i + n_words]) for i in range(0, len(words) - n_words + 1, n_words)]
-        if len(texts) >= limit:
-            return texts[:limit]
-    return texts
-
-
-def make_batch(tiny: Path, model_cfg, decoder: str, task: str, texts: list[str]):
-    """Each text is compressed; reconstruction targets it, continuation targets the next text."""
-    enc_tok, dec_tok = tokenizer(str(tiny / "encoder")), tokenizer(str(tiny / decoder))
-    examples = []
-    for i in range(len(texts) - (task == "continuation")):
-        pair = texts[i : i + 2]
-        enc = [enc_tok(t, add_special_tokens=False).input_ids for t in pair]
-        dec = [dec_tok(t if j == 0 else " " + t, add_special_tokens=False).input_ids for j, t in enumerate(pair)]
-        examples.append(pretraining_example(task, enc, dec, 0))
-    return collate(
-        examples,
-        pooling=model_cfg.pooling,
-        factor=model_cfg.pooling_factor,
-        n_vectors=model_cfg.n_vectors,
-        enc_pad_id=enc_tok.pad_token_id,
-        dec_pad_id=dec_tok.pad_token_id,
-        bos_id=dec_tok.bos_token_id,
-        task=task,
-        decoder=decoder,
-    )
+from arctrain.model import ARCModel, build_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ fits the input vectors to each held-out chunk directly (no encoder could do bett
 import math
 
 import torch
-from test_model_arc import DECODERS, configs, corpus_texts, make_batch
+from helpers import DECODERS, configs, corpus_texts, make_batch
 
 from arctrain.model import build_model
 

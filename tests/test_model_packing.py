@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model_arc import configs, corpus_texts, tokenizer
+from helpers import configs, corpus_texts, tokenizer
 
 from arctrain.data.batch import IGNORE, pack_segments
 from arctrain.model import Example, Memory, Text, build_model, collate, pretraining_example
@@ -148,7 +148,7 @@ def test_validation_without_context_equals_examples_alone(tiny_built, tiny_model
 
 @pytest.mark.parametrize("context", ["joint", "segments"])
 def test_qa_with_shots_equals_examples_alone(tiny_built, tiny_models, tiny_qa, context):
-    from test_data_qa import qa_config
+    from helpers import qa_config
 
     from arctrain.data import Vocab
     from arctrain.data.qa import QAMaker

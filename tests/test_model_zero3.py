@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_model_arc import configs, corpus_texts, make_batch  # noqa: E402
+from helpers import configs, corpus_texts, make_batch  # noqa: E402
 
 from arctrain.model import build_model  # noqa: E402
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train import launch, overrides, wait
+from helpers import launch, overrides, wait
 
 from arctrain.cli import main as arctrain
 from arctrain.inference.report import plot_val_curves, read_metrics, val_curves, val_table

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model_arc import configs
+from helpers import configs
 
 from arctrain.config.schema import OptimConfig
 from arctrain.model import Projector, build_model

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
 from arctrain.inference.generate import ARCGenerator
@@ -60,7 +59,7 @@ def test_compress_is_the_same_bytes_for_any_workers_and_counts_skips(arc, export
 
 def test_compress_reads_arc_data_shards_as_their_raw_text(arc, exported, tiny_models, docs, inputs, tmp_path, capsys):
     """An `arc-data build` directory in: the same segments, so the same vectors as from the raw text."""
-    from conftest import build_shards
+    from helpers import build_shards
 
     shards = build_shards(tmp_path / "shards", inputs, tiny_models / "encoder", {"llama": tiny_models / "llama"})
     store = VectorStore(compress(exported, shards, tmp_path / "from_shards", "--dtype", "fp32"))

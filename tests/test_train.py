@@ -7,105 +7,17 @@ subprocess each, so a test can signal or kill a single rank and read each rank's
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, latest, launch, metrics, overrides, run, sample_keys, step_losses, wait, wait_for
 
 from arctrain.train.loop import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def overrides(models: Path, shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"model.encoder_path={models / 'encoder'}",
-        f"decoders.0.path={models / 'llama'}",
-        f"decoders.1.path={models / 'mistral'}",
-        f"data.shards={shards}",
-        f"checkpoint.dir={run_dir}",
-        "logging.interval=1",
-        "logging.wandb_mode=disabled",
-        "logging.sample_keys=true",
-        "eval.interval=0",
-        "data.micro_batch_size=4",
-        *extra,
-    ]
-
-
-def launch(args: list[str], nproc: int, log: Path, program: tuple[str, ...] = ("-m", "arctrain", "train")):
-    """`nproc` ranks of `python PROGRAM --config configs/tiny_cpu.yaml ARGS`, as torchrun starts them."""
-    port, procs = free_port(), []
-    for rank in range(nproc):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-            "OMP_NUM_THREADS": "1",
-        }
-        cmd = [sys.executable, *program, "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
-        out = open(f"{log}.rank{rank}", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
-    return procs
-
-
-def wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
-    deadline = time.time() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1, deadline - time.time())))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    return codes
-
-
-def run(args: list[str], nproc: int, log: Path) -> list[int]:
-    return wait(launch(args, nproc, log))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
-
-
-def sample_keys(run_dir: Path, rank: int) -> list[tuple[int, int, list[str]]]:
-    lines = (run_dir / "logs" / f"samples_rank{rank}.jsonl").read_text().splitlines()
-    return [(r["step"], r["batch"], r["keys"]) for r in map(json.loads, lines)]
-
-
-def wait_for(predicate, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
-def latest(run_dir: Path) -> str | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    return pointer.read_text().strip() if pointer.is_file() else None
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def worker(models: str, out: str) -> None:
 
 
 def test_step_gradient_is_one_process_on_all_the_data(tiny_models, tmp_path):
-    from test_train import free_port
+    from helpers import free_port
 
     port, procs = free_port(), []
     for rank in range(2):

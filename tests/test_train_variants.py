@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import metrics, overrides, run, sample_keys
+from helpers import metrics, overrides, run, sample_keys
 
 pytestmark = pytest.mark.distributed
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_export_fixtures import *  # noqa: F403  (the session fixtures trained_run, exported)
 
 from arctrain.cli import main as arctrain
 from arctrain.inference.generate import ARCGenerator

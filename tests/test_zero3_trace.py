@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_model_arc import configs, corpus_texts, make_batch  # noqa: E402
+from helpers import configs, corpus_texts, make_batch  # noqa: E402
 
 from arctrain.model import build_model  # noqa: E402
 from arctrain.train.zero_trace import keep_trace_per_decoder  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_model_arc import corpus_texts, make_batch  # noqa: E402
+from helpers import corpus_texts, make_batch  # noqa: E402
 
 from arctrain.config.deepspeed import REPO_ROOT
 from arctrain.config.load import load_config  # noqa: E402
