@@ -120,7 +120,7 @@ def report(runs: list[str], ranks: int, seconds: float | None) -> None:
     if ranks == 1:
         print(
             "NCCL across ranks: not tested: one rank runs no collective between GPUs (a world of one); the "
-            "collectives' device placement is covered on CPU by tests/test_distributed.py, and across nodes by "
+            "collectives' device placement is covered on CPU by tests/train/test_distributed.py, and across nodes by "
             "the 2-node gloo SLURM tests"
         )
     else:

@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny real models every tier of tests runs on."""
+"""Shared fixtures: the tiny real models every tier of tests runs on, their shards, and one trained and exported run.
+
+Plain helper functions are in helpers.py."""
 
 import fcntl
 import hashlib
@@ -7,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import build_shards, train_two_ranks, write_qa
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_PRETRAIN_STEPS = 600
@@ -44,46 +47,6 @@ def tiny_models() -> Path:
     return final
 
 
-def train_two_ranks(args: list[str], log_dir: Path) -> None:
-    """`arctrain train --config configs/tiny_cpu.yaml ARGS` on 2 gloo ranks (ZeRO-3 partitions the trainable weights
-    across both); fails the test with the end of rank 0's log unless both ranks exit 0."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), *args]
-        log = open(log_dir / f"train.rank{rank}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    assert [p.wait(timeout=600) for p in procs] == [0, 0], (log_dir / "train.rank0.log").read_text()[-2000:]
-
-
-def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
-    """Overrides that point a llama + mistral config at the tiny models and the test shards."""
-    return [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-            f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"]  # fmt: skip
-
-
-def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Path]) -> Path:
-    """Shards of `corpus` in 16-token segments for these tokenizers, built by the real `arc-data build`."""
-    import subprocess
-    import sys
-
-    cmd = [
-        sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(out),
-        "--encoder-tokenizer", str(encoder), *[f"--decoder={name}={path}" for name, path in decoders.items()],
-        "--segment-tokens", "16", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
-    ]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_models, tmp_path_factory) -> Path:
     """Shards of the embedded corpus for all three tiny tokenizers."""
@@ -99,25 +62,6 @@ def smollm2_shards(smollm2, tiny_models, tmp_path_factory) -> Path:
     standing in for Gemma 3 270M (the same family, no download)."""
     decoders = {"smollm2": smollm2, "gemma": tiny_models / "gemma"}
     return build_shards(tmp_path_factory.mktemp("smollm2_shards"), tiny_models / "corpus.jsonl", smollm2, decoders)
-
-
-def write_qa(corpus: Path, out: Path, heldout: bool, limit: int) -> Path:
-    """QA records made from the embedded corpus: a 48-word passage; which word follows two words of it."""
-    import json
-
-    from arctrain.testing.corpus import is_heldout, read_corpus
-
-    lines = []
-    for record in read_corpus(corpus):
-        words = record["text"].split()
-        if is_heldout(record["id"]) != heldout or len(words) < 48:
-            continue
-        question = f"Which word follows {words[10]!r} {words[11]!r}?"
-        lines.append(json.dumps({"question": question, "answers": [words[12]], "passages": " ".join(words[:48])}))
-        if len(lines) == limit:
-            break
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -169,3 +113,40 @@ def gemma3() -> Path:
     with open(cache / ".lock-gemma3", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return fetch_model("gemma3-270m", cache / "gemma3-270m")
+
+
+# --- a real run, shared by the export, inference and evaluation tests --------------------------------------------
+# `arctrain train` on 2 gloo processes (ZeRO-3 partitions the trainable weights across both ranks, so the export has
+# to consolidate them), 4 steps, then `arctrain export`. Costs about 40 s of 2 CPU cores, once per session; the work
+# is also cached in the session's base temp directory (a marker is written last).
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_models, tiny_shards, tmp_path_factory) -> Path:
+    """RUN_DIR of 4 training steps on 2 ranks, checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.getbasetemp() / "export_run"
+    if (run_dir / "done").is_file():
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir()
+    args = [
+        f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}", f"checkpoint.dir={run_dir}",
+        "train.steps=4", "checkpoint.interval=2", "logging.interval=1", "logging.wandb_mode=disabled",
+        "eval.interval=0",
+    ]  # fmt: skip
+    train_two_ranks(args, run_dir)
+    (run_dir / "done").touch()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    from arctrain.cli import main as arctrain
+
+    out, done = tmp_path_factory.getbasetemp() / "exported", tmp_path_factory.getbasetemp() / "exported.done"
+    if not done.is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        arctrain(["export", "--run", str(trained_run), "--out", str(out)])
+        done.touch()
+    return out

@@ -1,7 +1,7 @@
 """Every config key with its type, default and docstring, read from the dataclasses of arctrain/config/schema.py.
 
 arctrain config --list                      # the keys, for a terminal
-arctrain config --markdown docs/config.md   # the reference page (tests/test_config_reference.py keeps it in sync)
+arctrain config --markdown docs/config.md   # the reference page, kept in sync by tests/config/test_config_reference.py
 """
 
 import argparse

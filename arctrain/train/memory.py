@@ -17,7 +17,7 @@ What is counted, per GPU, with N GPUs (ZeRO-3 partitions every parameter, gradie
   per token 12 h + 4 kv + 6 i bytes in a frozen layer (RMSNorm's fp32 upcasts, q, k, v, attention output, gate,
   up, silu(gate); a frozen linear saves no input) and 20 h + 4 kv + 8 i in a trainable one (h hidden, kv the k/v
   width, i intermediate); without it every layer holds all of that at once. These are measured
-  with torch's saved-tensor hooks on transformers' LlamaDecoderLayer (tests/test_memory_estimate.py keeps them
+  with torch's saved-tensor hooks on transformers' LlamaDecoderLayer (tests/train/test_memory_estimate.py keeps them
   honest). The frozen decoder needs its activations too: the loss's gradient flows through it into the
   projector and the encoder;
 - the active decoder's LM head, partitioned: gathered whole in bf16 while its loss runs (arctrain/model/loss.py),
