@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("arctrain", "data_tools")
+FOLDERS = ("arctrain", "data_tools", "benchmarks", "scripts")
 MARKER = re.compile(r"#.*\bfmt:\s*(skip|off|on)\b")
 
 
