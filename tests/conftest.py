@@ -66,8 +66,12 @@ def train_two_ranks(args: list[str], log_dir: Path) -> None:
 
 def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
     """Overrides that point a llama + mistral config at the tiny models and the test shards."""
-    return [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-            f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"]  # fmt: skip
+    return [
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        f"data.shards={tiny_shards}",
+    ]
 
 
 def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Path]) -> Path:
@@ -76,10 +80,26 @@ def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Pat
     import sys
 
     cmd = [
-        sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(out),
-        "--encoder-tokenizer", str(encoder), *[f"--decoder={name}={path}" for name, path in decoders.items()],
-        "--segment-tokens", "16", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "data_tools.cli",
+        "build",
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--encoder-tokenizer",
+        str(encoder),
+        *[f"--decoder={name}={path}" for name, path in decoders.items()],
+        "--segment-tokens",
+        "16",
+        "--val-fraction",
+        "0.05",
+        "--shard-size-mb",
+        "1",
+        "--overwrite",
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("arctrain", "data_tools", "benchmarks", "scripts")
+FOLDERS = ("arctrain", "data_tools", "benchmarks", "scripts", "tests")
+KEPT_AS_WRITTEN = REPO / "tests/fixtures"  # files as earlier arctrain versions wrote them; ruff excludes them too
 MARKER = re.compile(r"#.*\bfmt:\s*(skip|off|on)\b")
 
 
@@ -33,6 +34,7 @@ def test_no_formatter_markers(folder):
     found = [
         f"{path.relative_to(REPO)}:{line}"
         for path in sorted((REPO / folder).rglob("*.py"))
+        if not path.is_relative_to(KEPT_AS_WRITTEN)
         for line in markers(path.read_text())
     ]
     assert not found, f"ruff format is switched off here (write the statement so ruff can lay it out): {found}"
