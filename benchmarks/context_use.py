@@ -42,9 +42,14 @@ def held_out_chunks(corpus: Path, words: int, limit: int) -> list[str]:
 
 def batch_of(examples: list[Example], tok, factor: int = 1, enc_pad: int = 0):
     return collate(
-        examples, pooling="mean", factor=factor, n_vectors=0, enc_pad_id=enc_pad, dec_pad_id=tok.pad_token_id,
+        examples,
+        pooling="mean",
+        factor=factor,
+        n_vectors=0,
+        enc_pad_id=enc_pad,
+        dec_pad_id=tok.pad_token_id,
         bos_id=tok.bos_token_id,
-    )  # fmt: skip
+    )
 
 
 def loss_of(decoder, batch) -> float:

@@ -45,9 +45,16 @@ def segments(corpus: Path, tok, length: int, heldout: bool) -> list[list[int]]:
 def batch_of(segs: list[list[int]], tok, factor: int):
     examples = [pretraining_example("reconstruction", [s], [s], 0) for s in segs]
     return collate(
-        examples, pooling="mean_pooled_queries", factor=factor, n_vectors=0, enc_pad_id=tok.pad_token_id,
-        dec_pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, task="reconstruction", decoder="smollm2",
-    )  # fmt: skip
+        examples,
+        pooling="mean_pooled_queries",
+        factor=factor,
+        n_vectors=0,
+        enc_pad_id=tok.pad_token_id,
+        dec_pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+        task="reconstruction",
+        decoder="smollm2",
+    )
 
 
 @torch.no_grad()
@@ -109,14 +116,21 @@ def train_curve(args: argparse.Namespace) -> list[dict]:
 
     n_layers = AutoConfig.from_pretrained(args.model).num_hidden_layers
     model_cfg = SimpleNamespace(
-        encoder_path=str(args.model), n_truncated_layers=n_layers - args.enc_layers, pooling="mean_pooled_queries",
-        pooling_factor=args.factor, n_vectors=0, attn_implementation="packed",
+        encoder_path=str(args.model),
+        n_truncated_layers=n_layers - args.enc_layers,
+        pooling="mean_pooled_queries",
+        pooling_factor=args.factor,
+        n_vectors=0,
+        attn_implementation="packed",
         freeze_encoder_embeddings=not args.train_embeddings,
-    )  # fmt: skip
+    )
     dec_cfg = SimpleNamespace(
-        name="smollm2", path=str(args.model), projector_hidden=args.projector_hidden, prefix="",
+        name="smollm2",
+        path=str(args.model),
+        projector_hidden=args.projector_hidden,
+        prefix="",
         projector_init=args.projector_init,
-    )  # fmt: skip
+    )
     model = build_model(model_cfg, [dec_cfg]).train()
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     projector = [*model.projectors.parameters(), *model.specials.parameters()]

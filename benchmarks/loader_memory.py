@@ -44,8 +44,13 @@ def write_template(out: Path, per_shard: int, version: int) -> Path:
     rng = np.random.default_rng(0)
     offsets = np.array([0, 50, 100, 150, 200], dtype=np.int64)
     for i in range(per_shard):
-        meta = {"doc_id": str(i), "source": "data/part-000.jsonl.zst", "window": 0, "n_segments": 4,
-                "char_spans": [[0, 250], [250, 500], [500, 750], [750, 1000]]}  # fmt: skip
+        meta = {
+            "doc_id": str(i),
+            "source": "data/part-000.jsonl.zst",
+            "window": 0,
+            "n_segments": 4,
+            "char_spans": [[0, 250], [250, 500], [500, 750], [750, 1000]],
+        }
         tokens = {name: (rng.integers(0, 30000, 200, dtype=np.uint16), offsets) for name in NAMES}
         members = {MEMBER: pack(meta, tokens)} if version == 3 else members_v2(meta, tokens)
         writer.write(Sample({"__key__": f"{i:016x}-00000", **members}, (200, 200, 200)))
@@ -115,13 +120,27 @@ def main() -> None:
         roots = {v: Path(tmp) / f"v{v}" for v in (2, 3)}
         for version, root in roots.items():
             make_shards(root, args.shards, args.per_shard, version)
-        label = {"before": f"before ({args.before}), format 2", "index": "format 2, index files",
-                 "tar": "format 2, no index files", "packed": "format 3, index files"}  # fmt: skip
+        label = {
+            "before": f"before ({args.before}), format 2",
+            "index": "format 2, index files",
+            "tar": "format 2, no index files",
+            "packed": "format 3, index files",
+        }
         print(f"{args.shards} shards x {args.per_shard} samples, one fresh process per reader")
         for mode in args.modes:
             root = roots[3 if mode == "packed" else 2]
-            cmd = [sys.executable, __file__, "--_reader", mode, "--_root", str(root), "--per-shard",
-                   str(args.per_shard), "--before", args.before]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_reader",
+                mode,
+                "--_root",
+                str(root),
+                "--per-shard",
+                str(args.per_shard),
+                "--before",
+                args.before,
+            ]
             lines = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()
             points = [json.loads(line) for line in lines]
             shown = ", ".join(f"{p['samples']:,}: +{p['rss_mb'] - points[0]['rss_mb']:.0f}" for p in points[1:])

@@ -79,16 +79,19 @@ def main() -> None:
         for r in range(args.ranks):
             if name == "before":
                 mixer = old.SourceMixer(seed, tuple(args.weights))
-                streams = [old.RankStream(seed, s, src[0], r, args.ranks, args.shuffle_buffer)
-                           for s, src in enumerate(sources)]  # fmt: skip
+                streams = [
+                    old.RankStream(seed, s, src[0], r, args.ranks, args.shuffle_buffer) for s, src in enumerate(sources)
+                ]
 
                 def picks(b, mixer=mixer, streams=streams):
                     s, earlier = mixer.locate(b)
                     return [(s, *streams[s].locate(j)) for j in range(earlier * mbs, (earlier + 1) * mbs)]
             else:
                 mixer = SourceMixer(seed, tuple(args.weights))
-                streams = [SourceStream(seed, s, src[0], args.shuffle_buffer, args.shard_streams)
-                           for s, src in enumerate(sources)]  # fmt: skip
+                streams = [
+                    SourceStream(seed, s, src[0], args.shuffle_buffer, args.shard_streams)
+                    for s, src in enumerate(sources)
+                ]
 
                 def picks(b, mixer=mixer, streams=streams, r=r):  # rank r's batch b: a global micro-batch
                     g = Layout(r, args.ranks).global_batch(b)

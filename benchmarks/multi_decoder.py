@@ -66,9 +66,16 @@ def segment_pairs(corpus: Path, enc_tok, dec_toks: dict, length: int, heldout: b
 def batch_of(pairs: list[dict], decoder: str, enc_tok, dec_tok, factor: int):
     examples = [pretraining_example("reconstruction", [p["enc"]], [p[decoder]], 0) for p in pairs]
     return collate(
-        examples, pooling="mean_pooled_queries", factor=factor, n_vectors=0, enc_pad_id=enc_tok.pad_token_id,
-        dec_pad_id=dec_tok.pad_token_id, bos_id=dec_tok.bos_token_id, task="reconstruction", decoder=decoder,
-    )  # fmt: skip
+        examples,
+        pooling="mean_pooled_queries",
+        factor=factor,
+        n_vectors=0,
+        enc_pad_id=enc_tok.pad_token_id,
+        dec_pad_id=dec_tok.pad_token_id,
+        bos_id=dec_tok.bos_token_id,
+        task="reconstruction",
+        decoder=decoder,
+    )
 
 
 @torch.no_grad()
@@ -129,9 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace, decoders: tuple[str, ...]):
     n_layers = AutoConfig.from_pretrained(args.smollm2).num_hidden_layers
     model_cfg = SimpleNamespace(
-        encoder_path=str(args.smollm2), n_truncated_layers=n_layers - args.enc_layers, pooling="mean_pooled_queries",
-        pooling_factor=args.factor, n_vectors=0, attn_implementation="packed", freeze_encoder_embeddings=True,
-    )  # fmt: skip
+        encoder_path=str(args.smollm2),
+        n_truncated_layers=n_layers - args.enc_layers,
+        pooling="mean_pooled_queries",
+        pooling_factor=args.factor,
+        n_vectors=0,
+        attn_implementation="packed",
+        freeze_encoder_embeddings=True,
+    )
     paths = {"smollm2": (args.smollm2, "identity"), "gemma": (args.gemma, "random")}
     dec_cfgs = [
         SimpleNamespace(name=name, path=str(paths[name][0]), projector_hidden=576, projector_init=paths[name][1])

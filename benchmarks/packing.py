@@ -34,10 +34,26 @@ def make_data(models: Path, out: Path, n_records: int = 400) -> dict[str, Path]:
     """Shards of the embedded corpus in 256-token segments (`arc-data build`) and QA records from its documents."""
     decoders = [f"--decoder={name}={models / name}" for name in ("llama", "mistral")]
     cmd = [
-        sys.executable, "-m", "data_tools.cli", "build", "--input", str(models / "corpus.jsonl"),
-        "--out", str(out / "shards"), "--encoder-tokenizer", str(models / "encoder"), *decoders,
-        "--segment-tokens", "256", "--val-fraction", "0.05", "--shard-size-mb", "4", "--overwrite", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "data_tools.cli",
+        "build",
+        "--input",
+        str(models / "corpus.jsonl"),
+        "--out",
+        str(out / "shards"),
+        "--encoder-tokenizer",
+        str(models / "encoder"),
+        *decoders,
+        "--segment-tokens",
+        "256",
+        "--val-fraction",
+        "0.05",
+        "--shard-size-mb",
+        "4",
+        "--overwrite",
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     from arctrain.testing.corpus import read_corpus
 
@@ -137,10 +153,20 @@ def time_steps(task: str, config: Path, over: list[str], n_batches: int) -> floa
 
 def run_timing(tree: Path, task: str, args, data: dict[str, Path], padded: bool) -> float:
     """`time_steps` in a subprocess that imports arctrain from `tree`."""
-    request = {"task": task, "config": str(tree / CONFIGS[task]), "models": str(args.models),
-               "data": {k: str(v) for k, v in data.items()}, "padded": padded, "steps": args.steps}  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    request = {
+        "task": task,
+        "config": str(tree / CONFIGS[task]),
+        "models": str(args.models),
+        "data": {k: str(v) for k, v in data.items()},
+        "padded": padded,
+        "steps": args.steps,
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": str(args.threads),
+        "DS_ACCELERATOR": "cpu",
+    }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--time-request", json.dumps(request)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tree)
     return float(out.stdout.strip().splitlines()[-1])
@@ -175,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         data = make_data(args.models, Path(tmp))
         before = baseline_tree(args.baseline, Path(tmp) / "baseline") if args.baseline else None
         for task in args.tasks.split(","):
-            got = real_fractions(batches(task, REPO / CONFIGS[task], overrides(task, args.models, data, False),
-                                         args.batches))  # fmt: skip
+            got = real_fractions(
+                batches(task, REPO / CONFIGS[task], overrides(task, args.models, data, False), args.batches)
+            )
             if before is not None:
                 runs = {"before": [], "after": []}
                 for _ in range(args.repeats):
@@ -185,13 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
                 got["step_before_s"], got["step_after_s"] = min(runs["before"]), min(runs["after"])
                 got["step_ratio"] = got["step_after_s"] / got["step_before_s"]
             results[task] = got
-    print(f"rank 0 of 8, {args.batches} micro-batches per config; step time: {args.steps - 2} steps, "
-          f"best of {args.repeats}, {args.threads} thread(s), before = {args.baseline or '-'}")  # fmt: skip
+    print(
+        f"rank 0 of 8, {args.batches} micro-batches per config; step time: {args.steps - 2} steps, "
+        f"best of {args.repeats}, {args.threads} thread(s), before = {args.baseline or '-'}"
+    )
     print("config        encoder real (padded -> packed)  decoder real (padded -> packed)  step time after/before")
     for task, r in results.items():
         ratio = f"{r['step_ratio']:.2f}x" if "step_ratio" in r else "-"
-        print(f"{task:12s}  {r['encoder_padded']:.3f} -> {r['encoder_packed']:.3f}"
-              f"{'':18s}{r['decoder_padded']:.3f} -> {r['decoder_packed']:.3f}{'':18s}{ratio}")  # fmt: skip
+        print(
+            f"{task:12s}  {r['encoder_padded']:.3f} -> {r['encoder_packed']:.3f}"
+            f"{'':18s}{r['decoder_padded']:.3f} -> {r['decoder_packed']:.3f}{'':18s}{ratio}"
+        )
     return results
 
 

@@ -43,10 +43,16 @@ VOCAB = 32000
 
 def llama(hidden: int, layers: int, ffn: int, heads: int, kv_heads: int) -> LlamaForCausalLM:
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=16384,
-        attn_implementation="sdpa", tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=16384,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 

@@ -64,6 +64,8 @@ for row in rows:
         pids.setdefault(pid, (name, []))[1].append(rss)
 for pid, (name, rss) in pids.items():
     q = len(rss) // 4  # a short run has fewer than 4 samples: its quarters fall back to the first sample
-    print(f"  pid {pid} {name[:45]:<45} RSS MB: first {rss[0]:.0f}, "
-          f"2nd quarter max {max(rss[q : 2 * q], default=rss[0]):.0f}, "
-          f"last quarter max {max(rss[3 * q :]):.0f}, peak {max(rss):.0f} ({len(rss)} samples)")  # fmt: skip
+    print(
+        f"  pid {pid} {name[:45]:<45} RSS MB: first {rss[0]:.0f}, "
+        f"2nd quarter max {max(rss[q : 2 * q], default=rss[0]):.0f}, "
+        f"last quarter max {max(rss[3 * q :]):.0f}, peak {max(rss):.0f} ({len(rss)} samples)"
+    )

@@ -115,11 +115,26 @@ def main() -> None:
         print(f"tokenizers' own rate (all three, one process): {own_rate / 1e6:.2f}M chars/s")
 
         shards = work / "shards"
-        build = [sys.executable, "-m", "data_tools.cli", "build", *[a for p in inputs for a in ("--input", str(p))],
-                 "--out", str(shards), "--overwrite", "--workers", str(args.workers),
-                 "--segment-tokens", "16", "--encoder-tokenizer", str(args.models / "encoder"),
-                 "--decoder", f"llama={args.models / 'llama'}",
-                 "--decoder", f"mistral={args.models / 'mistral'}"]  # fmt: skip
+        build = [
+            sys.executable,
+            "-m",
+            "data_tools.cli",
+            "build",
+            *[a for p in inputs for a in ("--input", str(p))],
+            "--out",
+            str(shards),
+            "--overwrite",
+            "--workers",
+            str(args.workers),
+            "--segment-tokens",
+            "16",
+            "--encoder-tokenizer",
+            str(args.models / "encoder"),
+            "--decoder",
+            f"llama={args.models / 'llama'}",
+            "--decoder",
+            f"mistral={args.models / 'mistral'}",
+        ]
         seconds, series, out = monitored(build, work / "build.log")  # its progress bar: how far it got
         summary = next(line for line in out.splitlines() if line.startswith("arc-data build:"))
         print(summary)
@@ -127,29 +142,49 @@ def main() -> None:
         entries = [s for e in manifest["splits"].values() for s in e["shards"]]
         n, tar_bytes = sum(s["samples"] for s in entries), sum(s["bytes"] for s in entries)
         index_bytes = sum(s["index"]["bytes"] for s in entries)
-        print(f"shards (format {manifest['format_version']}): {tar_bytes / 1e9:.2f} GB of tars + "
-              f"{index_bytes / 1e6:.0f} MB of indexes for {n:,} samples: {tar_bytes / n:,.0f} bytes per sample, "
-              f"{tar_bytes / (args.gb * 1e9):.2f} bytes per byte of text")  # fmt: skip
+        print(
+            f"shards (format {manifest['format_version']}): {tar_bytes / 1e9:.2f} GB of tars + "
+            f"{index_bytes / 1e6:.0f} MB of indexes for {n:,} samples: {tar_bytes / n:,.0f} bytes per sample, "
+            f"{tar_bytes / (args.gb * 1e9):.2f} bytes per byte of text"
+        )
         rate = args.gb * 1e9 / seconds
         load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
-        print(f"build: {seconds:.0f}s, {rate / 1e6:.2f}M chars/s = {rate / own_rate:.2f}x the tokenizers' own rate "
-              f"in one process ({args.workers} workers; {load})")  # fmt: skip
+        print(
+            f"build: {seconds:.0f}s, {rate / 1e6:.2f}M chars/s = {rate / own_rate:.2f}x the tokenizers' own rate "
+            f"in one process ({args.workers} workers; {load})"
+        )
         print("\n".join(memory_report(series)))
 
         run_dir = work / "run"
-        train = ["torchrun", "--nproc_per_node", str(args.nproc), "-m", "arctrain", "train",
-                 "--config", str(REPO / "configs/tiny_cpu.yaml"), f"model.encoder_path={args.models / 'encoder'}",
-                 f"decoders.0.path={args.models / 'llama'}", f"decoders.1.path={args.models / 'mistral'}",
-                 f"data.shards={shards}", f"checkpoint.dir={run_dir}", f"train.steps={args.steps}",
-                 f"checkpoint.interval={args.steps}", f"eval.interval={max(args.steps // 4, 1)}",
-                 "logging.wandb_mode=disabled", "data.num_workers=2"]  # fmt: skip
+        train = [
+            "torchrun",
+            "--nproc_per_node",
+            str(args.nproc),
+            "-m",
+            "arctrain",
+            "train",
+            "--config",
+            str(REPO / "configs/tiny_cpu.yaml"),
+            f"model.encoder_path={args.models / 'encoder'}",
+            f"decoders.0.path={args.models / 'llama'}",
+            f"decoders.1.path={args.models / 'mistral'}",
+            f"data.shards={shards}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={args.steps}",
+            f"checkpoint.interval={args.steps}",
+            f"eval.interval={max(args.steps // 4, 1)}",
+            "logging.wandb_mode=disabled",
+            "data.num_workers=2",
+        ]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         seconds, series, out = monitored(train, work / "train.log", env)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [m["train/loss"] for m in metrics if "train/loss" in m]
         waits = [m["data_wait_fraction"] for m in metrics if "data_wait_fraction" in m]
-        print(f"train: {args.steps} steps on {args.nproc} ranks in {seconds:.0f}s; train/loss {losses[0]:.3f} -> "
-              f"{losses[-1]:.3f}; data wait fraction mean {sum(waits) / len(waits):.3f}")  # fmt: skip
+        print(
+            f"train: {args.steps} steps on {args.nproc} ranks in {seconds:.0f}s; train/loss {losses[0]:.3f} -> "
+            f"{losses[-1]:.3f}; data wait fraction mean {sum(waits) / len(waits):.3f}"
+        )
         print("\n".join(memory_report(series)))
         for m in metrics:
             val = {k[4:]: round(v, 3) for k, v in m.items() if re.match(r"val/", k)}

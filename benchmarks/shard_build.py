@@ -90,9 +90,20 @@ def time_build(
     """(wall seconds, CPU seconds of the command and its worker processes, its summary line)."""
     decoders = [a for name, p in paths.items() if name != "encoder" for a in ("--decoder", f"{name}={p}")]
     cmd = [
-        shutil.which("arc-data") or "arc-data", "build", "--input", str(data), "--out", str(out), "--overwrite",
-        "--encoder-tokenizer", str(paths["encoder"]), *decoders, "--workers", str(workers), "--no-progress",
-    ]  # fmt: skip
+        shutil.which("arc-data") or "arc-data",
+        "build",
+        "--input",
+        str(data),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--encoder-tokenizer",
+        str(paths["encoder"]),
+        *decoders,
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     if segment_tokens is not None:
         cmd += ["--segment-tokens", str(segment_tokens)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

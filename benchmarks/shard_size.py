@@ -23,9 +23,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(tree: Path, models: Path, data: Path, out: Path, segment_tokens: int) -> dict:
-    cmd = [sys.executable, "-m", "data_tools.cli", "build", "--input", str(data), "--out", str(out), "--no-progress",
-           "--segment-tokens", str(segment_tokens), "--encoder-tokenizer", str(models / "encoder"),
-           "--decoder", f"llama={models / 'llama'}", "--decoder", f"mistral={models / 'mistral'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_tools.cli",
+        "build",
+        "--input",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--segment-tokens",
+        str(segment_tokens),
+        "--encoder-tokenizer",
+        str(models / "encoder"),
+        "--decoder",
+        f"llama={models / 'llama'}",
+        "--decoder",
+        f"mistral={models / 'mistral'}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(tree), "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tree)
     cpu = float(re.search(r"CPU ([\d.]+)s main", run.stdout).group(1))
@@ -43,9 +59,14 @@ def measure(out: Path, manifest: dict) -> dict:
     samples = sum(s["samples"] for s in shards)
     index = sum(s.get("index", {}).get("bytes", 0) for s in shards)
     return {
-        "version": manifest["format_version"], "samples": samples, "members": members / samples,
-        "tar": sum(s["bytes"] for s in shards), "payload": payload, "index": index, "cpu": manifest["cpu"],
-    }  # fmt: skip
+        "version": manifest["format_version"],
+        "samples": samples,
+        "members": members / samples,
+        "tar": sum(s["bytes"] for s in shards),
+        "payload": payload,
+        "index": index,
+        "cpu": manifest["cpu"],
+    }
 
 
 def main() -> None:

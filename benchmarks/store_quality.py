@@ -90,8 +90,9 @@ def read_docs(path: Path) -> list[dict]:
 def fp32_store(model: Path, docs: Path, out: Path) -> VectorStore:
     if (out / "manifest.json").is_file():  # --work kept from an earlier run: the same documents, already compressed
         return VectorStore(out)
-    arctrain(["compress", "--model", str(model), "--input", str(docs), "--out", str(out), "--dtype", "fp32",
-              "--no-progress"])  # fmt: skip
+    arctrain(
+        ["compress", "--model", str(model), "--input", str(docs), "--out", str(out), "--dtype", "fp32", "--no-progress"]
+    )
     return VectorStore(out)
 
 
@@ -135,9 +136,11 @@ def main() -> None:
     targets = targets[: args.segments]
     texts = sum(text_bytes.values())
     tokens = exact.manifest["encoder_tokens"]
-    print(f"{len(docs)} held-out docs, {texts:,} bytes of text, {tokens:,} encoder tokens ({texts / tokens:.2f} "
-          f"bytes/token), {exact.manifest['vectors']:,} vectors (x{arc.config.pooling_factor}); codebooks trained on "
-          f"{reservoir.sample().shape[0]:,} vectors; {len(targets)} segments reconstructed")  # fmt: skip
+    print(
+        f"{len(docs)} held-out docs, {texts:,} bytes of text, {tokens:,} encoder tokens ({texts / tokens:.2f} "
+        f"bytes/token), {exact.manifest['vectors']:,} vectors (x{arc.config.pooling_factor}); codebooks trained on "
+        f"{reservoir.sample().shape[0]:,} vectors; {len(targets)} segments reconstructed"
+    )
     base, acc, no_context = reconstruction(arc, [(exact.get(d).vectors[i], t) for d, i, t in targets], True)
     gain = no_context - base
     print(f"(no context: loss {no_context:.4f}; the context is worth {gain:.4f} nats)")
@@ -167,8 +170,11 @@ def main() -> None:
         m = store.manifest
         shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])  # on disk, the codebook aside
         codes = m["bytes_per_vector"] * m["vectors"] / texts  # the vectors alone: long documents, at scale
-        print(f"{dtype:>12} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
-              f"{loss - base:>+8.4f} {(loss - base) / gain:>9.1%} {acc:>7.3f} {trained}", flush=True)  # fmt: skip
+        print(
+            f"{dtype:>12} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
+            f"{loss - base:>+8.4f} {(loss - base) / gain:>9.1%} {acc:>7.3f} {trained}",
+            flush=True,
+        )
     speed(args, stores, codecs, reservoir.sample())
 
 
@@ -193,9 +199,11 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
             codec.decode(codes)
             decode += time.perf_counter() - start
         n = n // chunk * chunk
-        print(f"{dtype}: {n:,} vectors encoded in {encode:.1f}s ({n / encode:,.0f}/s), decoded in {decode:.2f}s "
-              f"({n / decode:,.0f}/s), {args.threads} threads; "
-              f"{(encode + decode) / seconds:.1f}x int8's time")  # fmt: skip
+        print(
+            f"{dtype}: {n:,} vectors encoded in {encode:.1f}s ({n / encode:,.0f}/s), decoded in {decode:.2f}s "
+            f"({n / decode:,.0f}/s), {args.threads} threads; "
+            f"{(encode + decode) / seconds:.1f}x int8's time"
+        )
     for dtype, store in stores.items():
         doc_ids = [json.loads(line)["id"] for line in args.input.read_text().splitlines() if line.strip()]
         for d in doc_ids:
@@ -206,8 +214,10 @@ def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarr
             store.get(d)
             times.append(time.perf_counter() - start)
         vectors_per_doc = store.manifest["vectors"] / len(doc_ids)
-        print(f"{dtype}: one document's vectors read in {statistics.median(times) * 1e3:.3f} ms median, "
-              f"{max(times) * 1e3:.3f} ms max ({vectors_per_doc:.0f} vectors per document on average)")  # fmt: skip
+        print(
+            f"{dtype}: one document's vectors read in {statistics.median(times) * 1e3:.3f} ms median, "
+            f"{max(times) * 1e3:.3f} ms max ({vectors_per_doc:.0f} vectors per document on average)"
+        )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,18 @@ def overrides(models: Path, shards: Path, run_dir: Path, steps: int, workers: in
 
 def train(world: int, args, run_dir: Path) -> list[dict]:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port=29631",
-        "-m", "arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        "--master_port=29631",
+        "-m",
+        "arctrain",
+        "train",
+        "--config",
+        str(REPO / "configs/tiny_cpu.yaml"),
         *overrides(args.models, args.shards, run_dir, args.steps, args.workers),
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, os.cpu_count() // world))}
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

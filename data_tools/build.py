@@ -93,9 +93,17 @@ def build(cfg: BuildConfig) -> dict:
     check_inputs(files, fields)
     tokenizers = load_tokenizers(cfg.encoder_tokenizer, cfg.decoders)
     tok_entries = {t.name: t.manifest_entry() for t in tokenizers}
-    identity = {"options": {**cfg.settings, "shard_size_mb": cfg.shard_size_mb, "start_shard": cfg.start_shard,
-                            "text_field": cfg.text_field, "id_field": cfg.id_field},
-                "inputs": source_entries(files), "tokenizers": tok_entries}  # fmt: skip
+    identity = {
+        "options": {
+            **cfg.settings,
+            "shard_size_mb": cfg.shard_size_mb,
+            "start_shard": cfg.start_shard,
+            "text_field": cfg.text_field,
+            "id_field": cfg.id_field,
+        },
+        "inputs": source_entries(files),
+        "tokenizers": tok_entries,
+    }
     journal = read_journal(cfg.out, identity) if cfg.resume and cfg.out.is_dir() else None
     prepare_out(cfg.out, cfg.overwrite or cfg.resume, keep=journal is not None)
     # One worker is one core: encode_batch's own thread pool would oversubscribe the machine.
@@ -127,8 +135,10 @@ def build(cfg: BuildConfig) -> dict:
         skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(tally.skipped.items()) if n)
         for path in existing_outputs(cfg.out):
             path.unlink()
-        raise DataError(f"--input: no document written ({tally.read} read, skipped: {skipped or 'none'}); "
-                        f"no shards and no manifest in {cfg.out}")  # fmt: skip
+        raise DataError(
+            f"--input: no document written ({tally.read} read, skipped: {skipped or 'none'}); "
+            f"no shards and no manifest in {cfg.out}"
+        )
     docs = {"read": tally.read, "written": written, "skipped": {k: v for k, v in sorted(tally.skipped.items()) if v}}
     manifest = make_manifest(cfg.settings, tok_entries, splits, source_entries(files), docs)
     try:
@@ -148,8 +158,10 @@ def _write_error(err: OSError, writers: dict[str, SplitWriter], out: Path) -> st
     open_tars = [w.tar.file.name for w in writers.values() if w.tar is not None]
     where = err.filename or (open_tars[0] if open_tars else out)
     done = sum(1 for w in writers.values() for e in w.shards.values() if e.get("index"))
-    return (f"{where}: {err.strerror or err}; the build stopped with {done} complete shards in {out} and no manifest "
-            f"(not a finished build): free space and rerun with --resume, or remove {out}")  # fmt: skip
+    return (
+        f"{where}: {err.strerror or err}; the build stopped with {done} complete shards in {out} and no manifest "
+        f"(not a finished build): free space and rerun with --resume, or remove {out}"
+    )
 
 
 def _remove_unlisted(out: Path, writers: dict[str, SplitWriter]) -> None:

@@ -95,14 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", action="append", required=True, metavar="NAME=PATH", help="a decoder tokenizer")
     p.add_argument("--text-field", default="text")
     p.add_argument(
-        "--id-field", default="id",
+        "--id-field",
+        default="id",
         help="the document id; records without it are named by the sha256 of their text (a field other than 'id' "
         "that none of a file's first 1000 records has is an error)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--id-scope", default="file", choices=("file", "global"),
+        "--id-scope",
+        default="file",
+        choices=("file", "global"),
         help="file: ids name documents within their input file (default); global: one id space for all inputs",
-    )  # fmt: skip
+    )
     p.add_argument("--segment-tokens", type=int, default=256, help="about this many encoder tokens per segment")
     p.add_argument("--window-segments", type=int, default=4, help="segments per sample")
     p.add_argument("--val-fraction", type=float, default=0.01)
@@ -111,10 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue an unfinished build in --out from its last complete shard (same options and inputs); "
         "the shards are byte-identical to an uninterrupted build's",
-    )  # fmt: skip
+    )
     p.add_argument("--start-shard", type=int, default=0, help="first shard number (distinct per partial build)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary line is printed)")
     p.set_defaults(func=_build)
@@ -149,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arc-data {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        more = f"; rerun with --resume to continue from the last complete shard in {args.out}" if (
-            args.command == "build") else ""  # fmt: skip
+        more = ""
+        if args.command == "build":
+            more = f"; rerun with --resume to continue from the last complete shard in {args.out}"
         print(f"arc-data {args.command}: interrupted{more}", file=sys.stderr)
         return 130
     finally:

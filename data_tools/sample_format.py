@@ -37,8 +37,11 @@ def pack(meta: dict, tokens: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
         if ids.dtype.str[0] == ">":  # little-endian on disk
             ids = ids.astype(ids.dtype.newbyteorder("<"))
         packed[name] = {
-            "ids": ids.tobytes(), "dtype": ids.dtype.str, "offsets": off.tobytes(), "offsets_dtype": off.dtype.str,
-        }  # fmt: skip
+            "ids": ids.tobytes(),
+            "dtype": ids.dtype.str,
+            "offsets": off.tobytes(),
+            "offsets_dtype": off.dtype.str,
+        }
     return msgpack.packb({**{k: meta[k] for k in META}, "tokens": packed})
 
 

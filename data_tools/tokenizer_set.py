@@ -26,8 +26,14 @@ class TokenizerInfo:
     exact_cuts: tuple[int, int] = (0, 0)  # (exact, all) probe cuts: pieces concatenate to the whole's ids
 
     def manifest_entry(self) -> dict:
-        return {"path": self.path, "hash": self.hash, "vocab_size": self.vocab_size, "dtype": self.dtype,
-                "dummy_prefix_stripped": self.dummy_prefix_stripped, "exact_cuts": list(self.exact_cuts)}  # fmt: skip
+        return {
+            "path": self.path,
+            "hash": self.hash,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype,
+            "dummy_prefix_stripped": self.dummy_prefix_stripped,
+            "exact_cuts": list(self.exact_cuts),
+        }
 
     def backend(self) -> Tokenizer:
         return Tokenizer.from_str(self.serialized)
@@ -70,6 +76,9 @@ def _load(flag: str, name: str, path: str) -> TokenizerInfo:
     pieces = PieceEncoder(backend)
     exact = cut_exactness(pieces)
     if exact[0] < exact[1]:
-        print(f"warning: {flag} {name}={path}: {exact[1] - exact[0]} of {exact[1]} word-boundary cuts of a probe text "
-              "tokenize differently as two pieces than as one (merges across the cut)", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {flag} {name}={path}: {exact[1] - exact[0]} of {exact[1]} word-boundary cuts of a probe text "
+            "tokenize differently as two pieces than as one (merges across the cut)",
+            file=sys.stderr,
+        )
     return TokenizerInfo(name, str(path), digest, vocab_size, dtype, backend.to_str(), pieces.strips_prefix, exact)

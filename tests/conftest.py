@@ -130,11 +130,17 @@ def trained_run(tiny_models, tiny_shards, tmp_path_factory) -> Path:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
     args = [
-        f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-        f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}", f"checkpoint.dir={run_dir}",
-        "train.steps=4", "checkpoint.interval=2", "logging.interval=1", "logging.wandb_mode=disabled",
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        f"data.shards={tiny_shards}",
+        f"checkpoint.dir={run_dir}",
+        "train.steps=4",
+        "checkpoint.interval=2",
+        "logging.interval=1",
+        "logging.wandb_mode=disabled",
         "eval.interval=0",
-    ]  # fmt: skip
+    ]
     train_two_ranks(args, run_dir)
     (run_dir / "done").touch()
     return run_dir

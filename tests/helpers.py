@@ -131,8 +131,12 @@ def train_two_ranks(args: list[str], log_dir: Path) -> None:
 
 def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
     """Overrides that point a llama + mistral config at the tiny models and the test shards."""
-    return [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-            f"decoders.1.path={tiny_models / 'mistral'}", f"data.shards={tiny_shards}"]  # fmt: skip
+    return [
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        f"data.shards={tiny_shards}",
+    ]
 
 
 # --- data: shards, QA files and configs built from the tiny models' embedded corpus -----------------------------------
@@ -141,10 +145,26 @@ def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
 def build_shards(out: Path, corpus: Path, encoder: Path, decoders: dict[str, Path]) -> Path:
     """Shards of `corpus` in 16-token segments for these tokenizers, built by the real `arc-data build`."""
     cmd = [
-        sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(out),
-        "--encoder-tokenizer", str(encoder), *[f"--decoder={name}={path}" for name, path in decoders.items()],
-        "--segment-tokens", "16", "--val-fraction", "0.05", "--shard-size-mb", "1", "--overwrite", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "data_tools.cli",
+        "build",
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--encoder-tokenizer",
+        str(encoder),
+        *[f"--decoder={name}={path}" for name, path in decoders.items()],
+        "--segment-tokens",
+        "16",
+        "--val-fraction",
+        "0.05",
+        "--shard-size-mb",
+        "1",
+        "--overwrite",
+        "--no-progress",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return out
 
@@ -330,12 +350,16 @@ def write_release(path: Path, a: dict, emb, bridge, rate: int, n_dec: int, hidde
     path.mkdir(parents=True)
     model_args = {**a, "norm_eps": str(a["norm_eps"]), "max_batch_size": 1}  # YAML left the release a string
     config = {
-        "bridge_args": {"bridge_type": "multi_module" if n_dec > 1 else "mlp", "in_dim": a["dim"],
-                        "hidden_dim": hidden, "out_dim": out_dim},
+        "bridge_args": {
+            "bridge_type": "multi_module" if n_dec > 1 else "mlp",
+            "in_dim": a["dim"],
+            "hidden_dim": hidden,
+            "out_dim": out_dim,
+        },
         "embedder_args": embedder_args(rate, **extra),
         "empty_init": n_dec,
         "model_args": model_args,
-    }  # fmt: skip
+    }
     (path / "config.json").write_text(json.dumps(config))
     state = {f"embedder.{k}": v for k, v in emb.items()} | {f"bridge_module.{k}": v for k, v in bridge.items()}
     save_file(state, path / "model.safetensors")

@@ -174,9 +174,12 @@ class Checkpointer:
         else:
             try:
                 path, _ = engine.load_checkpoint(
-                    str(self.dir), tag=tag, load_module_strict=False, load_optimizer_states=True,
+                    str(self.dir),
+                    tag=tag,
+                    load_module_strict=False,
+                    load_optimizer_states=True,
                     load_lr_scheduler_states=True,
-                )  # fmt: skip
+                )
             except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ValueError(f"{self.dir / tag}: a file of this checkpoint is not readable ({first})") from None
@@ -279,8 +282,10 @@ def resolve_latest(ckpts: Path, say: bool = True) -> str | None:
     for other in sorted((p.name for p in ckpts.glob("step_*") if p.is_dir() and p.name != tag), reverse=True):
         if checkpoint_problem(ckpts / other) is None:
             if say:
-                print(f"checkpoint: `latest` names {tag}, but {problem}; using {other}, the newest complete "
-                      f"checkpoint", file=sys.stderr)  # fmt: skip
+                print(
+                    f"checkpoint: `latest` names {tag}, but {problem}; using {other}, the newest complete checkpoint",
+                    file=sys.stderr,
+                )
             return other
     raise ValueError(f"{pointer} names {tag}, but {problem}; no other complete checkpoint is in {ckpts}")
 

@@ -42,8 +42,11 @@ def resume_grad_accum(state: dict, where: Path, world_size: int, grad_accum: int
         )
     if grad_accum == old_accum and per_step % world_size == 0:
         return per_step // world_size
-    fix = (f"use train.grad_accum={per_step // world_size}" if per_step % world_size == 0 else
-           f"resume on a number of ranks that divides {per_step}")  # fmt: skip
+    fix = (
+        f"use train.grad_accum={per_step // world_size}"
+        if per_step % world_size == 0
+        else f"resume on a number of ranks that divides {per_step}"
+    )
     raise ValueError(
         f"{where} ran {per_step} micro-batches per step ({old_world} ranks x train.grad_accum={old_accum}); "
         f"{world_size} ranks x train.grad_accum={grad_accum} would change the global batch: {fix}, or start a new "
@@ -56,9 +59,19 @@ def to_universal(ckpt: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-           "--output_folder", str(out), "--num_extract_workers", str(workers),
-           "--num_merge_workers", str(max(1, workers // 2))]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ckpt),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        str(workers),
+        "--num_merge_workers",
+        str(max(1, workers // 2)),
+    ]
     # A file conversion: on a GPU node it must not open a CUDA context beside rank 0's training process.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -115,9 +128,12 @@ def load_universal(engine, ckpt: Path, rank: int, device: torch.device) -> None:
     if "error" in result:
         raise ValueError(result["error"])
     path, _ = engine.load_checkpoint(
-        str(out.parent), tag=out.name, load_module_strict=False, load_optimizer_states=True,
+        str(out.parent),
+        tag=out.name,
+        load_module_strict=False,
+        load_optimizer_states=True,
         load_lr_scheduler_states=True,
-    )  # fmt: skip
+    )
     if path is None:
         raise ValueError(f"{out}: DeepSpeed could not load the universal checkpoint")
     restore_param_groups(engine.optimizer, result["groups"])

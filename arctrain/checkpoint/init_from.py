@@ -75,8 +75,11 @@ def load_initial_weights(model: torch.nn.Module, source: Path, rank: int, device
 
 
 def _init_plan(ckpt: Path, state: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> dict:
-    wrong = [f"{n} is {tuple(state[n].shape)} there, {s} here" for n, s in shapes.items() if n in state and
-             tuple(state[n].shape) != s]  # fmt: skip
+    wrong = [
+        f"{n} is {tuple(state[n].shape)} there, {s} here"
+        for n, s in shapes.items()
+        if n in state and tuple(state[n].shape) != s
+    ]
     return {
         "ckpt": str(ckpt),
         "error": f"train.init_from {ckpt}: other shapes than this model's: {'; '.join(wrong[:3])}" if wrong else "",

@@ -43,8 +43,16 @@ def schedule(cfg: Config, world_size: int = 1) -> Schedule:
 class TrainBatches(IterableDataset):
     """Endless batches (b, ARCBatch) of one rank from local index `start`, split across DataLoader workers."""
 
-    def __init__(self, cfg: Config, vocab: Vocab, sources: list[Source], weights: list[float], rank: int,
-                 world_size: int, start: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Config,
+        vocab: Vocab,
+        sources: list[Source],
+        weights: list[float],
+        rank: int,
+        world_size: int,
+        start: int = 0,
+    ):
         super().__init__()
         self.cfg, self.vocab, self.sources, self.weights = cfg, vocab, sources, tuple(weights)
         self.layout, self.start = layout(cfg, rank, world_size), start

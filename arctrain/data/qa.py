@@ -211,8 +211,9 @@ class QABatches(IterableDataset):
             shots = self.sources[source].shots
             examples.append(maker.example(decoder, self.records[source], i, epoch, source, self.seed, shots))
             keys.append(f"qa-{source}-{i:08d}")
-        return budget_batch(self.cfg.data.tokens_per_micro_batch, self.cfg.model, self.vocab, examples, keys, decoder,
-                            QA)  # fmt: skip
+        return budget_batch(
+            self.cfg.data.tokens_per_micro_batch, self.cfg.model, self.vocab, examples, keys, decoder, QA
+        )
 
 
 def build_qa_loader(cfg, vocab, schedule, rank: int, world_size: int) -> QABatches:

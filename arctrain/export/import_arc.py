@@ -116,13 +116,19 @@ def pooling_of(embedder: dict, where: Path) -> tuple[int, int]:
     refusals = [
         (embedder.get("causal_embedder", False), "causal_embedder is true (arctrain's encoder is bidirectional)"),
         (embedder.get("memory_tokens", 0), "memory_tokens > 0 (memory-token encoders are not computed by arctrain)"),
-        (pooling.get("pool_type", "mean_pooled_queries") != "mean_pooled_queries",
-         f"pool_type {pooling.get('pool_type')!r} (arctrain computes mean_pooled_queries)"),
-        (pooling.get("where", "before") != "before",
-         f"pooling where={pooling.get('where')!r} (arctrain pools before the last layer, not between sub-layers)"),
-        (not (embedder.get("rec_tok") and embedder.get("cont_tok")), "rec_tok/cont_tok not both true (arctrain "
-         "always has a <Rec> and a <Cont> vector per decoder)"),
-    ]  # fmt: skip
+        (
+            pooling.get("pool_type", "mean_pooled_queries") != "mean_pooled_queries",
+            f"pool_type {pooling.get('pool_type')!r} (arctrain computes mean_pooled_queries)",
+        ),
+        (
+            pooling.get("where", "before") != "before",
+            f"pooling where={pooling.get('where')!r} (arctrain pools before the last layer, not between sub-layers)",
+        ),
+        (
+            not (embedder.get("rec_tok") and embedder.get("cont_tok")),
+            "rec_tok/cont_tok not both true (arctrain always has a <Rec> and a <Cont> vector per decoder)",
+        ),
+    ]
     for refused, why in refusals:
         if refused:
             raise ValueError(f"{where}: {why}")

@@ -106,8 +106,13 @@ def qa_context(cfg: Config) -> dict | None:
     data = cfg.data
     if not data.qa.train:
         return None
-    return {"context": data.qa.context, "chunk_tokens": data.chunk_tokens, "max_chunks": data.max_chunks,
-            "context_tokens": data.qa.context_tokens, "chat_template": data.qa.chat_template}  # fmt: skip
+    return {
+        "context": data.qa.context,
+        "chunk_tokens": data.chunk_tokens,
+        "max_chunks": data.max_chunks,
+        "context_tokens": data.qa.context_tokens,
+        "chat_template": data.qa.chat_template,
+    }
 
 
 def frozen_encoder_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -166,8 +171,11 @@ def write_export(out: Path, config, state: dict[str, torch.Tensor], tokenizer_di
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ValueError(f"{what} do not match the config (missing {missing[:3]}, extra {extra[:3]})")
-    wrong = [f"{n} is {tuple(t.shape)}, the config says {expected[n]}" for n, t in state.items()
-             if tuple(t.shape) != expected[n]]  # fmt: skip
+    wrong = [
+        f"{n} is {tuple(t.shape)}, the config says {expected[n]}"
+        for n, t in state.items()
+        if tuple(t.shape) != expected[n]
+    ]
     if wrong:
         raise ValueError(f"{what}: shapes disagree with the config: {'; '.join(wrong[:3])}")
     model.load_state_dict(state, strict=True)
@@ -269,8 +277,10 @@ def _data_lines(cfg: Config) -> str:
             cut = f"passages in chunks of {d.chunk_tokens} encoder tokens, at most {d.max_chunks or 'all'}"
         else:
             cut = f"passages jointly, at most {d.qa.context_tokens} encoder tokens"
-        return (f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`; {cut} "
-                "(`qa_context` in config.json: what generate and eval do by default)")  # fmt: skip
+        return (
+            f"QA fine-tuning on {files} from `{cfg.train.init_from or 'its own initialisation'}`; {cut} "
+            "(`qa_context` in config.json: what generate and eval do by default)"
+        )
     parts = []
     for directory, weight in cfg.data.sources:
         manifest = Path(directory) / "manifest.json"

@@ -282,9 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     if heldout is not None:
         result["reconstruction"] = reconstruction(arc, heldout, args.batch_size, args.heldout_segments)
     pieces = arc.pieces
-    result["context_cut"] = vars(pieces.cut) | {"chunk_tokens": pieces.chunker.chunk_tokens,
-                                                "max_chunks": pieces.chunker.max_chunks,
-                                                "context_tokens": pieces.context_tokens}  # fmt: skip
+    result["context_cut"] = vars(pieces.cut) | {
+        "chunk_tokens": pieces.chunker.chunk_tokens,
+        "max_chunks": pieces.chunker.max_chunks,
+        "context_tokens": pieces.context_tokens,
+    }
     print(table(result))
     if (note := context_note(arc)) is not None:
         print(note)

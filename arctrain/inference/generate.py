@@ -177,8 +177,13 @@ class ARCGenerator:
         check_decoder_width(config, decoder_dir, self.name)
         # How contexts are cut and prompts rendered (see `pieces` below): each option as given, else as the model was
         # fine-tuned, else `fallback`; refused here, before the decoder loads, if they do not go together.
-        given = dict(context=context, chunk_tokens=chunk_tokens, max_chunks=max_chunks, context_tokens=context_tokens,
-                     chat_template=chat_template)  # fmt: skip
+        given = dict(
+            context=context,
+            chunk_tokens=chunk_tokens,
+            max_chunks=max_chunks,
+            context_tokens=context_tokens,
+            chat_template=chat_template,
+        )
         cut = context_options(config, given, fallback or GENERATE_CONTEXT)
         self.config = config
         self.device = torch.device(device)
@@ -201,8 +206,9 @@ class ARCGenerator:
         # The same pieces and prompt rendering as QA training: context "joint" or "segments" (chunks of
         # chunk_tokens, at most max_chunks), the chat template of an instruct decoder (chat_template=False: the plain
         # layout).
-        self.pieces = TextPieces(self.enc_tok, self.dec_tok, cut["chunk_tokens"], cut["max_chunks"], cut["context"],
-                                 cut["context_tokens"])  # fmt: skip
+        self.pieces = TextPieces(
+            self.enc_tok, self.dec_tok, cut["chunk_tokens"], cut["max_chunks"], cut["context"], cut["context_tokens"]
+        )
         self.chat = chat_template_of(self.dec_tok, cut["chat_template"])
         self.prefix = next(d["prefix"] for d in config.decoders if d["name"] == self.name)
         self.stop_ids = stop_ids(decoder, self.dec_tok) + [
@@ -259,9 +265,15 @@ class ARCGenerator:
         enc_pad = self.enc_tok.pad_token_id if self.enc_tok.pad_token_id is not None else 0
         cfg = self.config
         return collate(
-            examples, pooling=cfg.pooling, factor=cfg.pooling_factor, n_vectors=cfg.n_vectors, enc_pad_id=enc_pad,
-            dec_pad_id=pad, bos_id=tok.bos_token_id, decoder=self.name,
-        )  # fmt: skip
+            examples,
+            pooling=cfg.pooling,
+            factor=cfg.pooling_factor,
+            n_vectors=cfg.n_vectors,
+            enc_pad_id=enc_pad,
+            dec_pad_id=pad,
+            bos_id=tok.bos_token_id,
+            decoder=self.name,
+        )
 
     @torch.no_grad()
     def embed(self, examples: list[Example], new_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, ARCBatch]:
@@ -308,11 +320,16 @@ class ARCGenerator:
         self.decoder.set_attn_implementation("sdpa")
         try:
             out = self.decoder.generate(
-                inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([first]), stopping_criteria=criteria,
-                eos_token_id=stop or None, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
-                top_k=None, **options,
-            )  # fmt: skip
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([first]),
+                stopping_criteria=criteria,
+                eos_token_id=stop or None,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop[0],
+                top_k=None,
+                **options,
+            )
         finally:
             self.decoder.set_attn_implementation(PACKED)
         texts = tok.batch_decode(out, skip_special_tokens=True)  # with inputs_embeds only new tokens come back
@@ -347,8 +364,11 @@ class ARCGenerator:
         """Refuse an encoder sequence (a joint context, or a chunk) longer than the encoder's positions."""
         window = (getattr(self.config, "backbone", None) or {}).get("max_position_embeddings")
         if window and tokens > window:
-            hint = (f"pass --context-tokens {window} or --context segments" if self.pieces.context == "joint" else
-                    f"lower --chunk-tokens to {window} or less")  # fmt: skip
+            hint = (
+                f"pass --context-tokens {window} or --context segments"
+                if self.pieces.context == "joint"
+                else f"lower --chunk-tokens to {window} or less"
+            )
             raise ValueError(
                 f"a context of {tokens} encoder tokens in one sequence is longer than the encoder's window "
                 f"(max_position_embeddings={window}): {hint}"
@@ -419,10 +439,14 @@ def add_context_args(parser: argparse.ArgumentParser, fallback: dict) -> None:
         help=f"a joint context's first N encoder tokens ({trained} {fallback['context_tokens'] or 'all'})",
     )
     parser.add_argument("--chunk-tokens", type=int, default=None, help=f"{trained} the export's segment_tokens")
-    parser.add_argument("--max-chunks", type=int, default=None,
-                        help=f"compress at most this many chunks ({trained} all)")  # fmt: skip
-    parser.add_argument("--plain-prompt", action="store_true",
-                        help=f"no chat template, even if the decoder has one ({trained} its template)")  # fmt: skip
+    parser.add_argument(
+        "--max-chunks", type=int, default=None, help=f"compress at most this many chunks ({trained} all)"
+    )
+    parser.add_argument(
+        "--plain-prompt",
+        action="store_true",
+        help=f"no chat template, even if the decoder has one ({trained} its template)",
+    )
 
 
 def context_note(arc: "ARCGenerator") -> str | None:
@@ -431,10 +455,14 @@ def context_note(arc: "ARCGenerator") -> str | None:
     if not cut.truncated:
         return None
     if pieces.context == "joint":
-        return (f"--context-tokens {pieces.context_tokens}: {cut.truncated} of {cut.contexts} contexts cut short, "
-                f"{cut.dropped_tokens} encoder tokens left out")  # fmt: skip
-    return (f"--max-chunks {pieces.chunker.max_chunks}: {cut.truncated} of {cut.contexts} contexts cut short, "
-            f"{cut.dropped_chunks} chunks ({cut.dropped_tokens} encoder tokens) left out")  # fmt: skip
+        return (
+            f"--context-tokens {pieces.context_tokens}: {cut.truncated} of {cut.contexts} contexts cut short, "
+            f"{cut.dropped_tokens} encoder tokens left out"
+        )
+    return (
+        f"--max-chunks {pieces.chunker.max_chunks}: {cut.truncated} of {cut.contexts} contexts cut short, "
+        f"{cut.dropped_chunks} chunks ({cut.dropped_tokens} encoder tokens) left out"
+    )
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
@@ -483,8 +511,13 @@ def check_context_args(args: argparse.Namespace) -> None:
 
 def context_flags(args: argparse.Namespace) -> dict:
     """The context and prompt options given on the command line (None: not given), as ARCGenerator takes them."""
-    return dict(context=args.context, chunk_tokens=args.chunk_tokens, max_chunks=args.max_chunks,
-                context_tokens=args.context_tokens, chat_template=False if args.plain_prompt else None)  # fmt: skip
+    return dict(
+        context=args.context,
+        chunk_tokens=args.chunk_tokens,
+        max_chunks=args.max_chunks,
+        context_tokens=args.context_tokens,
+        chat_template=False if args.plain_prompt else None,
+    )
 
 
 def open_inputs(args: argparse.Namespace) -> VectorStore | None:
@@ -525,11 +558,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv or [])
     store = open_inputs(args)
     device, dtype = runtime(args)
-    arc = ARCGenerator(args.model, args.decoder, args.decoder_name, dtype, device, args.stop_token_id, vectors=store,
-                       **context_flags(args))  # fmt: skip
+    arc = ARCGenerator(
+        args.model,
+        args.decoder,
+        args.decoder_name,
+        dtype,
+        device,
+        args.stop_token_id,
+        vectors=store,
+        **context_flags(args),
+    )
     names, contexts = read_contexts(arc, args)
-    options = dict(max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed)  # fmt: skip
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     texts = []
     for start in range(0, len(contexts), args.batch_size):
         chunk = contexts[start : start + args.batch_size]

@@ -52,8 +52,12 @@ def to_base64(tensor: torch.Tensor) -> str:
 def completion_request(prompts: list[dict], model: str, max_tokens: int) -> dict:
     """The /v1/completions body for these prompts, greedy."""
     embeds = [to_base64(p["prompt_embeds"]) for p in prompts]
-    return {"model": model, "prompt_embeds": embeds if len(embeds) > 1 else embeds[0], "max_tokens": max_tokens,
-            "temperature": 0.0}  # fmt: skip
+    return {
+        "model": model,
+        "prompt_embeds": embeds if len(embeds) > 1 else embeds[0],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
 
 
 # --- arctrain's side: `arctrain vllm-prompts` ---------------------------------------------------------------------
@@ -93,8 +97,10 @@ def prompts_main(argv: list[str] | None = None) -> None:
     if args.request is not None:
         body = completion_request(prompts, args.served_model or str(args.decoder), args.max_tokens)
         args.request.write_text(json.dumps(body) + "\n")
-    print(f"arctrain vllm-prompts: {len(prompts)} prompts ({', '.join(str(len(p['prompt_embeds'])) for p in prompts)} "
-          f"positions) -> {args.out}")  # fmt: skip
+    print(
+        f"arctrain vllm-prompts: {len(prompts)} prompts ({', '.join(str(len(p['prompt_embeds'])) for p in prompts)} "
+        f"positions) -> {args.out}"
+    )
 
 
 # --- vLLM's side: `python -m arctrain.inference.serve` (in vLLM's environment) ---------------------------------

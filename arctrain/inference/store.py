@@ -206,9 +206,15 @@ class StoreWriter:
         vector_bytes = self.vectors * meta["bytes_per_vector"]
         manifest = {"format": FORMAT, **meta, "encoder_tokens": self.tokens, "vectors": self.vectors}
         text = max(self.text_bytes, 1)
-        manifest |= {"text_bytes": self.text_bytes, "bytes": stored, "bytes_per_token": stored / max(self.tokens, 1),
-                     "bytes_per_text_byte": stored / text, "vector_bytes": vector_bytes,
-                     "vector_bytes_per_text_byte": vector_bytes / text, "shards": shards}  # fmt: skip
+        manifest |= {
+            "text_bytes": self.text_bytes,
+            "bytes": stored,
+            "bytes_per_token": stored / max(self.tokens, 1),
+            "bytes_per_text_byte": stored / text,
+            "vector_bytes": vector_bytes,
+            "vector_bytes_per_text_byte": vector_bytes / text,
+            "shards": shards,
+        }
         (self.out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(self.out / "manifest.json.tmp", self.out / "manifest.json")  # last: a finished store
         return manifest
@@ -403,5 +409,7 @@ def verify_main(argv: list[str] | None = None) -> None:
     manifest = VectorStore.read_manifest(args.store)
     files = store_files(manifest)
     size = sum(f[1] for f in files)
-    print(f"arctrain verify-store: {args.store}: {len(files)} files ({size:,} bytes) match manifest.json; "
-          f"{manifest['docs']['written']} documents, {manifest['vectors']:,} {manifest['dtype']} vectors")  # fmt: skip
+    print(
+        f"arctrain verify-store: {args.store}: {len(files)} files ({size:,} bytes) match manifest.json; "
+        f"{manifest['docs']['written']} documents, {manifest['vectors']:,} {manifest['dtype']} vectors"
+    )

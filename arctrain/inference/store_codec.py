@@ -105,9 +105,18 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     index.train(sample)
     path = out / CODEBOOK
     faiss.write_index(index, str(path))
-    return {"kind": kind, "sub_vectors": m, "pca": pca, "factory": factory(dtype), "dim": dim, "file": CODEBOOK,
-            "sha256": sha256_file(path), "bytes": path.stat().st_size, "code_bytes": index.sa_code_size(),
-            "trained_on": len(sample)}  # fmt: skip
+    return {
+        "kind": kind,
+        "sub_vectors": m,
+        "pca": pca,
+        "factory": factory(dtype),
+        "dim": dim,
+        "file": CODEBOOK,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "code_bytes": index.sa_code_size(),
+        "trained_on": len(sample),
+    }
 
 
 class Codec:

@@ -63,9 +63,17 @@ def packed_attention(
         raise ValueError(f"{PACKED} attention: packed sequences come as one batch row, got {query.shape[0]}")
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
     out = varlen_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),  # (N, H, hd)
-        cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"], causal=causal, window=window, scale=scaling,
-    )  # fmt: skip
+        query[0].transpose(0, 1),  # (N, H, hd)
+        key[0].transpose(0, 1),  # (N, H, hd)
+        value[0].transpose(0, 1),  # (N, H, hd)
+        cu_q,
+        cu_k,
+        kwargs["max_length_q"],
+        kwargs["max_length_k"],
+        causal=causal,
+        window=window,
+        scale=scaling,
+    )
     return out.unsqueeze(0), None  # (1, Nq, H, hd)
 
 
@@ -133,8 +141,9 @@ def _device_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale) -> 
     if flash is not None:
         return flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, window_size=(left, right))
 
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right),
-                       enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+    return varlen_attn(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right), enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _flash_attn():

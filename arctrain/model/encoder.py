@@ -88,8 +88,9 @@ class ARCEncoder(nn.Module):
         """The pooled vectors of each segment (token id lists), (m_s, D) each, in encoder space."""
         device = self.embed_tokens.weight.device
         enc = pack_segments(segments, self.factor, self.n_vectors)
-        pooled = self(PackedSegments(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                        for k, v in vars(enc).items()}))  # fmt: skip
+        pooled = self(
+            PackedSegments(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(enc).items()})
+        )
         return list(pooled.split(enc.pool_cu_seqlens.diff().tolist()))
 
     def _run(self, fn, *args):

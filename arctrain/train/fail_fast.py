@@ -105,8 +105,11 @@ def watch_failures(rank: int, world_size: int) -> None:
         try:
             _watch.append(FailureWatch(rank, world_size, _ended_by_another_rank))
         except (dist.DistError, KeyError, ValueError) as err:  # no store to reach: the collective timeouts still hold
-            print(f"arctrain train: rank {rank}: no failure watch ({err}); a failing rank ends the others only "
-                  f"through comm.train_timeout_seconds", file=sys.stderr)  # fmt: skip
+            print(
+                f"arctrain train: rank {rank}: no failure watch ({err}); a failing rank ends the others only "
+                f"through comm.train_timeout_seconds",
+                file=sys.stderr,
+            )
 
 
 def report_failure(cause: str) -> None:
@@ -134,22 +137,29 @@ def end_failed_rank(comm, err: Exception) -> None:
     """End this rank at once, the cause in one line (and every other rank: told through the FailureWatch, or by a
     collective that fails). No teardown: destroying the process group would wait for the others; torchrun then
     ends this node's ranks and srun (--kill-on-bad-exit) the other nodes."""
-    rank, short = os.environ.get("RANK", "0"), " ".join(str(err).split())[:300]
+    rank = os.environ.get("RANK", "0")
+    short = " ".join(str(err).split())[:300]
     if is_timeout(err):
-        code, line = EXIT_COLLECTIVE_TIMEOUT, (
-            f"rank {rank}: a collective waited longer than comm.train_timeout_seconds="
-            f"{comm.train_timeout_seconds:g} "
+        code = EXIT_COLLECTIVE_TIMEOUT
+        line = (
+            f"rank {rank}: a collective waited longer than comm.train_timeout_seconds={comm.train_timeout_seconds:g} "
             f"(comm.init_timeout_seconds={comm.init_timeout_seconds:g} in start-up and saves): another rank "
-            f"stopped, died or fell far behind; no checkpoint was saved ({short[:200]})")  # fmt: skip
+            f"stopped, died or fell far behind; no checkpoint was saved ({short[:200]})"
+        )
     elif is_peer_gone(err):
+        code = EXIT_RANK_FAILED
         cause = reported_cause(wait_s=5.0)
-        code, line = EXIT_RANK_FAILED, f"rank {rank}: ending, " + (cause or (
-            f"another rank's process ended (killed, out of host memory?): its own log and the job's say why; no "
-            f"checkpoint was saved ({short[:200]})"))  # fmt: skip
+        if not cause:  # an empty report is no cause either
+            cause = (
+                "another rank's process ended (killed, out of host memory?): its own log and the job's say why; no "
+                f"checkpoint was saved ({short[:200]})"
+            )
+        line = f"rank {rank}: ending, {cause}"
     else:
         traceback.print_exc()
         cause = f"rank {rank} failed: {type(err).__name__}: {short} (traceback in rank {rank}'s log)"
-        code, line = 1, cause
+        code = 1
+        line = cause
         report_failure(cause)
     print(f"arctrain train: error: {line}", file=sys.stderr, flush=True)
     os._exit(code)

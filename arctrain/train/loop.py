@@ -155,8 +155,10 @@ def build_checkpointer(cfg: Config, rank: int, world_size: int, device: torch.de
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, rank, device, cfg.checkpoint.interval, cfg.train.steps)
     accum = checkpointer.check_resumable(world_size, resume_fingerprint(cfg), cfg.train.grad_accum, cfg.train.steps)
     if accum != cfg.train.grad_accum:
-        say(f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
-            f"{accum * world_size} micro-batches per step, this run has {world_size} ranks")  # fmt: skip
+        say(
+            f"train.grad_accum {cfg.train.grad_accum} -> {accum}: {checkpointer.latest()} ran "
+            f"{accum * world_size} micro-batches per step, this run has {world_size} ranks"
+        )
         cfg.train.grad_accum = accum
     if rank == 0:
         save_launch_config(cfg, run_dir)
@@ -189,8 +191,7 @@ def train(cfg: Config) -> int:
     engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, universal=elastic, device=device)
     state = checkpointer.load(engine, world_size) or {"step": 0, "bad_steps": 0, "skipped_steps": 0}
     resumed = f"resumed from step {state['step']}" + (f" (written by {state['world_size']} ranks)" if elastic else "")
-    say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, "
-        f"{device.type})")  # fmt: skip
+    say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, {device.type})")
     loader, val = build_data(cfg, rank, world_size, state["step"] * cfg.train.grad_accum)
     validation = Validation(cfg, rank, world_size, device, val)
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])

@@ -243,8 +243,11 @@ def cross_node_bytes(encoder: Shape, decoders: dict[str, Shape], setup: Setup, w
             parts = {"grad reduce-scatter (fp32)": 4 * trainable, "weight all-gather (bf16)": 2 * trainable}
         else:
             backward = 0 if setup.hpz_partition else 2 * gathered
-            parts = {"forward all-gather (bf16)": 2 * gathered, "backward all-gather (bf16)": backward,
-                     "grad reduce-scatter (fp32)": 4 * trainable}  # fmt: skip
+            parts = {
+                "forward all-gather (bf16)": 2 * gathered,
+                "backward all-gather (bf16)": backward,
+                "grad reduce-scatter (fp32)": 4 * trainable,
+            }
         out[name] = {k: v * outside for k, v in parts.items()}
     return out
 

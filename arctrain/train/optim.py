@@ -73,10 +73,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     peaks = {
-        g["name"]: {"max_lr": g["lr"], "min_lr": g["lr"] * cfg.min_lr_ratio, "start_wd": g["weight_decay"],
-                    "end_wd": g["weight_decay"]}
+        g["name"]: {
+            "max_lr": g["lr"],
+            "min_lr": g["lr"] * cfg.min_lr_ratio,
+            "start_wd": g["weight_decay"],
+            "end_wd": g["weight_decay"],
+        }
         for g in optimizer.param_groups
-    }  # fmt: skip
+    }
     for group in optimizer.param_groups:
         group.update(peaks[group["name"]])
     scheduler = OptimizerParamScheduler(

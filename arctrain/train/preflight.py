@@ -85,8 +85,10 @@ def dry_run(cfg: Config, world_size: int, say=print, gpu: str | None = None) -> 
     Vocab.from_config(cfg)  # every tokenizer loads and gives the ids the batches need
     model = meta_model(cfg)
     zero = f"ZeRO-{cfg.train.zero_stage}" + (" + hpZ" if cfg.train.zero_hpz else "")
-    say(f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, {zero} "
-        f"(global batch {ds_config['train_batch_size']} sequences), sized for {card}: {gpu_gib:.1f} GiB")  # fmt: skip
+    say(
+        f"dry run: {cfg.checkpoint.dir} at world size {world_size}, {cfg.train.precision}, {zero} "
+        f"(global batch {ds_config['train_batch_size']} sequences), sized for {card}: {gpu_gib:.1f} GiB"
+    )
     for line in attention_report(cfg):
         say(line)
     say(parameter_table(model))
@@ -123,9 +125,12 @@ def meta_model(cfg: Config):
     backbone = causal_lm(cfg.model.encoder_path, cfg.model.attn_implementation, "model.encoder_path")
     try:
         encoder = ARCEncoder(
-            backbone, n_truncated_layers=cfg.model.n_truncated_layers, pooling=cfg.model.pooling,
-            factor=cfg.model.pooling_factor, n_vectors=cfg.model.n_vectors,
-        )  # fmt: skip
+            backbone,
+            n_truncated_layers=cfg.model.n_truncated_layers,
+            pooling=cfg.model.pooling,
+            factor=cfg.model.pooling_factor,
+            n_vectors=cfg.model.n_vectors,
+        )
     except ValueError as err:
         raise ConfigError("model", str(err)) from None
     decoders = nn.ModuleDict(
@@ -136,7 +141,7 @@ def meta_model(cfg: Config):
             {
                 d.name: Projector(encoder.hidden_size, d.projector_hidden, decoders[d.name].config.hidden_size)
                 for d in cfg.decoders
-            }  # fmt: skip
+            }
         )
         specials = nn.ModuleDict({d.name: SpecialVectors(encoder.hidden_size) for d in cfg.decoders})
     return ARCModel(encoder, projectors, specials, decoders, cfg.model.loss_chunk_tokens)
@@ -165,8 +170,9 @@ def check_weights(path: Path, model: nn.Module, key: str) -> None:
                 continue
             raise ConfigError(key, f"{str(path)!r}: the weights have no {name!r}")
         if shapes[name] != tuple(tensor.shape):
-            raise ConfigError(key, f"{str(path)!r}: {name!r} is {shapes[name]} in the weights, {tuple(tensor.shape)} "
-                                   "in config.json")  # fmt: skip
+            raise ConfigError(
+                key, f"{str(path)!r}: {name!r} is {shapes[name]} in the weights, {tuple(tensor.shape)} in config.json"
+            )
 
 
 # --- what it prints ----------------------------------------------------------------------------------------
@@ -174,8 +180,10 @@ def check_weights(path: Path, model: nn.Module, key: str) -> None:
 
 def parameter_table(model) -> str:
     rows = [("encoder (trains)", model.encoder)]
-    rows += [(f"projector {n} + <Rec>/<Cont> (trains)", nn.ModuleList([p, model.specials[n]]))
-             for n, p in model.projectors.items()]  # fmt: skip
+    rows += [
+        (f"projector {n} + <Rec>/<Cont> (trains)", nn.ModuleList([p, model.specials[n]]))
+        for n, p in model.projectors.items()
+    ]
     rows += [(f"decoder {n} (frozen)", d) for n, d in model.decoders.items()]
     lines = [f"  {'parameters (millions)':<42} {'all':>10} {'in matmuls':>14}"]
     for name, module in rows:
@@ -192,11 +200,13 @@ def memory_table(cfg: Config, world_size: int, ds_config: dict, gpu_gib: float) 
         return f"frozen decoders: partitioned: {why}\nmemory per GPU: no estimate (a config.json has no {err})"
     where = f"replicated ({', '.join(replicated)})" if replicated else "partitioned by ZeRO-3"
     table = format_estimate(est, world_size).split("\n\n", 1)[1]  # the parameters are printed above
-    return (f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
-            f"memory per GPU (arctrain/train/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
-            f"  peak over decoders: {est.peak():.2f} GiB\n"
-            f"{checkpointing_table(cfg, world_size, ds_config, replicated)}\n"
-            f"{zero_table(cfg, world_size, ds_config, replicated, gpu_gib)}")  # fmt: skip
+    return (
+        f"frozen decoders: {where}: {why} (model.frozen_decoders={cfg.model.frozen_decoders})\n"
+        f"memory per GPU (arctrain/train/memory.py), micro-batch {cfg.data.micro_batch_size}:\n{table}\n"
+        f"  peak over decoders: {est.peak():.2f} GiB\n"
+        f"{checkpointing_table(cfg, world_size, ds_config, replicated)}\n"
+        f"{zero_table(cfg, world_size, ds_config, replicated, gpu_gib)}"
+    )
 
 
 def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[str, ...], gpu_gib: float) -> str:
@@ -205,11 +215,16 @@ def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[
 
     per_node = gpus_per_node(world_size)
     everything = tuple(d.name for d in cfg.decoders)
-    choices = [("ZeRO-3", 3, 0, replicated), (f"ZeRO-3 + hpZ ({per_node} per node)", 3, per_node, replicated),
-               ("ZeRO-2 (decoders replicated)", 2, 0, everything)]  # fmt: skip
+    choices = [
+        ("ZeRO-3", 3, 0, replicated),
+        (f"ZeRO-3 + hpZ ({per_node} per node)", 3, per_node, replicated),
+        ("ZeRO-2 (decoders replicated)", 2, 0, everything),
+    ]
     budget = REPLICATE_FRACTION * gpu_gib
-    lines = [f"ZeRO choices at {world_size} GPUs, {per_node} per node (train.zero_stage, train.zero_hpz): peak GiB "
-             f"per GPU, fits {budget:.1f} GiB?, GB per GPU across nodes per micro-batch step"]  # fmt: skip
+    lines = [
+        f"ZeRO choices at {world_size} GPUs, {per_node} per node (train.zero_stage, train.zero_hpz): peak GiB "
+        f"per GPU, fits {budget:.1f} GiB?, GB per GPU across nodes per micro-batch step"
+    ]
     for label, stage, hpz, held in choices:
         encoder, decoders, setup = run_setup(cfg, ds_config, held, zero_stage=stage, hpz_partition=hpz)
         peak = estimate(encoder, decoders, setup, world_size).peak()
@@ -217,8 +232,10 @@ def zero_table(cfg: Config, world_size: int, ds_config: dict, replicated: tuple[
             sum(parts.values()) for parts in cross_node_bytes(encoder, decoders, setup, world_size, per_node).values()
         )
         mine = (stage, bool(hpz)) == (cfg.train.zero_stage, cfg.train.zero_hpz)
-        lines.append(f"  {label:<34} {peak:7.2f}  {'fits' if peak <= budget else 'no  '}  {moved / 1e9:8.2f}"
-                     + ("  <- this config" if mine else ""))  # fmt: skip
+        lines.append(
+            f"  {label:<34} {peak:7.2f}  {'fits' if peak <= budget else 'no  '}  {moved / 1e9:8.2f}"
+            + ("  <- this config" if mine else "")
+        )
     return "\n".join(lines)
 
 
@@ -228,11 +245,14 @@ def checkpointing_table(cfg: Config, world_size: int, ds_config: dict, replicate
     lines = ["activation checkpointing (train.encoder_checkpointing, train.decoder_checkpointing): peak GiB per GPU"]
     for enc in (True, False):
         for dec in (True, False):
-            peak = run_estimate(cfg, world_size, ds_config, replicated, encoder_checkpointing=enc,
-                                decoder_checkpointing=dec).peak()  # fmt: skip
+            peak = run_estimate(
+                cfg, world_size, ds_config, replicated, encoder_checkpointing=enc, decoder_checkpointing=dec
+            ).peak()
             mine = (enc, dec) == (cfg.train.encoder_checkpointing, cfg.train.decoder_checkpointing)
-            lines.append(f"  encoder {'on ' if enc else 'off'}  decoders {'on ' if dec else 'off'}  {peak:7.2f}"
-                         + ("  <- this config" if mine else ""))  # fmt: skip
+            lines.append(
+                f"  encoder {'on ' if enc else 'off'}  decoders {'on ' if dec else 'off'}  {peak:7.2f}"
+                + ("  <- this config" if mine else "")
+            )
     return "\n".join(lines)
 
 

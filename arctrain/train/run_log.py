@@ -71,8 +71,9 @@ class SampleLog:
 
 def _truncate_after(path: Path, step: int) -> None:
     """Drop a JSON-lines log's lines past `step` (a resumed run repeats those steps)."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] if (
-        path.is_file()) else []  # fmt: skip
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -80,9 +81,11 @@ def print_summary(run_dir: Path) -> None:
     """Where things are, and the final val losses with and without compressed context."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     val = next((r for r in reversed(lines) if any(k.startswith("val/") for k in r)), None)
-    print(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / 'checkpoints'} (latest: "
-          f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()})\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
-          f"logs:        {run_dir / 'logs'}")  # fmt: skip
+    print(
+        f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / 'checkpoints'} (latest: "
+        f"{(run_dir / 'checkpoints' / 'latest').read_text().strip()})\nmetrics:     {run_dir / 'metrics.jsonl'}\n"
+        f"logs:        {run_dir / 'logs'}"
+    )
     if val is None:
         return
     print(f"\nval loss at step {val['step']} (with compressed context vs no context):")

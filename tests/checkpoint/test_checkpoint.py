@@ -88,8 +88,7 @@ def test_resume_with_changed_schedule_or_intervals_is_allowed(tmp_path):
         ),
     ],
 )
-def test_another_world_size_keeps_the_micro_batches_per_step_or_is_refused(tmp_path, accum, world, accum_now,
-                                                                            expected):  # fmt: skip
+def test_another_world_size_keeps_the_micro_batches_per_step_or_is_refused(tmp_path, accum, world, accum_now, expected):
     ckpt = written(tmp_path, config(f"train.grad_accum={accum}"), world_size=2)
     fingerprint = resume_fingerprint(config(f"train.grad_accum={accum_now}"))
     if isinstance(expected, int):

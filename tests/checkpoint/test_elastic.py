@@ -26,8 +26,10 @@ def straight(tiny_models, tiny_shards, tmp_path_factory) -> dict[int, Path]:
     """20 steps without interruption on 2 ranks x 1 micro-batch and on 1 rank x 2 (run side by side)."""
     root = tmp_path_factory.mktemp("elastic_straight")
     accum = {2: "train.grad_accum=1", 1: "train.grad_accum=2"}
-    procs = {n: launch(overrides(tiny_models, tiny_shards, root / f"w{n}", *SETTINGS, accum[n]), n, root / f"w{n}")
-             for n in (2, 1)}  # fmt: skip
+    procs = {
+        n: launch(overrides(tiny_models, tiny_shards, root / f"w{n}", *SETTINGS, accum[n]), n, root / f"w{n}")
+        for n in (2, 1)
+    }
     assert [wait(p) for p in procs.values()] == [[0, 0], [0]]
     return {n: root / f"w{n}" for n in (2, 1)}
 
@@ -72,8 +74,10 @@ def consolidated(ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[d
     ceil(n / ranks), the last rank's part zero-padded), a sub-group's parameters one after another."""
     ranks = len(list(ckpt.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
     model = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
-    optim = [torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
-             ["optimizer_state_dict"] for r in range(ranks)]  # fmt: skip
+    optim = [
+        torch.load(ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+        for r in range(ranks)
+    ]
     params = {}
     for g, shapes in enumerate(model["param_shapes"]):
         flats = {"fp32": [o["fp32_flat_groups"][g] for o in optim]}
@@ -83,8 +87,9 @@ def consolidated(ckpt: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[d
         for name, shape in shapes.items():
             n = math.prod(shape)
             part = -(-n // ranks)
-            params[name] = {k: torch.cat([f[offset : offset + part] for f in fs])[:n].view(shape) for k, fs in
-                            flats.items()}  # fmt: skip
+            params[name] = {
+                k: torch.cat([f[offset : offset + part] for f in fs])[:n].view(shape) for k, fs in flats.items()
+            }
             offset += part
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optim[0]["optimizer_state_dict"]["param_groups"]]
     steps = [float(s["step"]) for s in optim[0]["optimizer_state_dict"]["state"].values()]

@@ -65,12 +65,30 @@ def shards(tiny_models, work) -> Path:
     corpus.write_text("".join((tiny_models / "corpus.jsonl").read_text().splitlines(keepends=True)[:120]))
     models = {name: tiny_models / name for name in ("encoder", "llama", "mistral")}
     subprocess.run(
-        [sys.executable, "-m", "data_tools.cli", "build", "--input", str(corpus), "--out", str(work / "shards"),
-         "--encoder-tokenizer", str(models["encoder"]), "--decoder", f"llama={models['llama']}",
-         "--decoder", f"mistral={models['mistral']}", "--segment-tokens", "64", "--val-fraction", "0.05",
-         "--no-progress"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "data_tools.cli",
+            "build",
+            "--input",
+            str(corpus),
+            "--out",
+            str(work / "shards"),
+            "--encoder-tokenizer",
+            str(models["encoder"]),
+            "--decoder",
+            f"llama={models['llama']}",
+            "--decoder",
+            f"mistral={models['mistral']}",
+            "--segment-tokens",
+            "64",
+            "--val-fraction",
+            "0.05",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return work / "shards"
 
 
@@ -81,8 +99,12 @@ def train_env(tiny_models: Path, shards: Path, run_dir: Path, nproc: int, extra:
         f"train.steps={STEPS} checkpoint.interval=1000 eval.interval=0 logging.interval=1 logging.wandb_mode=disabled "
         f"logging.sample_keys=true {extra}"
     )
-    return {"CONFIG": "configs/tiny_cpu.yaml", "RUN_DIR": str(run_dir), "OVERRIDES": overrides,
-            "NPROC_PER_NODE": str(nproc)}  # fmt: skip
+    return {
+        "CONFIG": "configs/tiny_cpu.yaml",
+        "RUN_DIR": str(run_dir),
+        "OVERRIDES": overrides,
+        "NPROC_PER_NODE": str(nproc),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +160,9 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, reference, tiny_models, 
     text = log.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text[-4000:]
     assert "received SIGUSR1" in text and f"requeueing job {job_id} (restart 1)" in text
-    resumed = [int(line.split("resumed from step")[1].split()[0]) for line in text.splitlines()
-               if "resumed from step" in line]  # fmt: skip
+    resumed = [
+        int(line.split("resumed from step")[1].split()[0]) for line in text.splitlines() if "resumed from step" in line
+    ]
     assert resumed and 4 <= resumed[0] < STEPS, text[-4000:]
     assert f"preempted at step {resumed[0]}: saving a checkpoint" in text  # the trainer's line before exit 75
     assert f"resume from: checkpoints/step_{resumed[0]:08d}" in text  # the banner of the requeued job

@@ -81,7 +81,11 @@ def test_paper_configs_carry_the_paper_hyperparameters():
     assert len(sources) == 13 and sources["freebaseqa.jsonl"] == (27, 5) and sources["dialogsum.jsonl"] == (2.5, 3)
     assert sources["low_res_mid_translation.jsonl"] == (0.5, 2) and sources["samsum.jsonl"] == (2.5, 4)
     assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.data.micro_batch_size) == (
-        8000, 50, 0.0, 8)  # fmt: skip
+        8000,
+        50,
+        0.0,
+        8,
+    )
     assert (cfg.data.qa.max_passages, cfg.data.qa.context, cfg.data.qa.context_tokens) == (4, "joint", 1024)
 
 
@@ -263,8 +267,17 @@ def test_check_paths_names_the_missing_directory(tmp_path):
 
 
 def test_config_objects_validate_on_construction():
-    cfg = load_config(None, ["model.encoder_path=/e", "decoders.0.name=a", "decoders.0.path=/a", "data.shards=/s",
-                             "train.precision=fp32", "deepspeed=ds_configs/zero3_cpu.json"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.encoder_path=/e",
+            "decoders.0.name=a",
+            "decoders.0.path=/a",
+            "data.shards=/s",
+            "train.precision=fp32",
+            "deepspeed=ds_configs/zero3_cpu.json",
+        ],
+    )
     assert isinstance(cfg, Config) and cfg.checkpoint.dir == "runs/arctrain"
     with pytest.raises(ValueError, match="decoders: \\[\\] must list at least one decoder"):
         Config(model=cfg.model, decoders=[], data=cfg.data)

@@ -80,8 +80,9 @@ def test_old_flat_yaml_keys_load_as_the_new_ones_with_one_note(tmp_path, capsys)
 def test_the_old_training_list_loads_as_data_qa_train(tmp_path, qa, capsys):
     cfg = load_config(write(tmp_path, HEAD + f"  qa: {qa}\n"))
     assert cfg.data.qa.train == ["/q/a.jsonl:2:3", "/q/b.jsonl"] and cfg.data.tasks == ("qa",)
-    assert note_lines(capsys) == ["config: old key names read as the new ones (data.qa -> data.qa.train); write the "
-                                  "new names"]  # fmt: skip
+    assert note_lines(capsys) == [
+        "config: old key names read as the new ones (data.qa -> data.qa.train); write the new names"
+    ]
 
 
 def test_old_command_line_keys_load_as_the_new_ones_with_one_note(tmp_path, capsys):
@@ -102,8 +103,9 @@ def test_old_overrides_apply_over_a_nested_file(tmp_path, capsys):
     (line,) = note_lines(capsys)
     assert "data.qa -> data.qa.train" in line and "data.qa_max_passages -> data.qa.max_passages" in line
     assert load_config(path, ["data.qa.1=/q/d"]).data.qa.train == ["/q/a.jsonl:2:3", "/q/d"]  # an old list index
-    assert note_lines(capsys) == ["config: old key names read as the new ones (data.qa.1 -> data.qa.train.1); write "
-                                  "the new names"]  # fmt: skip
+    assert note_lines(capsys) == [
+        "config: old key names read as the new ones (data.qa.1 -> data.qa.train.1); write the new names"
+    ]
 
 
 def test_the_note_is_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):

@@ -84,8 +84,16 @@ def test_every_card_is_in_the_flops_table_and_a_wrong_one_is_one_line(tiny_model
 
     assert all(peak_tflops(f"NVIDIA {name}") for name, _ in CARDS.values())
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", str(REPO_ROOT / "configs/tiny_cpu.yaml"), "--dry-run", "--gpu", "h100",
-              *tiny_paths(tiny_models, tiny_shards)])  # fmt: skip
+        main(
+            [
+                "--config",
+                str(REPO_ROOT / "configs/tiny_cpu.yaml"),
+                "--dry-run",
+                "--gpu",
+                "h100",
+                *tiny_paths(tiny_models, tiny_shards),
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("arctrain train: error: --gpu 'h100': expected one of h100-80gb")
 
@@ -110,9 +118,15 @@ def test_a_weight_file_that_disagrees_with_config_json_fails_in_one_line(tiny_mo
     config = json.loads((bad / "config.json").read_text())
     config["intermediate_size"] += 8
     (bad / "config.json").write_text(json.dumps(config))
-    args = ["--config", str(REPO_ROOT / "configs/tiny_cpu.yaml"), "--dry-run", f"decoders.0.path={bad}",
-            f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.1.path={tiny_models / 'mistral'}",
-            f"data.shards={tiny_shards}"]  # fmt: skip
+    args = [
+        "--config",
+        str(REPO_ROOT / "configs/tiny_cpu.yaml"),
+        "--dry-run",
+        f"decoders.0.path={bad}",
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        f"data.shards={tiny_shards}",
+    ]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capsys.readouterr().err.strip()

@@ -29,9 +29,13 @@ def worker(tiny: Path, shards: Path, out: Path) -> None:
     from arctrain.train.loop import build_engine
     from arctrain.train.optim import set_lr
 
-    paths = [f"model.encoder_path={tiny / 'encoder'}", f"decoders.0.path={tiny / 'llama'}",
-             f"decoders.1.path={tiny / 'mistral'}", f"data.shards={shards}",
-             f"checkpoint.dir={out / 'run'}"]  # fmt: skip
+    paths = [
+        f"model.encoder_path={tiny / 'encoder'}",
+        f"decoders.0.path={tiny / 'llama'}",
+        f"decoders.1.path={tiny / 'mistral'}",
+        f"data.shards={shards}",
+        f"checkpoint.dir={out / 'run'}",
+    ]
     # Loaded before the process group, as `arctrain train` does (DeepSpeed's validation reads the world size).
     configs = {name: load_config(REPO_ROOT / "configs/tiny_cpu.yaml", paths + o) for name, o in CHOICES.items()}
     rank, world_size, _ = init_distributed()
@@ -60,8 +64,18 @@ def worker(tiny: Path, shards: Path, out: Path) -> None:
 @pytest.mark.distributed
 def test_every_zero_choice_builds_and_trains(tiny_models, tiny_shards, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tiny_models), str(tiny_shards), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tiny_models),
+        str(tiny_shards),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for rank in range(2):

@@ -22,8 +22,12 @@ def test_chunks_cover_the_text_and_max_chunks_keeps_the_first(enc, tiny_models):
     kept, cut = Chunker(enc, 16, max_chunks=3).cut([text, "a second passage"])
     assert kept == every[:3]
     extra = Chunker(enc, 16).segments("a second passage")
-    assert vars(cut) == {"contexts": 1, "truncated": 1, "dropped_chunks": len(every) - 3 + len(extra),
-                         "dropped_tokens": sum(map(len, every[3:] + extra))}  # fmt: skip
+    assert vars(cut) == {
+        "contexts": 1,
+        "truncated": 1,
+        "dropped_chunks": len(every) - 3 + len(extra),
+        "dropped_tokens": sum(map(len, every[3:] + extra)),
+    }
     kept, cut = Chunker(enc, 16).cut([text])
     assert kept == every and cut.truncated == cut.dropped_tokens == 0
     with pytest.raises(ValueError, match="chunk_tokens must be >= 1 and max_chunks >= 0"):
@@ -31,10 +35,17 @@ def test_chunks_cover_the_text_and_max_chunks_keeps_the_first(enc, tiny_models):
 
 
 def test_qa_passages_are_compressed_in_at_most_max_chunks_and_the_rest_is_counted(enc, tiny_models, tiny_qa):
-    overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-                 f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={tiny_qa[0]}",
-                 "data.chunk_tokens=16", "data.max_chunks=2", "data.qa_context=segments",
-                 "data.qa_max_passages=1"]  # fmt: skip
+    overrides = [
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        "data.shards=[]",
+        f"data.qa={tiny_qa[0]}",
+        "data.chunk_tokens=16",
+        "data.max_chunks=2",
+        "data.qa_context=segments",
+        "data.qa_max_passages=1",
+    ]
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
     records = read_qa(tiny_qa[0])
     maker = QAMaker(cfg, Vocab.from_config(cfg))
@@ -83,9 +94,16 @@ def test_a_qa_document_several_windows_long_trains_in_chunks_that_fit_the_window
     document = "\n\n".join(parts)
     qa = tmp_path / "long.jsonl"
     qa.write_text(json.dumps({"question": "What is it about?", "answers": ["code"], "passages": document}) + "\n")
-    overrides = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-                 f"decoders.1.path={tiny_models / 'mistral'}", "data.shards=[]", f"data.qa={qa}",
-                 "data.chunk_tokens=1024", "data.max_chunks=3", "data.qa_context=segments"]  # fmt: skip
+    overrides = [
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+        "data.shards=[]",
+        f"data.qa={qa}",
+        "data.chunk_tokens=1024",
+        "data.max_chunks=3",
+        "data.qa_context=segments",
+    ]
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
     maker = QAMaker(cfg, Vocab.from_config(cfg))
     batch = maker.collate([maker.example("llama", read_qa(qa), 0, 0, 0, 0, 0)], "llama", ["long"])

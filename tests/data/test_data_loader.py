@@ -26,8 +26,9 @@ from data_tools.tokenizer_id import tokenizer_hash
 TOKENIZERS = ("encoder", "llama", "mistral")
 
 
-def write_shards(out: Path, models: Path, docs: list[dict], *, per_shard: int, val_docs: int = 2,
-                 words: int = 12, window: int = 3) -> dict[str, dict]:  # fmt: skip
+def write_shards(
+    out: Path, models: Path, docs: list[dict], *, per_shard: int, val_docs: int = 2, words: int = 12, window: int = 3
+) -> dict[str, dict]:
     """Shards of `docs` in `out` (segments of `words` words, windows of `window` segments); returns key -> meta."""
     toks = {name: AutoTokenizer.from_pretrained(models / name) for name in TOKENIZERS}
     splits = {"val": docs[:val_docs], "train": docs[val_docs:]}
@@ -47,10 +48,19 @@ def write_shards(out: Path, models: Path, docs: list[dict], *, per_shard: int, v
                 {"name": name, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             )
         manifest_splits[split] = {"samples": len(samples), "shards": shards}
-    tokenizers = {n: {"path": str(models / n), "hash": tokenizer_hash(models / n), "vocab_size": len(t),
-                      "dtype": "uint16"} for n, t in toks.items()}  # fmt: skip
-    manifest = {"format": "arc-shards", "format_version": 1, "tool_version": "test", "segment_tokens": words,
-                "window_segments": window, "tokenizers": tokenizers, "splits": manifest_splits}  # fmt: skip
+    tokenizers = {
+        n: {"path": str(models / n), "hash": tokenizer_hash(models / n), "vocab_size": len(t), "dtype": "uint16"}
+        for n, t in toks.items()
+    }
+    manifest = {
+        "format": "arc-shards",
+        "format_version": 1,
+        "tool_version": "test",
+        "segment_tokens": words,
+        "window_segments": window,
+        "tokenizers": tokenizers,
+        "splits": manifest_splits,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return metas
 
@@ -92,13 +102,22 @@ def shards(tmp_path_factory, tiny_models, corpus) -> dict:
 
 
 def make_config(models: Path, shard_dirs: str, *overrides: str):
-    return load_config(None, [
-        f"model.encoder_path={models / 'encoder'}",
-        "decoders.0.name=llama", f"decoders.0.path={models / 'llama'}",
-        "decoders.1.name=mistral", f"decoders.1.path={models / 'mistral'}",
-        f"data.shards={shard_dirs}", "data.micro_batch_size=3", "data.shuffle_buffer=8",
-        "train.precision=fp32", "deepspeed=ds_configs/zero3_cpu.json", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"model.encoder_path={models / 'encoder'}",
+            "decoders.0.name=llama",
+            f"decoders.0.path={models / 'llama'}",
+            "decoders.1.name=mistral",
+            f"decoders.1.path={models / 'mistral'}",
+            f"data.shards={shard_dirs}",
+            "data.micro_batch_size=3",
+            "data.shuffle_buffer=8",
+            "train.precision=fp32",
+            "deepspeed=ds_configs/zero3_cpu.json",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +242,9 @@ def test_a_step_holds_the_same_micro_batches_at_any_world_size(tiny_models, shar
 
     def steps(world_size: int, workers: int) -> list[dict[int, tuple]]:
         accum = 6 // world_size
-        cfg = make_config(tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", f"train.grad_accum={accum}",
-                          f"data.num_workers={workers}")  # fmt: skip
+        cfg = make_config(
+            tiny_models, f"{root / 'a'}:1,{root / 'b'}:2", f"train.grad_accum={accum}", f"data.num_workers={workers}"
+        )
         out = [{} for _ in range(4)]
         for rank in range(world_size):
             loader = build_train_loader(cfg, rank, world_size, vocab)
@@ -298,9 +318,11 @@ def test_the_val_set_is_fixed_spread_over_every_source_and_shard_for_any_world_s
         assert len({tuple(source for source, _ in run) for run in runs}) == 1
         rows = sorted(
             (source, key, ids.tolist(), labels[labels != IGNORE])
-            for run in runs for source, b in run
-            for key, ids, labels in zip(b.keys, b.rows(b.dec_ids), b.rows(b.labels), strict=True) if key != "pad"
-        )  # fmt: skip
+            for run in runs
+            for source, b in run
+            for key, ids, labels in zip(b.keys, b.rows(b.dec_ids), b.rows(b.labels), strict=True)
+            if key != "pad"
+        )
         rows = [(*r[:3], r[3].tolist()) for r in rows]
         per_world[world_size] = rows
         padding = [b for run in runs for _, b in run for key in b.keys if key == "pad"]
@@ -310,13 +332,18 @@ def test_the_val_set_is_fixed_spread_over_every_source_and_shard_for_any_world_s
     assert all(rows == per_world[1] for rows in per_world.values())
     assert len({key for _, key, *_ in per_world[1]}) == 35 and {key for _, key, *_ in per_world[1]} <= val_keys
     assert [s for s, *_ in per_world[1]] == ["a"] * 13 + ["b"] * 22
-    shard_of = {m.name.split(".")[0]: (d, p.name) for d in ("a", "b") for p in (root / d).glob("val-*.tar")
-                for m in tarfile.open(p)}  # fmt: skip
+    shard_of = {
+        m.name.split(".")[0]: (d, p.name)
+        for d in ("a", "b")
+        for p in (root / d).glob("val-*.tar")
+        for m in tarfile.open(p)
+    }
     val_shards = {(d, p.name) for d in ("a", "b") for p in (root / d).glob("val-*.tar")}
     assert {shard_of[key] for _, key, *_ in per_world[1]} == val_shards  # every val shard of every source
     assert spread(10, 3) == [1, 5, 8] and spread(2, 5) == [0, 1]
-    other_seed = make_config(tiny_models, f"{root / 'a'},{root / 'b'}", "eval.batches=11", "data.micro_batch_size=4",
-                             "train.seed=9")  # fmt: skip
+    other_seed = make_config(
+        tiny_models, f"{root / 'a'},{root / 'b'}", "eval.batches=11", "data.micro_batch_size=4", "train.seed=9"
+    )
     assert [b.keys for _, b in ValSet(other_seed, vocab, 0, 1).batches("llama", "continuation")] == [
         b.keys for _, b in ValSet(cfg, vocab, 0, 1).batches("llama", "continuation")
     ]
@@ -382,8 +409,9 @@ def test_interleaved_continuation_puts_the_text_before_the_compressed_segment(ti
     """data.interleave_tokens=N: [BOS, the last N decoder tokens before segment i, vectors of i, <Cont>, segment i+1];
     with windows of 3 segments, i = 1 (the one segment that has text before it and a next one)."""
     n = 5
-    cfg = make_config(tiny_models, str(shards["root"] / "a"), f"data.interleave_tokens={n}", "data.task_ratio=0",
-                      "data.num_workers=0")  # fmt: skip
+    cfg = make_config(
+        tiny_models, str(shards["root"] / "a"), f"data.interleave_tokens={n}", "data.task_ratio=0", "data.num_workers=0"
+    )
     toks = {name: AutoTokenizer.from_pretrained(tiny_models / name) for name in TOKENIZERS}
     rows = 0
     for _, batch in take_batches(build_train_loader(cfg, 0, 1, vocab), 6):
@@ -406,8 +434,9 @@ def test_interleaved_continuation_puts_the_text_before_the_compressed_segment(ti
 
 def test_fair_and_interleaved_batches_resume_exactly_mid_pair(tiny_models, shards, vocab):
     root = f"{shards['root'] / 'a'}:1,{shards['root'] / 'b'}:2"
-    cfg = make_config(tiny_models, root, "train.decoder_schedule=fair", "data.interleave_tokens=6",
-                      "data.num_workers=2")  # fmt: skip
+    cfg = make_config(
+        tiny_models, root, "train.decoder_schedule=fair", "data.interleave_tokens=6", "data.num_workers=2"
+    )
     full = take(build_train_loader(cfg, 1, 2, vocab), 10)
     resumed = build_train_loader(cfg, 1, 2, vocab)
     resumed.load_state_dict({"next_batch": 5})  # step 5: the second decoder of a fair pair
@@ -462,8 +491,14 @@ def test_token_budget_micro_batches_fit_and_resume_exactly(tiny_models, shards, 
     plain_cfg = make_config(tiny_models, sources, "data.micro_batch_size=6", "train.grad_accum=2")
     plain = [b for _, b in take_batches(build_train_loader(plain_cfg, 0, 1, vocab), 16)]  # global micro-batches 0-15
     budget = sorted(sum(_sizes(b)) for b in plain)[len(plain) // 2] * 2 // 3  # binds on most windows
-    cfg = make_config(tiny_models, sources, "data.micro_batch_size=6", f"data.tokens_per_micro_batch={budget}",
-                      "data.num_workers=1", f"train.grad_accum={2 // world_size}")  # fmt: skip
+    cfg = make_config(
+        tiny_models,
+        sources,
+        "data.micro_batch_size=6",
+        f"data.tokens_per_micro_batch={budget}",
+        "data.num_workers=1",
+        f"train.grad_accum={2 // world_size}",
+    )
     left = 0
     for rank in range(world_size):
         loader = build_train_loader(cfg, rank, world_size, vocab)
@@ -485,8 +520,9 @@ def test_token_budget_micro_batches_fit_and_resume_exactly(tiny_models, shards, 
         head = take(first, 5)
         resumed = build_train_loader(cfg, rank, world_size, vocab)
         resumed.load_state_dict(first.state_dict())
-        assert head + take(resumed, 16 // world_size - 5) == take(build_train_loader(cfg, rank, world_size, vocab),
-                                                                  16 // world_size)  # fmt: skip
+        assert head + take(resumed, 16 // world_size - 5) == take(
+            build_train_loader(cfg, rank, world_size, vocab), 16 // world_size
+        )
     assert left > 0  # the budget bound
     val = [[b.keys for _, b in ValSet(c, vocab, 0, 1).batches("llama", "continuation")] for c in (cfg, plain_cfg)]
     assert val[0] and val[0] == val[1]  # validation batches take all their samples, whatever the budget

@@ -12,13 +12,21 @@ from arctrain.data.batch import IGNORE
 
 
 def config(models, shards, *overrides):
-    return load_config(None, [
-        f"model.encoder_path={models / 'encoder'}",
-        "decoders.0.name=llama", f"decoders.0.path={models / 'llama'}",
-        "decoders.1.name=mistral", f"decoders.1.path={models / 'mistral'}",
-        f"data.shards={shards}", "data.micro_batch_size=4", "train.precision=fp32",
-        "deepspeed=ds_configs/zero3_cpu.json", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"model.encoder_path={models / 'encoder'}",
+            "decoders.0.name=llama",
+            f"decoders.0.path={models / 'llama'}",
+            "decoders.1.name=mistral",
+            f"decoders.1.path={models / 'mistral'}",
+            f"data.shards={shards}",
+            "data.micro_batch_size=4",
+            "train.precision=fp32",
+            "deepspeed=ds_configs/zero3_cpu.json",
+            *overrides,
+        ],
+    )
 
 
 def sample_meta(shards) -> dict[str, dict]:

@@ -93,8 +93,11 @@ def test_released_and_arctrain_records_read_alike_from_every_file_type(tmp_path,
     _write(tmp_path / name, RELEASED)
     records = read_qa(tmp_path / name)
     assert [r["answers"] for r in records] == [["Ada", "Ada Lovelace"], ["a summary"], ["1843"]]
-    assert [r["passages"] for r in records] == [["Ada wrote it.", "Later notes.", "More."],
-                                                ["A long text to summarise."], ["In 1843 she published."]]  # fmt: skip
+    assert [r["passages"] for r in records] == [
+        ["Ada wrote it.", "Later notes.", "More."],
+        ["A long text to summarise."],
+        ["In 1843 she published."],
+    ]
     assert [r["question"] for r in records] == ["Who?", "", "When?"]
     assert [r["instruction"] for r in records] == [None, "Summarise the document.", None]
     assert [r["metric"] for r in records] == ["em", "em", "rougeL"]
@@ -103,9 +106,12 @@ def test_released_and_arctrain_records_read_alike_from_every_file_type(tmp_path,
 def test_bad_qa_records_are_counted_skips_and_an_empty_file_an_error(tmp_path, capsys):
     path = tmp_path / "qa.jsonl"
     good = {"question": "q", "answer": "a", "passage": "p"}
-    bad = [{"question": "q", "answers": [], "passages": "p"}, {"question": "q", "answer": "a", "passages": ["  "]},
-           {"question": 3, "answer": "a", "passage": "p"}, {"question": "q", "answer": "a", "passage": "p",
-           "metric": "meteor"}]  # fmt: skip
+    bad = [
+        {"question": "q", "answers": [], "passages": "p"},
+        {"question": "q", "answer": "a", "passages": ["  "]},
+        {"question": 3, "answer": "a", "passage": "p"},
+        {"question": "q", "answer": "a", "passage": "p", "metric": "meteor"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in [good, *bad]) + "{not json\n")
     assert len(read_qa(path)) == 1
     err = capsys.readouterr().err
@@ -216,12 +222,19 @@ def test_long_contexts_are_counted_before_training(tiny_models, tmp_path):
     from arctrain.data.qa import check_qa
 
     path = tmp_path / "qa.jsonl"
-    _write(path, [{"question": "q", "answer": "a", "passages": ["word " * 50, "more " * 50]},
-                  {"question": "q", "answer": "a", "passage": "short"}])  # fmt: skip
+    _write(
+        path,
+        [
+            {"question": "q", "answer": "a", "passages": ["word " * 50, "more " * 50]},
+            {"question": "q", "answer": "a", "passage": "short"},
+        ],
+    )
     said = []
     check_qa(qa_config(tiny_models, path, "data.qa.context_tokens=40"), said.append)
-    assert said == [f"data.qa.train {path}: 1 of 2 records have passages longer than data.qa.context_tokens=40 encoder "
-                    "tokens: cut to it"]  # fmt: skip
+    assert said == [
+        f"data.qa.train {path}: 1 of 2 records have passages longer than data.qa.context_tokens=40 encoder "
+        "tokens: cut to it"
+    ]
     said.clear()
     check_qa(qa_config(tiny_models, path, "data.qa.context_tokens=400"), said.append)
     assert said == []

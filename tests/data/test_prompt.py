@@ -109,15 +109,23 @@ def test_smollm2_training_rows_are_its_chat_template(smollm2, tiny_models):
     pieces = TextPieces(enc, tok, 16, context="joint", context_tokens=512)
     chat = chat_template_of(tok)
     example = qa_prompt(pieces, chat, [], qa_turn(RECORDS[0], ["Ada wrote it."]), "compressed", "Ada", tok.eos_token_id)
-    batch = collate([example], pooling="mean_pooled_queries", factor=4, n_vectors=0, enc_pad_id=0,
-                    dec_pad_id=tok.pad_token_id, bos_id=tok.bos_token_id)  # fmt: skip
+    batch = collate(
+        [example],
+        pooling="mean_pooled_queries",
+        factor=4,
+        n_vectors=0,
+        enc_pad_id=0,
+        dec_pad_id=tok.pad_token_id,
+        bos_id=tok.bos_token_id,
+    )
     ids, slots, labels = batch.dec_ids[0].tolist(), batch.dec_slot[0].tolist(), batch.labels[0].tolist()  # one row
     hash_id = tok.convert_tokens_to_ids("#")  # '#' stands for each vector position in the decoded row
     text = tok.decode([hash_id if s >= 0 else i for i, s in zip(ids, slots, strict=True)])
     vectors = sum(s >= 0 for s in slots)
     expected = tok.apply_chat_template(
         [{"role": "user", "content": f"Document: {'#' * vectors}\nQuestion: Who wrote it?"}],
-        tokenize=False, add_generation_prompt=True,
-    )  # fmt: skip
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert text == expected + "Ada" + tok.eos_token and tok.eos_token == "<|im_end|>"
     assert tok.decode([t for t in labels if t != -100]) == "Ada<|im_end|>"

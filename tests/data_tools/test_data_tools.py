@@ -29,10 +29,13 @@ KEY = re.compile(r"[0-9a-f]{16}-\d{5}")
 
 def tok_args(models) -> list[str]:
     return [
-        "--encoder-tokenizer", str(models / "encoder"),
-        "--decoder", f"llama={models / 'llama'}",
-        "--decoder", f"mistral={models / 'mistral'}",
-    ]  # fmt: skip
+        "--encoder-tokenizer",
+        str(models / "encoder"),
+        "--decoder",
+        f"llama={models / 'llama'}",
+        "--decoder",
+        f"mistral={models / 'mistral'}",
+    ]
 
 
 def build(models, inputs, out, *extra) -> int:
@@ -79,16 +82,26 @@ def samples_of(out) -> list[tuple[str, dict]]:
 def test_manifest_follows_the_contract(built, tiny_models, small_jsonl):
     m = json.loads((built / "manifest.json").read_text())
     assert list(m) == [
-        "format", "format_version", "tool_version", "segment_tokens", "window_segments", "val_fraction",
-        "id_scope", "tokenizers", "splits", "sources", "docs",
-    ]  # fmt: skip
+        "format",
+        "format_version",
+        "tool_version",
+        "segment_tokens",
+        "window_segments",
+        "val_fraction",
+        "id_scope",
+        "tokenizers",
+        "splits",
+        "sources",
+        "docs",
+    ]
     assert (m["format"], m["format_version"], m["tool_version"]) == ("arc-shards", 3, "0.1.0")
     assert (m["segment_tokens"], m["window_segments"], m["val_fraction"], m["id_scope"]) == (48, 4, 0.2, "file")
     for name in TOKENIZERS:
         entry = m["tokenizers"][name]
         assert entry["hash"] == tokenizer_hash(tiny_models / name)
-        assert entry["dtype"] == "uint16" and entry["vocab_size"] == len(json.loads(
-            (tiny_models / name / "tokenizer.json").read_text())["model"]["vocab"])  # fmt: skip
+        assert entry["dtype"] == "uint16" and entry["vocab_size"] == len(
+            json.loads((tiny_models / name / "tokenizer.json").read_text())["model"]["vocab"]
+        )
     assert m["docs"] == {"read": 120, "written": 120, "skipped": {}}
     assert m["sources"] == [{"path": str(small_jsonl), "bytes": small_jsonl.stat().st_size}]
     for split in ("train", "val"):
@@ -405,10 +418,21 @@ def test_merge_combines_partial_builds(tiny_models, small_jsonl, tmp_path, capsy
 def test_merge_refuses_other_tokenizers(tiny_models, small_jsonl, tmp_path, capsys):
     assert build(tiny_models, [small_jsonl], tmp_path / "a") == 0
     swapped = [
-        "build", "--input", str(small_jsonl), "--out", str(tmp_path / "b"), "--start-shard", "10", "--no-progress",
-        "--encoder-tokenizer", str(tiny_models / "encoder"),
-        "--decoder", f"llama={tiny_models / 'mistral'}", "--decoder", f"mistral={tiny_models / 'llama'}",
-    ]  # fmt: skip
+        "build",
+        "--input",
+        str(small_jsonl),
+        "--out",
+        str(tmp_path / "b"),
+        "--start-shard",
+        "10",
+        "--no-progress",
+        "--encoder-tokenizer",
+        str(tiny_models / "encoder"),
+        "--decoder",
+        f"llama={tiny_models / 'mistral'}",
+        "--decoder",
+        f"mistral={tiny_models / 'llama'}",
+    ]
     assert main(swapped) == 0
     capsys.readouterr()
     assert main(["merge", "--out", str(tmp_path / "c"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
@@ -422,9 +446,20 @@ def test_metaspace_decoder_segments_have_no_dummy_prefix(tiny_models, corpus, tm
     texts = [r["text"] for r in corpus[:200]]
     tok = metaspace_tokenizer(tmp_path / "meta", texts)
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[:60]))
-    args = ["build", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--no-progress",
-            "--encoder-tokenizer", str(tiny_models / "encoder"), "--decoder", f"meta={tmp_path / 'meta'}",
-            "--segment-tokens", "24"]  # fmt: skip
+    args = [
+        "build",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--encoder-tokenizer",
+        str(tiny_models / "encoder"),
+        "--decoder",
+        f"meta={tmp_path / 'meta'}",
+        "--segment-tokens",
+        "24",
+    ]
     assert main(args) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["tokenizers"]["meta"]["dummy_prefix_stripped"] is True

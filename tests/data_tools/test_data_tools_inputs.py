@@ -56,9 +56,14 @@ def test_bad_records_are_counted_and_named(tiny_models, tmp_path, capsys):
     assert build(tiny_models, tmp_path / "out", path) == 0
     captured = capsys.readouterr()
     expected = {
-        "malformed_json": 1, "missing_text": 1, "empty_text": 2, "invalid_utf8": 2, "not_an_object": 1,
-        "invalid_text": 1, "duplicate_id": 1,
-    }  # fmt: skip
+        "malformed_json": 1,
+        "missing_text": 1,
+        "empty_text": 2,
+        "invalid_utf8": 2,
+        "not_an_object": 1,
+        "invalid_text": 1,
+        "duplicate_id": 1,
+    }
     assert manifest_docs(tmp_path / "out") == {"read": 12, "written": 3, "skipped": dict(sorted(expected.items()))}
     assert f"{path}:2: malformed_json" in captured.err and f"{path}:6: invalid_utf8" in captured.err
     assert "12 docs read, 3 written, 9 skipped" in captured.out  # the summary accounts for every document

@@ -109,9 +109,15 @@ def test_packed_sample_round_trips_with_the_smallest_offsets(n_ids, dtype, offse
     assert tokens["llama"][1].dtype == np.uint8 and tokens["llama"][1].tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("data", [b"\xc1\xc1", msgpack.packb({"doc_id": "d"}), msgpack.packb([1, 2]),
-                                  msgpack.packb({"tokens": {"e": {"ids": b"abc", "dtype": "<u2", "offsets": b"",
-                                                                  "offsets_dtype": "|u1"}}})])  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xc1\xc1",
+        msgpack.packb({"doc_id": "d"}),
+        msgpack.packb([1, 2]),
+        msgpack.packb({"tokens": {"e": {"ids": b"abc", "dtype": "<u2", "offsets": b"", "offsets_dtype": "|u1"}}}),
+    ],
+)
 def test_unpack_refuses_what_is_not_a_sample_in_one_line(data):
     with pytest.raises(ValueError, match="^not a format-3 sample member: ") as err:
         unpack(data)

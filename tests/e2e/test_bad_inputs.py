@@ -32,8 +32,11 @@ def error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
     """The one error line of a failed command (warnings on skipped records aside), holding each of `expected`."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning: ")
-             and not PROGRESS.search(line)]  # fmt: skip
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not line.startswith("warning: ") and not PROGRESS.search(line)
+    ]
     assert len(lines) == 1, proc.stderr
     for text in expected:
         assert text in lines[0], lines[0]
@@ -41,8 +44,15 @@ def error_line(proc: subprocess.CompletedProcess, *expected: str) -> str:
 
 
 def tokenizer_args(models: Path) -> list[str]:
-    return ["--encoder-tokenizer", str(models / "encoder"), "--decoder", f"llama={models / 'llama'}",
-            "--segment-tokens", "48", "--no-progress"]  # fmt: skip
+    return [
+        "--encoder-tokenizer",
+        str(models / "encoder"),
+        "--decoder",
+        f"llama={models / 'llama'}",
+        "--segment-tokens",
+        "48",
+        "--no-progress",
+    ]
 
 
 def records(tiny_models: Path, n: int) -> list[dict]:
@@ -61,8 +71,19 @@ def shards(tiny_models, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_shards")
     src = write_jsonl(root / "docs.jsonl", records(tiny_models, 40))
     out = root / "shards"
-    proc = run("arc-data", "build", "--input", str(src), "--out", str(out), *tokenizer_args(tiny_models),
-               "--val-fraction", "0.2", "--shard-size-mb", "0.05")  # fmt: skip
+    proc = run(
+        "arc-data",
+        "build",
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        *tokenizer_args(tiny_models),
+        "--val-fraction",
+        "0.2",
+        "--shard-size-mb",
+        "0.05",
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -396,8 +417,17 @@ def context_files(tiny_models, tmp_path_factory) -> dict[str, Path]:
     ids=["empty", "not_utf8", "max_new_tokens", "long_prompt", "joint_context"],
 )
 def test_generate_refuses_bad_contexts_in_one_line(exported, tiny_models, context_files, context, extra, expected):
-    args = ["--model", str(exported), "--decoder", str(tiny_models / "llama"), "--context-file",
-            str(context_files[context]), "--prompt", "Q:", *extra]  # fmt: skip
+    args = [
+        "--model",
+        str(exported),
+        "--decoder",
+        str(tiny_models / "llama"),
+        "--context-file",
+        str(context_files[context]),
+        "--prompt",
+        "Q:",
+        *extra,
+    ]
     proc = run("arctrain", "generate", *args)
     error_line(proc, "arctrain: error:", expected.format(**context_files))
 
@@ -406,8 +436,18 @@ def test_a_decoder_of_another_width_is_refused(exported, tiny_models, wide_llama
     config = json.loads((exported / "config.json").read_text())
     trained = next(d["hidden_size"] for d in config["decoders"] if d["name"] == "llama")  # the export records it
     assert trained == json.loads((tiny_models / "llama" / "config.json").read_text())["hidden_size"]
-    proc = run("arctrain", "generate", "--model", str(exported), "--decoder", str(wide_llama), "--context-file",
-               str(context_files["doc"]), "--prompt", "Q:")  # fmt: skip
+    proc = run(
+        "arctrain",
+        "generate",
+        "--model",
+        str(exported),
+        "--decoder",
+        str(wide_llama),
+        "--context-file",
+        str(context_files["doc"]),
+        "--prompt",
+        "Q:",
+    )
     error_line(
         proc, f"--decoder {wide_llama}: hidden_size {trained + 32}", f"trained for a decoder of hidden_size {trained}"
     )
@@ -425,8 +465,20 @@ def big_input(tiny_models, tmp_path_factory) -> Path:
 
 
 def build_args(models: Path, src: Path, out: Path, *extra: str) -> list[str]:
-    return ["arc-data", "build", "--input", str(src), "--out", str(out), *tokenizer_args(models),
-            "--val-fraction", "0.1", "--shard-size-mb", "0.05", *extra]  # fmt: skip
+    return [
+        "arc-data",
+        "build",
+        "--input",
+        str(src),
+        "--out",
+        str(out),
+        *tokenizer_args(models),
+        "--val-fraction",
+        "0.1",
+        "--shard-size-mb",
+        "0.05",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -454,8 +506,9 @@ def test_an_interrupted_build_stops_in_one_line_and_resumes_to_identical_shards(
     out = tmp_path / "shards"
     args = build_args(tiny_models, big_input, out, "--workers", "2")
     cmd = [sys.executable, "-m", "data_tools.cli", *args[1:]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO, start_new_session=True
+    )
     while not (out / "build.journal.json").exists() and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "the build finished before it could be interrupted"
@@ -517,13 +570,24 @@ def test_a_full_disk_stops_a_checkpoint_save_in_one_line(tiny_models, tiny_shard
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)
     run_dir = small_disk / "run"
     config = str(REPO / "configs/tiny_cpu.yaml")
-    proc = run("arctrain", "train", "--config", config, *tiny_paths(tiny_models, tiny_shards),
-               f"checkpoint.dir={run_dir}", "train.steps=1", "checkpoint.interval=1", "eval.interval=0",
-               "logging.wandb_mode=disabled", "data.num_workers=0")  # fmt: skip
+    proc = run(
+        "arctrain",
+        "train",
+        "--config",
+        config,
+        *tiny_paths(tiny_models, tiny_shards),
+        f"checkpoint.dir={run_dir}",
+        "train.steps=1",
+        "checkpoint.interval=1",
+        "eval.interval=0",
+        "logging.wandb_mode=disabled",
+        "data.num_workers=0",
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"arctrain train: error: {run_dir / 'checkpoints' / 'step_00000001'}: the checkpoint "
-                           "could not be written"), proc.stderr  # fmt: skip
+    assert last.startswith(
+        f"arctrain train: error: {run_dir / 'checkpoints' / 'step_00000001'}: the checkpoint could not be written"
+    ), proc.stderr
     assert "`latest` still names no checkpoint" in last
     assert (
         not (run_dir / "checkpoints" / "step_00000001").exists() and not (run_dir / "checkpoints" / "latest").exists()
@@ -536,8 +600,17 @@ def test_a_full_disk_stops_a_checkpoint_save_in_one_line(tiny_models, tiny_shard
 def train_dry_run(tiny_models: Path, shard_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     from helpers import tiny_paths
 
-    return run("arctrain", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--dry-run", "--world-size", "1",
-               *tiny_paths(tiny_models, shard_dir), *extra)  # fmt: skip
+    return run(
+        "arctrain",
+        "train",
+        "--config",
+        str(REPO / "configs/tiny_cpu.yaml"),
+        "--dry-run",
+        "--world-size",
+        "1",
+        *tiny_paths(tiny_models, shard_dir),
+        *extra,
+    )
 
 
 def test_training_refuses_a_cut_short_shard_at_start_up(tiny_models, tiny_shards, tmp_path):

@@ -52,9 +52,23 @@ BOUND, MIN_DROP = 0.80, 0.12
 
 def test_smollm2_reads_its_compressed_context_after_a_few_steps(smollm2, tiny_models):
     args = learning.parse_args(
-        ["--model", str(smollm2), "--corpus", str(tiny_models / "corpus.jsonl"), "--steps", str(STEPS),
-         "--eval-every", str(STEPS), "--val-segments", "32", "--threads", "2", "--seed", "0"]
-    )  # fmt: skip
+        [
+            "--model",
+            str(smollm2),
+            "--corpus",
+            str(tiny_models / "corpus.jsonl"),
+            "--steps",
+            str(STEPS),
+            "--eval-every",
+            str(STEPS),
+            "--val-segments",
+            "32",
+            "--threads",
+            "2",
+            "--seed",
+            "0",
+        ]
+    )
     first, last = learning.train_curve(args)
     assert first["no_context"] == last["no_context"], "the frozen decoder moved"
     assert last["ratio"] < BOUND and last["ratio"] < first["ratio"] - MIN_DROP, (first, last)

@@ -37,9 +37,13 @@ def write_training_layout(path: Path, a: dict, emb, bridge, rate: int, n_dec: in
     params = {
         "param_dtype": "float32",
         "embedder_params": embedder_args(rate, **extra),
-        "bridge_module": {"bridge_type": "multi_module" if n_dec > 1 else "mlp", "in_dim": a["dim"],
-                          "hidden_dim": hidden, "out_dim": out_dim},
-    }  # fmt: skip
+        "bridge_module": {
+            "bridge_type": "multi_module" if n_dec > 1 else "mlp",
+            "in_dim": a["dim"],
+            "hidden_dim": hidden,
+            "out_dim": out_dim,
+        },
+    }
     (path / "params.json").write_text(json.dumps(params))
     save_file(emb, path / "embedder" / "consolidated.safetensors")
     save_file(bridge, path / "bridge_module" / "consolidated.safetensors")
@@ -120,8 +124,14 @@ def backbone(tiny_models, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "llama3_scaled"
     shutil.copytree(tiny_models / "encoder", path)
     config = json.loads((path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+    config["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 10000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -227,8 +237,10 @@ BAD = {
     "memory tokens": ({"extra": {"memory_tokens": 8}}, "memory_tokens > 0"),
     "causal": ({"extra": {"causal_embedder": True}}, "causal_embedder is true"),
     "pool type": ({"extra": {"pooling_module": {"pool_type": "mean", "where": "before"}}}, "pool_type 'mean'"),
-    "between": ({"extra": {"pooling_module": {"pool_type": "mean_pooled_queries", "where": "between"}}},
-                "where='between'"),
+    "between": (
+        {"extra": {"pooling_module": {"pool_type": "mean_pooled_queries", "where": "between"}}},
+        "where='between'",
+    ),
     "two rates": ({"extra": {"compress_rates": [-2, -4]}}, "compress_rates [-2, -4]"),
     "no cont": ({"extra": {"cont_tok": False}}, "rec_tok/cont_tok not both true"),
     "model_args": ({"dim": 64}, "model_args.dim=64 but the backbone config.json says 96"),
@@ -238,7 +250,7 @@ BAD = {
     "empty_init": ({"config": ("empty_init", None, 3)}, "empty_init=3 decoders but the weights hold 2"),
     "norm_eps": ({"config": ("model_args", "norm_eps", "tiny")}, "model_args.norm_eps='tiny' is not a number"),
     "olmo norms": ({"config": ("model_args", "non_parametric_norm", True)}, "non_parametric_norm is true"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -319,13 +331,33 @@ def test_round_trip_import_init_from_zero3_export(tiny_models, tiny_shards, tmp_
     emb, bridge = reference_weights(a, n_kept, [128, 160], 256)  # the tiny decoders' sizes, tiny_cpu's projector
     write_release(tmp_path / "src", a, emb, bridge, -8, 2, 256, 128)
     imported, exported, run_dir = tmp_path / "imported", tmp_path / "exported", tmp_path / "run"
-    arctrain(["import-arc", str(tmp_path / "src"), "--out", str(imported), "--backbone", str(tiny_models / "encoder"),
-              "--decoders", "llama,mistral"])  # fmt: skip
+    arctrain(
+        [
+            "import-arc",
+            str(tmp_path / "src"),
+            "--out",
+            str(imported),
+            "--backbone",
+            str(tiny_models / "encoder"),
+            "--decoders",
+            "llama,mistral",
+        ]
+    )
     args = overrides(
-        tiny_models, tiny_shards, run_dir, "train.steps=2", "checkpoint.interval=2", f"train.init_from={imported}",
-        "optim.encoder_lr=0", "optim.projector_lr=0", "model.pooling_factor=4", "model.rope=plain",
-        "decoders.0.rope=plain", "decoders.1.rope=plain", "logging.sample_keys=false",
-    )  # fmt: skip
+        tiny_models,
+        tiny_shards,
+        run_dir,
+        "train.steps=2",
+        "checkpoint.interval=2",
+        f"train.init_from={imported}",
+        "optim.encoder_lr=0",
+        "optim.projector_lr=0",
+        "model.pooling_factor=4",
+        "model.rope=plain",
+        "decoders.0.rope=plain",
+        "decoders.1.rope=plain",
+        "logging.sample_keys=false",
+    )
     assert run(args, 2, tmp_path / "log") == [0, 0], (tmp_path / "log.rank0").read_text()[-3000:]
     log = (tmp_path / "log.rank0").read_text()
     before = load_file(imported / "model.safetensors")

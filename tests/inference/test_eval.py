@@ -42,8 +42,10 @@ def test_the_references_other_metrics():
 
 
 def test_shots_are_the_first_records_and_are_not_asked():
-    records = [{"question": f"q{i}", "answers": [f"a{i}", "other"], "passages": ["p", "p2"], "instruction": None}
-               for i in range(4)]  # fmt: skip
+    records = [
+        {"question": f"q{i}", "answers": [f"a{i}", "other"], "passages": ["p", "p2"], "instruction": None}
+        for i in range(4)
+    ]
     turns, asked = shots_and_questions(records, 2, max_passages=1)
     assert [t.answer for t in turns] == ["a0", "a1"] and [r["question"] for r in asked] == ["q2", "q3"]
     assert turns[0].parts[1].passages == ["p"]
@@ -70,10 +72,13 @@ def qa_records(tiny_models) -> list[dict]:
     """Questions about real corpus documents (the tiny decoders were pretrained on this corpus)."""
     docs = [r for r in read_corpus(tiny_models / "corpus.jsonl") if len(r["text"]) > 400][:4]
     return [
-        {"question": f"Which module is this about: {d['id'].split('/')[-1]}?", "answers": [d["id"].split("/")[-1]],
-         "passages": [d["text"][:300], d["text"][300:400]] if i % 2 else d["text"][:300]}
+        {
+            "question": f"Which module is this about: {d['id'].split('/')[-1]}?",
+            "answers": [d["id"].split("/")[-1]],
+            "passages": [d["text"][:300], d["text"][300:400]] if i % 2 else d["text"][:300],
+        }
         for i, d in enumerate(docs)
-    ]  # fmt: skip
+    ]
 
 
 def test_prompt_layout_per_mode(exported, tiny_models, qa_records, tmp_path):

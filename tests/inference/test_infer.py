@@ -83,11 +83,15 @@ def test_generate_bad_input_is_one_line(exported, tiny_models, tmp_path, capsys)
     cases = [
         (["--decoder", str(tiny_models / "llama"), "--context-file", str(tmp_path / "missing.txt")], "missing.txt"),
         (["--decoder", str(tiny_models / "encoder"), "--context-file", str(context)], "--decoder-name"),
-        (["--decoder", str(tiny_models / "llama"), "--decoder-name", "mistral", "--context-file", str(context)],
-         "not the one decoder 'mistral' was trained with"),
-        (["--decoder", str(tiny_models / "llama"), "--decoder-name", "gpt", "--context-file", str(context)],
-         "this model has decoders llama, mistral"),
-    ]  # fmt: skip
+        (
+            ["--decoder", str(tiny_models / "llama"), "--decoder-name", "mistral", "--context-file", str(context)],
+            "not the one decoder 'mistral' was trained with",
+        ),
+        (
+            ["--decoder", str(tiny_models / "llama"), "--decoder-name", "gpt", "--context-file", str(context)],
+            "this model has decoders llama, mistral",
+        ),
+    ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             arctrain(["generate", "--model", str(exported), *args, "--prompt", "x"])
@@ -101,8 +105,21 @@ def test_generate_command_batches_many_contexts_as_one_at_a_time(exported, tiny_
     for i, text in enumerate([documents[0][:900], documents[1][:200], documents[2][:500]]):
         files.append(tmp_path / f"doc{i}.txt")
         files[-1].write_text(text)
-    argv = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "\nThe",
-            "--max-new-tokens", "10", "--dtype", "fp32", "--context-file", *map(str, files)]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(exported),
+        "--decoder",
+        str(tiny_models / "llama"),
+        "--prompt",
+        "\nThe",
+        "--max-new-tokens",
+        "10",
+        "--dtype",
+        "fp32",
+        "--context-file",
+        *map(str, files),
+    ]
     arctrain([*argv, "--batch-size", "3"])
     batched = capsys.readouterr().out
     arctrain([*argv, "--batch-size", "1"])
@@ -122,9 +139,11 @@ def test_bf16_is_the_default_dtype_on_cpu_too(exported, tiny_models):
 
 def test_generation_stops_at_the_decoders_and_the_given_stop_ids(arc, exported, tiny_models, documents):
     first = arc.decoder.generate(
-        inputs_embeds=arc.embed([arc.context_example(documents[0][:300], "\nThe")])[0], max_new_tokens=1,
-        do_sample=False, pad_token_id=arc.stop_ids[0],
-    )[0, 0].item()  # fmt: skip
+        inputs_embeds=arc.embed([arc.context_example(documents[0][:300], "\nThe")])[0],
+        max_new_tokens=1,
+        do_sample=False,
+        pad_token_id=arc.stop_ids[0],
+    )[0, 0].item()
     stopping = ARCGenerator(exported, tiny_models / "llama", stop_token_ids=[first])
     assert stopping.stop_ids == [*arc.stop_ids, first] and arc.stop_ids  # the decoder's own EOS first
     full = arc.complete([documents[0][:300]], ["\nThe"], max_new_tokens=8).texts[0]
@@ -168,8 +187,12 @@ def test_a_context_several_windows_long_is_compressed_chunk_by_chunk(exported, t
     assert "".join(arc.enc_tok.decode(c) for c in chunks) == long_document  # the chunks cover the text, in order
     example = arc.context_example(long_document, "\nIn short,")
     assert example.pieces[0].segments == chunks[:6]
-    assert vars(arc.pieces.cut) == {"contexts": 1, "truncated": 1, "dropped_chunks": len(chunks) - 6,
-                                    "dropped_tokens": sum(map(len, chunks[6:]))}  # fmt: skip
+    assert vars(arc.pieces.cut) == {
+        "contexts": 1,
+        "truncated": 1,
+        "dropped_chunks": len(chunks) - 6,
+        "dropped_tokens": sum(map(len, chunks[6:])),
+    }
     batch = arc.batch([example]).to(arc.device)
     vectors = arc.model.embed(batch, arc.name)[0, batch.dec_slot[0] >= 0]  # (6 chunks' vectors + <Cont>, Dd)
     alone = []
@@ -185,16 +208,31 @@ def test_a_context_several_windows_long_is_compressed_chunk_by_chunk(exported, t
     assert out.prompt_tokens[0] + 4 <= window and out.texts[0].strip()
 
 
-def test_a_prompt_past_the_decoders_window_is_refused_in_one_line(exported, tiny_models, long_document, tmp_path,
-                                                                  capsys):  # fmt: skip
+def test_a_prompt_past_the_decoders_window_is_refused_in_one_line(
+    exported, tiny_models, long_document, tmp_path, capsys
+):
     arc = ARCGenerator(exported, tiny_models / "llama", chunk_tokens=1024)  # every chunk: 30k tokens / x4 > 4096
     with pytest.raises(ValueError, match=r"more than the window of decoder 'llama' \(max_position_embeddings=4096\)"):
         arc.complete([long_document], ["\nIn short,"], max_new_tokens=4)
     doc = tmp_path / "long.txt"
     doc.write_text(long_document)
-    args = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--context-file", str(doc),
-            "--prompt", "\nIn short,", "--max-new-tokens", "4", "--dtype", "fp32",
-            "--chunk-tokens", "1024"]  # fmt: skip
+    args = [
+        "generate",
+        "--model",
+        str(exported),
+        "--decoder",
+        str(tiny_models / "llama"),
+        "--context-file",
+        str(doc),
+        "--prompt",
+        "\nIn short,",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "fp32",
+        "--chunk-tokens",
+        "1024",
+    ]
     arctrain([*args, "--max-chunks", "6"])
     out, err = capsys.readouterr()
     assert out.strip() and "--max-chunks 6: 1 of 1 contexts cut short" in err
@@ -204,9 +242,31 @@ def test_eval_cuts_contexts_as_asked_and_reports_what_it_left_out(exported, tiny
     """`arctrain eval --chunk-tokens 16 --max-chunks 1`: each compressed context is its first 16-token chunk (at most
     16 encoder tokens per question), and the JSON and the table say how many contexts were cut and by how much."""
     out = tmp_path / "eval.json"
-    arctrain(["eval", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--data", str(tiny_qa[1]),
-              "--shots", "0", "--max-new-tokens", "2", "--dtype", "fp32", "--context", "segments",
-              "--chunk-tokens", "16", "--max-chunks", "1", "--out", str(out)])  # fmt: skip
+    arctrain(
+        [
+            "eval",
+            "--model",
+            str(exported),
+            "--decoder",
+            str(tiny_models / "llama"),
+            "--data",
+            str(tiny_qa[1]),
+            "--shots",
+            "0",
+            "--max-new-tokens",
+            "2",
+            "--dtype",
+            "fp32",
+            "--context",
+            "segments",
+            "--chunk-tokens",
+            "16",
+            "--max-chunks",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     (dataset,) = result["datasets"].values()
     cut, n = result["context_cut"], dataset["n"]
@@ -255,8 +315,9 @@ def greedy_ids(decoder, embeds: torch.Tensor, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(arc, exported, chat_llama, documents,
-                                                                              tmp_path, capsys):  # fmt: skip
+def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(
+    arc, exported, chat_llama, documents, tmp_path, capsys
+):
     """`arctrain generate` with a decoder whose tokenizer has a chat template: the decoder reads the template's own
     rendering of one user message (the context, then the prompt) with the context's vectors at the placeholder: the
     input embeddings equal an independent assembly (apply_chat_template split at the placeholder; token embeddings
@@ -281,10 +342,14 @@ def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(
     assert len(chunks) > 1  # several chunks of the training segment length, one after the other
     vectors = [projector(model.compress(torch.tensor([c]), torch.ones(1, len(c), dtype=torch.long))[0]) for c in chunks]
     cont = projector(model.specials["llama"]()[1:])  # (1, Dd): <Cont> (the specials are <Rec>, <Cont>)
-    expected = torch.cat([
-        table(torch.tensor([tok.bos_token_id, *tok.encode(before, add_special_tokens=False)])), *vectors, cont,
-        table(torch.tensor(tok.encode(after, add_special_tokens=False))),
-    ])  # fmt: skip
+    expected = torch.cat(
+        [
+            table(torch.tensor([tok.bos_token_id, *tok.encode(before, add_special_tokens=False)])),
+            *vectors,
+            cont,
+            table(torch.tensor(tok.encode(after, add_special_tokens=False))),
+        ]
+    )
     assert mask.tolist() == [[1] * len(expected)]
     torch.testing.assert_close(embeds[0], expected, atol=1e-5, rtol=1e-4)
 
@@ -295,8 +360,22 @@ def test_generate_renders_the_chat_template_with_the_vectors_at_the_placeholder(
     eos = [*chat.stop_ids, ids[k]]
     stopping = linked_decoder(chat_llama, tmp_path / "eos", generation_config={"eos_token_id": eos})
     (tmp_path / "doc.txt").write_text(text)
-    argv = ["generate", "--model", str(exported), "--context-file", str(tmp_path / "doc.txt"), "--prompt", prompt,
-            "--max-new-tokens", "8", "--dtype", "fp32", "--device", "cpu", "--decoder"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(exported),
+        "--context-file",
+        str(tmp_path / "doc.txt"),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--decoder",
+    ]
     arctrain([*argv, str(stopping)])
     assert capsys.readouterr().out == tok.decode(ids[: k + 1], skip_special_tokens=True) + "\n"
     arctrain([*argv, str(chat_llama), "--plain-prompt"])

@@ -45,9 +45,23 @@ def test_val_table_and_curves_are_the_metrics(run_with_val, tmp_path):
 
 def test_report_command_prints_table_reconstruction_and_png_path(run_with_val, tiny_models, tmp_path):
     png = tmp_path / "val.png"
-    cmd = [sys.executable, "-m", "arctrain.inference.report", "--run", str(run_with_val), "--png", str(png),
-           "--export", str(run_with_val / "export"), "--decoder", f"llama={tiny_models / 'llama'}",
-           "--input", str(tiny_models / "corpus.jsonl"), "--val-fraction", "0.05"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "arctrain.inference.report",
+        "--run",
+        str(run_with_val),
+        "--png",
+        str(png),
+        "--export",
+        str(run_with_val / "export"),
+        "--decoder",
+        f"llama={tiny_models / 'llama'}",
+        "--input",
+        str(tiny_models / "corpus.jsonl"),
+        "--val-fraction",
+        "0.05",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("val loss at step 4")
     recon = next(i for i, line in enumerate(out) if line.startswith("llama reconstruction of "))

@@ -104,8 +104,19 @@ def test_generate_from_the_store_prints_what_the_encoder_gives(exported, tiny_mo
     for i, doc in enumerate(docs[:3]):
         files.append(tmp_path / f"doc{i}.txt")
         files[-1].write_text(doc["text"])
-    argv = ["generate", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "\nThe",
-            "--max-new-tokens", "12", "--dtype", "fp32"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(exported),
+        "--decoder",
+        str(tiny_models / "llama"),
+        "--prompt",
+        "\nThe",
+        "--max-new-tokens",
+        "12",
+        "--dtype",
+        "fp32",
+    ]
     arctrain([*argv, "--context-file", *map(str, files)])
     from_text = capsys.readouterr().out.split("\n==> ")
     arctrain([*argv, "--vectors", str(stores["fp32"]), "--doc-id", *[d["id"] for d in docs[:3]]])
@@ -122,10 +133,15 @@ def test_eval_reads_the_passages_from_the_store(arc, exported, tiny_models, docs
     from arctrain.inference.eval import check_doc_ids, evaluate_qa
 
     records = [
-        {"question": f"What is {d['id']}?", "answers": [d["text"].split()[0]], "passages": [d["text"]],
-         "doc_ids": [d["id"]], "metric": "em"}
+        {
+            "question": f"What is {d['id']}?",
+            "answers": [d["text"].split()[0]],
+            "passages": [d["text"]],
+            "doc_ids": [d["id"]],
+            "metric": "em",
+        }
         for d in docs[:4]
-    ]  # fmt: skip
+    ]
     check_doc_ids(records, arc.store, tmp_path / "qa.jsonl")
     from_store = evaluate_qa(arc, records, shots=1, max_new_tokens=6, batch_size=2)
     plain = ARCGenerator(exported, tiny_models / "llama")
@@ -158,9 +174,11 @@ def test_store_errors_are_one_line(exported, tiny_models, docs, stores, inputs, 
         ([*gen, "--doc-id", "a"], "--doc-id and --vectors go together"),
         ([*gen, "--vectors", str(tmp_path), "--doc-id", "a"], "not a vector store (no manifest.json)"),
         (["eval", *gen[1:5], "--data", str(qa), "--vectors", str(stores["int8"])], "record 1: 'doc_ids'"),
-        (["compress", "--model", str(tiny_models / "llama"), "--input", str(inputs), "--out", str(tmp_path / "x")],
-         "not an arctrain export"),
-    ]  # fmt: skip
+        (
+            ["compress", "--model", str(tiny_models / "llama"), "--input", str(inputs), "--out", str(tmp_path / "x")],
+            "not an arctrain export",
+        ),
+    ]
     capsys.readouterr()
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -177,9 +195,30 @@ def test_vllm_prompts_are_the_decoder_inputs_generate_feeds(arc, exported, tiny_
 
     out, request = tmp_path / "prompts.pt", tmp_path / "request.json"
     ids = [d["id"] for d in docs[:2]]
-    arctrain(["vllm-prompts", "--model", str(exported), "--decoder", str(tiny_models / "llama"), "--prompt", "\nThe",
-              "--vectors", str(stores["fp32"]), "--doc-id", *ids, "--mixed", "--out", str(out),
-              "--request", str(request), "--served-model", "llama", "--dtype", "fp32"])  # fmt: skip
+    arctrain(
+        [
+            "vllm-prompts",
+            "--model",
+            str(exported),
+            "--decoder",
+            str(tiny_models / "llama"),
+            "--prompt",
+            "\nThe",
+            "--vectors",
+            str(stores["fp32"]),
+            "--doc-id",
+            *ids,
+            "--mixed",
+            "--out",
+            str(out),
+            "--request",
+            str(request),
+            "--served-model",
+            "llama",
+            "--dtype",
+            "fp32",
+        ]
+    )
     prompts = torch.load(out)
     for doc_id, prompt in zip(ids, prompts, strict=True):
         embeds, mask, batch = arc.embed([arc.context_example(arc.stored_memory(doc_id), "\nThe")])

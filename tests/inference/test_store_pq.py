@@ -200,8 +200,9 @@ def narrow_export(exported, tmp_path_factory):
     return out
 
 
-def test_a_bottleneck_store_feeds_its_decoder_what_the_full_vectors_do(narrow_export, tiny_models, docs, inputs,
-                                                                       tmp_path, capsys):  # fmt: skip
+def test_a_bottleneck_store_feeds_its_decoder_what_the_full_vectors_do(
+    narrow_export, tiny_models, docs, inputs, tmp_path, capsys
+):
     """Stored after W1 (48 of 96 values), the decoder's input embeddings equal those from the encoder-space store:
     W2 h = W2 W1 x. Another decoder is refused."""
     full = compress(narrow_export, inputs, tmp_path / "full", "--dtype", "fp32")
@@ -217,8 +218,20 @@ def test_a_bottleneck_store_feeds_its_decoder_what_the_full_vectors_do(narrow_ex
     torch.testing.assert_close(rows["neck"], rows["full"], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="holds the projector bottleneck of decoder 'llama'"):
         ARCGenerator(narrow_export, tiny_models / "mistral", vectors=neck)
-    err = run_error(["compress", "--model", str(narrow_export), "--input", str(inputs), "--out", str(tmp_path / "m"),
-                     "--bottleneck", "mistral"], capsys)  # fmt: skip
+    err = run_error(
+        [
+            "compress",
+            "--model",
+            str(narrow_export),
+            "--input",
+            str(inputs),
+            "--out",
+            str(tmp_path / "m"),
+            "--bottleneck",
+            "mistral",
+        ],
+        capsys,
+    )
     assert "--bottleneck mistral: its projector's hidden width" in err
 
 
@@ -250,8 +263,11 @@ def test_a_format_2_store_is_still_read(docs, stores, tmp_path):
     writer = SplitWriter(tmp_path, "vectors", 1 << 20, 0, ["encoder"])
     for doc in docs:
         stored = fp32.get(doc["id"])
-        arrays = {"vectors": torch.cat(stored.vectors).numpy(), "counts": np.array([len(v) for v in stored.vectors]),
-                  "tokens": np.array(stored.tokens, dtype=np.int32)}  # fmt: skip
+        arrays = {
+            "vectors": torch.cat(stored.vectors).numpy(),
+            "counts": np.array([len(v) for v in stored.vectors]),
+            "tokens": np.array(stored.tokens, dtype=np.int32),
+        }
         packed = {k: {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
         member = msgpack.packb({"id": doc["id"], **packed})
         writer.write(Sample({"__key__": doc_key(doc["id"]), "doc.mp": member}, (sum(stored.tokens),)))

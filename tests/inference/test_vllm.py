@@ -39,8 +39,20 @@ def test_vllm_greedy_equals_arctrain_generate(exported, tiny_models, tmp_path):
     inputs = tmp_path / "docs.jsonl"
     inputs.write_text("".join(json.dumps({"id": d["id"], "text": d["text"][:600]}) + "\n" for d in docs))
     store = tmp_path / "store"
-    arctrain(["compress", "--model", str(exported), "--input", str(inputs), "--out", str(store), "--dtype", "fp32",
-              "--no-progress"])  # fmt: skip
+    arctrain(
+        [
+            "compress",
+            "--model",
+            str(exported),
+            "--input",
+            str(inputs),
+            "--out",
+            str(store),
+            "--dtype",
+            "fp32",
+            "--no-progress",
+        ]
+    )
     decoder = tiny_models / "llama"
     arc = ARCGenerator(exported, decoder, dtype=torch.float32, vectors=store)
     examples = [arc.context_example(arc.stored_memory(d["id"]), "\nThe") for d in docs]
@@ -51,9 +63,22 @@ def test_vllm_greedy_equals_arctrain_generate(exported, tiny_models, tmp_path):
     assert prompts[-1]["prompt_is_token_ids"].count(False) == n_vectors and prompts[-1]["prompt_is_token_ids"][0]
     torch.save(prompts, tmp_path / "prompts.pt")
     prompts_file, out = tmp_path / "prompts.pt", tmp_path / "vllm.json"
-    cmd = [str(VLLM_PYTHON), "-m", "arctrain.inference.serve", "--decoder", str(decoder), "--prompts",
-           str(prompts_file), "--max-tokens", "12", "--eager", "--memory-fraction", "0.05",
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "arctrain.inference.serve",
+        "--decoder",
+        str(decoder),
+        "--prompts",
+        str(prompts_file),
+        "--max-tokens",
+        "12",
+        "--eager",
+        "--memory-fraction",
+        "0.05",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_LOGGING_LEVEL": "WARNING"}
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

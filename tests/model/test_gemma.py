@@ -90,16 +90,26 @@ def test_gemma_without_context_is_its_plain_loss_past_the_sliding_window(built, 
 def test_llama_and_gemma_train_export_and_generate(tiny_models, tmp_path):
     """A 2-rank ZeRO-3 run with a Llama and a Gemma decoder (in turn: both train), its export, Gemma generating."""
     shards = build_shards(
-        tmp_path / "shards", tiny_models / "corpus.jsonl", tiny_models / "encoder",
+        tmp_path / "shards",
+        tiny_models / "corpus.jsonl",
+        tiny_models / "encoder",
         {name: tiny_models / name for name in DECODERS},
-    )  # fmt: skip
+    )
     run_dir = tmp_path / "run"
     args = [
-        f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-        "decoders.1.name=gemma", f"decoders.1.path={tiny_models / 'gemma'}", f"data.shards={shards}",
-        f"checkpoint.dir={run_dir}", "train.steps=4", "train.decoder_schedule=round_robin", "checkpoint.interval=4",
-        "logging.interval=1", "logging.wandb_mode=disabled", "eval.interval=0",
-    ]  # fmt: skip
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        "decoders.1.name=gemma",
+        f"decoders.1.path={tiny_models / 'gemma'}",
+        f"data.shards={shards}",
+        f"checkpoint.dir={run_dir}",
+        "train.steps=4",
+        "train.decoder_schedule=round_robin",
+        "checkpoint.interval=4",
+        "logging.interval=1",
+        "logging.wandb_mode=disabled",
+        "eval.interval=0",
+    ]
     train_two_ranks(args, tmp_path)
     metrics = (run_dir / "metrics.jsonl").read_text()
     assert "gemma" in metrics and "llama" in metrics, metrics

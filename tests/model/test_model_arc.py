@@ -185,8 +185,11 @@ def test_encoder_and_decoder_checkpointing_are_separate_switches(tiny_models, te
     from arctrain.config.load import load_config
     from arctrain.train.loop import build_arc_model
 
-    paths = [f"model.encoder_path={tiny_models / 'encoder'}", f"decoders.0.path={tiny_models / 'llama'}",
-             f"decoders.1.path={tiny_models / 'mistral'}"]  # fmt: skip
+    paths = [
+        f"model.encoder_path={tiny_models / 'encoder'}",
+        f"decoders.0.path={tiny_models / 'llama'}",
+        f"decoders.1.path={tiny_models / 'mistral'}",
+    ]
     switches = [f"train.encoder_checkpointing={encoder_on}", f"train.decoder_checkpointing={decoder_on}"]
     cfg = load_config(REPO_ROOT / "configs/tiny_cpu.yaml", paths + switches)
     model = build_arc_model(cfg, torch.float32, None).train()

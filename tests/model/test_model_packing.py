@@ -203,9 +203,15 @@ def test_sliding_window_stays_inside_each_row():
     from arctrain.data.batch import _cu
 
     config = MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=3, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=3,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     lengths = [2, 9, 5, 12]
@@ -259,8 +265,12 @@ def test_padding_metrics_count_computed_positions():
     window = Window(lambda decoder, stats: 0.0)
     packed = collate(
         [Example([Memory([[5] * 9, [6] * 3], "cont"), Text([7, 8], loss=True)])],
-        pooling="mean", factor=4, n_vectors=0, dec_pad_id=0, bos_id=1,
-    )  # fmt: skip
+        pooling="mean",
+        factor=4,
+        n_vectors=0,
+        dec_pad_id=0,
+        bos_id=1,
+    )
     window.count("llama", packed.stats)
     window.time = 1.0
     rates = window.rates(1, None)

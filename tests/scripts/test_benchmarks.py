@@ -27,8 +27,26 @@ def _run(script: str, args: list[str], timeout: int = 300) -> str:
 def scale_dir(tiny_models, tmp_path_factory) -> Path:
     """The work directory of a tiny scale_run.py (its build log and memory samples feed scale_progress.py)."""
     work = tmp_path_factory.mktemp("scale")
-    _run("scale_run.py", ["--models", tiny_models, "--gb", "0.003", "--files", 1, "--workers", 1, "--steps", 2,
-                          "--nproc", 1, "--dir", work], timeout=600)  # fmt: skip
+    _run(
+        "scale_run.py",
+        [
+            "--models",
+            tiny_models,
+            "--gb",
+            "0.003",
+            "--files",
+            1,
+            "--workers",
+            1,
+            "--steps",
+            2,
+            "--nproc",
+            1,
+            "--dir",
+            work,
+        ],
+        timeout=600,
+    )
     return work
 
 

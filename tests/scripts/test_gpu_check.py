@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cached_wheel(name: str) -> Path | None:
     """A wheel of `name` in pip's cache (pip builds one from a source-only package and keeps it), or None."""
-    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "--format=abspath", name],
-                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "cache", "list", "--format=abspath", name], capture_output=True, text=True
+    ).stdout.split()
     return Path(out[-1]) if out else None
 
 
@@ -33,9 +34,16 @@ def test_gpu_check_runs_end_to_end_at_tiny_size(tiny_models, tmp_path):
     deepspeed = cached_wheel("deepspeed")
     if deepspeed is not None:
         shutil.copy(deepspeed, wheels)
-    env = {**os.environ, "WORK": str(tmp_path / "work"), "REPORT": str(tmp_path / "report"),
-           "TOKENIZERS": str(tiny_models), "STEPS": "6", "LOG_EVERY": "2", "PIP_NO_INDEX": "1",
-           "PYTHON": sys.executable}  # fmt: skip
+    env = {
+        **os.environ,
+        "WORK": str(tmp_path / "work"),
+        "REPORT": str(tmp_path / "report"),
+        "TOKENIZERS": str(tiny_models),
+        "STEPS": "6",
+        "LOG_EVERY": "2",
+        "PIP_NO_INDEX": "1",
+        "PYTHON": sys.executable,
+    }
     cmd = ["bash", str(REPO / "scripts/gpu_check.sh"), "--tiny", "--wheels", str(wheels)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout
@@ -45,10 +53,13 @@ def test_gpu_check_runs_end_to_end_at_tiny_size(tiny_models, tmp_path):
     assert re.search(rf"import arctrain.train.loop +0\.1\.0 +from wheels: {site}/arctrain", out), out[:3000]
     if deepspeed is not None:
         assert re.search(rf"import deepspeed +\S+ +from wheels: {site}/deepspeed", out), out[:3000]
-    for line in ("attention kernel: per-sequence scaled_dot_product_attention (CPU)", "dry run: every check passed",
-                 "frozen decoders: replicated (as configured)",
-                 "frozen decoders: partitioned by ZeRO-3 (as configured)",
-                 "NCCL across ranks: not tested"):  # fmt: skip
+    for line in (
+        "attention kernel: per-sequence scaled_dot_product_attention (CPU)",
+        "dry run: every check passed",
+        "frozen decoders: replicated (as configured)",
+        "frozen decoders: partitioned by ZeRO-3 (as configured)",
+        "NCCL across ranks: not tested",
+    ):
         assert line in out, line
 
     report = (tmp_path / "report" / "report.txt").read_text().splitlines()
@@ -65,16 +76,22 @@ def test_gpu_check_runs_end_to_end_at_tiny_size(tiny_models, tmp_path):
     assert (tmp_path / "work" / "export" / "model.safetensors").is_file()
     for name in ("gpu_check.log", "dry_run.txt", "train_replicated.log", "train_partitioned.log"):
         assert (tmp_path / "report" / name).is_file(), name
-    for name, arch in [("encoder", "LlamaForCausalLM"), ("llama", "LlamaForCausalLM"),
-                       ("mistral", "MistralForCausalLM")]:  # fmt: skip
+    for name, arch in [
+        ("encoder", "LlamaForCausalLM"),
+        ("llama", "LlamaForCausalLM"),
+        ("mistral", "MistralForCausalLM"),
+    ]:
         assert f'"{arch}"' in (tmp_path / "work" / "models" / name / "config.json").read_text()
 
 
 def test_wheels_carry_the_tested_versions():
     """Each pin of scripts/gpu_wheels.txt is the version installed here (the one the suite runs), and inside
     setup.py's range where setup.py names the package."""
-    pins = [line.split()[0] for line in (REPO / "scripts/gpu_wheels.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]  # fmt: skip
+    pins = [
+        line.split()[0]
+        for line in (REPO / "scripts/gpu_wheels.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     setup = (REPO / "setup.py").read_text()
     ranges = {
         Requirement(r).name: Requirement(r)

@@ -12,8 +12,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_answers_are_the_words_after_the_quote_and_the_file_is_deterministic(tiny_models, tmp_path):
     outs = []
     for name in ("a.jsonl", "b.jsonl"):
-        cmd = [sys.executable, str(REPO / "scripts/make_qa.py"), "--input", str(tiny_models / "corpus.jsonl"),
-               "--out", str(tmp_path / name), "--limit", "12"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(REPO / "scripts/make_qa.py"),
+            "--input",
+            str(tiny_models / "corpus.jsonl"),
+            "--out",
+            str(tmp_path / name),
+            "--limit",
+            "12",
+        ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
         outs.append((tmp_path / name).read_bytes())
     assert outs[0] == outs[1]
@@ -30,8 +38,15 @@ def test_answers_are_the_words_after_the_quote_and_the_file_is_deterministic(tin
 
 def test_training_split_records_in_the_released_format_share_no_document_with_the_heldout_ones(tiny_models, tmp_path):
     def make(name, *extra):
-        cmd = [sys.executable, str(REPO / "scripts/make_qa.py"), "--input", str(tiny_models / "corpus.jsonl"),
-               "--out", str(tmp_path / name), *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(REPO / "scripts/make_qa.py"),
+            "--input",
+            str(tiny_models / "corpus.jsonl"),
+            "--out",
+            str(tmp_path / name),
+            *extra,
+        ]
         subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
         return tmp_path / name
 

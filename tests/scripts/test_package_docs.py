@@ -23,8 +23,12 @@ def test_documents_are_whole_paragraphs_and_lose_no_text():
 
 def test_the_command_writes_jsonl_with_unique_ids(tmp_path):
     out = tmp_path / "docs.jsonl"
-    result = subprocess.run([sys.executable, str(REPO / "scripts/package_docs.py"), "--out", str(out)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/package_docs.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     ids = [r["id"] for r in records]
     assert len(set(ids)) == len(ids) > 20 and all(r["text"].strip() for r in records)

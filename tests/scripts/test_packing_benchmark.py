@@ -24,8 +24,22 @@ def test_packing_benchmark_at_tiny_size(tiny_models, capsys):
     known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{BASELINE}^{{commit}}"], capture_output=True)
     if known.returncode != 0:
         return  # a shallow clone may not hold the baseline commit: no timing
-    timed = packing.main(["--models", str(tiny_models), "--tasks", "pretraining", "--batches", "2", "--steps", "3",
-                          "--repeats", "1", "--baseline", BASELINE])  # fmt: skip
+    timed = packing.main(
+        [
+            "--models",
+            str(tiny_models),
+            "--tasks",
+            "pretraining",
+            "--batches",
+            "2",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--baseline",
+            BASELINE,
+        ]
+    )
     r = timed["pretraining"]
     assert (
         r["step_before_s"] > 0 and r["step_after_s"] > 0 and r["step_ratio"] == r["step_after_s"] / r["step_before_s"]

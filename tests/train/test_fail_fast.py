@@ -113,8 +113,16 @@ def test_a_slow_rank_0_conversion_does_not_trip_the_train_timeout(killed_in_save
     collective; the train timeout (5 s) would end it, the init timeout (comm.init_timeout_seconds) does not."""
     source, _ = killed_in_save
     run_dir = tmp_path / "run"
-    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=2", "checkpoint.interval=2", *SHORT[2:],
-                     f"train.init_from={source}", "comm.init_timeout_seconds=120")  # fmt: skip
+    args = overrides(
+        tiny_models,
+        tiny_shards,
+        run_dir,
+        "train.steps=2",
+        "checkpoint.interval=2",
+        *SHORT[2:],
+        f"train.init_from={source}",
+        "comm.init_timeout_seconds=120",
+    )
     with _fault("convert:0:1:sleep12"):
         codes = wait(launch(args, 2, tmp_path / "log"), timeout=600)
     rank0 = (tmp_path / "log.rank0").read_text()

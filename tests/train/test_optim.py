@@ -13,11 +13,13 @@ from arctrain.train.optim import build_scheduler, set_lr
 def groups() -> torch.optim.AdamW:
     """An encoder group and two decoders' projector groups, as `param_groups` makes them."""
     params = [nn.Parameter(torch.zeros(2, 2)) for _ in range(3)]
-    return torch.optim.AdamW([
-        {"params": [params[0]], "name": "encoder", "decoder": None, "lr": 1e-3, "weight_decay": 0.1},
-        {"params": [params[1]], "name": "projector/llama", "decoder": "llama", "lr": 4e-3, "weight_decay": 0.1},
-        {"params": [params[2]], "name": "projector/mistral", "decoder": "mistral", "lr": 4e-3, "weight_decay": 0.0},
-    ])  # fmt: skip
+    return torch.optim.AdamW(
+        [
+            {"params": [params[0]], "name": "encoder", "decoder": None, "lr": 1e-3, "weight_decay": 0.1},
+            {"params": [params[1]], "name": "projector/llama", "decoder": "llama", "lr": 4e-3, "weight_decay": 0.1},
+            {"params": [params[2]], "name": "projector/mistral", "decoder": "mistral", "lr": 4e-3, "weight_decay": 0.0},
+        ]
+    )
 
 
 def expected(step: int, peak: float, cfg: OptimConfig, total: int) -> float:

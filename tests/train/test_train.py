@@ -210,8 +210,17 @@ def test_resume_that_would_change_the_global_batch_is_refused(straight, tiny_mod
 
 def test_the_deepspeed_launchers_local_rank_is_accepted(tiny_models, tiny_shards, tmp_path):
     """`deepspeed --module arctrain train ...` runs `python -m arctrain --local_rank=N train ...`."""
-    cmd = [sys.executable, "-m", "arctrain", "--local_rank=1", "train", "--config", str(REPO / "configs/tiny_cpu.yaml"),
-           *overrides(tiny_models, tiny_shards, tmp_path / "run"), "train.stepz=3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "arctrain",
+        "--local_rank=1",
+        "train",
+        "--config",
+        str(REPO / "configs/tiny_cpu.yaml"),
+        *overrides(tiny_models, tiny_shards, tmp_path / "run"),
+        "train.stepz=3",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
@@ -240,8 +249,9 @@ def test_init_from_another_run_at_another_world_size(straight, tiny_models, tiny
 
 
 def test_init_from_a_run_with_other_shapes_is_refused(straight, tiny_models, tiny_shards, tmp_path):
-    args = overrides(tiny_models, tiny_shards, tmp_path / "run", f"train.init_from={straight}",
-                     "decoders.0.projector_hidden=64")  # fmt: skip
+    args = overrides(
+        tiny_models, tiny_shards, tmp_path / "run", f"train.init_from={straight}", "decoders.0.projector_hidden=64"
+    )
     assert run(args, 1, tmp_path / "log") == [2]
     out = (tmp_path / "log.rank0").read_text()
     errors = [line for line in out.splitlines() if "error" in line.lower() and "arctrain" in line]
@@ -270,18 +280,35 @@ def test_qa_fine_tuning_from_a_pretraining_run_resumes_exactly(straight, tiny_mo
     train, val = tiny_qa
 
     def qa_args(run_dir, steps):
-        args = overrides(tiny_models, tiny_shards, run_dir, f"train.steps={steps}", f"train.init_from={straight}",
-                         "data.shards=[]", f"data.qa={train}", f"data.qa_val={val}", "eval.interval=6",
-                         "eval.batches=2", "checkpoint.interval=6")  # fmt: skip
+        args = overrides(
+            tiny_models,
+            tiny_shards,
+            run_dir,
+            f"train.steps={steps}",
+            f"train.init_from={straight}",
+            "data.shards=[]",
+            f"data.qa={train}",
+            f"data.qa_val={val}",
+            "eval.interval=6",
+            "eval.batches=2",
+            "checkpoint.interval=6",
+        )
         return [a for a in args if not a.startswith("data.shards=/")]
 
     assert run(qa_args(tmp_path / "straight", 12), 2, tmp_path / "a") == [0, 0]
     assert "initialised" in (tmp_path / "a.rank0").read_text()
     # data.qa and data.qa_val: the old names of data.qa.train and data.qa.val, said once, by rank 0
-    notes = [[line for line in (tmp_path / f"a.rank{rank}").read_text().splitlines() if "-> data.qa." in line]
-             for rank in (0, 1)]  # fmt: skip
-    assert notes == [["config: old key names read as the new ones (data.qa -> data.qa.train, data.qa_val -> "
-                      "data.qa.val); write the new names"], []]  # fmt: skip
+    notes = [
+        [line for line in (tmp_path / f"a.rank{rank}").read_text().splitlines() if "-> data.qa." in line]
+        for rank in (0, 1)
+    ]
+    assert notes == [
+        [
+            "config: old key names read as the new ones (data.qa -> data.qa.train, data.qa_val -> "
+            "data.qa.val); write the new names"
+        ],
+        [],
+    ]
     assert run(qa_args(tmp_path / "split", 6), 2, tmp_path / "b") == [0, 0]
     assert run(qa_args(tmp_path / "split", 12), 2, tmp_path / "c") == [0, 0]
     assert "resumed from step 6" in (tmp_path / "c.rank0").read_text()
@@ -324,8 +351,15 @@ def test_val_loss_is_reported_per_source_and_overall(tiny_models, tiny_shards, t
     rows = {}
     for interval in (2, 4):
         run_dir = tmp_path / f"run-{interval}"
-        args = overrides(tiny_models, f"{tiny_shards},{other}", run_dir, "train.steps=4", f"eval.interval={interval}",
-                         "eval.batches=2", "checkpoint.interval=100")  # fmt: skip
+        args = overrides(
+            tiny_models,
+            f"{tiny_shards},{other}",
+            run_dir,
+            "train.steps=4",
+            f"eval.interval={interval}",
+            "eval.batches=2",
+            "checkpoint.interval=100",
+        )
         assert run(args, 1, tmp_path / f"log-{interval}") == [0]
         rows[interval] = [m for m in metrics(run_dir) if "val/llama/continuation/loss" in m]
     assert [m["step"] for m in rows[2]] == [2, 4] and [m["step"] for m in rows[4]] == [4]

@@ -44,10 +44,18 @@ def worker(models: str, out: str) -> None:
     from arctrain.model import build_model
     from arctrain.train.loop import train_step
 
-    cfg = load_config(REPO / "configs/tiny_cpu.yaml", [
-        f"model.encoder_path={models}/encoder", f"decoders.0.path={models}/llama", f"decoders.1.path={models}/mistral",
-        "train.grad_accum=2", "data.micro_batch_size=2", "optim.clip=0", "train.precision=fp32",
-    ])  # fmt: skip  # before the process group, as `arctrain train` does
+    cfg = load_config(
+        REPO / "configs/tiny_cpu.yaml",
+        [
+            f"model.encoder_path={models}/encoder",
+            f"decoders.0.path={models}/llama",
+            f"decoders.1.path={models}/mistral",
+            "train.grad_accum=2",
+            "data.micro_batch_size=2",
+            "optim.clip=0",
+            "train.precision=fp32",
+        ],
+    )  # before the process group, as `arctrain train` does
     rank, world_size, device = init_distributed()
     vocab = Vocab.from_config(cfg)
 
@@ -91,8 +99,17 @@ def worker(models: str, out: str) -> None:
     diff = max(float((grads[n] - (r if r is not None else 0)).abs().max()) for n, r in zip(grads, ref, strict=True))
     old_diff = max(float((grads[n] - (r if r is not None else 0)).abs().max()) for n, r in zip(grads, old, strict=True))
     scale = max(float(r.abs().max()) for r in ref if r is not None)
-    json.dump({"counts": counts, "diff": diff, "old_diff": old_diff, "scale": scale,
-               "tokens": float(out_step.tokens), "loss": float(out_step.loss_sum)}, open(out, "w"))  # fmt: skip
+    json.dump(
+        {
+            "counts": counts,
+            "diff": diff,
+            "old_diff": old_diff,
+            "scale": scale,
+            "tokens": float(out_step.tokens),
+            "loss": float(out_step.loss_sum),
+        },
+        open(out, "w"),
+    )
 
 
 def test_step_gradient_is_one_process_on_all_the_data(tiny_models, tmp_path):
@@ -100,9 +117,17 @@ def test_step_gradient_is_one_process_on_all_the_data(tiny_models, tmp_path):
 
     port, procs = free_port(), []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
         cmd = [sys.executable, __file__, str(tiny_models), str(tmp_path / "result.json")]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]

@@ -14,8 +14,16 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def fair_x8(tiny_models, tiny_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fair_x8")
-    args = overrides(tiny_models, tiny_shards, run_dir, "train.steps=4", "checkpoint.interval=4",
-                     "model.pooling_factor=8", "train.decoder_schedule=fair", "data.interleave_tokens=8")  # fmt: skip
+    args = overrides(
+        tiny_models,
+        tiny_shards,
+        run_dir,
+        "train.steps=4",
+        "checkpoint.interval=4",
+        "model.pooling_factor=8",
+        "train.decoder_schedule=fair",
+        "data.interleave_tokens=8",
+    )
     assert run(args, 1, run_dir / "log") == [0], (run_dir / "log.rank0").read_text()[-3000:]
     return run_dir
 
@@ -24,8 +32,9 @@ def test_fair_steps_train_every_decoder_on_the_same_samples(fair_x8):
     keys = {step: ks for step, _, ks in sample_keys(fair_x8, 0)}
     assert keys[1] == keys[2] and keys[3] == keys[4] and keys[1] != keys[3]
     lines = {m["step"]: m for m in metrics(fair_x8) if "train/loss" in m}
-    decoders = [next(k.split("/")[1] for k in lines[s] if k.startswith("train/") and k.count("/") == 3)
-                for s in (1, 2, 3, 4)]  # fmt: skip
+    decoders = [
+        next(k.split("/")[1] for k in lines[s] if k.startswith("train/") and k.count("/") == 3) for s in (1, 2, 3, 4)
+    ]
     assert decoders == ["llama", "mistral", "llama", "mistral"]
 
 
@@ -49,7 +58,7 @@ def x4_qa(fair_x8, tiny_models, tiny_shards, tiny_qa, tmp_path_factory) -> Path:
         "optim.encoder_lr=0",
         "optim.projector_lr=0",
     )
-    args = [a for a in args if not a.startswith("data.shards=/")]  # fmt: skip
+    args = [a for a in args if not a.startswith("data.shards=/")]
     log = run_dir.parent / "log"
     assert run(args, 1, log) == [0], (run_dir.parent / "log.rank0").read_text()[-3000:]
     assert "initialised" in (run_dir.parent / "log.rank0").read_text()
@@ -66,8 +75,9 @@ def test_x4_fine_tuning_from_the_x8_run_keeps_its_weights_and_pools_at_x4(fair_x
     assert all(m.get("context_tokens_dropped", 0) > 0 for m in metrics(x4_qa) if "train/loss" in m)
 
 
-def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_trained(x4_qa, tiny_models, tiny_qa,
-                                                                                     tmp_path, capsys):  # fmt: skip
+def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_trained(
+    x4_qa, tiny_models, tiny_qa, tmp_path, capsys
+):
     """The export compresses at x4 and records how the run cut its QA passages (`qa_context`: segments, chunks of
     16, at most 2, data.qa_context_tokens 2048). ARCGenerator, `arctrain generate` and `arctrain eval` cut contexts
     that way when no flag says otherwise; flags override it. An export without the record (older) keeps the
@@ -111,8 +121,21 @@ def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_tra
     assert (pieces.context, pieces.context_tokens, pieces.chunker.max_chunks) == ("joint", 2048, 0)
 
     (tmp_path / "doc.txt").write_text(passage)
-    argv = ["generate", "--model", str(out), "--decoder", str(llama), "--context-file", str(tmp_path / "doc.txt"),
-            "--prompt", "\nAnswer:", "--max-new-tokens", "1", "--dtype", "fp32"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(out),
+        "--decoder",
+        str(llama),
+        "--context-file",
+        str(tmp_path / "doc.txt"),
+        "--prompt",
+        "\nAnswer:",
+        "--max-new-tokens",
+        "1",
+        "--dtype",
+        "fp32",
+    ]
     arctrain(argv)
     assert f"--max-chunks 2: 1 of 1 contexts cut short, {len(chunks) - 2} chunks" in capsys.readouterr().err
     arctrain([*argv, "--max-chunks", "0"])
@@ -130,9 +153,26 @@ def test_its_export_pools_at_x4_and_generate_and_eval_cut_contexts_as_it_was_tra
     qa.write_text("".join(tiny_qa[1].read_text().splitlines(keepends=True)[:2]))
     results = []
     for flags in ([], ["--context", "joint", "--chunk-tokens", "8"]):
-        arctrain(["eval", "--model", str(out), "--decoder", str(llama), "--data", str(qa), "--shots", "0",
-                  "--max-new-tokens", "1", "--dtype", "fp32", "--out", str(tmp_path / "eval.json"),
-                  *flags])  # fmt: skip
+        arctrain(
+            [
+                "eval",
+                "--model",
+                str(out),
+                "--decoder",
+                str(llama),
+                "--data",
+                str(qa),
+                "--shots",
+                "0",
+                "--max-new-tokens",
+                "1",
+                "--dtype",
+                "fp32",
+                "--out",
+                str(tmp_path / "eval.json"),
+                *flags,
+            ]
+        )
         capsys.readouterr()
         result = json.loads((tmp_path / "eval.json").read_text())
         cut = result["context_cut"]

@@ -69,8 +69,18 @@ def invalidations_after_warmup(stdout: str) -> int:
 @pytest.mark.parametrize("placement", ["partitioned", "replicated"])
 def test_decoder_switches_keep_zero3s_prefetch_trace(tiny_models, tmp_path, placement):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           str(tiny_models), str(tmp_path), placement]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tiny_models),
+        str(tmp_path),
+        placement,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"arctrain-test: step {len(WARMUP + STEPS) - 1} " in proc.stdout
