@@ -19,6 +19,7 @@ reader runs in a fresh process (as a DataLoader worker is) and reads every sampl
 """
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -78,6 +79,8 @@ def run_reader(mode: str, paths: list[str], per_shard: int, before: str) -> None
     import arctrain.data  # noqa: F401  (what a loader worker has imported, the same for every mode)
 
     if mode == "before":
+        # The old reader imports the tokenizer hash from where it lived then (arctrain/, now data_tools/).
+        sys.modules.setdefault("arctrain.tokenizer_id", importlib.import_module("data_tools.tokenizer_id"))
         module = types.ModuleType("old_shards")
         exec(
             subprocess.check_output(["git", "-C", str(REPO), "show", f"{before}:arctrain/data/shards.py"]), vars(module)
