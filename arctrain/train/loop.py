@@ -184,7 +184,8 @@ def build_data(cfg: Config, rank: int, world_size: int, next_batch: int):
 def train(cfg: Config) -> int:
     rank, world_size, device = init_distributed(cfg.comm.init_timeout_seconds)
     watch_failures(rank, world_size)  # a rank that raises ends every rank at once
-    run_dir, say = Path(cfg.checkpoint.dir), run_logger(Path(cfg.checkpoint.dir), rank)
+    run_dir = Path(cfg.checkpoint.dir)
+    say = run_logger(run_dir, rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
     init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
     elastic = checkpointer.elastic(world_size)
@@ -196,12 +197,13 @@ def train(cfg: Config) -> int:
     validation = Validation(cfg, rank, world_size, device, val)
     logger = MetricsLogger(run_dir, cfg.logging, rank, _plain(cfg), resume_step=state["step"])
     keys_log = SampleLog.open(run_dir / "logs", rank, world_size, state["step"]) if cfg.logging.sample_keys else None
-    meter, window, peak = (
-        LossMeter([d.name for d in cfg.decoders], cfg.data.tasks, device),
-        Window(FlopCounter(model)),
-        peak_tflops(),
-    )
-    preemption, batches, exit_code, step = Preemption(), iter(loader), 0, state["step"]
+    meter = LossMeter([d.name for d in cfg.decoders], cfg.data.tasks, device)
+    window = Window(FlopCounter(model))
+    peak = peak_tflops()
+    preemption = Preemption()
+    batches = iter(loader)
+    exit_code = 0
+    step = state["step"]
     set_collective_timeout(cfg.comm.train_timeout_seconds)  # a stopped or dead rank now ends every rank
 
     engine.train()
@@ -220,7 +222,8 @@ def train(cfg: Config) -> int:
         # DeepSpeed reduces the gradient norm over ranks and skips a step whose norm is not finite (a non-finite
         # loss gives one), on every rank alike: the host reads that once per step, inside engine.step().
         bad = not engine.was_step_applied()
-        state["bad_steps"], state["skipped_steps"] = state["bad_steps"] + 1 if bad else 0, state["skipped_steps"] + bad
+        state["bad_steps"] = state["bad_steps"] + 1 if bad else 0
+        state["skipped_steps"] += bad
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
             logger.log(step, _train_metrics(engine, out, meter, window, world_size, peak, state))
             meter.reset()
@@ -230,7 +233,8 @@ def train(cfg: Config) -> int:
 
         tag = None
         if state["bad_steps"] >= cfg.train.max_bad_steps:
-            tag, exit_code = f"diverged_step_{step:08d}", EXIT_DIVERGED
+            tag = f"diverged_step_{step:08d}"
+            exit_code = EXIT_DIVERGED
             say(
                 f"stopping: {state['bad_steps']} steps in a row had a non-finite loss or gradient norm; lower "
                 f"optim.*_lr or check the data; checkpoint {tag} saved, `latest` stays on the last good one"
