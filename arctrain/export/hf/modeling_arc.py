@@ -88,7 +88,7 @@ class ARCBackbone(nn.Module):
         self.rotary_emb = base.rotary_emb
         self.layers = base.layers
         for layer in self.layers:
-            layer.self_attn.is_causal = False  # bidirectional: our own padding mask is the only mask
+            layer.self_attn.is_causal = False  # bidirectional; no mask at all (no padding is computed)
 
 
 class ARCSpecials(nn.Module):
@@ -132,29 +132,35 @@ class ARCEncoderModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled vectors (S, M, D) and their count per segment (S,); rows past a segment's count are zero.
 
-        Each row of `input_ids` (S, L) is one segment, right-padded; `attention_mask` (S, L) is 1 for real tokens.
+        Each row of `input_ids` (S, L) is one segment, padded; `attention_mask` (S, L) is 1 for real tokens. No
+        padding position is computed: the segments of each length run together, their real tokens only, with no
+        mask (bidirectional attention inside each segment).
         """
         cfg = self.config
-        n_segments, seq_len = input_ids.shape
-        lengths = attention_mask.sum(1)  # (S,)
-        counts = torch.tensor(
-            [n_pooled(int(n), cfg.pooling_factor, cfg.n_vectors) for n in lengths.tolist()], device=input_ids.device
-        )
-        hidden = self.encoder.embed_tokens(input_ids)  # (S, L, D)
-        pool = pooling_matrix(lengths, counts, seq_len).to(hidden.dtype)  # (S, M, L)
-        positions = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)  # (1, L)
-        cos, sin = self.encoder.rotary_emb(hidden, positions)  # (1, L, hd) each
-        # Additive key-padding mask: every query sees every real token of its segment.
-        bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min  # (S,1,1,L)
-        full_mask = bias.expand(n_segments, 1, seq_len, seq_len)
-        pooled_last = cfg.pooling == "mean_pooled_queries"
+        lengths = attention_mask.sum(1).tolist()
+        counts = [n_pooled(n, cfg.pooling_factor, cfg.n_vectors) if n else 0 for n in lengths]
+        weight = self.encoder.embed_tokens.weight
+        pooled = weight.new_zeros(len(lengths), max(counts, default=0), weight.shape[1])  # (S, M, D)
+        for n in sorted(set(lengths) - {0}):
+            rows = [s for s, length in enumerate(lengths) if length == n]
+            ids = input_ids[rows][attention_mask[rows].bool()].view(len(rows), n)  # (G, n) real tokens
+            pooled[rows, : counts[rows[0]]] = self._pool(ids, counts[rows[0]])
+        return pooled, torch.tensor(counts, dtype=torch.long, device=input_ids.device)
+
+    def _pool(self, ids: torch.Tensor, m: int) -> torch.Tensor:
+        """Segments of one length n, (G, n) token ids -> their m vectors each, (G, m, D)."""
+        n_segments, n = ids.shape
+        hidden = self.encoder.embed_tokens(ids)  # (G, n, D)
+        positions = torch.arange(n, device=ids.device).unsqueeze(0)  # (1, n)
+        cos, sin = self.encoder.rotary_emb(hidden, positions)  # (1, n, hd) each
+        size = torch.full((n_segments,), n, device=ids.device)
+        pool = pooling_matrix(size, torch.full_like(size, m), n).to(hidden.dtype)  # (G, m, n)
+        pooled_last = self.config.pooling == "mean_pooled_queries"
         layers = self.encoder.layers
         for layer in layers[: len(layers) - 1] if pooled_last else layers:
-            out = layer(hidden, attention_mask=full_mask, position_ids=positions, position_embeddings=(cos, sin))
+            out = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=(cos, sin))
             hidden = out[0] if isinstance(out, tuple) else out
-        pooled = pooled_query_layer(layers[-1], hidden, pool, bias, cos, sin) if pooled_last else pool @ hidden
-        valid = torch.arange(pool.shape[1], device=counts.device) < counts.unsqueeze(1)  # (S, M)
-        return pooled * valid.unsqueeze(-1).to(pooled.dtype), counts
+        return pooled_query_layer(layers[-1], hidden, pool, None, cos, sin) if pooled_last else pool @ hidden
 
     def compress(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """The vectors of each segment, (m_s, D) each, in encoder space."""
