@@ -48,7 +48,8 @@ class FailureWatch:
         self.waiter, self.store = (
             dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=300)) for _ in range(2)
         )
-        threading.Thread(target=self._watch, name="arctrain-failure-watch", daemon=True).start()
+        self.thread = threading.Thread(target=self._watch, name="arctrain-failure-watch", daemon=True)
+        self.thread.start()
 
     def _watch(self) -> None:
         try:
@@ -94,6 +95,9 @@ class FailureWatch:
         """The run ended normally: the watch ends without a word."""
         with contextlib.suppress(dist.DistError):
             self.store.set(f"{self.prefix}/wake/{self.rank}", "")
+        # Wait for the watch to leave the store: a thread still inside a TCPStore call when the interpreter exits
+        # aborts the process ("terminate called without an active exception"), failing a run that completed.
+        self.thread.join(timeout=30)
 
 
 _watch: list[FailureWatch] = []  # this process's watch, beside torch.distributed's own default group
