@@ -129,6 +129,15 @@ def train_two_ranks(args: list[str], log_dir: Path) -> None:
     assert [p.wait(timeout=600) for p in procs] == [0, 0], (log_dir / "train.rank0.log").read_text()[-2000:]
 
 
+def torchrun_two_ranks(script: str, *args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a test file as its own 2-process gloo job under torchrun; fail with its output unless it exits 0."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
+    proc = subprocess.run([*cmd, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 def tiny_paths(tiny_models: Path, tiny_shards: Path) -> list[str]:
     """Overrides that point a llama + mistral config at the tiny models and the test shards."""
     return [

@@ -6,8 +6,6 @@ one step of each decoder runs on the same batches; each rank writes what DeepSpe
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
-from helpers import corpus_texts, make_batch  # noqa: E402
+from helpers import corpus_texts, make_batch, torchrun_two_ranks  # noqa: E402
 
 from arctrain.config.deepspeed import REPO_ROOT
 from arctrain.config.load import load_config  # noqa: E402
@@ -63,21 +61,7 @@ def worker(tiny: Path, shards: Path, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_every_zero_choice_builds_and_trains(tiny_models, tiny_shards, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(tiny_models),
-        str(tiny_shards),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun_two_ranks(__file__, tiny_models, tiny_shards, tmp_path, timeout=900)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert (result["zero3"]["stage"], result["zero3"]["hpz"]) == (3, 1)

@@ -10,8 +10,6 @@ its losses; rank 0 writes the initial trainable weights and the full averaged gr
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
-from helpers import configs, corpus_texts, make_batch  # noqa: E402
+from helpers import configs, corpus_texts, make_batch, torchrun_two_ranks  # noqa: E402
 
 from arctrain.model import build_model  # noqa: E402
 
@@ -98,20 +96,7 @@ def worker(tiny: Path, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_zero3_two_processes_match_a_single_process(tiny_models, tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(tiny_models),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun_two_ranks(__file__, tiny_models, tmp_path, timeout=600)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["partitioned"] and r["n_with_grad"] == r["n_trainable"] for r in ranks)
     assert [r["external"] for r in ranks] == [[], []]  # no LM head stays gathered with the whole model

@@ -7,8 +7,6 @@ launches this file with `torchrun --standalone --nproc_per_node 2` (DS_ACCELERAT
 (DeepSpeed prints them on rank 0) after a warm-up of one step per decoder.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.py
-from helpers import configs, corpus_texts, make_batch  # noqa: E402
+from helpers import configs, corpus_texts, make_batch, torchrun_two_ranks  # noqa: E402
 
 from arctrain.model import build_model  # noqa: E402
 from arctrain.train.zero_trace import keep_trace_per_decoder  # noqa: E402
@@ -68,21 +66,7 @@ def invalidations_after_warmup(stdout: str) -> int:
 @pytest.mark.distributed
 @pytest.mark.parametrize("placement", ["partitioned", "replicated"])
 def test_decoder_switches_keep_zero3s_prefetch_trace(tiny_models, tmp_path, placement):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(tiny_models),
-        str(tmp_path),
-        placement,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = torchrun_two_ranks(__file__, tiny_models, tmp_path, placement, timeout=600)
     assert f"arctrain-test: step {len(WARMUP + STEPS) - 1} " in proc.stdout
     # 4 decoder switches after the warm-up, none of which may throw the trace away.
     assert invalidations_after_warmup(proc.stdout) == 0, proc.stdout[-3000:]
