@@ -36,6 +36,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from arctrain.model import build_model, collate, pretraining_example
+from arctrain.model.align import fit_aligned_map, token_targets
 from arctrain.testing.corpus import is_heldout, read_corpus, write_corpus
 
 RUNS = {
@@ -121,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-segments", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gemma-init",
+        choices=("random", "aligned"),
+        default="random",
+        help="Gemma 3's projector: random, or the least-squares map fitted on --align-segments training segments",
+    )
+    parser.add_argument("--align-segments", type=int, default=512)
     parser.add_argument("--init-encoder", type=Path, help="frozen-gemma: the encoder of an alone-smollm2 run")
     parser.add_argument("--save-encoder", type=Path, help="save the trained encoder's state here")
     parser.add_argument("--out", type=Path, help="write the curve as JSON here")
@@ -152,6 +160,17 @@ def build(args: argparse.Namespace, decoders: tuple[str, ...]):
     return build_model(model_cfg, dec_cfgs).train()
 
 
+def init_aligned(model, train: list[dict], enc_tok, gemma_tok, args: argparse.Namespace) -> None:
+    """Gemma 3's projector started at the least-squares map fitted on training segments (arctrain/model/align.py)."""
+    sample = random.Random(args.seed + 1).sample(train, args.align_segments)  # not the training draws' generator
+    chunks = [sample[i : i + 32] for i in range(0, len(sample), 32)]
+    encs = [batch_of(chunk, "gemma", enc_tok, gemma_tok, args.factor).enc for chunk in chunks]
+    targets = token_targets(enc_tok, gemma_tok, model.all_decoders["gemma"].get_input_embeddings())
+    model.eval()
+    model.projectors["gemma"].init_map(fit_aligned_map(model.encoder, encs, targets))
+    model.train()
+
+
 def train_curve(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -175,6 +194,8 @@ def train_curve(args: argparse.Namespace) -> list[dict]:
     if frozen:
         model.encoder.load_state_dict(torch.load(args.init_encoder, weights_only=True))
         model.encoder.requires_grad_(False)  # encoder_lr=0: no encoder gradient is needed at all
+    if "gemma" in decoders and args.gemma_init == "aligned":
+        init_aligned(model, train, enc_tok, toks["gemma"], args)
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     projector = [*model.projectors.parameters(), *model.specials.parameters()]
     groups = [{"params": projector, "lr": args.projector_lr}]

@@ -80,9 +80,13 @@ class DecoderConfig:
     attn_implementation: Literal["packed"] = "packed"
     """This decoder's attention: packed rows, no padding, through transformers' AttentionInterface (the decoder stays
     its stock class); flash-attn's varlen kernel when that package is installed (`pip install -e .[gpu]`)."""
-    projector_init: Literal["random", "identity"] = "random"
+    projector_init: Literal["random", "identity", "aligned"] = "random"
     """"identity": the projector starts as the identity map; for an encoder cut from this very decoder (same
-    width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning"."""
+    width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning".
+    "aligned": for a decoder of another family (or one added later): the projector starts at the least-squares map
+    from the encoder's vectors to the decoder's own embeddings of the same text, fitted on train.align_batches
+    micro-batches before step 0 (needs projector_hidden >= the encoder's width; docs/benchmarks.md
+    "Multi-decoder")."""
 
     def __post_init__(self) -> None:
         ok_name = bool(self.name) and set(self.name) <= _NAME_CHARS
@@ -305,6 +309,11 @@ class TrainConfig:
     Optimizer, schedule and data start afresh; the pooling settings may differ (they have no weights). Tensors are
     matched by name: a decoder added now gets a new projector (train only it with optim.encoder_lr=0). Used only
     when this run has no checkpoint yet; a restarted run resumes from its own."""
+    align_batches: int = 8
+    """Micro-batches per rank that a `decoders.N.projector_init: aligned` projector is fitted on before step 0 (the
+    run's first ones; arctrain/model/align.py)."""
+    align_ridge: float = 1e-3
+    """Ridge of that fit, relative to the mean eigenvalue of the encoder vectors' Gram matrix."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -314,6 +323,8 @@ class TrainConfig:
         _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "must be 2 or 3")
         _require(not self.zero_hpz or self.zero_stage == 3, "zero_hpz", self.zero_hpz, "needs zero_stage 3")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
+        _require(self.align_batches >= 1, "align_batches", self.align_batches, "must be >= 1")
+        _require(self.align_ridge >= 0, "align_ridge", self.align_ridge, "must be >= 0")
         if self.activation_checkpointing:
             self.encoder_checkpointing = self.decoder_checkpointing = True
         self.activation_checkpointing = None

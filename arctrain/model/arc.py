@@ -31,15 +31,21 @@ class Projector(nn.Sequential):
     @torch.no_grad()
     def init_identity(self, scale: float = 1.0) -> None:
         """Start as `scale` times the identity map (an encoder cut from the decoder itself shares its space)."""
+        self.init_map(scale * torch.eye(self[0].in_features), "identity")
+
+    @torch.no_grad()
+    def init_map(self, weight: torch.Tensor, name: str = "aligned") -> None:
+        """Start as the linear map `weight` (dec_dim, enc_dim): the first layer copies its input into the first
+        enc_dim hidden units, the second applies `weight` (arctrain/model/align.py fits one)."""
         first, second = self
-        if not first.in_features == second.out_features <= first.out_features:
+        if first.out_features < first.in_features or weight.shape != (second.out_features, first.in_features):
             raise ValueError(
-                f"projector {first.in_features} -> {first.out_features} -> {second.out_features}: the identity "
-                "init needs equal encoder and decoder widths and a hidden width at least as large"
+                f"projector {first.in_features} -> {first.out_features} -> {second.out_features}: the {name} init "
+                f"needs a hidden width at least the encoder's and a ({second.out_features}, {first.in_features}) map"
             )
         n = first.in_features
         first.weight.zero_().fill_diagonal_(1.0)  # (H, D): the first D hidden units copy the input
-        second.weight.zero_()[:, :n].copy_(scale * torch.eye(n))
+        second.weight.zero_()[:, :n].copy_(weight.to(second.weight))
 
 
 class SpecialVectors(nn.Module):

@@ -156,6 +156,11 @@ def build_model(
             with _zero_init(ds_config):  # partitioned as they are built, in the DeepSpeed config's dtype
                 projectors, specials = _trainable_parts(decoder_cfgs, encoder.hidden_size)
         for d in decoder_cfgs:
+            if getattr(d, "projector_init", "random") == "aligned" and d.projector_hidden < encoder.hidden_size:
+                raise ValueError(
+                    f"decoder {d.name}: projector_init aligned needs projector_hidden >= the encoder's width "
+                    f"{encoder.hidden_size}, got {d.projector_hidden}"
+                )
             if getattr(d, "projector_init", "random") == "identity":
                 with _gathered(projectors[d.name], hf_ds_config is not None):
                     projectors[d.name].init_identity()

@@ -39,6 +39,7 @@ from arctrain.distributed import (
 from arctrain.faults import fault_point
 from arctrain.model import build_model
 from arctrain.model.flops import FlopCounter, peak_tflops
+from arctrain.train.align_init import align_projectors
 from arctrain.train.fail_fast import end_failed_rank, stop_watching, watch_failures
 from arctrain.train.memory import placement
 from arctrain.train.metrics import LossMeter, MetricsLogger, Window
@@ -68,12 +69,20 @@ def parse_args(argv: list[str]):
 
 
 def build_engine(
-    cfg: Config, world_size: int, init_from: Path | None = None, rank: int = 0, say=print, universal=False, device=None
+    cfg: Config,
+    world_size: int,
+    init_from: Path | None = None,
+    rank: int = 0,
+    say=print,
+    universal=False,
+    device=None,
+    fresh: bool = False,
 ):
     """The DeepSpeed engine around the ARC model, and the LR schedule (set by the trainer each step, not handed to
     DeepSpeed, which would skip it on a skipped step); `init_from`: a run or checkpoint whose trainable weights
     the model starts from (loaded before `deepspeed.initialize`, so the optimizer's master weights are those);
-    `universal`: the checkpoint to resume was written at another world size (arctrain/checkpoint/elastic.py)."""
+    `universal`: the checkpoint to resume was written at another world size (arctrain/checkpoint/elastic.py);
+    `fresh`: no checkpoint to resume, so `projector_init: aligned` projectors are fitted (after `init_from`)."""
     # deepspeed picks its accelerator on import: imported after DS_ACCELERATOR is set
     import deepspeed
 
@@ -91,6 +100,8 @@ def build_engine(
         model = build_arc_model(cfg, dtype, ds_config, replicated)
         if init_from is not None:
             load_initial_weights(model, init_from, rank, device or torch.device("cpu"), say)
+        if fresh:
+            align_projectors(model, cfg, rank, world_size, device or torch.device("cpu"), say)
         optimizer = build_optimizer(model, cfg.optim, ds_config)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -187,9 +198,10 @@ def train(cfg: Config) -> int:
     run_dir = Path(cfg.checkpoint.dir)
     say = run_logger(run_dir, rank)
     checkpointer = build_checkpointer(cfg, rank, world_size, device, say)
-    init_from = Path(cfg.train.init_from) if cfg.train.init_from and checkpointer.latest() is None else None
+    fresh = checkpointer.latest() is None  # nothing to resume: init_from and aligned projectors apply
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from and fresh else None
     elastic = checkpointer.elastic(world_size)
-    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, universal=elastic, device=device)
+    engine, model, scheduler = build_engine(cfg, world_size, init_from, rank, say, elastic, device, fresh)
     state = checkpointer.load(engine, world_size) or {"step": 0, "bad_steps": 0, "skipped_steps": 0}
     resumed = f"resumed from step {state['step']}" + (f" (written by {state['world_size']} ranks)" if elastic else "")
     say(f"{resumed if state['step'] else 'starting at step 0'} in {run_dir} (world size {world_size}, {device.type})")
