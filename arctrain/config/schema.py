@@ -84,8 +84,8 @@ class DecoderConfig:
     """"identity": the projector starts as the identity map; for an encoder cut from this very decoder (same
     width, same residual space; needs projector_hidden >= that width). See docs/benchmarks.md "Learning".
     "aligned": for a decoder of another family (or one added later): the projector starts at the least-squares map
-    from the encoder's vectors to the decoder's own embeddings of the same text, fitted on train.align_batches
-    micro-batches before step 0 (needs projector_hidden >= the encoder's width; docs/benchmarks.md
+    from the encoder's vectors to the decoder's own embeddings of the same text, fitted on train.align_vectors
+    encoder vectors before step 0 (needs projector_hidden >= the encoder's width; docs/benchmarks.md
     "Multi-decoder")."""
 
     def __post_init__(self) -> None:
@@ -309,9 +309,10 @@ class TrainConfig:
     Optimizer, schedule and data start afresh; the pooling settings may differ (they have no weights). Tensors are
     matched by name: a decoder added now gets a new projector (train only it with optim.encoder_lr=0). Used only
     when this run has no checkpoint yet; a restarted run resumes from its own."""
-    align_batches: int = 8
-    """Micro-batches per rank that a `decoders.N.projector_init: aligned` projector is fitted on before step 0 (the
-    run's first ones; arctrain/model/align.py)."""
+    align_vectors: int = 16384
+    """Encoder vectors, over all ranks, that a `decoders.N.projector_init: aligned` projector is fitted on before
+    step 0: each rank reads its first training micro-batches until it has its share (arctrain/model/align.py). Several
+    times the encoder's width keeps the fit well posed."""
     align_ridge: float = 1e-3
     """Ridge of that fit, relative to the mean eigenvalue of the encoder vectors' Gram matrix."""
 
@@ -323,7 +324,7 @@ class TrainConfig:
         _require(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "must be 2 or 3")
         _require(not self.zero_hpz or self.zero_stage == 3, "zero_hpz", self.zero_hpz, "needs zero_stage 3")
         _require(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "must be >= 1")
-        _require(self.align_batches >= 1, "align_batches", self.align_batches, "must be >= 1")
+        _require(self.align_vectors >= 1, "align_vectors", self.align_vectors, "must be >= 1")
         _require(self.align_ridge >= 0, "align_ridge", self.align_ridge, "must be >= 0")
         if self.activation_checkpointing:
             self.encoder_checkpointing = self.decoder_checkpointing = True

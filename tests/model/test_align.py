@@ -1,7 +1,6 @@
 """`projector_init: aligned`: the least-squares map from the encoder's vectors to the decoder's embeddings of the same
 text (arctrain/model/align.py), checked against independent computations, in one process and in a 2-rank run."""
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +88,8 @@ def test_aligned_init_needs_a_hidden_width_of_at_least_the_encoders(tiny_models)
 
 def test_a_two_rank_zero3_run_starts_from_the_map_fitted_on_both_ranks_first_batches(tiny_models, tmp_path):
     """With every learning rate 0 the exported projector is the initial one: it must equal the map fitted in this
-    process on rank 0's and rank 1's first train.align_batches micro-batches together (ZeRO-3 partitions, the
-    gathered encoder and embedding, the all-reduced sums and the write to the partitions)."""
+    process on rank 0's and rank 1's first micro-batches together, each rank's up to its half of train.align_vectors
+    (ZeRO-3 partitions, the gathered encoder and embedding, the all-reduced sums and the write to the partitions)."""
     shards = build_shards(
         tmp_path / "shards",
         tiny_models / "corpus.jsonl",
@@ -104,7 +103,7 @@ def test_a_two_rank_zero3_run_starts_from_the_map_fitted_on_both_ranks_first_bat
         "decoders.1.name=gemma",
         f"decoders.1.path={tiny_models / 'gemma'}",
         "decoders.1.projector_init=aligned",
-        "train.align_batches=3",
+        "train.align_vectors=300",
         "optim.encoder_lr=0",
         "optim.projector_lr=0",
         "optim.warmup_steps=0",
@@ -118,7 +117,7 @@ def test_a_two_rank_zero3_run_starts_from_the_map_fitted_on_both_ranks_first_bat
     ]
     train_two_ranks(args, tmp_path)
     log = (tmp_path / "train.rank0.log").read_text()
-    assert "decoder gemma: projector aligned on" in log and "x 2 ranks" in log, log[-2000:]
+    assert "decoder gemma: projector aligned on" in log and "encoder vectors of 2 ranks" in log, log[-2000:]
     arctrain(["export", "--run", str(run_dir), "--out", str(tmp_path / "export")])
     exported = {}
     for file in sorted((tmp_path / "export").glob("*.safetensors")):
@@ -128,7 +127,15 @@ def test_a_two_rank_zero3_run_starts_from_the_map_fitted_on_both_ranks_first_bat
     cfg = load_config(str(REPO / "configs/tiny_cpu.yaml"), args)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.decoders).eval()
-    encs = [batch.enc for r in (0, 1) for _, batch in itertools.islice(iter(build_train_loader(cfg, r, 2)), 3)]
+    encs = []
+    for rank in (0, 1):
+        held = 0
+        for _, batch in build_train_loader(cfg, rank, 2):  # micro-batches until the rank holds 150 vectors
+            encs.append(batch.enc)
+            held += batch.enc.n_vectors
+            if held >= 150:
+                break
+    assert len(encs) > 2, "one micro-batch per rank: the test would not see the ranks read several"
     enc_tok = tokenizer(cfg.model.encoder_path)
     targets = token_targets(enc_tok, tokenizer(cfg.decoders[1].path), model.decoders["gemma"].get_input_embeddings())
     expected = fit_aligned_map(model.encoder, encs, targets, cfg.train.align_ridge)

@@ -74,7 +74,7 @@ SMOKE = {
     ),
     "multi_decoder.py": (
         "--run shared --smollm2 {smollm2} --gemma {gemma3} --steps 1 --eval-every 1 --val-segments 2 --batch 2 "
-        "--enc-layers 1 --out {tmp_path}/curve.json",
+        "--enc-layers 1 --gemma-init aligned --align-segments 8 --out {tmp_path}/curve.json",
         '"ratio"',
     ),
     "packing.py": ("--models {tiny_models} --batches 3 --baseline=", "pretraining"),  # timing: test_packing_benchmark
