@@ -3,14 +3,16 @@
     arctrain fetch-model smollm2-135m --out artifacts/smollm2-135m
     arctrain fetch-model gemma3-270m --out artifacts/gemma3-270m
     python benchmarks/multi_decoder.py --run alone-smollm2 --steps 200 --save-encoder enc.pt --out alone-smollm2.json
-    python benchmarks/multi_decoder.py --run alone-gemma --steps 200 --out alone-gemma.json
-    python benchmarks/multi_decoder.py --run shared --steps 200 --out shared.json
-    python benchmarks/multi_decoder.py --run frozen-gemma --steps 200 --init-encoder enc.pt --out frozen-gemma.json
+    python benchmarks/multi_decoder.py --run alone-gemma --steps 200 --gemma-init aligned --out alone-gemma.json
+    python benchmarks/multi_decoder.py --run shared --steps 200 --gemma-init aligned --out shared.json
+    python benchmarks/multi_decoder.py --run frozen-gemma --steps 200 --init-encoder enc.pt --gemma-init aligned \
+        --out frozen-gemma.json
     python benchmarks/multi_decoder.py --table alone-smollm2.json alone-gemma.json shared.json frozen-gemma.json
 
 The encoder is SmolLM2-135M's first `--enc-layers` layers (bidirectional, mean-pooled queries, x4; its token
 embeddings frozen), as in `make demo`; the decoders are SmolLM2-135M-Instruct (projector started at the identity:
-the encoder is its own first layers) and Gemma 3 270M (random projector into its scaled embedding space). Only
+the encoder is its own first layers) and Gemma 3 270M (projector at random, or with `--gemma-init aligned` at the
+least-squares map into its scaled embedding space of arctrain/model/align.py, as `projector_init: aligned`). Only
 reconstruction is trained, in a plain-PyTorch loop over arctrain's own model code (build_model, collate, ARCModel):
 16-SmolLM2-token segments of the embedded corpus's training documents, each decoder reading the same text in its
 own tokens. `--steps` counts steps per decoder:
@@ -133,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-encoder", type=Path, help="save the trained encoder's state here")
     parser.add_argument("--out", type=Path, help="write the curve as JSON here")
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of these results and exit")
+    parser.add_argument("--columns", type=int, nargs="+", help="with --table: only these step counts")
     args = parser.parse_args(argv)
     if not args.table and not args.run:
         parser.error("--run or --table is needed")
@@ -227,10 +230,11 @@ def train_curve(args: argparse.Namespace) -> list[dict]:
     return curve
 
 
-def table(paths: list[Path]) -> str:
-    """Ratio per decoder at every evaluated step count, one row per (run, decoder)."""
+def table(paths: list[Path], columns: list[int] | None = None) -> str:
+    """Ratio per decoder at every evaluated step count (or at `columns`), one row per (run, decoder); a run whose
+    Gemma 3 projector started aligned is marked so."""
     results = [json.loads(p.read_text()) for p in paths]
-    steps = sorted({point["step"] for r in results for point in r["curve"]})
+    steps = columns or sorted({point["step"] for r in results for point in r["curve"]})
     lines = [
         "| run | decoder | " + " | ".join(f"{s} steps" for s in steps) + " |",
         "|---|---|" + "---|" * len(steps),
@@ -239,14 +243,15 @@ def table(paths: list[Path]) -> str:
         by_step = {point["step"]: point for point in r["curve"]}
         for name in RUNS[r["args"]["run"]]:
             cells = [f"{by_step[s][name]['ratio']:.3f}" if s in by_step else "" for s in steps]
-            lines.append(f"| {r['args']['run']} | {name} | " + " | ".join(cells) + " |")
+            run = r["args"]["run"] + (", aligned" if r["args"].get("gemma_init") == "aligned" else "")
+            lines.append(f"| {run} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     args = parse_args()
     if args.table:
-        print(table(args.table))
+        print(table(args.table, args.columns))
         return
     curve = train_curve(args)
     if args.out:
