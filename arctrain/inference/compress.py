@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 from tqdm import tqdm
@@ -42,7 +43,7 @@ from transformers import AutoTokenizer
 from arctrain.data.qa import TextPieces
 from arctrain.data.shards import check_tokenizers, read_manifest
 from arctrain.export.load import load_export
-from arctrain.inference import store_codec
+from arctrain.inference import store_codec, store_weighting
 from arctrain.inference.store import (
     DTYPES,
     PQ_DTYPES,
@@ -213,10 +214,11 @@ def compress(args: argparse.Namespace) -> dict:
     pooling = (config["pooling_factor"], config["n_vectors"])
     writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)), pooling)
     reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
+    weighed = DocSample(args.weighting_segments)  # documents whose segments measure --weighting fisher
     order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
         for group, samples in _in_order(_groups(documents, tally), args):
-            for (doc_id, _), (members, text_bytes) in zip(group, samples, strict=True):
+            for (doc_id, text), (members, text_bytes) in zip(group, samples, strict=True):
                 if members is None:
                     tally.skip("no_tokens", f"document {doc_id!r}")
                     continue
@@ -224,6 +226,8 @@ def compress(args: argparse.Namespace) -> dict:
                 if pq:
                     reservoir.add(members.arrays["vectors"])
                     order.append((doc_id, text_bytes))
+                    if args.weighting in store_weighting.NEEDS_DECODER:
+                        weighed.add((doc_id, text))
             bar.update(len(group))
     meta = {
         "encoder": {"identity": identity, "model": str(args.model), "hidden_size": config["backbone"]["hidden_size"]},
@@ -241,12 +245,44 @@ def compress(args: argparse.Namespace) -> dict:
         writer.close(meta | {"dtype": "fp32"})
         if reservoir.seen < 256:  # 256 centroids per sub-quantizer
             raise DataError(f"--dtype {args.dtype}: {reservoir.seen} vectors, at least 256 are needed to train it")
-        meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads)
+        weighting = weighting_of(args, staging, weighed.docs, reservoir.sample())
+        meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads, weighting)
         meta["codec"]["train_vectors"] = args.train_vectors  # asked for; `trained_on`: drawn (all when fewer)
         manifest = code_store(staging, args.out, order, args, meta)
         shutil.rmtree(staging)
     print(_summary(manifest, time.time() - start, args.out))
     return manifest
+
+
+class DocSample:
+    """A uniform random sample of up to `size` documents of a stream (Algorithm R, seeded)."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seen, self.docs = size, 0, []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, doc: tuple) -> None:
+        j = self.seen if self.seen < self.size else int(self.rng.integers(0, self.seen + 1))
+        if j < len(self.docs):
+            self.docs[j] = doc
+        elif j < self.size:
+            self.docs.append(doc)
+        self.seen += 1
+
+
+def weighting_of(args: argparse.Namespace, staging: Path, docs: list, sample: np.ndarray) -> tuple | None:
+    """--weighting's (manifest entry, array) (arctrain/inference/store_weighting.py); None for `none`."""
+    if args.weighting == "none":
+        return None
+    entry, fisher = {"kind": args.weighting}, None
+    if args.weighting in store_weighting.NEEDS_DECODER:
+        source = VectorStore(staging)
+        fisher, used = store_weighting.decoder_fisher(
+            args.model, args.decoder, docs, source, args.weighting_segments, args.device
+        )
+        source.close()
+        entry |= {"decoders": [str(d) for d in args.decoder], "segments": used}
+    return entry, store_weighting.transform(args.weighting, sample, fisher)
 
 
 def bottleneck_entry(model_dir: Path, decoder: str, width: int) -> dict:
@@ -283,7 +319,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    names = ["manifest.json", store_codec.CODEBOOK]
+    names = ["manifest.json", store_codec.CODEBOOK, store_weighting.FILE]
     existing = sorted(out.glob(f"{SPLIT}-*")) + [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise DataError(f"--out {out}: already holds {existing[0].name}; use --overwrite to replace the store")
@@ -301,6 +337,10 @@ def _summary(manifest: dict, seconds: float, out: Path) -> str:
         n = codec["trained_on"]
         sample = f"all {n:,} vectors (fewer than --train-vectors)" if n < codec["train_vectors"] else f"{n:,} sampled"
         trained = f"; codebook {codec['factory']} trained on {sample}"
+        if weighting := codec.get("weighting"):
+            trained += f", {weighting['kind']} weighting" + (
+                f" from {weighting['segments']} segments" if "segments" in weighting else ""
+            )
     skipped = ", ".join(f"{reason} {n}" for reason, n in docs["skipped"].items())
     return (
         f"arctrain compress: {docs['read']} docs read, {docs['written']} stored, "
@@ -326,6 +366,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--bottleneck", metavar="DECODER", help="store after this decoder's projector first layer (only it reads it)"
     )
     p.add_argument("--train-vectors", type=int, default=100_000, help="codec dtypes: codebook training sample size")
+    p.add_argument(
+        "--weighting",
+        default="none",
+        help=f"codec dtypes: a map applied before the codec, {', '.join(store_weighting.WEIGHTINGS)} "
+        "(fisher: each dimension scaled by the decoders' sensitivity to it; needs --decoder)",
+    )
+    p.add_argument(
+        "--decoder", action="append", type=Path, default=[], help="--weighting fisher: a decoder's directory (repeat)"
+    )
+    p.add_argument("--weighting-segments", type=int, default=256, help="segments the fisher weighting is measured on")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="the document id (unique across inputs); default: text sha256")
     p.add_argument("--workers", type=int, default=1, help="compressing processes")
@@ -339,7 +389,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.workers < 1 or args.threads < 1 or args.shard_size_mb <= 0 or args.train_vectors < 256:
         raise ValueError("--workers and --threads must be >= 1, --shard-size-mb > 0, --train-vectors >= 256")
     check_dtype(args.dtype)
+    check_weighting(args)
     return args
+
+
+def check_weighting(args: argparse.Namespace) -> None:
+    """--weighting, --decoder and --weighting-segments go together with a codec dtype; each refused in one line."""
+    kind = args.weighting
+    if kind not in store_weighting.WEIGHTINGS:
+        raise ValueError(f"--weighting {kind!r}: not one of {', '.join(store_weighting.WEIGHTINGS)}")
+    if kind != "none" and store_codec.parse(args.dtype) is None:
+        raise ValueError(f"--weighting {kind}: only for codec dtypes ({PQ_DTYPES}), not --dtype {args.dtype}")
+    needs = kind in store_weighting.NEEDS_DECODER
+    if needs and not args.decoder:
+        raise ValueError(f"--weighting {kind}: needs the decoders it weighs for (--decoder DIR, once per decoder)")
+    if args.decoder and not needs:
+        raise ValueError(f"--decoder {args.decoder[0]}: only read by --weighting fisher/fisher-full, not {kind}")
+    if needs and args.bottleneck:
+        raise ValueError(f"--weighting {kind}: measured in encoder space, not with --bottleneck")
+    for decoder in args.decoder:
+        if not (decoder / "config.json").is_file():
+            raise ValueError(f"--decoder {decoder}: not a Hugging Face model directory (no config.json)")
+    if args.weighting_segments < 1:
+        raise ValueError(f"--weighting-segments {args.weighting_segments}: must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from arctrain.inference import store_weighting
+
 CODEBOOK = "codebook.faiss"
 DTYPES = "pq<M>, opq<M>, rq<M>, pca<d>-pq<M> (-opq, -rq)"  # for help texts and errors
 
@@ -83,10 +85,17 @@ class Reservoir:
         return self.rows[: min(self.size, self.seen)]  # (min(size, seen), D)
 
 
-def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
-    """Train the codec on `sample` (N, D) float32, write it to out/codebook.faiss; its manifest entry."""
+def train(
+    dtype: str, sample: np.ndarray, out: Path, threads: int = 1, weighting: tuple[dict, np.ndarray] | None = None
+) -> dict:
+    """Train the codec on `sample` (N, D) float32, write it to out/codebook.faiss; its manifest entry. `weighting`:
+    (its manifest entry, its array; store_weighting.py), written to out/weighting.npy and applied before the codec."""
     # faiss only for product-quantized stores
     import faiss
+
+    if weighting is not None:
+        store_weighting.save(weighting[1], out / store_weighting.FILE)
+        sample = np.ascontiguousarray(store_weighting.forward(weighting[1], sample), dtype=np.float32)
 
     faiss.omp_set_num_threads(threads)
     kind, m, pca = parse(dtype)
@@ -105,7 +114,7 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     index.train(sample)
     path = out / CODEBOOK
     faiss.write_index(index, str(path))
-    return {
+    entry = {
         "kind": kind,
         "sub_vectors": m,
         "pca": pca,
@@ -117,6 +126,14 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
         "code_bytes": index.sa_code_size(),
         "trained_on": len(sample),
     }
+    if weighting is not None:
+        weights = out / store_weighting.FILE
+        entry["weighting"] = weighting[0] | {
+            "file": store_weighting.FILE,
+            "sha256": sha256_file(weights),
+            "bytes": weights.stat().st_size,
+        }
+    return entry
 
 
 class Codec:
@@ -133,9 +150,22 @@ class Codec:
             raise ValueError(f"{path}: sha256 differs from manifest.json: the codebook is corrupt or replaced")
         self.index = faiss.read_index(str(path))
         self.code_bytes = self.index.sa_code_size()
+        self.weights = None  # (2, D) or (2, D, D): the weighting applied before the codec, and its inverse
+        if weighting := entry.get("weighting"):
+            path = root / weighting["file"]
+            if not path.is_file():
+                raise ValueError(f"{root}: {weighting['file']} is listed in manifest.json but missing")
+            if sha256_file(path) != weighting["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from manifest.json: the weighting is corrupt or replaced")
+            self.weights = np.load(path)
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
+        if self.weights is not None:
+            vectors = store_weighting.forward(self.weights, vectors)
         return self.index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))  # (N, M) uint8
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))  # (N, D) float32
+        vectors = self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))  # (N, D) float32
+        if self.weights is not None:
+            vectors = np.ascontiguousarray(store_weighting.backward(self.weights, vectors), dtype=np.float32)
+        return vectors
