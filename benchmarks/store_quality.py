@@ -34,7 +34,6 @@ import torch
 from arctrain.cli import main as arctrain
 from arctrain.data.qa_records import read_qa
 from arctrain.inference import store_codec, store_weighting
-from arctrain.inference.compress import DocSample
 from arctrain.inference.eval import evaluate_qa, score_targets
 from arctrain.inference.generate import ARCGenerator
 from arctrain.inference.store import (
@@ -46,6 +45,7 @@ from arctrain.inference.store import (
     doc_record,
     quantize,
 )
+from arctrain.inference.store_weighting import DocSample
 from arctrain.model import Example, Memory, Text
 
 
@@ -238,6 +238,11 @@ def qa(args: argparse.Namespace, root: Path, arc: ARCGenerator, stores: dict, co
         store = exact
         if dtype != "fp32":
             folder = root / f"qa_{name.replace('/', '_')}"
+            folder.mkdir(exist_ok=True)
+            if name in codecs:  # the store's codebook (and weighting) beside its shards, as compress writes them
+                entry = codecs[name][1]
+                for file in [entry["file"], *([entry["weighting"]["file"]] if "weighting" in entry else [])]:
+                    shutil.copy(root / name.replace("/", "_") / file, folder / file)
             recode(exact, ids, folder, dtype, codecs.get(name), text_bytes)
             store = VectorStore(folder)
         arc.store = store

@@ -20,6 +20,11 @@ end), while a uniform sample of up to --train-vectors of their vectors is drawn 
 that sample, then every document is read back from the staging store in order and written as codes. With fewer vectors
 than asked the codebook is trained on all of them, and the summary says so.
 
+`--weighting std|fisher|fisher-full` (arctrain/inference/store_weighting.py) maps the vectors before the codec and back
+after it, so that its L2 error counts what the decoders feel: fisher weighs each dimension by the --decoder(s)'
+sensitivity (the gradient of their reconstruction loss, measured on --weighting-segments segments of documents
+drawn from the input), std standardises each dimension; the map is stored beside the codebook.
+
 `--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer, when
 H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
 (arctrain/inference/store.py). It pays for a store that one decoder reads; a store for several decoders keeps encoder
@@ -34,7 +39,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
 from tqdm import tqdm
@@ -214,7 +218,7 @@ def compress(args: argparse.Namespace) -> dict:
     pooling = (config["pooling_factor"], config["n_vectors"])
     writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)), pooling)
     reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
-    weighed = DocSample(args.weighting_segments)  # documents whose segments measure --weighting fisher
+    weighed = store_weighting.DocSample(args.weighting_segments)  # documents whose segments measure --weighting fisher
     order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
         for group, samples in _in_order(_groups(documents, tally), args):
@@ -245,44 +249,13 @@ def compress(args: argparse.Namespace) -> dict:
         writer.close(meta | {"dtype": "fp32"})
         if reservoir.seen < 256:  # 256 centroids per sub-quantizer
             raise DataError(f"--dtype {args.dtype}: {reservoir.seen} vectors, at least 256 are needed to train it")
-        weighting = weighting_of(args, staging, weighed.docs, reservoir.sample())
+        weighting = store_weighting.from_args(args, staging, weighed.docs, reservoir.sample())
         meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads, weighting)
         meta["codec"]["train_vectors"] = args.train_vectors  # asked for; `trained_on`: drawn (all when fewer)
         manifest = code_store(staging, args.out, order, args, meta)
         shutil.rmtree(staging)
     print(_summary(manifest, time.time() - start, args.out))
     return manifest
-
-
-class DocSample:
-    """A uniform random sample of up to `size` documents of a stream (Algorithm R, seeded)."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seen, self.docs = size, 0, []
-        self.rng = np.random.default_rng(seed)
-
-    def add(self, doc: tuple) -> None:
-        j = self.seen if self.seen < self.size else int(self.rng.integers(0, self.seen + 1))
-        if j < len(self.docs):
-            self.docs[j] = doc
-        elif j < self.size:
-            self.docs.append(doc)
-        self.seen += 1
-
-
-def weighting_of(args: argparse.Namespace, staging: Path, docs: list, sample: np.ndarray) -> tuple | None:
-    """--weighting's (manifest entry, array) (arctrain/inference/store_weighting.py); None for `none`."""
-    if args.weighting == "none":
-        return None
-    entry, fisher = {"kind": args.weighting}, None
-    if args.weighting in store_weighting.NEEDS_DECODER:
-        source = VectorStore(staging)
-        fisher, used = store_weighting.decoder_fisher(
-            args.model, args.decoder, docs, source, args.weighting_segments, args.device
-        )
-        source.close()
-        entry |= {"decoders": [str(d) for d in args.decoder], "segments": used}
-    return entry, store_weighting.transform(args.weighting, sample, fisher)
 
 
 def bottleneck_entry(model_dir: Path, decoder: str, width: int) -> dict:
@@ -319,7 +292,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    names = ["manifest.json", store_codec.CODEBOOK, store_weighting.FILE]
+    names = ["manifest.json", store_codec.CODEBOOK, store_codec.WEIGHTING]
     existing = sorted(out.glob(f"{SPLIT}-*")) + [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise DataError(f"--out {out}: already holds {existing[0].name}; use --overwrite to replace the store")
@@ -389,29 +362,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.workers < 1 or args.threads < 1 or args.shard_size_mb <= 0 or args.train_vectors < 256:
         raise ValueError("--workers and --threads must be >= 1, --shard-size-mb > 0, --train-vectors >= 256")
     check_dtype(args.dtype)
-    check_weighting(args)
+    store_weighting.check_args(args)
     return args
-
-
-def check_weighting(args: argparse.Namespace) -> None:
-    """--weighting, --decoder and --weighting-segments go together with a codec dtype; each refused in one line."""
-    kind = args.weighting
-    if kind not in store_weighting.WEIGHTINGS:
-        raise ValueError(f"--weighting {kind!r}: not one of {', '.join(store_weighting.WEIGHTINGS)}")
-    if kind != "none" and store_codec.parse(args.dtype) is None:
-        raise ValueError(f"--weighting {kind}: only for codec dtypes ({PQ_DTYPES}), not --dtype {args.dtype}")
-    needs = kind in store_weighting.NEEDS_DECODER
-    if needs and not args.decoder:
-        raise ValueError(f"--weighting {kind}: needs the decoders it weighs for (--decoder DIR, once per decoder)")
-    if args.decoder and not needs:
-        raise ValueError(f"--decoder {args.decoder[0]}: only read by --weighting fisher/fisher-full, not {kind}")
-    if needs and args.bottleneck:
-        raise ValueError(f"--weighting {kind}: measured in encoder space, not with --bottleneck")
-    for decoder in args.decoder:
-        if not (decoder / "config.json").is_file():
-            raise ValueError(f"--decoder {decoder}: not a Hugging Face model directory (no config.json)")
-    if args.weighting_segments < 1:
-        raise ValueError(f"--weighting-segments {args.weighting_segments}: must be >= 1")
 
 
 def main(argv: list[str] | None = None) -> None:

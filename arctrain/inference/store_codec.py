@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from arctrain.inference import store_weighting
-
 CODEBOOK = "codebook.faiss"
+WEIGHTING = "weighting.npy"  # `compress --weighting` (store_weighting.py): A and A^-1, applied around the codec
 DTYPES = "pq<M>, opq<M>, rq<M>, pca<d>-pq<M> (-opq, -rq)"  # for help texts and errors
 
 
@@ -94,8 +93,8 @@ def train(
     import faiss
 
     if weighting is not None:
-        store_weighting.save(weighting[1], out / store_weighting.FILE)
-        sample = np.ascontiguousarray(store_weighting.forward(weighting[1], sample), dtype=np.float32)
+        save_weighting(weighting[1], out / WEIGHTING)
+        sample = np.ascontiguousarray(weigh(weighting[1], sample), dtype=np.float32)
 
     faiss.omp_set_num_threads(threads)
     kind, m, pca = parse(dtype)
@@ -127,13 +126,27 @@ def train(
         "trained_on": len(sample),
     }
     if weighting is not None:
-        weights = out / store_weighting.FILE
+        weights = out / WEIGHTING
         entry["weighting"] = weighting[0] | {
-            "file": store_weighting.FILE,
+            "file": WEIGHTING,
             "sha256": sha256_file(weights),
             "bytes": weights.stat().st_size,
         }
     return entry
+
+
+def weigh(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x (N, D) -> z = x A^T (`weights`: (2, D) a diagonal and its inverse, or (2, D, D) A and A^-1)."""
+    return x * weights[0] if weights.ndim == 2 else x @ weights[0].T
+
+
+def unweigh(weights: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """z (N, D) -> x = z A^-T."""
+    return z * weights[1] if weights.ndim == 2 else z @ weights[1].T
+
+
+def save_weighting(weights: np.ndarray, path: Path) -> None:
+    np.save(path, weights)  # .npy: the same bytes for the same array (its sha256 goes to the manifest)
 
 
 class Codec:
@@ -161,11 +174,11 @@ class Codec:
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         if self.weights is not None:
-            vectors = store_weighting.forward(self.weights, vectors)
+            vectors = weigh(self.weights, vectors)
         return self.index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))  # (N, M) uint8
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         vectors = self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))  # (N, D) float32
         if self.weights is not None:
-            vectors = np.ascontiguousarray(store_weighting.backward(self.weights, vectors), dtype=np.float32)
+            vectors = np.ascontiguousarray(unweigh(self.weights, vectors), dtype=np.float32)
         return vectors

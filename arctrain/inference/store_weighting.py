@@ -18,17 +18,24 @@ G is measured on the reconstruction (<Rec>, teacher forcing) of up to --weightin
 
 faiss's LinearTransform decodes only orthonormal maps, so A is stored beside the codebook: DIR/weighting.npy holds
 (2, D) (diagonal: A's diagonal and its inverse) or (2, D, D) (A and A^-1), its sha256 in the manifest's codec entry;
-the codec encodes sa_encode(x A^T) and decodes sa_decode(codes) A^-T (arctrain/inference/store_codec.py).
+the codec encodes sa_encode(x A^T) and decodes sa_decode(codes) A^-T (arctrain/inference/store_codec.py, which
+applies it).
 """
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from arctrain.data.qa import TextPieces
+from arctrain.inference import store_codec
+from arctrain.inference.generate import ARCGenerator
+from arctrain.inference.store import PQ_DTYPES, VectorStore
+from arctrain.model import Example, Memory, Text
+
 WEIGHTINGS = ("none", "std", "fisher", "fisher-full")
 NEEDS_DECODER = ("fisher", "fisher-full")
-FILE = "weighting.npy"
 SHRINK = 0.1  # fisher-full's shrinkage towards tr(G) / D I
 BATCH = 16  # segments per decoder forward
 
@@ -36,9 +43,6 @@ BATCH = 16  # segments per decoder forward
 def segment_gradients(arc, items: list[tuple[torch.Tensor, list[int]]]) -> torch.Tensor:
     """(N, D) float64: d(summed token loss of its segment)/d(vector) for every vector of `items` ((m, D) vectors,
     decoder tokens) reconstructed by `arc` (an ARCGenerator) as `arctrain eval --heldout` scores them."""
-    # one function-level import: model code is only needed when a decoder is given
-    from arctrain.model import Example, Memory, Text
-
     for p in arc.model.parameters():
         p.requires_grad_(False)
     grads = []
@@ -65,10 +69,6 @@ def decoder_fisher(
 ) -> tuple[np.ndarray, int]:
     """(sensitivity over `decoders`, segments used): the first `segments` segments of `docs` ((id, text or encoder
     segments), their vectors read from `store`, an fp32 VectorStore of them) reconstructed by each decoder."""
-    # function-level imports: generate.py imports the store, which imports this module (a cycle at import time)
-    from arctrain.data.qa import TextPieces
-    from arctrain.inference.generate import ARCGenerator
-
     grads = []
     for decoder in decoders:
         arc = ARCGenerator(model_dir, decoder, dtype=torch.float32, device=device)
@@ -115,15 +115,51 @@ def transform(kind: str, sample: np.ndarray, fisher: np.ndarray | None = None) -
     return np.stack([diag, 1 / diag]).astype(np.float32)  # (2, D)
 
 
-def forward(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """x (N, D) -> z = x A^T."""
-    return x * weights[0] if weights.ndim == 2 else x @ weights[0].T
+class DocSample:
+    """A uniform random sample of up to `size` documents of a stream (Algorithm R, seeded)."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seen, self.docs = size, 0, []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, doc: tuple) -> None:
+        j = self.seen if self.seen < self.size else int(self.rng.integers(0, self.seen + 1))
+        if j < len(self.docs):
+            self.docs[j] = doc
+        elif j < self.size:
+            self.docs.append(doc)
+        self.seen += 1
 
 
-def backward(weights: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """z (N, D) -> x = z A^-T."""
-    return z * weights[1] if weights.ndim == 2 else z @ weights[1].T
+def from_args(args: argparse.Namespace, staging: Path, docs: list, sample: np.ndarray) -> tuple | None:
+    """--weighting's (manifest entry, array) (arctrain/inference/py); None for `none`."""
+    if args.weighting == "none":
+        return None
+    entry, fisher = {"kind": args.weighting}, None
+    if args.weighting in NEEDS_DECODER:
+        source = VectorStore(staging)
+        fisher, used = decoder_fisher(args.model, args.decoder, docs, source, args.weighting_segments, args.device)
+        source.close()
+        entry |= {"decoders": [str(d) for d in args.decoder], "segments": used}
+    return entry, transform(args.weighting, sample, fisher)
 
 
-def save(weights: np.ndarray, path: Path) -> None:
-    np.save(path, weights)  # .npy: the same bytes for the same array (its sha256 goes to the manifest)
+def check_args(args: argparse.Namespace) -> None:
+    """--weighting, --decoder and --weighting-segments go together with a codec dtype; each refused in one line."""
+    kind = args.weighting
+    if kind not in WEIGHTINGS:
+        raise ValueError(f"--weighting {kind!r}: not one of {', '.join(WEIGHTINGS)}")
+    if kind != "none" and store_codec.parse(args.dtype) is None:
+        raise ValueError(f"--weighting {kind}: only for codec dtypes ({PQ_DTYPES}), not --dtype {args.dtype}")
+    needs = kind in NEEDS_DECODER
+    if needs and not args.decoder:
+        raise ValueError(f"--weighting {kind}: needs the decoders it weighs for (--decoder DIR, once per decoder)")
+    if args.decoder and not needs:
+        raise ValueError(f"--decoder {args.decoder[0]}: only read by --weighting fisher/fisher-full, not {kind}")
+    if needs and args.bottleneck:
+        raise ValueError(f"--weighting {kind}: measured in encoder space, not with --bottleneck")
+    for decoder in args.decoder:
+        if not (decoder / "config.json").is_file():
+            raise ValueError(f"--decoder {decoder}: not a Hugging Face model directory (no config.json)")
+    if args.weighting_segments < 1:
+        raise ValueError(f"--weighting-segments {args.weighting_segments}: must be >= 1")

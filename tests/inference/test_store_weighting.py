@@ -10,7 +10,7 @@ import torch
 from test_store_pq import run_error, stored_codes
 
 from arctrain.cli import main as arctrain
-from arctrain.inference import store_weighting
+from arctrain.inference import store_codec, store_weighting
 from arctrain.inference.eval import evaluate_qa, score_targets
 from arctrain.inference.generate import ARCGenerator
 from arctrain.inference.store import StoreWriter, VectorStore, doc_record
@@ -152,7 +152,7 @@ def test_verify_store_checks_the_weighting_file(stores, tmp_path, capsys):
     bad = shutil.copytree(stores["std"], tmp_path / "bad")
     arctrain(["verify-store", str(bad)])
     assert "match manifest.json" in capsys.readouterr().out
-    path = bad / store_weighting.FILE
+    path = bad / store_codec.WEIGHTING
     data = bytearray(path.read_bytes())
     data[-1] ^= 1
     path.write_bytes(bytes(data))
