@@ -175,3 +175,21 @@ def test_weighting_flags_are_refused_in_one_line(exported, tiny_models, inputs, 
     for args, message in cases:
         assert message in run_error([*base, *args], capsys)
     assert not (tmp_path / "s").exists()
+
+
+def test_sensitivity_averages_each_decoders_trace_normalised_fisher_and_fisher_full_is_its_square_root():
+    rng = np.random.default_rng(0)
+    small, large = torch.from_numpy(rng.normal(size=(50, 6))), torch.from_numpy(rng.normal(size=(40, 6)) * 100)
+    fisher = store_weighting.sensitivity([small, large])
+    expected = 0
+    for g in (small.numpy(), large.numpy()):  # the decoder with 100x larger gradients counts the same
+        m = sum(np.outer(row, row) for row in g) / len(g)
+        expected = expected + m / np.trace(m) / 2
+    assert np.allclose(fisher, expected)
+    a, inverse = store_weighting.transform("fisher-full", rng.normal(size=(10, 6)), fisher).astype(np.float64)
+    shrunk = (1 - store_weighting.SHRINK) * fisher + store_weighting.SHRINK * np.trace(fisher) / 6 * np.eye(6)
+    scale = 6 / np.trace(shrunk)
+    assert np.allclose(a.T @ a, shrunk * scale, atol=1e-5)  # A^T A = G_s up to the mean-eigenvalue-1 scale
+    assert np.allclose(a @ inverse, np.eye(6), atol=1e-5)
+    with pytest.raises(ValueError, match="--weighting 'pca': not one of"):
+        store_weighting.transform("pca", rng.normal(size=(10, 6)), fisher)
