@@ -1,7 +1,7 @@
 """What a vector store costs on disk and in quality, per dtype, product quantization included (not a test).
 
-    python benchmarks/store_quality.py --model EXPORT --decoder DECODER_DIR --input heldout.jsonl \\
-        --train-input train.jsonl --segments 256 --dtypes fp16 int8 pq144 pq96 pq48 pq24 opq96 opq48 opq24
+    python benchmarks/store_quality.py --model EXPORT --decoder DECODER_DIR [DECODER_DIR ...] --input heldout.jsonl \\
+        --train-input train.jsonl --segments 256 --dtypes fp16 int8 pq48 rq32 rq32/fisher rq32/std
 
 The documents of --input are compressed once by the real `arctrain compress` (fp32); every other store is written from
 those vectors by the store's own writer (arctrain/inference/store.py: the bytes `arctrain compress --dtype X` writes,
@@ -12,7 +12,10 @@ the codebook (a fixed cost, ~0.6-2 MB) beside it.
 
 Quality: the decoder reconstructs each of the first --segments segments from its vectors read back from each store
 (<Rec>, teacher forcing, as `arctrain eval --heldout` does from the encoder); "gain lost" is the loss increase over
-fp32 as a share of what the context is worth (no-context loss - fp32 loss). Speed: the codecs' encode and decode
+fp32 as a share of what the context is worth (no-context loss - fp32 loss), per --decoder. A dtype `X/W` is codec X
+after the weighting W (`arctrain compress --dtype X --weighting W`, arctrain/inference/store_weighting.py); fisher
+weightings are measured on --weighting-segments segments of the training documents with every --decoder, as
+`compress --decoder ...` does. Speed: the codecs' encode and decode
 rate on --speed-vectors vectors (the held-out vectors tiled), and the time to read one document's vectors from a
 store in the page cache (VectorStore.get: seek, read, decode, finite check), median over every document.
 """
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 
 from arctrain.cli import main as arctrain
-from arctrain.inference import store_codec
-from arctrain.inference.eval import score_targets
+from arctrain.data.qa_records import read_qa
+from arctrain.inference import store_codec, store_weighting
+from arctrain.inference.eval import evaluate_qa, score_targets
 from arctrain.inference.generate import ARCGenerator
 from arctrain.inference.store import (
     FORMAT,
@@ -41,6 +45,7 @@ from arctrain.inference.store import (
     doc_record,
     quantize,
 )
+from arctrain.inference.store_weighting import DocSample
 from arctrain.model import Example, Memory, Text
 
 
@@ -99,7 +104,8 @@ def fp32_store(model: Path, docs: Path, out: Path) -> VectorStore:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path)
-    parser.add_argument("--decoder", required=True, type=Path)
+    parser.add_argument("--decoder", required=True, type=Path, nargs="+", help="decoders scored (and weighed for)")
+    parser.add_argument("--weighting-segments", type=int, default=256)
     parser.add_argument("--input", required=True, type=Path, help="held-out documents (jsonl with id and text)")
     parser.add_argument("--train-input", type=Path, default=None, help="documents the codebooks are trained on")
     parser.add_argument("--train-vectors", type=int, default=100_000)
@@ -108,6 +114,9 @@ def main() -> None:
     parser.add_argument("--speed-vectors", type=int, default=1_000_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="the stores' directory (its fp32 stores are reused)")
+    parser.add_argument("--qa", type=Path, default=None, help="QA records (scripts/make_qa.py): F1 from each store")
+    parser.add_argument("--qa-shots", type=int, default=5)
+    parser.add_argument("--qa-max-new-tokens", type=int, default=16)
     parser.add_argument("--speed-only", action="store_true", help="only the rates, of the --dtypes stores in --work")
     args = parser.parse_args()
     if args.speed_only:
@@ -128,54 +137,137 @@ def main() -> None:
     reservoir = store_codec.Reservoir(args.train_vectors)
     for doc_id in [d["id"] for d in read_docs(args.train_input)] if args.train_input else ids:
         reservoir.add(torch.cat(train_store.get(doc_id).vectors).numpy())
-    arc = ARCGenerator(args.model, args.decoder, dtype=torch.float32)
-    targets = []  # (doc id, segment index, decoder tokens of that segment)
-    for doc in docs:
-        for i, seg in enumerate(arc.segments(doc["text"])):
-            targets.append((doc["id"], i, arc.dec_tok.encode(arc.enc_tok.decode(seg), add_special_tokens=False)))
-    targets = targets[: args.segments]
+    weightings = {d.split("/")[1] for d in args.dtypes if "/" in d}
+    fisher = None
+    if weightings & set(store_weighting.NEEDS_DECODER):
+        sample = DocSample(args.weighting_segments)
+        for doc in read_docs(args.train_input or args.input):
+            sample.add((doc["id"], doc["text"]))
+        start = time.perf_counter()
+        fisher, used = store_weighting.decoder_fisher(
+            args.model, args.decoder, sample.docs, train_store, args.weighting_segments, "cpu"
+        )
+        seconds = time.perf_counter() - start
+        print(f"decoder sensitivity measured on {used} training segments per decoder in {seconds:.0f}s")
+    massive(np.concatenate([torch.cat(exact.get(i).vectors).numpy() for i in ids]), fisher)
+    arcs = [ARCGenerator(args.model, decoder, dtype=torch.float32) for decoder in args.decoder]
+    targets = {}  # per decoder: (doc id, segment index, decoder tokens of that segment)
+    for arc in arcs:
+        targets[arc.name] = []
+        for doc in docs:
+            for i, seg in enumerate(arc.segments(doc["text"])):
+                tokens = arc.dec_tok.encode(arc.enc_tok.decode(seg), add_special_tokens=False)
+                targets[arc.name].append((doc["id"], i, tokens))
+        targets[arc.name] = targets[arc.name][: args.segments]
     texts = sum(text_bytes.values())
     tokens = exact.manifest["encoder_tokens"]
     print(
         f"{len(docs)} held-out docs, {texts:,} bytes of text, {tokens:,} encoder tokens ({texts / tokens:.2f} "
         f"bytes/token), {exact.manifest['vectors']:,} vectors (x{arc.config.pooling_factor}); codebooks trained on "
-        f"{reservoir.sample().shape[0]:,} vectors; {len(targets)} segments reconstructed"
+        f"{reservoir.sample().shape[0]:,} vectors; {args.segments} segments reconstructed per decoder"
     )
-    base, acc, no_context = reconstruction(arc, [(exact.get(d).vectors[i], t) for d, i, t in targets], True)
-    gain = no_context - base
-    print(f"(no context: loss {no_context:.4f}; the context is worth {gain:.4f} nats)")
-    header = ("store", "B/vector", "B/text B", "codes B/B", "rec loss", "vs fp32", "gain lost", "tok acc", "codebook")
-    print("{:>12} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>7} {:>9}".format(*header))
+    base, gain, base_acc = {}, {}, {}
+    for arc in arcs:
+        exact_items = [(exact.get(d).vectors[i], t) for d, i, t in targets[arc.name]]
+        base[arc.name], base_acc[arc.name], no_context = reconstruction(arc, exact_items, True)
+        gain[arc.name] = no_context - base[arc.name]
+        print(f"{arc.name}: no context: loss {no_context:.4f}; the context is worth {gain[arc.name]:.4f} nats")
+    header = ("store", "decoder", "B/vector", "B/text B", "codes B/B", "rec loss", "vs fp32", "gain lost", "tok acc")
+    print("{:>16} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>9} {:>7} codebook".format(*header))
     stores, codecs = {"fp32": exact}, {}
-    for dtype in ["fp32", *args.dtypes]:
+    for name in ["fp32", *args.dtypes]:
+        dtype, _, kind = name.partition("/")
+        folder = root / name.replace("/", "_")
         codec, trained = None, ""
         if store_codec.parse(dtype):
-            (root / dtype).mkdir()
+            folder.mkdir()
+            weighting = None
+            if kind:
+                weighting = ({"kind": kind}, store_weighting.transform(kind, reservoir.sample(), fisher))
             start = time.perf_counter()
-            entry = store_codec.train(dtype, reservoir.sample(), root / dtype, args.threads)
+            entry = store_codec.train(dtype, reservoir.sample(), folder, args.threads, weighting)
             trained = f"{entry['bytes']:,} B, trained in {time.perf_counter() - start:.0f}s"
-            codecs[dtype] = codec = (store_codec.Codec(root / dtype, entry), entry)
+            codecs[name] = codec = (store_codec.Codec(folder, entry), entry)
         if dtype == "fp32" and exact.manifest["format"] != FORMAT:  # kept from an older format: its bytes in this
             recode(exact, ids, root / "fp32.now", dtype, None, text_bytes)
             stores[dtype] = VectorStore(root / "fp32.now")
         elif dtype != "fp32":
-            recode(exact, ids, root / dtype, dtype, codec, text_bytes)
-            stores[dtype] = VectorStore(root / dtype)
-        store = stores[dtype]
-        loss, acc = (
-            (base, acc)
-            if dtype == "fp32"
-            else reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets])[:2]
-        )
+            recode(exact, ids, folder, dtype, codec, text_bytes)
+            stores[name] = VectorStore(folder)
+        store = stores[name]
         m = store.manifest
         shards = sum(s["bytes"] + s["index"]["bytes"] for s in m["shards"])  # on disk, the codebook aside
         codes = m["bytes_per_vector"] * m["vectors"] / texts  # the vectors alone: long documents, at scale
+        for arc in arcs:
+            loss, acc = (
+                (base[arc.name], base_acc[arc.name])
+                if dtype == "fp32"
+                else reconstruction(arc, [(store.get(d).vectors[i], t) for d, i, t in targets[arc.name]])[:2]
+            )
+            lost = loss - base[arc.name]
+            print(
+                f"{name:>16} {arc.name:>10} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} "
+                f"{loss:>9.4f} {lost:>+8.4f} {lost / gain[arc.name]:>9.1%} {acc:>7.3f} {trained}",
+                flush=True,
+            )
+    if args.qa:
+        qa(args, root, arcs[0], stores, codecs)
+    if args.speed_vectors:
+        speed(args, stores, codecs, reservoir.sample())
+
+
+def qa(args: argparse.Namespace, root: Path, arc: ARCGenerator, stores: dict, codecs: dict) -> None:
+    """QA F1 with the passages read from each store (`arctrain eval --vectors`): the passages compressed once (fp32,
+    the real command), written as each store with its codec; closed and open book once, beside them."""
+    records = read_qa(args.qa)
+    passages = root / "qa_passages.jsonl"
+    ids = [f"qa-{i}" for i in range(len(records))]
+    passages.write_text("".join(json.dumps({"id": i, "text": r["passages"][0]}) + "\n" for i, r in zip(ids, records)))
+    for record, doc_id in zip(records, ids, strict=True):
+        record["doc_ids"] = [doc_id]
+    exact = fp32_store(args.model, passages, root / "qa_fp32")
+    text_bytes = {i: len(r["passages"][0].encode()) for i, r in zip(ids, records, strict=True)}
+    plain = {"shots": args.qa_shots, "max_new_tokens": args.qa_max_new_tokens, "batch_size": 4}
+    result = evaluate_qa(arc, records, modes=("open_book", "closed_book"), **plain)
+    has = result["context_has_answer"]
+    print(f"QA ({arc.name}): {result['n']} questions, {args.qa_shots} shots; answer in the passage {has:.1f}%")
+    for mode, m in result["modes"].items():
+        print(f"  {mode:>16} EM {m['exact_match']:5.1f} F1 {m['f1']:5.1f}", flush=True)
+    for name in stores:
+        dtype = name.partition("/")[0]
+        store = exact
+        if dtype != "fp32":
+            folder = root / f"qa_{name.replace('/', '_')}"
+            folder.mkdir(exist_ok=True)
+            if name in codecs:  # the store's codebook (and weighting) beside its shards, as compress writes them
+                entry = codecs[name][1]
+                for file in [entry["file"], *([entry["weighting"]["file"]] if "weighting" in entry else [])]:
+                    shutil.copy(root / name.replace("/", "_") / file, folder / file)
+            recode(exact, ids, folder, dtype, codecs.get(name), text_bytes)
+            store = VectorStore(folder)
+        arc.store = store
+        m = evaluate_qa(arc, records, modes=("compressed",), **plain)["modes"]["compressed"]
         print(
-            f"{dtype:>12} {m['bytes_per_vector']:>8} {shards / texts:>8.3f} {codes:>9.3f} {loss:>9.4f} "
-            f"{loss - base:>+8.4f} {(loss - base) / gain:>9.1%} {acc:>7.3f} {trained}",
-            flush=True,
+            f"  {name:>16} EM {m['exact_match']:5.1f} F1 {m['f1']:5.1f} (compressed, read from the store)", flush=True
         )
-    speed(args, stores, codecs, reservoir.sample())
+
+
+def massive(vectors: np.ndarray, fisher: np.ndarray | None) -> None:
+    """How the variance of the held-out vectors (N, D) spreads over dimensions, and the decoders' sensitivity there."""
+    std = vectors.std(axis=0)
+    top = np.argsort(-std)[:10]
+    share = float((std[top] ** 2).sum() / (std**2).sum())
+    line = ", ".join(f"{d}: {std[d]:.1f}" for d in top[:5])
+    print(f"per-dimension std: top {line}; median {np.median(std):.2f}; the top 10 dimensions hold {share:.0%}")
+    if fisher is not None:
+        sens = np.sqrt(np.diag(fisher))
+        line = ", ".join(f"{d}: {sens[d] / np.median(sens):.2f}" for d in top[:5])
+        print(
+            f"decoder sensitivity sqrt(E[g_d^2]) / its median at those dimensions: {line}; "
+            f"max {sens.max() / np.median(sens):.1f} (dim {int(sens.argmax())}), min {sens.min() / np.median(sens):.2f}"
+        )
+        error = std**2 * sens**2  # per-dimension loss weight of an error of one std
+        print(f"std x sensitivity: the top 10 dimensions by std hold {error[top].sum() / error.sum():.0%} of it")
 
 
 def speed(args: argparse.Namespace, stores: dict, codecs: dict, sample: np.ndarray) -> None:

@@ -20,6 +20,11 @@ end), while a uniform sample of up to --train-vectors of their vectors is drawn 
 that sample, then every document is read back from the staging store in order and written as codes. With fewer vectors
 than asked the codebook is trained on all of them, and the summary says so.
 
+`--weighting std|fisher|fisher-full` (arctrain/inference/store_weighting.py) maps the vectors before the codec and back
+after it, so that its L2 error counts what the decoders feel: fisher weighs each dimension by the --decoder(s)'
+sensitivity (the gradient of their reconstruction loss, measured on --weighting-segments segments of documents
+drawn from the input), std standardises each dimension; the map is stored beside the codebook.
+
 `--bottleneck DECODER` stores W1 x instead of each vector x, W1 (H, D) being that decoder's projector first layer, when
 H < D: H / D of the bytes in fp32/bf16/fp16/int8 (pq codes the H-wide vectors), readable by that decoder only
 (arctrain/inference/store.py). It pays for a store that one decoder reads; a store for several decoders keeps encoder
@@ -42,7 +47,7 @@ from transformers import AutoTokenizer
 from arctrain.data.qa import TextPieces
 from arctrain.data.shards import check_tokenizers, read_manifest
 from arctrain.export.load import load_export
-from arctrain.inference import store_codec
+from arctrain.inference import store_codec, store_weighting
 from arctrain.inference.store import (
     DTYPES,
     PQ_DTYPES,
@@ -213,10 +218,11 @@ def compress(args: argparse.Namespace) -> dict:
     pooling = (config["pooling_factor"], config["n_vectors"])
     writer = StoreWriter(staging, int(args.shard_size_mb * (1 << 20)), pooling)
     reservoir = store_codec.Reservoir(args.train_vectors) if pq else None
+    weighed = store_weighting.DocSample(args.weighting_segments)  # documents whose segments measure --weighting fisher
     order = []  # (doc id, text bytes) as written: a pq store is coded from the staging store in this order
     with tqdm(unit="doc", desc="arctrain compress", disable=args.no_progress, mininterval=1.0) as bar:
         for group, samples in _in_order(_groups(documents, tally), args):
-            for (doc_id, _), (members, text_bytes) in zip(group, samples, strict=True):
+            for (doc_id, text), (members, text_bytes) in zip(group, samples, strict=True):
                 if members is None:
                     tally.skip("no_tokens", f"document {doc_id!r}")
                     continue
@@ -224,6 +230,8 @@ def compress(args: argparse.Namespace) -> dict:
                 if pq:
                     reservoir.add(members.arrays["vectors"])
                     order.append((doc_id, text_bytes))
+                    if args.weighting in store_weighting.NEEDS_DECODER:
+                        weighed.add((doc_id, text))
             bar.update(len(group))
     meta = {
         "encoder": {"identity": identity, "model": str(args.model), "hidden_size": config["backbone"]["hidden_size"]},
@@ -241,7 +249,8 @@ def compress(args: argparse.Namespace) -> dict:
         writer.close(meta | {"dtype": "fp32"})
         if reservoir.seen < 256:  # 256 centroids per sub-quantizer
             raise DataError(f"--dtype {args.dtype}: {reservoir.seen} vectors, at least 256 are needed to train it")
-        meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads)
+        weighting = store_weighting.from_args(args, staging, weighed.docs, reservoir.sample())
+        meta["codec"] = store_codec.train(args.dtype, reservoir.sample(), args.out, args.threads, weighting)
         meta["codec"]["train_vectors"] = args.train_vectors  # asked for; `trained_on`: drawn (all when fewer)
         manifest = code_store(staging, args.out, order, args, meta)
         shutil.rmtree(staging)
@@ -283,7 +292,7 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    names = ["manifest.json", store_codec.CODEBOOK]
+    names = ["manifest.json", store_codec.CODEBOOK, store_codec.WEIGHTING]
     existing = sorted(out.glob(f"{SPLIT}-*")) + [out / n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise DataError(f"--out {out}: already holds {existing[0].name}; use --overwrite to replace the store")
@@ -301,6 +310,10 @@ def _summary(manifest: dict, seconds: float, out: Path) -> str:
         n = codec["trained_on"]
         sample = f"all {n:,} vectors (fewer than --train-vectors)" if n < codec["train_vectors"] else f"{n:,} sampled"
         trained = f"; codebook {codec['factory']} trained on {sample}"
+        if weighting := codec.get("weighting"):
+            trained += f", {weighting['kind']} weighting" + (
+                f" from {weighting['segments']} segments" if "segments" in weighting else ""
+            )
     skipped = ", ".join(f"{reason} {n}" for reason, n in docs["skipped"].items())
     return (
         f"arctrain compress: {docs['read']} docs read, {docs['written']} stored, "
@@ -326,6 +339,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--bottleneck", metavar="DECODER", help="store after this decoder's projector first layer (only it reads it)"
     )
     p.add_argument("--train-vectors", type=int, default=100_000, help="codec dtypes: codebook training sample size")
+    p.add_argument(
+        "--weighting",
+        default="none",
+        help=f"codec dtypes: a map applied before the codec, {', '.join(store_weighting.WEIGHTINGS)} "
+        "(fisher: each dimension scaled by the decoders' sensitivity to it; needs --decoder)",
+    )
+    p.add_argument(
+        "--decoder", action="append", type=Path, default=[], help="--weighting fisher: a decoder's directory (repeat)"
+    )
+    p.add_argument("--weighting-segments", type=int, default=256, help="segments the fisher weighting is measured on")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id", help="the document id (unique across inputs); default: text sha256")
     p.add_argument("--workers", type=int, default=1, help="compressing processes")
@@ -339,6 +362,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.workers < 1 or args.threads < 1 or args.shard_size_mb <= 0 or args.train_vectors < 256:
         raise ValueError("--workers and --threads must be >= 1, --shard-size-mb > 0, --train-vectors >= 256")
     check_dtype(args.dtype)
+    store_weighting.check_args(args)
     return args
 
 

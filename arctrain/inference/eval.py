@@ -97,14 +97,20 @@ def shots_and_questions(records: list[dict], shots: int, max_passages: int) -> t
 
 
 def evaluate_qa(
-    arc, records: list[dict], shots: int, max_new_tokens: int, batch_size: int, max_passages: int = 1
+    arc,
+    records: list[dict],
+    shots: int,
+    max_new_tokens: int,
+    batch_size: int,
+    max_passages: int = 1,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
     shot_turns, asked = shots_and_questions(records, shots, max_passages)
-    predictions = {mode: [] for mode in MODES}
+    predictions = {mode: [] for mode in modes}
     cost = {
-        mode: {"decoder_tokens": 0, "encoder_tokens": 0, "flops": 0.0, "seconds_to_first_token": 0.0} for mode in MODES
+        mode: {"decoder_tokens": 0, "encoder_tokens": 0, "flops": 0.0, "seconds_to_first_token": 0.0} for mode in modes
     }
-    for mode in MODES:
+    for mode in modes:
         for start in range(0, len(asked), batch_size):
             batch = asked[start : start + batch_size]
             examples = [
@@ -120,10 +126,10 @@ def evaluate_qa(
     n = len(asked)
     summary = {
         mode: {**scores(predictions[mode], asked), "prefill": {k: v / n for k, v in cost[mode].items()}}
-        for mode in MODES
+        for mode in modes
     }
     rows = [
-        {"question": r["question"], "answers": r["answers"], "predictions": {m: predictions[m][i] for m in MODES}}
+        {"question": r["question"], "answers": r["answers"], "predictions": {m: predictions[m][i] for m in modes}}
         for i, r in enumerate(asked)
     ]
     context = 100 * sum(answer_in(" ".join(r["passages"][:max_passages]), r["answers"]) for r in asked) / n

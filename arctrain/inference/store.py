@@ -202,7 +202,9 @@ class StoreWriter:
         is everything on disk (shards, indexes, codebook); per token and per byte of (UTF-8) text; `vector_bytes`
         the vectors alone (codes, int8 scales)."""
         shards = self.writer.close()
-        stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards) + meta.get("codec", {}).get("bytes", 0)
+        codec = meta.get("codec", {})
+        stored = sum(s["bytes"] + s["index"]["bytes"] for s in shards) + codec.get("bytes", 0)
+        stored += codec.get("weighting", {}).get("bytes", 0)
         vector_bytes = self.vectors * meta["bytes_per_vector"]
         manifest = {"format": FORMAT, **meta, "encoder_tokens": self.tokens, "vectors": self.vectors}
         text = max(self.text_bytes, 1)
@@ -369,11 +371,13 @@ def check_size(root: Path, path: Path, size: int) -> None:
 
 
 def store_files(manifest: dict) -> list[tuple[str, int, str]]:
-    """(name, bytes, sha256) of every file the manifest lists: shards, their indexes, the codebook."""
+    """(name, bytes, sha256) of every file the manifest lists: shards, their indexes, the codebook (and weighting)."""
     files = [(s["name"], s["bytes"], s["sha256"]) for s in manifest["shards"]]
     files += [(s["index"]["name"], s["index"]["bytes"], s["index"]["sha256"]) for s in manifest["shards"]]
     if codec := manifest.get("codec"):
         files.append((codec["file"], codec["bytes"], codec["sha256"]))
+        if weighting := codec.get("weighting"):
+            files.append((weighting["file"], weighting["bytes"], weighting["sha256"]))
     return files
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 CODEBOOK = "codebook.faiss"
+WEIGHTING = "weighting.npy"  # `compress --weighting` (store_weighting.py): A and A^-1, applied around the codec
 DTYPES = "pq<M>, opq<M>, rq<M>, pca<d>-pq<M> (-opq, -rq)"  # for help texts and errors
 
 
@@ -83,10 +84,17 @@ class Reservoir:
         return self.rows[: min(self.size, self.seen)]  # (min(size, seen), D)
 
 
-def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
-    """Train the codec on `sample` (N, D) float32, write it to out/codebook.faiss; its manifest entry."""
+def train(
+    dtype: str, sample: np.ndarray, out: Path, threads: int = 1, weighting: tuple[dict, np.ndarray] | None = None
+) -> dict:
+    """Train the codec on `sample` (N, D) float32, write it to out/codebook.faiss; its manifest entry. `weighting`:
+    (its manifest entry, its array; store_weighting.py), written to out/weighting.npy and applied before the codec."""
     # faiss only for product-quantized stores
     import faiss
+
+    if weighting is not None:
+        save_weighting(weighting[1], out / WEIGHTING)
+        sample = np.ascontiguousarray(weigh(weighting[1], sample), dtype=np.float32)
 
     faiss.omp_set_num_threads(threads)
     kind, m, pca = parse(dtype)
@@ -105,7 +113,7 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
     index.train(sample)
     path = out / CODEBOOK
     faiss.write_index(index, str(path))
-    return {
+    entry = {
         "kind": kind,
         "sub_vectors": m,
         "pca": pca,
@@ -117,6 +125,28 @@ def train(dtype: str, sample: np.ndarray, out: Path, threads: int = 1) -> dict:
         "code_bytes": index.sa_code_size(),
         "trained_on": len(sample),
     }
+    if weighting is not None:
+        weights = out / WEIGHTING
+        entry["weighting"] = weighting[0] | {
+            "file": WEIGHTING,
+            "sha256": sha256_file(weights),
+            "bytes": weights.stat().st_size,
+        }
+    return entry
+
+
+def weigh(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x (N, D) -> z = x A^T (`weights`: (2, D) a diagonal and its inverse, or (2, D, D) A and A^-1)."""
+    return x * weights[0] if weights.ndim == 2 else x @ weights[0].T
+
+
+def unweigh(weights: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """z (N, D) -> x = z A^-T."""
+    return z * weights[1] if weights.ndim == 2 else z @ weights[1].T
+
+
+def save_weighting(weights: np.ndarray, path: Path) -> None:
+    np.save(path, weights)  # .npy: the same bytes for the same array (its sha256 goes to the manifest)
 
 
 class Codec:
@@ -133,9 +163,22 @@ class Codec:
             raise ValueError(f"{path}: sha256 differs from manifest.json: the codebook is corrupt or replaced")
         self.index = faiss.read_index(str(path))
         self.code_bytes = self.index.sa_code_size()
+        self.weights = None  # (2, D) or (2, D, D): the weighting applied before the codec, and its inverse
+        if weighting := entry.get("weighting"):
+            path = root / weighting["file"]
+            if not path.is_file():
+                raise ValueError(f"{root}: {weighting['file']} is listed in manifest.json but missing")
+            if sha256_file(path) != weighting["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from manifest.json: the weighting is corrupt or replaced")
+            self.weights = np.load(path)
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
+        if self.weights is not None:
+            vectors = weigh(self.weights, vectors)
         return self.index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))  # (N, M) uint8
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))  # (N, D) float32
+        vectors = self.index.sa_decode(np.ascontiguousarray(codes, dtype=np.uint8))  # (N, D) float32
+        if self.weights is not None:
+            vectors = np.ascontiguousarray(unweigh(self.weights, vectors), dtype=np.float32)
+        return vectors
