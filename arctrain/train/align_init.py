@@ -37,8 +37,11 @@ def align_projectors(model, cfg: Config, rank: int, world_size: int, device: tor
     was_training = model.training
     model.eval()
     with deepspeed.zero.GatheredParameters(list(model.encoder.parameters())), torch.no_grad():
-        # A loader of its own: the run's loader starts at its first micro-batch whatever is read here.
-        for _, batch in build_train_loader(cfg, rank, world_size):
+        # A loader of its own, read in this process (a few micro-batches: no worker to start); the run's loader
+        # starts at its first micro-batch whatever is read here.
+        loader = build_train_loader(cfg, rank, world_size)
+        loader.num_workers = 0
+        for _, batch in loader:
             enc = batch.to(device).enc
             vectors = model.encoder(enc)  # (M, D)
             for fit in fits.values():
