@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from arctrain.data.batch import PackedSegments
+from arctrain.distributed import all_reduce
 
 
 @torch.no_grad()
@@ -62,8 +63,8 @@ class AlignmentFit:
     def all_reduce(self) -> None:
         """Sum every rank's statistics (device tensors, one collective each); nothing to do without a group."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for t in (self.xtx, self.xty, self.n):
-                torch.distributed.all_reduce(t)
+            device = self.xtx.device
+            self.xtx, self.xty, self.n = (all_reduce(t, device) for t in (self.xtx, self.xty, self.n))
 
     def solve(self, ridge: float = 1e-3) -> torch.Tensor:
         """W (Dd, D) with ridge `ridge` relative to the mean eigenvalue of X^T X."""
