@@ -464,6 +464,27 @@ def big_input(tiny_models, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def long_input(tiny_models, tmp_path_factory) -> Path:
+    """The corpus six times over under distinct ids. On the whole corpus the first shard is journaled about 6 s into
+    a 7.4 s build (worker start-up first), too close to the end for a signal sent after it on a loaded machine; here
+    the shards after the first take several seconds more, so the interruption lands mid-build."""
+    path = tmp_path_factory.mktemp("long") / "docs.jsonl"
+    records = [json.loads(line) for line in (tiny_models / "corpus.jsonl").read_text().splitlines()]
+    with path.open("w") as f:
+        for k in range(6):
+            f.writelines(json.dumps({**r, "id": f"{r['id']}#{k}"}) + "\n" for r in records)
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_reference(tiny_models, long_input, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("long_reference") / "shards"
+    proc = run(*build_args(tiny_models, long_input, out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def build_args(models: Path, src: Path, out: Path, *extra: str) -> list[str]:
     return [
         "arc-data",
@@ -498,13 +519,13 @@ def same_files(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
 def test_an_interrupted_build_stops_in_one_line_and_resumes_to_identical_shards(
-    tiny_models, big_input, reference_build, tmp_path, how
+    tiny_models, long_input, long_reference, tmp_path, how
 ):
     import signal
     import time
 
     out = tmp_path / "shards"
-    args = build_args(tiny_models, big_input, out, "--workers", "2")
+    args = build_args(tiny_models, long_input, out, "--workers", "2")
     cmd = [sys.executable, "-m", "data_tools.cli", *args[1:]]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO, start_new_session=True
@@ -522,10 +543,10 @@ def test_an_interrupted_build_stops_in_one_line_and_resumes_to_identical_shards(
         f"arc-data build: interrupted; rerun with --resume to continue from the last complete shard in {out}"
     ]
     assert not (out / "manifest.json").exists()
-    assert run(*build_args(tiny_models, big_input, out)).returncode == 2  # not without --resume or --overwrite
-    resumed = run(*build_args(tiny_models, big_input, out, "--resume"))
+    assert run(*build_args(tiny_models, long_input, out)).returncode == 2  # not without --resume or --overwrite
+    resumed = run(*build_args(tiny_models, long_input, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
-    same_files(out, reference_build)
+    same_files(out, long_reference)
     assert run("arc-data", "verify", str(out)).returncode == 0
 
 
