@@ -469,20 +469,14 @@ def long_input(tiny_models, tmp_path_factory) -> Path:
     """The corpus six times over under distinct ids. On the whole corpus the first shard is journaled about 6 s into
     a 7.4 s build (worker start-up first), too close to the end for a signal sent after it on a loaded machine; here
     the shards after the first take several seconds more, so the interruption lands mid-build."""
-    path = tmp_path_factory.mktemp("long") / "docs.jsonl"
-    records = [json.loads(line) for line in (tiny_models / "corpus.jsonl").read_text().splitlines()]
-    with path.open("w") as f:
-        for k in range(6):
-            f.writelines(json.dumps({**r, "id": f"{r['id']}#{k}"}) + "\n" for r in records)
-    return path
+    corpus = [json.loads(line) for line in (tiny_models / "corpus.jsonl").read_text().splitlines()]
+    rows = [{**r, "id": f"{r['id']}#{k}"} for k in range(6) for r in corpus]
+    return write_jsonl(tmp_path_factory.mktemp("long") / "docs.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
 def long_reference(tiny_models, long_input, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("long_reference") / "shards"
-    proc = run(*build_args(tiny_models, long_input, out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return built(tiny_models, long_input, tmp_path_factory.mktemp("long_reference") / "shards")
 
 
 def build_args(models: Path, src: Path, out: Path, *extra: str) -> list[str]:
@@ -502,12 +496,16 @@ def build_args(models: Path, src: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def reference_build(tiny_models, big_input, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "shards"
-    proc = run(*build_args(tiny_models, big_input, out))
+def built(models: Path, src: Path, out: Path) -> Path:
+    """`out`, built uninterrupted from `src`: the shards an interrupted and resumed build must equal."""
+    proc = run(*build_args(models, src, out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def reference_build(tiny_models, big_input, tmp_path_factory) -> Path:
+    return built(tiny_models, big_input, tmp_path_factory.mktemp("reference") / "shards")
 
 
 def same_files(a: Path, b: Path) -> None:
